@@ -1,0 +1,3 @@
+"""mongoproxy: a streaming MongoDB wire-protocol proxy."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,85 @@
+"""Types for the compiled incremental, selective message-body scanner."""
+
+from typing import Optional
+
+# Op codes the scanner understands (the header is parsed by mongoproxy.wire).
+OP_REPLY: int  # 1
+OP_UPDATE: int  # 2001
+OP_INSERT: int  # 2002
+OP_QUERY: int  # 2004
+OP_GET_MORE: int  # 2005
+OP_DELETE: int  # 2006
+OP_KILL_CURSORS: int  # 2007
+OP_COMMAND: int  # 2010
+OP_COMMANDREPLY: int  # 2011
+OP_MSG: int  # 2013
+
+MAX_STRING: int  # 512: captured strings are cut to this many bytes (at a UTF-8 boundary)
+
+RENDER_OFF: int  # 0
+RENDER_REDACTED: int  # 1: literal values become "?"
+RENDER_VALUES: int  # 2: literal values shown; secrets still "?"
+
+class ScanResult:
+    """Fields extracted from one message body. Absent fields are None."""
+
+    op_code: int
+    flags: int  # OP_MSG flagBits, OP_QUERY flags, OP_REPLY responseFlags; else 0
+    checksum: Optional[int]  # OP_MSG CRC-32C when checksumPresent
+
+    # requests
+    command: Optional[str]  # first key of the command body (OP_MSG, OP_QUERY on $cmd, OP_COMMAND)
+    collection: Optional[str]  # first value when a string; getMore: its `collection` field
+    database: Optional[str]  # `$db`; legacy: the part of fullCollectionName before the first '.'
+    namespace: Optional[str]  # legacy ops: fullCollectionName as sent
+    cursor_id: Optional[int]  # getMore's first value; killCursors `cursors.0`; reply: cursor.id / OP_REPLY cursorID
+    comment: Optional[str]  # `comment` when a string, else a legacy `$comment` string (filter/q/$match)
+    comment_traceparent: Optional[str]  # `comment.traceparent` when comment is a document
+    comment_tracestate: Optional[str]
+    app_name: Optional[str]  # client.application.name
+    driver_name: Optional[str]  # client.driver.name
+    driver_version: Optional[str]  # client.driver.version
+    compression: Optional[list[str]]  # request or hello reply `compression` array
+    documents: int  # docs in kind-1 sections + elements of root `documents`/`updates`/`deletes`; OP_INSERT docs
+    query_shape: Optional[str]  # JSON text of the body when rendering was asked for
+
+    # replies
+    ok: Optional[float]
+    code: Optional[int]
+    code_name: Optional[str]
+    errmsg: Optional[str]
+    cursor_ns: Optional[str]
+    returned: Optional[int]  # cursor.firstBatch / cursor.nextBatch elements; OP_REPLY numberReturned
+    n: Optional[int]
+    n_modified: Optional[int]
+    upserted: Optional[int]  # element count
+    write_errors: Optional[int]  # element count
+    write_error_code: Optional[int]  # writeErrors.0.code
+    write_error_code_name: Optional[str]  # writeErrors.0.codeName
+    write_concern_error_code: Optional[int]
+    write_concern_error_code_name: Optional[str]
+    last_error_n: Optional[int]  # lastErrorObject.n
+    set_name: Optional[str]
+    me: Optional[str]
+    max_wire_version: Optional[int]
+
+class BodyScanner:
+    """Scans one message body at a time, chunk by chunk, with O(1) state.
+
+    reset() before each body; feed() slices until done. Raises
+    mongoproxy.errors.DecodeError on malformed input; the caller then skips
+    the rest of the body by its length.
+    """
+
+    done: bool
+    consumed: int  # body bytes consumed so far
+
+    def __init__(self, max_string: int = ...) -> None: ...
+    def reset(self, op_code: int, is_reply: bool, body_length: int, render: int = ..., render_limit: int = ...) -> None: ...
+    def feed(self, data: bytes | bytearray | memoryview, start: int = ..., end: int = ...) -> int:
+        """Consume data[start:end] up to the body's end; return the bytes consumed."""
+    def result(self) -> ScanResult:
+        """A new ScanResult for the body scanned so far (complete once done)."""
+
+def scan_body(op_code: int, is_reply: bool, body: bytes | bytearray | memoryview) -> ScanResult:
+    """Convenience: scan a complete body in one call."""
