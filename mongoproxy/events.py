@@ -1,0 +1,270 @@
+"""Events the sans-io core emits, and the Sink protocol that consumes them.
+
+Timestamps are `time.monotonic_ns()` values; `wall_ns()` turns one into Unix
+nanoseconds for logs and traces. Events are plain slotted objects: sinks may
+keep them but must not mutate them.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional, Protocol
+
+_MONO_ANCHOR = time.monotonic_ns()
+_WALL_ANCHOR = time.time_ns()
+
+
+def wall_ns(mono_ns: int) -> int:
+    """Unix time in ns for a monotonic_ns() reading taken in this process."""
+    return _WALL_ANCHOR + (mono_ns - _MONO_ANCHOR)
+
+
+@dataclass(slots=True, eq=False)
+class Connection:
+    """One proxied client connection; shared by all its events and filled in as the handshake is seen."""
+
+    id: int
+    client_host: str
+    client_port: int
+    upstream_host: str = ""
+    upstream_port: int = 0
+    listen_port: int = 0
+    transparent: bool = False
+    opened_ns: int = 0
+    closed_ns: int = 0
+    # From the first hello/isMaster and its reply.
+    app_name: str = ""
+    driver_name: str = ""
+    driver_version: str = ""
+    compression_offered: tuple[str, ...] = ()
+    compression: str = ""  # the compressor the server accepted first, "" when none
+    replica_set: str = ""
+    max_wire_version: Optional[int] = None
+    # Byte counters, bumped by the data path.
+    bytes_from_client: int = 0
+    bytes_from_server: int = 0
+
+    @property
+    def client(self) -> str:
+        """host:port of the client."""
+        return _hostport(self.client_host, self.client_port)
+
+    @property
+    def server(self) -> str:
+        """host:port of the upstream server."""
+        return _hostport(self.upstream_host, self.upstream_port)
+
+
+def _hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+@dataclass(slots=True, eq=False)
+class CommandEvent:
+    """One command: a request and its reply (or none, for moreToCome requests).
+
+    `request` and `reply` are the scanner's ScanResult objects (see
+    mongoproxy._bson_parser.pyi) for the raw extracted fields; the attributes
+    here are the attributed view that sinks should prefer.
+    """
+
+    connection: Connection
+    op: str  # command name ("find", "getMore", "insert"), or legacy op ("query", "op_insert")
+    database: str
+    collection: str  # "" when the command has none; getMore: its cursor's collection
+    request_id: int
+    request_op_code: int
+    request_size: int
+    request_first_ns: int
+    request_last_ns: int
+    request: Any  # ScanResult
+    reply_op_code: int = 0
+    reply_size: int = 0
+    reply_first_ns: int = 0
+    reply_last_ns: int = 0
+    reply: Any = None  # ScanResult, None when no reply is expected or none came
+    reply_request_id: int = 0
+    # Outcome, from the reply.
+    ok: Optional[bool] = None
+    code: Optional[int] = None
+    code_name: str = ""
+    errmsg: str = ""
+    documents_returned: Optional[int] = None
+    documents_changed: Optional[int] = None
+    cursor_id: Optional[int] = None  # open cursor after this reply (0 = exhausted)
+    more_to_come_request: bool = False  # unacknowledged write: no reply will come
+    exhaust: bool = False  # this reply arrived as a moreToCome continuation
+    exhaust_index: int = 0  # 0 for the direct reply, 1.. for streamed replies
+    decode_error: str = ""  # reason token when the request or reply failed to decode
+
+    @property
+    def duration_ns(self) -> int:
+        """Request first byte to reply last byte; 0 when there is no reply."""
+        if not self.reply_last_ns:
+            return 0
+        return self.reply_last_ns - self.request_first_ns
+
+    @property
+    def failed(self) -> bool:
+        """ok:0, a write error or a write-concern error."""
+        if self.ok is False:
+            return True
+        reply = self.reply
+        if reply is None:
+            return False
+        return bool(reply.write_errors) or reply.write_concern_error_code is not None
+
+
+@dataclass(slots=True, eq=False)
+class DecodeErrorEvent:
+    """Traffic that could not be observed; it was still forwarded unchanged."""
+
+    connection: Connection
+    direction: str  # "request" (client to server) or "reply"
+    reason: str  # stable token, see mongoproxy.errors.DecodeError
+    detail: str
+    at_ns: int
+    fatal: bool  # True when observation of this direction stopped for good
+
+
+@dataclass(slots=True, eq=False)
+class UpstreamConnectError:
+    """The proxy could not reach the upstream for a client connection."""
+
+    connection: Connection
+    reason: str  # "refused", "timeout", "unreachable", "dns", "loop", "no_original_dst", "error"
+    detail: str
+    at_ns: int
+
+
+class Sink(Protocol):
+    """A subscriber to core events. Every hook is optional: define only those you need.
+
+    Hooks run on the event loop and must be quick; a sink that does I/O hands
+    work to a bounded queue or thread and drops (and counts) when it is full.
+    An exception in a hook is logged once per sink and counted; it never
+    reaches the data path.
+    """
+
+    name: str
+
+    def on_connection_open(self, conn: Connection) -> None: ...
+    def on_connection_close(self, conn: Connection) -> None: ...
+    def on_command(self, event: CommandEvent) -> None: ...
+    def on_decode_error(self, event: DecodeErrorEvent) -> None: ...
+    def on_upstream_error(self, event: UpstreamConnectError) -> None: ...
+    def on_unmatched_reply(self, conn: Connection, response_to: int) -> None: ...
+    def on_requests_dropped(self, conn: Connection, count: int) -> None: ...
+    def close(self) -> None: ...
+
+
+HOOKS = (
+    "on_connection_open",
+    "on_connection_close",
+    "on_command",
+    "on_decode_error",
+    "on_upstream_error",
+    "on_unmatched_reply",
+    "on_requests_dropped",
+)
+
+
+@dataclass(slots=True, eq=False)
+class CollectingSink:
+    """A test sink that keeps everything it is given, in order."""
+
+    name: str = "collect"
+    commands: list = field(default_factory=list)
+    opened: list = field(default_factory=list)
+    closed: list = field(default_factory=list)
+    decode_errors: list = field(default_factory=list)
+    upstream_errors: list = field(default_factory=list)
+    unmatched: list = field(default_factory=list)
+    dropped: int = 0
+
+    def on_connection_open(self, conn: Connection) -> None:
+        self.opened.append(conn)
+
+    def on_connection_close(self, conn: Connection) -> None:
+        self.closed.append(conn)
+
+    def on_command(self, event: CommandEvent) -> None:
+        self.commands.append(event)
+
+    def on_decode_error(self, event: DecodeErrorEvent) -> None:
+        self.decode_errors.append(event)
+
+    def on_upstream_error(self, event: UpstreamConnectError) -> None:
+        self.upstream_errors.append(event)
+
+    def on_unmatched_reply(self, conn: Connection, response_to: int) -> None:
+        self.unmatched.append((conn, response_to))
+
+    def on_requests_dropped(self, conn: Connection, count: int) -> None:
+        self.dropped += count
+
+
+class SinkBus:
+    """Fans events out to sinks; a sink that raises is logged once, counted, and never reaches the caller."""
+
+    def __init__(self, sinks: list, logger: Any = None) -> None:
+        import logging
+
+        self.sinks = list(sinks)
+        self.errors: dict[str, int] = {s.name: 0 for s in self.sinks}
+        self._log = logger or logging.getLogger("mongoproxy.sinks")
+        # Only sinks that define a hook are called for it.
+        for hook in HOOKS:
+            setattr(self, "_" + hook, [getattr(s, hook) for s in self.sinks if callable(getattr(s, hook, None))])
+
+    def _failed(self, method: Any, exc: BaseException) -> None:
+        sink = method.__self__
+        name = getattr(sink, "name", type(sink).__name__)
+        count = self.errors.get(name, 0)
+        self.errors[name] = count + 1
+        if count == 0:
+            self._log.error("sink %s failed in %s (further errors are only counted): %r", name, method.__name__, exc,
+                            exc_info=exc)
+
+    def command(self, event: CommandEvent) -> None:
+        for m in self._on_command:
+            try:
+                m(event)
+            except Exception as exc:  # noqa: BLE001 - a sink bug must never reach the data path
+                self._failed(m, exc)
+
+    def _fan(self, methods: list, *args: Any) -> None:
+        for m in methods:
+            try:
+                m(*args)
+            except Exception as exc:  # noqa: BLE001
+                self._failed(m, exc)
+
+    def connection_open(self, conn: Connection) -> None:
+        self._fan(self._on_connection_open, conn)
+
+    def connection_close(self, conn: Connection) -> None:
+        self._fan(self._on_connection_close, conn)
+
+    def decode_error(self, event: DecodeErrorEvent) -> None:
+        self._fan(self._on_decode_error, event)
+
+    def upstream_error(self, event: UpstreamConnectError) -> None:
+        self._fan(self._on_upstream_error, event)
+
+    def unmatched_reply(self, conn: Connection, response_to: int) -> None:
+        self._fan(self._on_unmatched_reply, conn, response_to)
+
+    def requests_dropped(self, conn: Connection, count: int) -> None:
+        self._fan(self._on_requests_dropped, conn, count)
+
+    def close(self) -> None:
+        """Close every sink (flush queues); errors are logged, not raised."""
+        for s in self.sinks:
+            close = getattr(s, "close", None)
+            if callable(close):
+                try:
+                    close()
+                except Exception as exc:  # noqa: BLE001
+                    self._failed(close, exc)
