@@ -1,0 +1,7 @@
+"""python -m mongoproxy"""
+
+import sys
+
+from mongoproxy.cli import main
+
+sys.exit(main())
