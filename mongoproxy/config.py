@@ -154,7 +154,8 @@ def parse_proxy_spec(value: str) -> ProxySpec:
     if not port.isdigit():
         raise ConfigError(f"--proxy {text!r}: upstream port {port!r} is not a number ({hint})")
     try:
-        return ProxySpec(parse_port(listen), host, parse_port(port), text=text)
+        # Listen port 0 picks a free port (tests, the demo).
+        return ProxySpec(0 if listen == "0" else parse_port(listen), host, parse_port(port), text=text)
     except ConfigError as exc:
         raise ConfigError(f"--proxy {text!r}: {exc}") from None
 

@@ -33,6 +33,7 @@ class Connection:
     transparent: bool = False
     opened_ns: int = 0
     closed_ns: int = 0
+    upstream_connect_ns: int = 0  # how long the upstream TCP connect took
     # From the first hello/isMaster and its reply.
     app_name: str = ""
     driver_name: str = ""

@@ -1,0 +1,493 @@
+"""The asyncio shell: listeners, connection pairs, the byte pump, backpressure and drain.
+
+The data path, top to bottom: ClientSide.data_received writes the chunk to
+the upstream transport first, unchanged, then feeds the same chunk to the
+request FrameScanner; UpstreamSide.data_received is its mirror image.
+Invariants:
+- Forwarding never waits for observation, and nothing observation does can
+  raise into the pump (FrameScanner.feed and SinkBus contain their errors).
+- A side's reading is paused while the other side's write buffer is above
+  its high-water mark, so a slow reader never makes memory grow.
+- The client is not read from until the upstream is connected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import signal
+import socket
+import time
+from typing import Any, Callable, Optional
+
+from mongoproxy import __version__, dstaddr, wire
+from mongoproxy.config import Config, ProxySpec
+from mongoproxy.errors import StartupError
+from mongoproxy.events import Connection, DecodeErrorEvent, SinkBus, UpstreamConnectError
+from mongoproxy.tracker import Tracker
+
+log = logging.getLogger("mongoproxy")
+
+WRITE_HIGH_WATER = 256 * 1024
+monotonic_ns = time.monotonic_ns
+
+
+class ClientSide(asyncio.Protocol):
+    """The client's connection to the proxy; owns the pair and the observation tap."""
+
+    def __init__(self, proxy: "Proxy", spec: ProxySpec) -> None:
+        self.proxy = proxy
+        self.spec = spec
+        self.transport: Any = None
+        self.upstream: Optional[UpstreamSide] = None
+        self.conn: Optional[Connection] = None
+        self.tracker: Optional[Tracker] = None
+        self.requests: Optional[wire.FrameScanner] = None
+        self.replies: Optional[wire.FrameScanner] = None
+        self.client_eof = False
+        self.upstream_eof = False
+        self.closed = False
+        self._connecting: Optional[asyncio.Task] = None
+        self._reading_blocked = {"connect"}  # reasons the client is not read from
+
+    # ---- client → upstream ----
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        transport.pause_reading()
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        _nodelay(transport)
+        proxy = self.proxy
+        peer = transport.get_extra_info("peername") or ("", 0)
+        sockname = transport.get_extra_info("sockname") or ("", 0)
+        conn = self.conn = Connection(id=proxy.next_id(), client_host=str(peer[0]), client_port=int(peer[1]),
+                                      listen_port=int(sockname[1]), transparent=self.spec.transparent,
+                                      opened_ns=monotonic_ns())
+        proxy.connections.add(self)
+        target = self._target(transport, sockname)
+        if target is None:
+            return
+        conn.upstream_host, conn.upstream_port = target
+        cfg = proxy.config
+        bus = proxy.bus
+        self.tracker = Tracker(conn, bus, cfg.max_pending_requests)
+        render = proxy.render
+        self.requests = wire.FrameScanner(False, self.tracker.on_request, self._request_error,
+                                          cfg.max_message_bytes, render)
+        self.replies = wire.FrameScanner(True, self._on_reply, self._reply_error, cfg.max_message_bytes)
+        bus.connection_open(conn)
+        self._connecting = asyncio.get_running_loop().create_task(self._connect(target))
+
+    def data_received(self, data: bytes) -> None:
+        self.upstream.transport.write(data)  # 1. bytes first, unchanged, at once
+        self.conn.bytes_from_client += len(data)
+        requests = self.requests  # 2. observation
+        if not requests.stopped:
+            requests.feed(data, monotonic_ns())
+
+    def eof_received(self) -> bool:
+        self.client_eof = True
+        upstream = self.upstream
+        if upstream is not None and upstream.transport is not None and upstream.transport.can_write_eof():
+            upstream.transport.write_eof()
+        if self.upstream_eof:
+            self.close()
+        return True  # keep the other half open
+
+    def connection_lost(self, exc: Optional[BaseException]) -> None:
+        self.close()
+
+    def pause_writing(self) -> None:  # the client reads replies slower than the server sends them
+        if self.upstream is not None:
+            self.upstream.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.upstream is not None and not self.closed:
+            self.upstream.transport.resume_reading()
+
+    # ---- upstream connection ----
+
+    def _target(self, transport: Any, sockname: tuple) -> Optional[tuple[str, int]]:
+        spec = self.spec
+        if not spec.transparent:
+            return spec.upstream_host, spec.upstream_port
+        sock = transport.get_extra_info("socket")
+        dst = dstaddr.original_dst(sock) if sock is not None else None
+        if dst is None:
+            self._refuse("no_original_dst", "no original destination (is an iptables REDIRECT rule in place?)")
+            return None
+        if self.proxy.is_own_listener(dst, sockname):
+            self._refuse("loop", f"original destination {_hostport(*dst)} is this proxy's own listener; "
+                                 "refusing to connect to myself (exclude the proxy's uid from the REDIRECT rule)")
+            return None
+        return dst
+
+    async def _connect(self, target: tuple[str, int]) -> None:
+        proxy = self.proxy
+        loop = asyncio.get_running_loop()
+        started = monotonic_ns()
+        try:
+            _, upstream = await asyncio.wait_for(
+                loop.create_connection(lambda: UpstreamSide(self), target[0], target[1]),
+                timeout=proxy.config.connect_timeout or None,
+            )
+        except asyncio.CancelledError:
+            return
+        except BaseException as exc:  # noqa: BLE001 - every failure closes the client and is counted
+            reason, detail = _connect_failure(exc)
+            log.warning("connection %d from %s: cannot reach upstream %s: %s", self.conn.id, self.conn.client,
+                        _hostport(*target), detail)
+            proxy.bus.upstream_error(UpstreamConnectError(self.conn, reason, detail, monotonic_ns()))
+            self.close()
+            return
+        if self.closed:  # the client went away while we were connecting
+            upstream.transport.close()
+            return
+        self.conn.upstream_connect_ns = monotonic_ns() - started
+        self.upstream = upstream
+        self._unblock_reading("connect")
+
+    def _refuse(self, reason: str, detail: str) -> None:
+        log.warning("connection %d from %s refused: %s", self.conn.id, self.conn.client, detail)
+        self.proxy.bus.upstream_error(UpstreamConnectError(self.conn, reason, detail, monotonic_ns()))
+        self.closed = True
+        self.proxy.connections.discard(self)
+        self.transport.abort()
+
+    def _block_reading(self, reason: str) -> None:
+        if not self._reading_blocked:
+            self.transport.pause_reading()
+        self._reading_blocked.add(reason)
+
+    def _unblock_reading(self, reason: str) -> None:
+        self._reading_blocked.discard(reason)
+        if not self._reading_blocked and not self.closed:
+            self.transport.resume_reading()
+
+    # ---- observation callbacks ----
+
+    def _on_reply(self, msg: wire.Message) -> None:
+        self.tracker.on_reply(msg)
+        if self.proxy.draining:
+            self.close_if_idle()
+
+    def _request_error(self, reason: str, detail: str, fatal: bool) -> None:
+        self._decode_error("request", reason, detail, fatal)
+
+    def _reply_error(self, reason: str, detail: str, fatal: bool) -> None:
+        self._decode_error("reply", reason, detail, fatal)
+
+    def _decode_error(self, direction: str, reason: str, detail: str, fatal: bool) -> None:
+        log.debug("connection %d: %s decode error %s: %s%s", self.conn.id, direction, reason, detail,
+                  " (observation of this direction stopped)" if fatal else "")
+        self.proxy.bus.decode_error(DecodeErrorEvent(self.conn, direction, reason, detail, monotonic_ns(), fatal))
+
+    # ---- teardown ----
+
+    @property
+    def idle(self) -> bool:
+        """No request awaits a reply and no message is half-seen in either direction."""
+        if self.tracker is None:
+            return True
+        if self.requests.stopped or self.replies.stopped:
+            return False  # unknown: wait for the drain deadline
+        return (self.tracker.in_flight == 0 and not self.requests.mid_message
+                and not self.replies.mid_message)
+
+    def close_if_idle(self) -> None:
+        if not self.closed and self.idle:
+            self.close()
+
+    def close(self) -> None:
+        """Close both sides, flushing what is already buffered; safe to call repeatedly."""
+        if self.closed:
+            return
+        self.closed = True
+        self.proxy.connections.discard(self)
+        if self._connecting is not None and not self._connecting.done():
+            self._connecting.cancel()
+        if self.transport is not None:
+            self.transport.close()
+        if self.upstream is not None and self.upstream.transport is not None:
+            self.upstream.transport.close()
+        conn = self.conn
+        if conn is not None and self.tracker is not None:
+            conn.closed_ns = monotonic_ns()
+            self.proxy.bus.connection_close(conn)
+
+    def abort(self) -> None:
+        """Reset both sides at once (forced exit)."""
+        if self.transport is not None:
+            self.transport.abort()
+        if self.upstream is not None and self.upstream.transport is not None:
+            self.upstream.transport.abort()
+        self.close()
+
+
+class UpstreamSide(asyncio.Protocol):
+    """The proxy's connection to the server: the mirror image of ClientSide."""
+
+    def __init__(self, client: ClientSide) -> None:
+        self.client = client
+        self.transport: Any = None
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        _nodelay(transport)
+
+    def data_received(self, data: bytes) -> None:
+        client = self.client
+        client.transport.write(data)  # 1. bytes first, unchanged, at once
+        client.conn.bytes_from_server += len(data)
+        replies = client.replies  # 2. observation
+        if not replies.stopped:
+            replies.feed(data, monotonic_ns())
+
+    def eof_received(self) -> bool:
+        client = self.client
+        client.upstream_eof = True
+        if client.transport.can_write_eof():
+            client.transport.write_eof()
+        if client.client_eof:
+            client.close()
+        return True
+
+    def connection_lost(self, exc: Optional[BaseException]) -> None:
+        self.client.close()
+
+    def pause_writing(self) -> None:  # the server reads requests slower than the client sends them
+        self.client._block_reading("backpressure")
+
+    def resume_writing(self) -> None:
+        self.client._unblock_reading("backpressure")
+
+
+def _nodelay(transport: Any) -> None:
+    sock = transport.get_extra_info("socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+
+
+def _hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+
+
+def _connect_failure(exc: BaseException) -> tuple[str, str]:
+    """(reason token, human detail) for an upstream connect failure."""
+    if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
+        return "timeout", "connect timed out"
+    if isinstance(exc, socket.gaierror):
+        return "dns", f"cannot resolve host ({exc.strerror or exc})"
+    if isinstance(exc, ConnectionRefusedError):
+        return "refused", "connection refused"
+    if isinstance(exc, OSError):
+        if exc.errno in (errno.ENETUNREACH, errno.EHOSTUNREACH):
+            return "unreachable", exc.strerror or str(exc)
+        # create_connection folds several attempts into one OSError whose text names each.
+        if "refused" in str(exc).lower():
+            return "refused", "connection refused"
+        return "error", exc.strerror or str(exc)
+    return "error", repr(exc)
+
+
+class Proxy:
+    """All listeners of one process, their connections, and the drain state."""
+
+    def __init__(self, config: Config, bus: SinkBus) -> None:
+        self.config = config
+        self.bus = bus
+        self.connections: set[ClientSide] = set()
+        self.servers: list[tuple[ProxySpec, asyncio.AbstractServer]] = []
+        self.draining = False
+        self.ready = False
+        self._next_id = 0
+        self._own_addresses: set[tuple[str, int]] = set()
+        render = 0
+        if config.get("log_query") or config.get("trace_query"):
+            render = 2 if config.get("no_redact") else 1
+        self.render = render
+
+    def next_id(self) -> int:
+        self._next_id += 1
+        return self._next_id
+
+    @property
+    def ports(self) -> list[int]:
+        """The bound listen port of each --proxy, in order."""
+        return [srv.sockets[0].getsockname()[1] for _, srv in self.servers]
+
+    async def start(self) -> None:
+        """Resolve static upstreams and bind every listener; StartupError names the fix."""
+        loop = asyncio.get_running_loop()
+        host = self.config.listen_host
+        for spec in self.config.proxy:
+            if not spec.transparent:
+                try:
+                    await loop.getaddrinfo(spec.upstream_host, spec.upstream_port, type=socket.SOCK_STREAM)
+                except socket.gaierror as exc:
+                    raise StartupError(f"cannot resolve upstream host {spec.upstream_host!r} in --proxy "
+                                       f"{spec.text} ({exc.strerror}): check the name or use an IP address") from None
+            try:
+                server = await loop.create_server(lambda spec=spec: ClientSide(self, spec), host, spec.listen_port,
+                                                  reuse_address=True, backlog=1024)
+            except OSError as exc:
+                await self.close_listeners()
+                if exc.errno == errno.EADDRINUSE:
+                    raise StartupError(f"cannot listen on {_hostport(host, spec.listen_port)} for --proxy "
+                                       f"{spec.text}: the port is already in use; stop the other process or "
+                                       "choose another port") from None
+                raise StartupError(f"cannot listen on {_hostport(host, spec.listen_port)} for --proxy "
+                                   f"{spec.text}: {exc.strerror}; check --listen-host") from None
+            self.servers.append((spec, server))
+            for sock in server.sockets:
+                addr = sock.getsockname()
+                self._own_addresses.add((addr[0], addr[1]))
+            target = "original destination (transparent)" if spec.transparent else \
+                _hostport(spec.upstream_host, spec.upstream_port)
+            log.info("listening on %s -> %s", _hostport(host, server.sockets[0].getsockname()[1]), target)
+        self.ready = True
+
+    def is_own_listener(self, dst: tuple[str, int], sockname: tuple) -> bool:
+        """True when a transparent connection's original destination is one of our listeners."""
+        if (dst[0], dst[1]) == (sockname[0], sockname[1]):
+            return True
+        listen_ports = {port for _, port in self._own_addresses}
+        if dst[1] not in listen_ports:
+            return False
+        if (dst[0], dst[1]) in self._own_addresses:
+            return True
+        return any(host in ("0.0.0.0", "::") for host, port in self._own_addresses if port == dst[1]) and \
+            _is_local_address(dst[0])
+
+    async def close_listeners(self) -> None:
+        for _, server in self.servers:
+            server.close()
+        for _, server in self.servers:
+            try:
+                await asyncio.wait_for(server.wait_closed(), 1)
+            except (asyncio.TimeoutError, Exception):  # noqa: BLE001 - wait_closed also waits for connections
+                pass
+
+    async def drain(self, seconds: float) -> bool:
+        """Stop accepting, deliver replies in flight for up to `seconds`, then close everything.
+
+        Returns True when every connection finished before the deadline.
+        """
+        self.draining = True
+        self.ready = False
+        for _, server in self.servers:
+            server.close()
+        for c in list(self.connections):
+            c.close_if_idle()
+        deadline = time.monotonic() + seconds
+        while self.connections and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+            for c in list(self.connections):
+                c.close_if_idle()
+        clean = not self.connections
+        if not clean:
+            log.warning("drain deadline passed with %d connection(s) still busy; closing them",
+                        len(self.connections))
+        for c in list(self.connections):
+            c.close()
+        await asyncio.sleep(0)  # let transports flush and report connection_lost
+        return clean
+
+    def abort_all(self) -> None:
+        for c in list(self.connections):
+            c.abort()
+
+
+def _is_local_address(host: str) -> bool:
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_DGRAM) as s:
+            s.bind((host, 0))
+        return True
+    except OSError:
+        return False
+
+
+async def serve(config: Config, on_started: Optional[Callable[[Proxy], Any]] = None) -> int:
+    """Run until SIGTERM/SIGINT, then drain; the exit code. on_started(proxy) runs once listening."""
+    from prometheus_client import CollectorRegistry
+
+    from mongoproxy import admin
+    from mongoproxy.sinks import SinkContext, build_sinks
+
+    loop = asyncio.get_running_loop()
+    registry = CollectorRegistry(auto_describe=True)
+    modes = {"transparent" if s.transparent else "static" for s in config.proxy}
+    ctx = SinkContext(registry=registry, version=__version__, mode=modes.pop() if len(modes) == 1 else "mixed")
+    sinks = build_sinks(config, ctx)
+    bus = SinkBus(sinks)
+    for s in sinks:
+        watch = getattr(s, "watch", None)
+        if callable(watch):
+            watch(bus, sinks)
+    proxy = Proxy(config, bus)
+    admin_server = None
+    try:
+        await proxy.start()
+        if config.admin_port:
+            admin_server = await admin.start(config.admin_host, config.admin_port, registry, proxy)
+    except BaseException:
+        await proxy.close_listeners()
+        bus.close()
+        raise
+
+    if on_started is not None:
+        on_started(proxy)
+    stop = asyncio.Event()
+    signals_seen = 0
+
+    def on_signal(signame: str) -> None:
+        nonlocal signals_seen
+        signals_seen += 1
+        if signals_seen == 1:
+            log.info("%s received: draining for up to %gs (send it again to exit now)", signame,
+                     config.drain_seconds)
+            stop.set()
+        else:
+            log.warning("%s received again: exiting now", signame)
+            proxy.abort_all()
+            loop.stop()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig.name)
+    try:
+        await stop.wait()
+        clean = await proxy.drain(config.drain_seconds)
+        log.info("drained %s; exiting", "cleanly" if clean else "at the deadline")
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        if admin_server is not None:
+            admin_server.close()
+        bus.close()
+    return 0
+
+
+def _new_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on every supported platform
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+def run(config: Config) -> int:
+    """Blocking entry point of `mongoproxy run`."""
+    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    with asyncio.Runner(loop_factory=_new_loop) as runner:
+        try:
+            return runner.run(serve(config))
+        except RuntimeError as exc:
+            if "Event loop stopped before Future completed" in str(exc):
+                return 1  # forced exit on a second signal
+            raise

@@ -1,0 +1,210 @@
+"""Per-connection request/reply matching: Messages in, CommandEvents out.
+
+Replies are matched to requests by responseTo. Invariants:
+- A request flagged moreToCome (or a legacy fire-and-forget opcode) yields
+  its event at once, with no reply.
+- An exhaust stream (reply flagged moreToCome) stays matchable both by the
+  original request id and by the previous reply's request id, since servers
+  differ (the spec says the latter, some servers send the former); it is
+  forgotten when a reply without moreToCome ends it.
+- At most `max_pending` requests wait for replies; the oldest are dropped
+  and counted past that.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from mongoproxy import wire
+from mongoproxy.events import CommandEvent, Connection, SinkBus
+
+# Commands whose first value, when a string, names a collection. Others
+# (usersInfo: "name", getLog: "global", ...) would leak non-collection values.
+COLLECTION_COMMANDS = frozenset("""
+    find insert update delete aggregate count distinct findAndModify findandmodify getMore create drop
+    createIndexes dropIndexes listIndexes collMod killCursors mapReduce validate compact collStats reIndex
+    geoNear geoSearch planCacheClear planCacheClearFilters planCacheListFilters planCacheSetFilter analyze
+    createSearchIndexes dropSearchIndex updateSearchIndex listSearchIndexes cleanupOrphaned
+    """.split())
+
+HELLO_COMMANDS = frozenset(("hello", "isMaster", "ismaster"))
+
+LEGACY_OPS = {
+    wire.OP_INSERT: "op_insert",
+    wire.OP_UPDATE: "op_update",
+    wire.OP_DELETE: "op_delete",
+    wire.OP_GET_MORE: "op_get_more",
+    wire.OP_KILL_CURSORS: "op_kill_cursors",
+}
+# Legacy requests that never get a reply.
+NO_REPLY_OPS = frozenset((wire.OP_INSERT, wire.OP_UPDATE, wire.OP_DELETE, wire.OP_KILL_CURSORS))
+# OP_REPLY responseFlags bit 1.
+QUERY_FAILURE = 1 << 1
+
+
+class _Pending:
+    __slots__ = ("msg", "op", "database", "collection", "exhaust_index", "last_reply_id", "last_reply_ns")
+
+    def __init__(self, msg: wire.Message, op: str, database: str, collection: str) -> None:
+        self.msg = msg
+        self.op = op
+        self.database = database
+        self.collection = collection
+        self.exhaust_index = 0
+        self.last_reply_id = 0
+        self.last_reply_ns = 0
+
+
+def attribute(msg: wire.Message) -> tuple[str, str, str]:
+    """(op, database, collection) for a request message."""
+    r = msg.result
+    op_code = msg.op_code
+    if r is None:
+        return "unknown", "", ""
+    if op_code in LEGACY_OPS or (op_code == wire.OP_QUERY and r.command is None):
+        db, _, coll = (r.namespace or "").partition(".")
+        return LEGACY_OPS.get(op_code, "query"), db, coll
+    op = r.command or "unknown"
+    coll = r.collection or ""
+    if coll and op not in COLLECTION_COMMANDS:
+        coll = ""
+    return op, r.database or "", coll
+
+
+class Tracker:
+    """Matches one connection's replies to its requests and emits events on the bus."""
+
+    def __init__(self, conn: Connection, bus: SinkBus, max_pending: int = 1000) -> None:
+        self.conn = conn
+        self.bus = bus
+        self.max_pending = max_pending
+        self.pending: dict[int, _Pending] = {}
+        self.exhaust: dict[int, _Pending] = {}
+
+    @property
+    def in_flight(self) -> int:
+        """Requests still waiting for a reply (exhaust streams not included)."""
+        return len(self.pending)
+
+    def on_request(self, msg: wire.Message) -> None:
+        """A complete client-to-server message."""
+        op, database, collection = attribute(msg)
+        r = msg.result
+        if r is not None and op in HELLO_COMMANDS:
+            self._handshake_request(r)
+        if (msg.op_code == wire.OP_MSG and r is not None and r.flags & wire.MORE_TO_COME) or \
+                msg.op_code in NO_REPLY_OPS:
+            event = self._event(_Pending(msg, op, database, collection))
+            event.more_to_come_request = True
+            self.bus.command(event)
+            return
+        pending = self.pending
+        if msg.request_id in pending:  # a reused id: the old request will never be matched now
+            del pending[msg.request_id]
+            self.bus.requests_dropped(self.conn, 1)
+        pending[msg.request_id] = _Pending(msg, op, database, collection)
+        if len(pending) > self.max_pending:
+            del pending[next(iter(pending))]
+            self.bus.requests_dropped(self.conn, 1)
+
+    def on_reply(self, msg: wire.Message) -> None:
+        """A complete server-to-client message."""
+        p = self.pending.pop(msg.response_to, None)
+        if p is None:
+            p = self.exhaust.get(msg.response_to)
+            if p is None:
+                self.bus.unmatched_reply(self.conn, msg.response_to)
+                return
+        r = msg.result
+        event = self._event(p, msg)
+        if p.exhaust_index:
+            event.exhaust = True
+            event.exhaust_index = p.exhaust_index
+            # A streamed reply's latency runs from the previous reply's last byte.
+            event.request_first_ns = event.request_last_ns = p.last_reply_ns
+        more = r is not None and msg.op_code == wire.OP_MSG and bool(r.flags & wire.MORE_TO_COME)
+        exhaust = self.exhaust
+        if p.last_reply_id:
+            exhaust.pop(p.last_reply_id, None)
+        if more:
+            p.exhaust_index += 1
+            p.last_reply_id = msg.request_id
+            p.last_reply_ns = msg.last_ns
+            exhaust[p.msg.request_id] = p
+            exhaust[msg.request_id] = p
+            if len(exhaust) > 2 * self.max_pending:
+                stale = next(iter(exhaust))
+                exhaust.pop(stale)
+        else:
+            exhaust.pop(p.msg.request_id, None)
+        if r is not None and p.op in HELLO_COMMANDS:
+            self._handshake_reply(r)
+        self.bus.command(event)
+
+    def _event(self, p: _Pending, reply: Optional[wire.Message] = None) -> CommandEvent:
+        req = p.msg
+        event = CommandEvent(
+            connection=self.conn,
+            op=p.op,
+            database=p.database,
+            collection=p.collection,
+            request_id=req.request_id,
+            request_op_code=req.wire_op_code,
+            request_size=req.length,
+            request_first_ns=req.first_ns,
+            request_last_ns=req.last_ns,
+            request=req.result,
+            decode_error=req.error,
+        )
+        if reply is None:
+            return event
+        event.reply_op_code = reply.wire_op_code
+        event.reply_size = reply.length
+        event.reply_first_ns = reply.first_ns
+        event.reply_last_ns = reply.last_ns
+        event.reply_request_id = reply.request_id
+        r = event.reply = reply.result
+        if reply.error and not event.decode_error:
+            event.decode_error = reply.error
+        if r is None:
+            return event
+        if r.ok is not None:
+            event.ok = r.ok == 1.0
+        elif reply.op_code == wire.OP_REPLY:
+            event.ok = not (r.flags & QUERY_FAILURE)
+        event.code = r.code
+        event.code_name = r.code_name or ""
+        event.errmsg = r.errmsg or ""
+        event.documents_returned = r.returned
+        event.cursor_id = r.cursor_id
+        op = p.op
+        if op in ("insert", "delete"):
+            event.documents_changed = r.n
+        elif op == "update":
+            if r.n_modified is not None or r.upserted is not None:
+                event.documents_changed = (r.n_modified or 0) + (r.upserted or 0)
+        elif op in ("findAndModify", "findandmodify"):
+            event.documents_changed = r.last_error_n
+        return event
+
+    def _handshake_request(self, r: Any) -> None:
+        conn = self.conn
+        if r.app_name and not conn.app_name:
+            conn.app_name = r.app_name
+        if r.driver_name and not conn.driver_name:
+            conn.driver_name = r.driver_name
+            conn.driver_version = r.driver_version or ""
+        if r.compression is not None and not conn.compression_offered:
+            conn.compression_offered = tuple(r.compression)
+
+    def _handshake_reply(self, r: Any) -> None:
+        conn = self.conn
+        if r.set_name:
+            conn.replica_set = r.set_name
+        if r.max_wire_version is not None:
+            conn.max_wire_version = r.max_wire_version
+        if r.compression and not conn.compression:
+            # The client uses the first of its own compressors that the server accepts.
+            accepted = set(r.compression)
+            chosen = [c for c in conn.compression_offered if c in accepted] or list(r.compression)
+            conn.compression = chosen[0]

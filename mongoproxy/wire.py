@@ -1,0 +1,367 @@
+"""Framing: opcodes, the 16-byte header, an incremental frame scanner, OP_COMPRESSED.
+
+A FrameScanner observes one direction of one connection. It is fed the same
+chunks that are forwarded, never holds more than a header (16 bytes), an
+OP_COMPRESSED prefix (9 bytes) and a decompressor's window, and hands each
+message body to the Cython BodyScanner. Invariants:
+- feed() never raises; problems become DecodeError reports.
+- A bad header length stops observation of the direction for good (the
+  stream is not MongoDB or is out of sync); a bad body only skips that
+  message, by its length, and scanning resumes at the next header.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from typing import Any, Callable, Optional
+
+from mongoproxy.errors import DecodeError
+
+try:
+    from mongoproxy import _bson_parser
+except ImportError as exc:  # pragma: no cover - a broken install must fail loudly
+    raise ImportError(
+        "mongoproxy's compiled scanner (mongoproxy._bson_parser) is missing: reinstall with "
+        "`pip install .` (or `pip install -e .` in a checkout), which needs a C compiler and Cython"
+    ) from exc
+
+BodyScanner = _bson_parser.BodyScanner
+
+OP_REPLY = 1
+OP_UPDATE = 2001
+OP_INSERT = 2002
+OP_QUERY = 2004
+OP_GET_MORE = 2005
+OP_DELETE = 2006
+OP_KILL_CURSORS = 2007
+OP_COMMAND = 2010
+OP_COMMANDREPLY = 2011
+OP_COMPRESSED = 2012
+OP_MSG = 2013
+
+OP_NAMES = {
+    OP_REPLY: "OP_REPLY",
+    OP_UPDATE: "OP_UPDATE",
+    OP_INSERT: "OP_INSERT",
+    OP_QUERY: "OP_QUERY",
+    OP_GET_MORE: "OP_GET_MORE",
+    OP_DELETE: "OP_DELETE",
+    OP_KILL_CURSORS: "OP_KILL_CURSORS",
+    OP_COMMAND: "OP_COMMAND",
+    OP_COMMANDREPLY: "OP_COMMANDREPLY",
+    OP_COMPRESSED: "OP_COMPRESSED",
+    OP_MSG: "OP_MSG",
+}
+# Opcodes whose body the scanner understands (everything but OP_COMPRESSED).
+BODY_OPS = frozenset(OP_NAMES) - {OP_COMPRESSED}
+
+# OP_MSG flagBits.
+CHECKSUM_PRESENT = 1 << 0
+MORE_TO_COME = 1 << 1
+EXHAUST_ALLOWED = 1 << 16
+
+COMPRESSOR_NAMES = {0: "noop", 1: "snappy", 2: "zlib", 3: "zstd"}
+
+HEADER = struct.Struct("<iiii")
+COMPRESSED_PREFIX = struct.Struct("<iiB")
+HEADER_SIZE = 16
+DEFAULT_MAX_MESSAGE_BYTES = 48_000_000
+# zlib output is taken in slices of this size so one chunk cannot balloon memory.
+_INFLATE_SLICE = 256 * 1024
+
+_HEADER, _BODY, _SKIP, _CPREFIX, _CBODY, _DEAD = range(6)
+
+
+class Message:
+    """One observed message: header fields, timing, size and what the scanner extracted."""
+
+    __slots__ = ("request_id", "response_to", "op_code", "wire_op_code", "length", "first_ns", "last_ns",
+                 "result", "compressor", "error")
+
+    def __init__(self, length: int, request_id: int, response_to: int, op_code: int, first_ns: int) -> None:
+        self.length = length
+        self.request_id = request_id
+        self.response_to = response_to
+        self.op_code = op_code  # the original opcode when compressed
+        self.wire_op_code = op_code
+        self.first_ns = first_ns
+        self.last_ns = first_ns
+        self.result: Any = None  # ScanResult, None when the body could not be scanned
+        self.compressor: Optional[int] = None
+        self.error = ""  # DecodeError reason
+
+    @property
+    def flags(self) -> int:
+        return self.result.flags if self.result is not None else 0
+
+    def __repr__(self) -> str:
+        op = OP_NAMES.get(self.op_code, str(self.op_code))
+        return f"<Message {op} id={self.request_id} to={self.response_to} len={self.length}>"
+
+
+class _Inflater:
+    """Streaming decompressor for one OP_COMPRESSED body; feed() returns a list of output slices."""
+
+    __slots__ = ("_obj", "_kind", "_pending", "_limit")
+
+    def __init__(self, compressor_id: int, limit: int) -> None:
+        self._kind = compressor_id
+        self._limit = limit
+        self._pending: Optional[bytearray] = None
+        if compressor_id == 2:
+            self._obj = zlib.decompressobj()
+        elif compressor_id == 3:
+            try:
+                import zstandard
+            except ImportError:
+                raise DecodeError("compressor_unavailable", "zstd needs `pip install 'mongoproxy[compression]'`")
+            self._obj = zstandard.ZstdDecompressor().decompressobj()
+        elif compressor_id == 1:
+            try:
+                import cramjam  # noqa: F401
+            except ImportError:
+                raise DecodeError("compressor_unavailable", "snappy needs `pip install 'mongoproxy[compression]'`")
+            # Snappy's block format does not stream: buffer up to the message limit.
+            self._pending = bytearray()
+            self._obj = None
+        elif compressor_id == 0:
+            self._obj = None
+        else:
+            raise DecodeError("unknown_compressor", f"compressorId {compressor_id}")
+
+    def feed(self, data: Any) -> list:
+        kind = self._kind
+        if kind == 0:
+            return [data]
+        if kind == 1:
+            self._pending += data
+            if len(self._pending) > self._limit:
+                raise DecodeError("bad_uncompressed_size", "snappy body exceeds the message limit")
+            return []
+        try:
+            if kind == 2:
+                out = [self._obj.decompress(data, _INFLATE_SLICE)]
+                while self._obj.unconsumed_tail:
+                    out.append(self._obj.decompress(self._obj.unconsumed_tail, _INFLATE_SLICE))
+                return out
+            return [self._obj.decompress(bytes(data))]
+        except Exception as exc:  # zlib.error, zstandard.ZstdError
+            raise DecodeError("decompress_failed", str(exc)) from None
+
+    def finish(self) -> list:
+        kind = self._kind
+        try:
+            if kind == 1:
+                import cramjam
+
+                return [bytes(cramjam.snappy.decompress_raw(bytes(self._pending)))]
+            if kind == 2:
+                out = self._obj.flush()
+                if not self._obj.eof:
+                    raise DecodeError("decompress_failed", "zlib stream ended early")
+                return [out] if out else []
+        except DecodeError:
+            raise
+        except Exception as exc:
+            raise DecodeError("decompress_failed", str(exc)) from None
+        return []
+
+
+class FrameScanner:
+    """Frames one direction of a connection and scans each message body as it streams past.
+
+    on_message(Message) is called when a message's last byte has been seen.
+    on_error(reason, detail, fatal) is called for each decode error.
+    """
+
+    def __init__(
+        self,
+        is_reply: bool,
+        on_message: Callable[[Message], None],
+        on_error: Callable[[str, str, bool], None],
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        render: int = 0,
+        render_limit: int = 4096,
+    ) -> None:
+        self.is_reply = is_reply
+        self.on_message = on_message
+        self.on_error = on_error
+        self.max_message_bytes = max_message_bytes
+        self.render = 0 if is_reply else render
+        self.render_limit = render_limit
+        self.scanner = BodyScanner()
+        self.messages = 0
+        self._state = _HEADER
+        self._buf = bytearray()  # a partial header or OP_COMPRESSED prefix
+        self._msg: Optional[Message] = None
+        self._remaining = 0  # wire body bytes still to come for the current message
+        self._first_ns = 0
+        self._inflater: Optional[_Inflater] = None
+        self._inflated = 0
+        self._inflated_limit = 0
+
+    @property
+    def stopped(self) -> bool:
+        """True once observation of this direction has stopped for good."""
+        return self._state == _DEAD
+
+    @property
+    def mid_message(self) -> bool:
+        """True while a message has started but not finished."""
+        return self._state != _DEAD and (self._state != _HEADER or bool(self._buf))
+
+    def feed(self, data: Any, now_ns: int) -> None:
+        """Observe one forwarded chunk. Never raises."""
+        try:
+            self._feed(data, now_ns)
+        except Exception as exc:  # noqa: BLE001 - a scanner bug must not reach the data path
+            self._state = _DEAD
+            self.on_error("internal_error", repr(exc), True)
+
+    def _feed(self, data: Any, now_ns: int) -> None:
+        pos = 0
+        n = len(data)
+        while pos < n:
+            state = self._state
+            if state == _HEADER:
+                if not self._buf and n - pos >= HEADER_SIZE:
+                    length, request_id, response_to, op_code = HEADER.unpack_from(data, pos)
+                    pos += HEADER_SIZE
+                    self._first_ns = now_ns
+                else:
+                    if not self._buf:
+                        self._first_ns = now_ns
+                    take = min(HEADER_SIZE - len(self._buf), n - pos)
+                    self._buf += data[pos : pos + take]
+                    pos += take
+                    if len(self._buf) < HEADER_SIZE:
+                        return
+                    length, request_id, response_to, op_code = HEADER.unpack_from(self._buf)
+                    self._buf.clear()
+                self._start(length, request_id, response_to, op_code)
+                if self._state == _DEAD:
+                    return
+                if self._remaining == 0:
+                    self._finish(now_ns)
+            elif state == _BODY:
+                take = min(self._remaining, n - pos)
+                try:
+                    self.scanner.feed(data, pos, pos + take)
+                except DecodeError as exc:
+                    self._fail(exc)
+                pos += take
+                self._remaining -= take
+                if self._remaining == 0:
+                    self._finish(now_ns)
+            elif state == _SKIP:
+                take = min(self._remaining, n - pos)
+                pos += take
+                self._remaining -= take
+                if self._remaining == 0:
+                    self._finish(now_ns)
+            elif state == _CPREFIX:
+                take = min(COMPRESSED_PREFIX.size - len(self._buf), n - pos, self._remaining)
+                self._buf += data[pos : pos + take]
+                pos += take
+                self._remaining -= take
+                if len(self._buf) == COMPRESSED_PREFIX.size:
+                    self._start_compressed()
+                if self._remaining == 0:
+                    self._finish(now_ns)
+            elif state == _CBODY:
+                take = min(self._remaining, n - pos)
+                try:
+                    for out in self._inflater.feed(data[pos : pos + take]):
+                        self._scan_inflated(out)
+                except DecodeError as exc:
+                    self._fail(exc)
+                pos += take
+                self._remaining -= take
+                if self._remaining == 0:
+                    self._finish(now_ns)
+            else:  # _DEAD
+                return
+
+    def _start(self, length: int, request_id: int, response_to: int, op_code: int) -> None:
+        if length < HEADER_SIZE or length > self.max_message_bytes:
+            reason = "message_too_large" if length > self.max_message_bytes else "bad_message_length"
+            self._state = _DEAD
+            self.on_error(reason, f"messageLength {length} (opCode {op_code}, requestID {request_id})", True)
+            return
+        msg = self._msg = Message(length, request_id, response_to, op_code, self._first_ns)
+        self._remaining = length - HEADER_SIZE
+        if op_code in BODY_OPS:
+            self.scanner.reset(op_code, self.is_reply, self._remaining, self.render, self.render_limit)
+            self._state = _BODY
+            if self._remaining == 0:
+                self._fail(DecodeError("truncated", f"{OP_NAMES[op_code]} with an empty body"))
+        elif op_code == OP_COMPRESSED:
+            msg.compressor = -1
+            self._state = _CPREFIX
+            if self._remaining < COMPRESSED_PREFIX.size:
+                self._fail(DecodeError("truncated", "OP_COMPRESSED shorter than its 9-byte prefix"))
+        else:
+            self._fail(DecodeError("unknown_opcode", f"opCode {op_code}"))
+
+    def _start_compressed(self) -> None:
+        original, size, compressor = COMPRESSED_PREFIX.unpack_from(self._buf)
+        self._buf.clear()
+        msg = self._msg
+        msg.op_code = original
+        msg.wire_op_code = OP_COMPRESSED
+        msg.compressor = compressor
+        try:
+            if original not in BODY_OPS:
+                raise DecodeError("unknown_opcode", f"compressed originalOpcode {original}")
+            if size < 0 or size > self.max_message_bytes:
+                raise DecodeError("bad_uncompressed_size", f"uncompressedSize {size}")
+            self._inflater = _Inflater(compressor, self.max_message_bytes)
+        except DecodeError as exc:
+            self._fail(exc)
+            return
+        self._inflated = 0
+        self._inflated_limit = size
+        self.scanner.reset(original, self.is_reply, size, self.render, self.render_limit)
+        self._state = _CBODY
+
+    def _scan_inflated(self, out: Any) -> None:
+        if not out:
+            return
+        self._inflated += len(out)
+        if self._inflated > self._inflated_limit:
+            raise DecodeError("bad_uncompressed_size", f"more than uncompressedSize {self._inflated_limit} bytes")
+        self.scanner.feed(out, 0, len(out))
+
+    def _fail(self, exc: DecodeError) -> None:
+        """Skip the rest of the current message and report; scanning resumes at the next header."""
+        self._msg.error = exc.reason
+        self._state = _SKIP
+        self._inflater = None
+        self.on_error(exc.reason, exc.detail, False)
+
+    def _finish(self, now_ns: int) -> None:
+        msg = self._msg
+        state = self._state
+        try:
+            if state == _CBODY:
+                for out in self._inflater.finish():
+                    self._scan_inflated(out)
+                if self._inflated != self._inflated_limit:
+                    raise DecodeError("bad_uncompressed_size",
+                                      f"uncompressedSize {self._inflated_limit}, got {self._inflated}")
+            if state in (_BODY, _CBODY):
+                if not self.scanner.done:
+                    raise DecodeError("truncated", "message ended inside its body")
+                msg.result = self.scanner.result()
+            elif state == _CPREFIX:
+                raise DecodeError("truncated", "OP_COMPRESSED ended inside its prefix")
+        except DecodeError as exc:
+            msg.error = exc.reason
+            self.on_error(exc.reason, exc.detail, False)
+        self._inflater = None
+        self._msg = None
+        self._state = _HEADER
+        msg.last_ns = now_ns
+        self.messages += 1
+        self.on_message(msg)
