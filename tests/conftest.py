@@ -1,0 +1,128 @@
+"""Shared fixtures: one SecantusDB per session, scripted servers, both event loops, the `system` marker.
+
+With MONGOPROXY_REQUIRE_SYSTEM=1 (CI) any skipped test fails the session: CI runs with nothing skipped.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+from tests.support.loops import LOOP_KINDS, run_async
+from tests.support.scripted_server import ScriptedServer
+from tests.support.system import system_required
+
+TESTS_DIR = Path(__file__).resolve().parent
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "system: needs system tools or root (skipped with a reason outside CI)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    system_dir = TESTS_DIR / "system"
+    for item in items:
+        if system_dir in Path(str(item.fspath)).parents:
+            item.add_marker(pytest.mark.system)
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.skipped and not hasattr(report, "wasxfail") and system_required():
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        _skipped.append(f"{report.nodeid}: {reason}")
+
+
+_skipped: list[str] = []
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if _skipped and system_required():
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.write_sep("=", "MONGOPROXY_REQUIRE_SYSTEM=1: skipped tests are failures", red=True)
+            for line in _skipped:
+                reporter.write_line(f"SKIPPED {line}")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+# ---------------------------------------------------------------- SecantusDB
+
+@pytest.fixture(scope="session")
+def secantus():
+    """One SecantusDB (`--storage-path :memory:`) for the whole session; use `db_name` to keep tests apart."""
+    try:
+        import secantus  # noqa: F401
+    except ImportError:
+        pytest.fail("secantusdb is not installed: pip install -e '.[test]'", pytrace=False)
+    from tests.support.secantus import SecantusServer
+
+    server = SecantusServer().start()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture(scope="session")
+def secantus_client(secantus):
+    """A pymongo client connected directly to the session's SecantusDB."""
+    client = secantus.client()
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+_db_counter = itertools.count(1)
+
+
+@pytest.fixture
+def db_name(request: pytest.FixtureRequest) -> str:
+    """A database name unique to this test (valid for MongoDB: < 64 bytes, no /\\. "$*<>:|?)."""
+    base = re.sub(r"[^A-Za-z0-9_]", "_", request.node.name)[:40]
+    return f"t{os.getpid() % 10000}_{next(_db_counter)}_{base}"
+
+
+# ---------------------------------------------------------------- scripted servers
+
+@pytest.fixture
+def scripted_server():
+    """Factory: scripted_server(handler, host="127.0.0.1", loop_kind="asyncio") -> started ScriptedServer.
+
+    All servers stop at teardown; an exception raised inside a handler fails the test there.
+    """
+    servers: list[ScriptedServer] = []
+
+    def start(handler, host: str = "127.0.0.1", port: int = 0, loop_kind: str = "asyncio") -> ScriptedServer:
+        srv = ScriptedServer(handler, host, port, loop_kind=loop_kind).start()
+        servers.append(srv)
+        return srv
+
+    yield start
+    errors = []
+    for srv in servers:
+        try:
+            srv.stop()
+        except AssertionError as exc:
+            errors.append(exc)
+    if errors:
+        raise errors[0]
+
+
+# ---------------------------------------------------------------- event loops
+
+@pytest.fixture(params=LOOP_KINDS)
+def loop_kind(request: pytest.FixtureRequest) -> str:
+    """Parametrises a test over "asyncio" and "uvloop"; run coroutines with `arun` or run_async(coro, loop_kind)."""
+    return request.param
+
+
+@pytest.fixture
+def arun(loop_kind: str):
+    """arun(coro, timeout=60) runs a coroutine on a fresh loop of the test's `loop_kind`."""
+    return functools.partial(run_async, loop_kind=loop_kind)
