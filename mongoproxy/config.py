@@ -108,6 +108,14 @@ def parse_host(value: str) -> str:
     return host
 
 
+def parse_hosts(value: Any) -> tuple[str, ...]:
+    """One or more comma-separated hosts (IPv6 with or without brackets)."""
+    hosts = tuple(parse_host(h) for h in _split_list(value))
+    if not hosts:
+        raise ConfigError("empty host list: give at least one address, e.g. 127.0.0.1")
+    return hosts
+
+
 @dataclass(frozen=True)
 class ProxySpec:
     """One listener: `PORT` (transparent) or `PORT:HOST:PORT` (static upstream)."""
@@ -166,8 +174,8 @@ CORE_OPTIONS: list[Option] = [
     Option("proxy", ("--proxy",), "listener: PORT (transparent, upstream from SO_ORIGINAL_DST) or PORT:HOST:PORT "
            "(static upstream; HOST may be a name, IPv4 or [IPv6]); repeatable", parse_proxy_spec, (), multiple=True,
            metavar="SPEC"),
-    Option("listen_host", ("--listen-host",), "address the proxy listeners bind to", parse_host, "127.0.0.1",
-           metavar="HOST"),
+    Option("listen_host", ("--listen-host",), "address(es) the proxy listeners bind to; comma-separate several, "
+           "e.g. 127.0.0.1,::1", parse_hosts, ("127.0.0.1",), metavar="HOST"),
     Option("admin_host", ("--admin-host",), "address of the admin endpoint (/metrics, /healthz, /readyz)", parse_host,
            "127.0.0.1", metavar="HOST"),
     Option("admin_port", ("--admin-port",), "port of the admin endpoint; 0 disables it", lambda v: 0 if str(v).strip() == "0" else parse_port(v), 9898, metavar="PORT"),
@@ -319,5 +327,5 @@ def check_proxies(config: Config) -> None:
             raise ConfigError(f"listen port {spec.listen_port} is used by both --proxy {seen[spec.listen_port]} "
                               f"and --proxy {spec.text}: give each listener its own port")
         seen[spec.listen_port] = spec.text
-    if config.admin_port and config.admin_port in seen and config.admin_host == config.listen_host:
+    if config.admin_port and config.admin_port in seen and config.admin_host in config.listen_host:
         raise ConfigError(f"--admin-port {config.admin_port} is also a proxy listen port: choose another admin port")

@@ -324,7 +324,8 @@ class Proxy:
     async def start(self) -> None:
         """Resolve static upstreams and bind every listener; StartupError names the fix."""
         loop = asyncio.get_running_loop()
-        host = self.config.listen_host
+        hosts = list(self.config.listen_host)
+        host = ",".join(hosts)
         for spec in self.config.proxy:
             if not spec.transparent:
                 try:
@@ -333,7 +334,8 @@ class Proxy:
                     raise StartupError(f"cannot resolve upstream host {spec.upstream_host!r} in --proxy "
                                        f"{spec.text} ({exc.strerror}): check the name or use an IP address") from None
             try:
-                server = await loop.create_server(lambda spec=spec: ClientSide(self, spec), host, spec.listen_port,
+                server = await loop.create_server(lambda spec=spec: ClientSide(self, spec),
+                                                  hosts if len(hosts) > 1 else hosts[0], spec.listen_port,
                                                   reuse_address=True, backlog=1024)
             except OSError as exc:
                 await self.close_listeners()

@@ -47,7 +47,7 @@ def test_precedence_flag_env_file_default():
     assert cfg.drain_seconds == 5.0 and cfg.sources["drain_seconds"] == "--drain-seconds"
     assert cfg.max_message_bytes == 2000 and cfg.sources["max_message_bytes"] == "MONGOPROXY_MAX_MESSAGE_BYTES"
     assert cfg.connect_timeout == 7.0 and cfg.sources["connect_timeout"] == "config file"
-    assert cfg.listen_host == "127.0.0.1" and cfg.sources["listen_host"] == "default"
+    assert cfg.listen_host == ("127.0.0.1",) and cfg.sources["listen_host"] == "default"
     assert cfg.admin_port == 9898
 
 
