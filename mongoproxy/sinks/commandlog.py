@@ -1,7 +1,412 @@
-"""Placeholder until the commandlog sink lands."""
+"""The command log: one line per command, as text (coloured on a terminal) or JSON lines.
 
-OPTIONS: list = []
+The event loop only filters and enqueues; a writer thread formats and
+writes. A full queue drops the event and counts it in `dropped`, so a slow
+disk or terminal never slows the proxy. Field names of the JSON form are a
+stable contract, documented in docs/command-log.md and
+docs/command-log.schema.json.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import sys
+import threading
+import time
+from typing import Any, Iterable, Optional, TextIO
+
+from mongoproxy import querylog
+from mongoproxy.config import Option, non_negative_float
+from mongoproxy.errors import ConfigError
+from mongoproxy.events import wall_ns
+
+# Rendering modes of the scanner (mongoproxy._bson_parser.RENDER_*).
+RENDER_OFF, RENDER_REDACTED, RENDER_VALUES = 0, 1, 2
+
+QUEUE_SIZE = 10000
+# Without --slow-ms, text lines of commands at least this slow are coloured yellow.
+DEFAULT_SLOW_COLOR_MS = 100.0
+
+_RED, _YELLOW, _RESET = "\x1b[31m", "\x1b[33m", "\x1b[0m"
 
 
-def create(config, ctx):
-    return None
+def parse_format(value: Any) -> str:
+    """text or json."""
+    v = str(value).strip().lower()
+    if v not in ("text", "json"):
+        raise ConfigError(f"--log-format {value!r} is not valid: use text or json")
+    return v
+
+
+def _items(value: Any) -> list[str]:
+    items = value if isinstance(value, (list, tuple)) else str(value).split(",")
+    return [str(x).strip() for x in items if str(x).strip()]
+
+
+def parse_ops(value: Any) -> tuple[str, ...]:
+    """`find,update` (only these) and/or `!hello` (all but these)."""
+    ops = _items(value)
+    for op in ops:
+        if not op.lstrip("!"):
+            raise ConfigError(f"--log-ops {value!r}: empty command name; give e.g. find,update or !hello,!ping")
+    return tuple(ops)
+
+
+def parse_ns(value: Any) -> tuple[str, ...]:
+    """`db.coll`, `db.*` or `db`, comma-separated."""
+    out = []
+    for ns in _items(value):
+        db = ns.split(".", 1)[0]
+        if not db:
+            raise ConfigError(f"--log-ns {ns!r}: give db.collection, db.* or db, e.g. shop.users,audit.*")
+        out.append(ns)
+    return tuple(out)
+
+
+G = "command log"
+OPTIONS: list[Option] = [
+    Option("log_commands", ("--log-commands",), "log one line per command (to stderr unless --log-file)",
+           switch=True, default=False, group=G),
+    Option("log_mongo_messages", ("--log-mongo-messages",), "same as --log-commands (the Rust mongoproxy's name)",
+           switch=True, default=False, group=G),
+    Option("log_format", ("--log-format",), "command log format: text or json (one JSON object per line, see "
+           "docs/command-log.md)", parse_format, "text", metavar="FORMAT", group=G),
+    Option("log_file", ("--log-file",), "append the command log to this file instead of stderr (implies "
+           "--log-commands)", str, None, metavar="PATH", group=G),
+    Option("slow_ms", ("--slow-ms",), "log only commands that took at least this many milliseconds (implies "
+           "--log-commands)", non_negative_float("--slow-ms"), None, metavar="MS", group=G),
+    Option("log_ops", ("--log-ops",), "log only these commands, comma-separated (e.g. find,update); !name "
+           "excludes one (e.g. !hello,!ping)", parse_ops, (), metavar="OPS", group=G),
+    Option("log_ns", ("--log-ns",), "log only these namespaces, comma-separated: db.collection, db.* or db",
+           parse_ns, (), metavar="NS", group=G),
+    Option("log_query", ("--log-query",), "add each command's body with every literal replaced by ? and a "
+           "shape hash (implies --log-commands)", switch=True, default=False, group=G),
+    Option("no_redact", ("--no-redact",), "with --log-query, show literal values (credentials are still hidden)",
+           switch=True, default=False, group=G),
+]
+
+
+def enabled(config: Any) -> bool:
+    """Whether the config asks for a command log."""
+    return bool(getattr(config, "log_commands", False) or getattr(config, "log_mongo_messages", False)
+                or getattr(config, "log_file", None) or getattr(config, "slow_ms", None) is not None
+                or getattr(config, "log_query", False))
+
+
+def render_mode(config: Any) -> int:
+    """The scanner render mode the tracker should ask for: RENDER_OFF unless the log shows queries."""
+    if not enabled(config) or not getattr(config, "log_query", False):
+        return RENDER_OFF
+    return RENDER_VALUES if getattr(config, "no_redact", False) else RENDER_REDACTED
+
+
+def _iso(mono_ns: int, digits: int) -> str:
+    ns = wall_ns(mono_ns)
+    secs, frac = divmod(ns, 1_000_000_000)
+    frac_text = f"{frac:09d}"[:digits]
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs)) + f".{frac_text}Z"
+
+
+class CommandLogSink:
+    """Filters on the event loop, formats and writes on a writer thread; drops (and counts) when behind."""
+
+    name = "commandlog"
+
+    def __init__(self, stream: TextIO, fmt: str = "text", slow_ms: Optional[float] = None,
+                 ops: Iterable[str] = (), namespaces: Iterable[str] = (), log_query: bool = False,
+                 show_values: bool = False, color: Optional[bool] = None, queue_size: int = QUEUE_SIZE,
+                 owns_stream: bool = False, logger: Optional[logging.Logger] = None) -> None:
+        self.stream = stream
+        self.fmt = fmt
+        self.slow_ms = slow_ms
+        self._slow_ns = None if slow_ms is None else int(slow_ms * 1e6)
+        self._color_slow_ns = int((DEFAULT_SLOW_COLOR_MS if slow_ms is None else slow_ms) * 1e6)
+        ops = tuple(ops)
+        include = {o.lower() for o in ops if not o.startswith("!")}
+        self._ops_include = frozenset(include) if include else None
+        self._ops_exclude = frozenset(o[1:].lower() for o in ops if o.startswith("!"))
+        exact, dbs = set(), set()
+        for ns in namespaces:
+            if ns.endswith(".*"):
+                dbs.add(ns[:-2])
+            elif "." in ns:
+                exact.add(ns)
+            else:
+                dbs.add(ns)
+        self._ns_filter = bool(exact or dbs)
+        self._ns_exact, self._ns_dbs = frozenset(exact), frozenset(dbs)
+        self.log_query = log_query
+        self.show_values = show_values
+        if color is None:
+            color = fmt == "text" and _isatty(stream) and "NO_COLOR" not in os.environ
+        self.color = color
+        self._owns_stream = owns_stream
+        self._log = logger or logging.getLogger("mongoproxy.commandlog")
+        self._queue: queue.Queue = queue.Queue(queue_size)
+        self._queue_dropped = 0  # written by the event loop only
+        self._lost = 0  # written by the writer thread only: lines that failed to format or write
+        self.written = 0
+        self._warned = False
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="mongoproxy-commandlog", daemon=True)
+        self._thread.start()
+
+    @property
+    def dropped(self) -> int:
+        """Commands not logged: queue full, or a write that failed."""
+        return self._queue_dropped + self._lost
+
+    # ---- event loop side ----
+
+    def on_command(self, event: Any) -> None:
+        """Apply the filters and hand the event to the writer thread."""
+        if self._ops_include is not None or self._ops_exclude:
+            op = event.op.lower()
+            if op in self._ops_exclude or (self._ops_include is not None and op not in self._ops_include):
+                return
+        if self._ns_filter and event.database not in self._ns_dbs and \
+                f"{event.database}.{event.collection}" not in self._ns_exact:
+            return
+        if self._slow_ns is not None:
+            d = event.duration_ns
+            if not d or d < self._slow_ns:
+                return
+        try:
+            self._queue.put_nowait(event)
+        except queue.Full:
+            self._queue_dropped += 1
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Write what is queued (up to `timeout` seconds), then stop the writer."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._queue.put(None, timeout=timeout)
+        except queue.Full:
+            pass
+        self._thread.join(timeout)
+        if self._owns_stream:
+            try:
+                self.stream.close()
+            except OSError:
+                pass
+
+    # ---- writer thread ----
+
+    def _run(self) -> None:
+        q = self._queue
+        while True:
+            batch = [q.get()]
+            while len(batch) < 1024:
+                try:
+                    batch.append(q.get_nowait())
+                except queue.Empty:
+                    break
+            stop = False
+            lines = []
+            for event in batch:
+                if event is None:
+                    stop = True
+                    continue
+                try:
+                    lines.append(self.format(event))
+                except Exception as exc:  # noqa: BLE001 - a bad event must not stop the log
+                    self._lost += 1
+                    self._warn("cannot format a command log line", exc)
+            if lines:
+                try:
+                    self.stream.write("".join(lines))
+                    self.stream.flush()
+                    self.written += len(lines)
+                except (OSError, ValueError) as exc:
+                    self._lost += len(lines)
+                    self._warn("cannot write the command log", exc)
+            if stop:
+                return
+
+    def _warn(self, what: str, exc: BaseException) -> None:
+        if not self._warned:
+            self._warned = True
+            self._log.error("%s (further failures are only counted in mongoproxy_events_dropped_total): %s",
+                            what, exc)
+
+    # ---- formatting (writer thread) ----
+
+    def format(self, event: Any) -> str:
+        """One log line, newline included."""
+        if self.fmt == "json":
+            return json.dumps(self.record(event), separators=(",", ":"), ensure_ascii=False) + "\n"
+        return self.text(event) + "\n"
+
+    def _query(self, event: Any) -> tuple[Optional[str], Optional[str]]:
+        if not self.log_query:
+            return None, None
+        rendered = getattr(event.request, "query_shape", None) if event.request is not None else None
+        if not rendered:
+            return None, None
+        return querylog.prepare(rendered, event.op, self.show_values)
+
+    def _errmsg(self, event: Any) -> str:
+        msg = event.errmsg or ""
+        return msg if self.show_values else querylog.redact_errmsg(msg)
+
+    def record(self, event: Any) -> dict:
+        """The JSON log object (field names are a documented contract)."""
+        conn = event.connection
+        reply = event.reply
+        duration = event.duration_ns
+        has_reply = bool(event.reply_last_ns)
+        query, shape = self._query(event)
+        wcode = getattr(reply, "write_error_code", None) if reply is not None else None
+        return {
+            "time": _iso(event.request_first_ns, 6),
+            "connection_id": conn.id,
+            "client": conn.client,
+            "server": conn.server,
+            "app": conn.app_name,
+            "replicaset": conn.replica_set,
+            "db": event.database,
+            "collection": event.collection,
+            "ns": _ns(event),
+            "op": event.op,
+            "request_id": event.request_id,
+            "duration_ms": round(duration / 1e6, 3) if has_reply else None,
+            "slow": bool(has_reply and duration >= self._color_slow_ns),
+            "documents_returned": event.documents_returned,
+            "documents_changed": event.documents_changed,
+            "request_bytes": event.request_size,
+            "reply_bytes": event.reply_size if has_reply else None,
+            "ok": event.ok,
+            "code": event.code,
+            "code_name": event.code_name or None,
+            "errmsg": self._errmsg(event) or None,
+            "write_errors": (reply.write_errors or 0) if reply is not None else None,
+            "write_error_code": wcode,
+            "write_error_code_name": (getattr(reply, "write_error_code_name", None) or None)
+            if reply is not None else None,
+            "write_concern_error_code": getattr(reply, "write_concern_error_code", None)
+            if reply is not None else None,
+            "write_concern_error_code_name": (getattr(reply, "write_concern_error_code_name", None) or None)
+            if reply is not None else None,
+            "failed": bool(event.failed),
+            "cursor_id": event.cursor_id,
+            "comment": (getattr(event.request, "comment", None) if event.request is not None else None),
+            "unacknowledged": bool(event.more_to_come_request),
+            "exhaust": bool(event.exhaust),
+            "decode_error": event.decode_error or None,
+            "query": query,
+            "shape": shape,
+        }
+
+    def text(self, event: Any) -> str:
+        """The human-readable line, coloured when writing to a terminal."""
+        conn = event.connection
+        has_reply = bool(event.reply_last_ns)
+        duration = event.duration_ns
+        parts = [_iso(event.request_first_ns, 3), conn.client, "app=" + _word(conn.app_name), _ns(event) or "-",
+                 event.op]
+        parts.append(f"{duration / 1e6:.2f}ms" if has_reply else "-")
+        if event.documents_returned is not None:
+            parts.append(f"returned={event.documents_returned}")
+        if event.documents_changed is not None:
+            parts.append(f"changed={event.documents_changed}")
+        parts.append(f"req={event.request_size}B")
+        parts.append(f"reply={event.reply_size}B" if has_reply else "reply=-")
+        parts.append(self._outcome(event, has_reply))
+        if event.exhaust:
+            parts.append(f"exhaust={event.exhaust_index}")
+        comment = getattr(event.request, "comment", None) if event.request is not None else None
+        if comment:
+            parts.append("comment=" + json.dumps(comment, ensure_ascii=False))
+        query, shape = self._query(event)
+        if query is not None:
+            parts.append(f"shape={shape} query={query}")
+        line = " ".join(parts)
+        if self.color:
+            if event.failed or event.decode_error:
+                line = _RED + line + _RESET
+            elif has_reply and duration >= self._color_slow_ns:
+                line = _YELLOW + line + _RESET
+        return line
+
+    def _outcome(self, event: Any, has_reply: bool) -> str:
+        if event.decode_error:
+            return f"decode-error={event.decode_error}"
+        if event.more_to_come_request:
+            return "unacknowledged"
+        if not has_reply:
+            return "no-reply"
+        out = []
+        if event.ok is False:
+            code = "" if event.code is None else f"{event.code} "
+            msg = self._errmsg(event)
+            out.append(f"{code}{event.code_name or 'error'}" + (f": {msg}" if msg else ""))
+        reply = event.reply
+        if reply is not None and reply.write_errors:
+            code = "" if reply.write_error_code is None else f"{reply.write_error_code} "
+            n = reply.write_errors
+            out.append(f"{code}{reply.write_error_code_name or 'WriteError'}: {n} write error{'s' * (n != 1)}")
+        if reply is not None and reply.write_concern_error_code is not None:
+            out.append(f"{reply.write_concern_error_code} {reply.write_concern_error_code_name or 'WriteConcernError'}:"
+                       " write concern error")
+        return "; ".join(out) if out else "ok"
+
+
+def _ns(event: Any) -> str:
+    return f"{event.database}.{event.collection}" if event.collection else event.database
+
+
+def _word(text: str) -> str:
+    if not text:
+        return "-"
+    if any(c.isspace() or c in '"=' for c in text):
+        return json.dumps(text, ensure_ascii=False)
+    return text
+
+
+def _isatty(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError, OSError):
+        return False
+
+
+def open_log_file(path: str) -> TextIO:
+    """Open PATH for appending, or raise the one-line ConfigError naming the fix."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise ConfigError(f"--log-file {path}: directory {directory} does not exist; create it or choose "
+                          "another path")
+    if os.path.isdir(path):
+        raise ConfigError(f"--log-file {path} is a directory; give a file path, e.g. {os.path.join(path, 'commands.log')}")
+    try:
+        return open(path, "a", encoding="utf-8", errors="replace", buffering=1 << 16)
+    except OSError as exc:
+        raise ConfigError(f"--log-file {path}: cannot open for writing ({exc.strerror}); check its permissions "
+                          "or choose another path") from None
+
+
+def create(config: Any, ctx: Any) -> Optional[CommandLogSink]:
+    """The command log when any of --log-commands/--log-file/--slow-ms/--log-query asks for it."""
+    logger = getattr(ctx, "logger", None) or logging.getLogger("mongoproxy")
+    if not enabled(config):
+        for dest, flag, default in (("log_format", "--log-format", "text"), ("log_ops", "--log-ops", ()),
+                                    ("log_ns", "--log-ns", ()), ("no_redact", "--no-redact", False)):
+            if getattr(config, dest, default) not in (default, None):
+                logger.warning("%s has no effect without --log-commands", flag)
+        return None
+    if getattr(config, "no_redact", False) and not getattr(config, "log_query", False):
+        logger.warning("--no-redact has no effect without --log-query")
+    path = getattr(config, "log_file", None)
+    if path and path != "-":
+        stream, owns = open_log_file(path), True
+    else:
+        stream, owns = sys.stderr, False
+    return CommandLogSink(stream, fmt=getattr(config, "log_format", "text"), slow_ms=getattr(config, "slow_ms", None),
+                          ops=getattr(config, "log_ops", ()), namespaces=getattr(config, "log_ns", ()),
+                          log_query=bool(getattr(config, "log_query", False)),
+                          show_values=bool(getattr(config, "no_redact", False)), owns_stream=owns, logger=logger)
