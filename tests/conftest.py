@@ -42,12 +42,14 @@ _skipped: list[str] = []
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if _skipped and system_required():
-        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
-        if reporter is not None:
-            reporter.write_sep("=", "MONGOPROXY_REQUIRE_SYSTEM=1: skipped tests are failures", red=True)
-            for line in _skipped:
-                reporter.write_line(f"SKIPPED {line}")
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    if _skipped and system_required():
+        terminalreporter.write_sep("=", "MONGOPROXY_REQUIRE_SYSTEM=1: skipped tests are failures", red=True)
+        for line in _skipped:
+            terminalreporter.write_line(f"SKIPPED {line}")
 
 
 # ---------------------------------------------------------------- SecantusDB

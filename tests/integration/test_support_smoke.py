@@ -279,3 +279,33 @@ def test_split_and_stream_readers(arun):
 def test_canned_document_has_exact_size():
     for size in (32, 100, 4 * 1024 * 1024):
         assert len(canned_document(size)) == size
+
+
+# ---------------------------------------------------------------- system requirements
+
+def test_require_tool_skips_or_fails_by_env(monkeypatch):
+    from tests.support.system import require_tool
+
+    monkeypatch.delenv("MONGOPROXY_REQUIRE_SYSTEM", raising=False)
+    assert require_tool("sh").endswith("/sh")
+    with pytest.raises(pytest.skip.Exception, match="apt-get install tshark"):
+        monkeypatch.setenv("PATH", "/nonexistent")
+        require_tool("tshark-not-here", reason="tshark not found: apt-get install tshark")
+    monkeypatch.setenv("MONGOPROXY_REQUIRE_SYSTEM", "1")
+    with pytest.raises(pytest.fail.Exception, match="MONGOPROXY_REQUIRE_SYSTEM=1"):
+        require_tool("no-such-tool-anywhere")
+
+
+@pytest.mark.system
+def test_node_modules_mongosh_runs():
+    import subprocess
+
+    from tests.support.system import require_node_modules
+
+    mods = require_node_modules()
+    out = subprocess.run([mods.mongosh, "--nodb", "--quiet", "--eval", "print(6 * 7)"], capture_output=True,
+                         text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert out.returncode == 0 and out.stdout.strip() == "42", out.stderr
+    out = subprocess.run([mods.node, "-e", "console.log(typeof require('mongodb').MongoClient)"],
+                         capture_output=True, text=True, timeout=60, env=mods.env(), cwd="/")
+    assert out.stdout.strip() == "function", out.stderr
