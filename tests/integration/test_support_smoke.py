@@ -143,6 +143,34 @@ def test_ports_helpers():
         unavailable("IPv6 loopback unavailable")
 
 
+def test_run_proxy_process_forwards_and_drains(scripted_server):
+    import signal
+
+    from tests.support.proxy import run_proxy_process
+
+    handler = MongoHandler()
+    srv = scripted_server(handler)
+    with run_proxy_process(upstream=srv.address) as proxy:
+        assert proxy.admin_get("/healthz")[0] == 200
+        with proxy.client() as client:
+            assert client.admin.command("ping") == {"ok": 1.0}
+        assert handler.seen["ping"] == 1
+        assert "mongoproxy_info" in proxy.metrics_text()
+        assert proxy.metric("mongoproxy_info") == 1.0
+        proxy.send_signal(signal.SIGTERM)
+        assert proxy.wait(30) == 0
+    assert srv.accepted >= 1
+
+
+def test_run_proxy_process_reports_early_exit():
+    from tests.support.proxy import run_proxy_process
+
+    with pytest.raises(AssertionError, match="exited with 2 before /readyz") as info:
+        with run_proxy_process(["--proxy", "not-a-spec"]):
+            pass
+    assert "stderr:" in str(info.value)
+
+
 def test_prepare_args_fills_ports():
     args = prepare_args(["--proxy", f"{PORT}:db:1", "--proxy", f"{PORT}:db:2"])
     assert args[0] == "--proxy" and args[4] == "--admin-port"

@@ -54,7 +54,8 @@ class ProxyProcess:
         self.listen_host = (_flag_value(args, "--listen-host") or ["127.0.0.1"])[-1]
         self.admin_host = (_flag_value(args, "--admin-host") or ["127.0.0.1"])[-1]
         self.admin_port = int(_flag_value(args, "--admin-port")[-1])
-        self.ports = [int(spec.split(":", 1)[0]) for spec in _flag_value(args, "--proxy")]
+        heads = [spec.split(":", 1)[0] for spec in _flag_value(args, "--proxy")]
+        self.ports = [int(h) for h in heads if h.isdigit()]  # malformed specs are the proxy's to reject
         self._dir = tempfile.mkdtemp(prefix="mongoproxy-test-")
         self.stdout_path = os.path.join(self._dir, "stdout.txt")
         self.stderr_path = os.path.join(self._dir, "stderr.txt")
@@ -64,6 +65,8 @@ class ProxyProcess:
     @property
     def port(self) -> int:
         """The first listen port."""
+        if not self.ports:
+            raise AttributeError(f"no --proxy listen port in {self.args}")
         return self.ports[0]
 
     @property
