@@ -392,6 +392,39 @@ def encode_op_commandreply(metadata: Doc, command_reply: Doc, output_docs: Seque
 
 # ---------------------------------------------------------------- compression
 
+def _zstd():
+    """A module with compress/decompress for zstd: zstandard, stdlib compression.zstd or backports.zstd."""
+    try:
+        import zstandard
+
+        return zstandard
+    except ImportError:
+        pass
+    try:
+        from compression import zstd  # Python 3.14+
+    except ImportError:
+        try:
+            from backports import zstd  # what pymongo[zstd] installs before 3.14
+        except ImportError:
+            raise ImportError("no zstd codec: pip install zstandard (or pymongo[zstd])") from None
+    return zstd
+
+
+def _snappy():
+    """(compress, uncompress) for raw snappy: python-snappy, else cramjam."""
+    try:
+        import snappy
+
+        return snappy.compress, snappy.uncompress
+    except ImportError:
+        pass
+    try:
+        import cramjam
+    except ImportError:
+        raise ImportError("no snappy codec: pip install python-snappy (or pymongo[snappy])") from None
+    return (lambda b: bytes(cramjam.snappy.compress_raw(b))), (lambda b: bytes(cramjam.snappy.decompress_raw(b)))
+
+
 def compress_bytes(data: bytes, compressor: str, level: Optional[int] = None) -> bytes:
     """Compress `data` the way drivers do for `compressor` (noop, snappy, zlib, zstd)."""
     if compressor == "noop":
@@ -399,13 +432,12 @@ def compress_bytes(data: bytes, compressor: str, level: Optional[int] = None) ->
     if compressor == "zlib":
         return zlib.compress(data, -1 if level is None else level)
     if compressor == "zstd":
-        import zstandard
-
-        return zstandard.ZstdCompressor(level=3 if level is None else level).compress(data)
+        z = _zstd()
+        if z.__name__ == "zstandard":
+            return z.ZstdCompressor(level=3 if level is None else level).compress(data)
+        return z.compress(data) if level is None else z.compress(data, level)
     if compressor == "snappy":
-        import snappy
-
-        return snappy.compress(data)
+        return _snappy()[0](data)
     raise ValueError(f"unknown compressor {compressor!r}")
 
 
@@ -416,13 +448,12 @@ def decompress_bytes(data: bytes, compressor: str) -> bytes:
     if compressor == "zlib":
         return zlib.decompress(data)
     if compressor == "zstd":
-        import zstandard
-
-        return zstandard.ZstdDecompressor().decompress(data, max_output_size=DEFAULT_MAX_MESSAGE)
+        z = _zstd()
+        if z.__name__ == "zstandard":
+            return z.ZstdDecompressor().decompress(data, max_output_size=DEFAULT_MAX_MESSAGE)
+        return z.decompress(data)
     if compressor == "snappy":
-        import snappy
-
-        return snappy.uncompress(data)
+        return _snappy()[1](data)
     raise ValueError(f"unknown compressor {compressor!r}")
 
 
