@@ -50,6 +50,7 @@ class ClientSide(asyncio.Protocol):
         self.closed = False
         self._connecting: Optional[asyncio.Task] = None
         self._reading_blocked = {"connect"}  # reasons the client is not read from
+        self._early: list[bytes] = []  # chunks that arrived before the upstream connected
 
     # ---- client → upstream ----
 
@@ -80,7 +81,14 @@ class ClientSide(asyncio.Protocol):
         self._connecting = asyncio.get_running_loop().create_task(self._connect(target))
 
     def data_received(self, data: bytes) -> None:
-        self.upstream.transport.write(data)  # 1. bytes first, unchanged, at once
+        upstream = self.upstream
+        if upstream is None:
+            # pause_reading() in connection_made() may be ignored (CPython 3.11, uvloop): hold
+            # what comes early and pause now, which takes effect.
+            self._early.append(data)
+            self.transport.pause_reading()
+            return
+        upstream.transport.write(data)  # 1. bytes first, unchanged, at once
         self.conn.bytes_from_client += len(data)
         requests = self.requests  # 2. observation
         if not requests.stopped:
@@ -146,6 +154,11 @@ class ClientSide(asyncio.Protocol):
             return
         self.conn.upstream_connect_ns = monotonic_ns() - started
         self.upstream = upstream
+        early, self._early = self._early, []
+        for chunk in early:
+            self.data_received(chunk)
+        if self.client_eof and upstream.transport.can_write_eof():
+            upstream.transport.write_eof()
         self._unblock_reading("connect")
 
     def _refuse(self, reason: str, detail: str) -> None:
