@@ -30,10 +30,9 @@ def netns():
     sh(ip, "netns", "add", name)
     try:
         sh(ip, "-n", name, "link", "set", "lo", "up")
-        sh(ip, "-n", name, "link", "add", "dummy0", "type", "dummy")
-        sh(ip, "-n", name, "addr", "add", f"{SERVER_V4}/32", "dev", "dummy0")
-        sh(ip, "-n", name, "addr", "add", f"{SERVER_V6}/128", "dev", "dummy0", "nodad")
-        sh(ip, "-n", name, "link", "set", "dummy0", "up")
+        # The "server host" addresses live on the namespace's own loopback: nothing leaves it.
+        sh(ip, "-n", name, "addr", "add", f"{SERVER_V4}/32", "dev", "lo")
+        sh(ip, "-n", name, "addr", "add", f"{SERVER_V6}/128", "dev", "lo")
         yield name
     finally:
         sh(ip, "netns", "delete", name, check=False)
@@ -78,7 +77,10 @@ import socket, sys
 s = socket.create_connection(("127.0.0.1", 27111), timeout=5)
 s.sendall(b"\x15\x00\x00\x00" + b"\x00" * 17)
 s.settimeout(5)
-print(repr(s.recv(100)))
+try:
+    print("closed" if s.recv(100) == b"" else "answered")
+except ConnectionResetError:
+    print("closed")
 """
 
 
@@ -112,7 +114,7 @@ def test_transparent_mode_ipv4_and_ipv6(netns, tmp_path):
         assert client.returncode == 0, client.stderr + proxy_log.read_text()
         assert json.loads(client.stdout) == {SERVER_V4: 1, f"[{SERVER_V6}]": 1}
         looper = subprocess.run(in_ns(ns, sys.executable, "-c", LOOPER), capture_output=True, text=True, timeout=30)
-        assert looper.stdout.strip() == "b''", looper.stdout + looper.stderr  # closed, not looped
+        assert looper.stdout.strip() == "closed", looper.stdout + looper.stderr  # refused, not looped
         metrics = subprocess.run(in_ns(ns, sys.executable, "-c",
                                        "import urllib.request;print(urllib.request.urlopen("
                                        "'http://127.0.0.1:9898/metrics').read().decode())"),
