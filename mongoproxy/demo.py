@@ -95,7 +95,7 @@ async def workload(port: int) -> None:
         async for _ in db.orders.find({}, batch_size=4):  # one find and two getMores
             pass
         await db.orders.update_many({"item": "item-1"}, {"$inc": {"qty": 1}})
-        await db.orders.aggregate([{"$group": {"_id": "$item", "total": {"$sum": "$qty"}}}]).to_list()
+        await (await db.orders.aggregate([{"$group": {"_id": "$item", "total": {"$sum": "$qty"}}}])).to_list()
         await db.orders.delete_one({"_id": 100})
         try:
             await db.orders.insert_one({"_id": 3, "item": "duplicate"})
