@@ -9,10 +9,10 @@ docs/command-log.schema.json.
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import os
-import queue
 import sys
 import threading
 import time
@@ -27,6 +27,8 @@ from mongoproxy.events import wall_ns
 RENDER_OFF, RENDER_REDACTED, RENDER_VALUES = 0, 1, 2
 
 QUEUE_SIZE = 10000
+# The writer drains the queue this often (and at once on close): the event loop never signals it.
+WRITER_POLL_SECONDS = 0.02
 # Without --slow-ms, text lines of commands at least this slow are coloured yellow.
 DEFAULT_SLOW_COLOR_MS = 100.0
 
@@ -145,7 +147,10 @@ class CommandLogSink:
         self.color = color
         self._owns_stream = owns_stream
         self._log = logger or logging.getLogger("mongoproxy.commandlog")
-        self._queue: queue.Queue = queue.Queue(queue_size)
+        # deque.append/popleft are atomic: the loop appends, the writer pops, and neither takes a lock.
+        self._queue: collections.deque = collections.deque()
+        self._queue_size = queue_size
+        self._stop = threading.Event()
         self._queue_dropped = 0  # written by the event loop only
         self._lost = 0  # written by the writer thread only: lines that failed to format or write
         self.written = 0
@@ -174,9 +179,10 @@ class CommandLogSink:
             d = event.duration_ns
             if not d or d < self._slow_ns:
                 return
-        try:
-            self._queue.put_nowait(event)
-        except queue.Full:
+        q = self._queue
+        if len(q) < self._queue_size:
+            q.append(event)
+        else:
             self._queue_dropped += 1
 
     def close(self, timeout: float = 5.0) -> None:
@@ -184,10 +190,7 @@ class CommandLogSink:
         if self._closed:
             return
         self._closed = True
-        try:
-            self._queue.put(None, timeout=timeout)
-        except queue.Full:
-            pass
+        self._stop.set()
         self._thread.join(timeout)
         if self._owns_stream:
             try:
@@ -199,33 +202,27 @@ class CommandLogSink:
 
     def _run(self) -> None:
         q = self._queue
+        stop = self._stop
         while True:
-            batch = [q.get()]
-            while len(batch) < 1024:
-                try:
-                    batch.append(q.get_nowait())
-                except queue.Empty:
-                    break
-            stop = False
-            lines = []
-            for event in batch:
-                if event is None:
-                    stop = True
-                    continue
-                try:
-                    lines.append(self.format(event))
-                except Exception as exc:  # noqa: BLE001 - a bad event must not stop the log
-                    self._lost += 1
-                    self._warn("cannot format a command log line", exc)
-            if lines:
-                try:
-                    self.stream.write("".join(lines))
-                    self.stream.flush()
-                    self.written += len(lines)
-                except (OSError, ValueError) as exc:
-                    self._lost += len(lines)
-                    self._warn("cannot write the command log", exc)
-            if stop:
+            stopping = stop.wait(WRITER_POLL_SECONDS)
+            while q:
+                lines = []
+                while q and len(lines) < 1024:
+                    event = q.popleft()
+                    try:
+                        lines.append(self.format(event))
+                    except Exception as exc:  # noqa: BLE001 - a bad event must not stop the log
+                        self._lost += 1
+                        self._warn("cannot format a command log line", exc)
+                if lines:
+                    try:
+                        self.stream.write("".join(lines))
+                        self.stream.flush()
+                        self.written += len(lines)
+                    except (OSError, ValueError) as exc:
+                        self._lost += len(lines)
+                        self._warn("cannot write the command log", exc)
+            if stopping:
                 return
 
     def _warn(self, what: str, exc: BaseException) -> None:
@@ -282,16 +279,18 @@ class CommandLogSink:
             "reply_bytes": event.reply_size if has_reply else None,
             "ok": event.ok,
             "code": event.code,
-            "code_name": event.code_name or None,
+            "code_name": (querylog.code_name(event.code_name, event.code) if event.code is not None
+                          else event.code_name or None),
             "errmsg": self._errmsg(event) or None,
             "write_errors": (reply.write_errors or 0) if reply is not None else None,
             "write_error_code": wcode,
-            "write_error_code_name": (getattr(reply, "write_error_code_name", None) or None)
-            if reply is not None else None,
+            "write_error_code_name": querylog.code_name(reply.write_error_code_name, wcode)
+            if reply is not None and wcode is not None else None,
             "write_concern_error_code": getattr(reply, "write_concern_error_code", None)
             if reply is not None else None,
-            "write_concern_error_code_name": (getattr(reply, "write_concern_error_code_name", None) or None)
-            if reply is not None else None,
+            "write_concern_error_code_name": querylog.code_name(reply.write_concern_error_code_name,
+                                                                reply.write_concern_error_code)
+            if reply is not None and reply.write_concern_error_code is not None else None,
             "failed": bool(event.failed),
             "cursor_id": event.cursor_id,
             "comment": (getattr(event.request, "comment", None) if event.request is not None else None),
@@ -342,18 +341,23 @@ class CommandLogSink:
             return "no-reply"
         out = []
         if event.ok is False:
-            code = "" if event.code is None else f"{event.code} "
             msg = self._errmsg(event)
-            out.append(f"{code}{event.code_name or 'error'}" + (f": {msg}" if msg else ""))
+            out.append(_code(event.code, event.code_name) + (f": {msg}" if msg else ""))
         reply = event.reply
         if reply is not None and reply.write_errors:
-            code = "" if reply.write_error_code is None else f"{reply.write_error_code} "
             n = reply.write_errors
-            out.append(f"{code}{reply.write_error_code_name or 'WriteError'}: {n} write error{'s' * (n != 1)}")
+            out.append(_code(reply.write_error_code, reply.write_error_code_name) +
+                       f": {n} write error{'s' * (n != 1)}")
         if reply is not None and reply.write_concern_error_code is not None:
-            out.append(f"{reply.write_concern_error_code} {reply.write_concern_error_code_name or 'WriteConcernError'}:"
-                       " write concern error")
+            out.append(_code(reply.write_concern_error_code, reply.write_concern_error_code_name) +
+                       ": write concern error")
         return "; ".join(out) if out else "ok"
+
+
+def _code(code: Optional[int], name: Optional[str]) -> str:
+    if code is None:
+        return name or "error"
+    return f"{code} {querylog.code_name(name, code)}"
 
 
 def _ns(event: Any) -> str:

@@ -22,6 +22,7 @@ from prometheus_client.utils import floatToGoString
 
 from mongoproxy.config import Option, positive_int
 from mongoproxy.errors import ConfigError
+from mongoproxy.querylog import code_name
 
 # Label name -> expression over the event `e` and its connection `c`; the key builder is compiled from these.
 LABEL_SOURCES = {
@@ -132,7 +133,7 @@ def _cumulative(counts: list, bounds: tuple) -> list:
 
 
 class _LabelCap:
-    """At most `limit` distinct values per label; later values become _other and are counted."""
+    """At most `limit` distinct non-empty values per label; later values become _other and are counted."""
 
     def __init__(self, limit: int, overflow: Counter) -> None:
         self.limit = limit
@@ -141,9 +142,9 @@ class _LabelCap:
         self._overflow_children: dict[str, Any] = {}
 
     def cap(self, label: str, value: str) -> tuple[str, bool]:
-        """(value or _other, whether it overflowed)."""
+        """(value or _other, whether it overflowed); "" (no collection, no app...) is always kept."""
         seen = self.seen.setdefault(label, set())
-        if value in seen:
+        if value in seen or not value:
             return value, False
         if len(seen) < self.limit:
             seen.add(value)
@@ -279,19 +280,17 @@ class MetricsSink:
     def _count_errors(self, event: Any) -> None:
         names = []
         if event.ok is False:
-            names.append(event.code_name or (str(event.code) if event.code is not None else "unknown"))
+            names.append(code_name(event.code_name, event.code))
         reply = event.reply
         if reply is not None:
             if reply.write_errors:
-                code = reply.write_error_code
-                names.append(reply.write_error_code_name or (str(code) if code is not None else "unknown"))
-            code = reply.write_concern_error_code
-            if code is not None:
-                names.append(reply.write_concern_error_code_name or str(code))
+                names.append(code_name(reply.write_error_code_name, reply.write_error_code))
+            if reply.write_concern_error_code is not None:
+                names.append(code_name(reply.write_concern_error_code_name, reply.write_concern_error_code))
         values = {"op": event.op, "db": event.database, "collection": event.collection}
         base = tuple(values[n] for n in self._error_labels[:-1])
-        for code_name in names:
-            raw = base + (code_name,)
+        for name in names:
+            raw = base + (name,)
             child = self._error_children.get(raw)
             if child is None:
                 capped, overflowed = [], False
