@@ -187,6 +187,8 @@ CORE_OPTIONS: list[Option] = [
            non_negative_float("--connect-timeout"), 10.0, metavar="SECONDS"),
     Option("max_pending_requests", ("--max-pending-requests",), "requests awaiting a reply kept per connection; "
            "older ones are dropped and counted", positive_int("--max-pending-requests"), 1000, metavar="N"),
+    Option("verify_checksums", ("--verify-checksums",), "verify the CRC-32C of OP_MSG messages that carry one; "
+           "mismatches are counted as decode errors (reason checksum_mismatch)", parse_bool, False, switch=True),
     Option("log_level", ("--log-level",), "debug, info, warning or error", lambda v: _choice(v, "--log-level",
            ("debug", "info", "warning", "error")), "info", metavar="LEVEL"),
 ]

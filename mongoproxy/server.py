@@ -75,8 +75,9 @@ class ClientSide(asyncio.Protocol):
         self.tracker = Tracker(conn, bus, cfg.max_pending_requests)
         render = proxy.render
         self.requests = wire.FrameScanner(False, self.tracker.on_request, self._request_error,
-                                          cfg.max_message_bytes, render)
-        self.replies = wire.FrameScanner(True, self._on_reply, self._reply_error, cfg.max_message_bytes)
+                                          cfg.max_message_bytes, render, verify_checksums=cfg.verify_checksums)
+        self.replies = wire.FrameScanner(True, self._on_reply, self._reply_error, cfg.max_message_bytes,
+                                         verify_checksums=cfg.verify_checksums)
         bus.connection_open(conn)
         self._connecting = asyncio.get_running_loop().create_task(self._connect(target))
 
@@ -445,6 +446,8 @@ async def serve(config: Config, on_started: Optional[Callable[[Proxy], Any]] = N
         watch = getattr(s, "watch", None)
         if callable(watch):
             watch(bus, sinks)
+    if config.verify_checksums:
+        wire.checksum_function()  # fail at start-up, not at the first message, when the library is missing
     proxy = Proxy(config, bus)
     admin_server = None
     try:

@@ -168,6 +168,18 @@ class _Inflater:
         return []
 
 
+def checksum_function() -> Callable[[int, bytes], int]:
+    """google_crc32c.extend(crc, data), or ConfigError naming the install."""
+    try:
+        import google_crc32c
+    except ImportError:
+        from mongoproxy.errors import ConfigError
+
+        raise ConfigError("--verify-checksums needs the CRC-32C library: pip install 'mongoproxy[checksums]'") \
+            from None
+    return google_crc32c.extend
+
+
 class FrameScanner:
     """Frames one direction of a connection and scans each message body as it streams past.
 
@@ -183,6 +195,7 @@ class FrameScanner:
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         render: int = 0,
         render_limit: int = 4096,
+        verify_checksums: bool = False,
     ) -> None:
         self.is_reply = is_reply
         self.on_message = on_message
@@ -200,6 +213,10 @@ class FrameScanner:
         self._inflater: Optional[_Inflater] = None
         self._inflated = 0
         self._inflated_limit = 0
+        # CRC-32C over an uncompressed OP_MSG: header and body up to its last 4 bytes.
+        self._crc_extend = checksum_function() if verify_checksums else None
+        self._crc = 0
+        self._crc_left = 0
 
     @property
     def stopped(self) -> bool:
@@ -227,6 +244,8 @@ class FrameScanner:
             if state == _HEADER:
                 if not self._buf and n - pos >= HEADER_SIZE:
                     length, request_id, response_to, op_code = HEADER.unpack_from(data, pos)
+                    if self._crc_extend is not None:
+                        self._crc = self._crc_extend(0, bytes(data[pos : pos + HEADER_SIZE]))
                     pos += HEADER_SIZE
                     self._first_ns = now_ns
                 else:
@@ -238,6 +257,8 @@ class FrameScanner:
                     if len(self._buf) < HEADER_SIZE:
                         return
                     length, request_id, response_to, op_code = HEADER.unpack_from(self._buf)
+                    if self._crc_extend is not None:
+                        self._crc = self._crc_extend(0, bytes(self._buf))
                     self._buf.clear()
                 self._start(length, request_id, response_to, op_code)
                 if self._state == _DEAD:
@@ -246,6 +267,10 @@ class FrameScanner:
                     self._finish(now_ns)
             elif state == _BODY:
                 take = min(self._remaining, n - pos)
+                if self._crc_left > 0:
+                    covered = min(take, self._crc_left)
+                    self._crc = self._crc_extend(self._crc, bytes(data[pos : pos + covered]))
+                    self._crc_left -= covered
                 try:
                     self.scanner.feed(data, pos, pos + take)
                 except DecodeError as exc:
@@ -294,6 +319,7 @@ class FrameScanner:
         if op_code in BODY_OPS:
             self.scanner.reset(op_code, self.is_reply, self._remaining, self.render, self.render_limit)
             self._state = _BODY
+            self._crc_left = self._remaining - 4 if self._crc_extend is not None and op_code == OP_MSG else 0
             if self._remaining == 0:
                 self._fail(DecodeError("truncated", f"{OP_NAMES[op_code]} with an empty body"))
         elif op_code == OP_COMPRESSED:
@@ -353,7 +379,11 @@ class FrameScanner:
             if state in (_BODY, _CBODY):
                 if not self.scanner.done:
                     raise DecodeError("truncated", "message ended inside its body")
-                msg.result = self.scanner.result()
+                msg.result = result = self.scanner.result()
+                if self._crc_extend is not None and state == _BODY and result.checksum is not None and \
+                        result.checksum != self._crc:
+                    raise DecodeError("checksum_mismatch",
+                                      f"CRC-32C {self._crc:#010x}, message says {result.checksum:#010x}")
             elif state == _CPREFIX:
                 raise DecodeError("truncated", "OP_COMPRESSED ended inside its prefix")
         except DecodeError as exc:

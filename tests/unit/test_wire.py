@@ -183,3 +183,17 @@ def test_large_document_sequence_is_counted_while_streaming():
         rec.scanner.feed(view[pos:pos + 65536], 0)
     assert rec.errors == []
     assert rec.messages[0].result.documents == 1000
+
+
+def test_checksums_verified_when_asked():
+    good = tw.encode_op_msg({"ping": 1, "$db": "admin"}, checksum=True, request_id=1)
+    bad = bytearray(tw.encode_op_msg({"ping": 2, "$db": "admin"}, checksum=True, request_id=2))
+    bad[-1] ^= 0xFF
+    plain = tw.encode_op_msg({"ping": 3, "$db": "admin"}, request_id=3)
+    data = good + bytes(bad) + plain
+    for sizes in ([len(data)], [1] * len(data), [5, 17, 3, 40, 1000]):
+        rec = Recorder(verify_checksums=True).feed_chunks(data, sizes)
+        assert rec.errors == [("checksum_mismatch", False)]
+        assert [(m.request_id, m.error) for m in rec.messages] == [(1, ""), (2, "checksum_mismatch"), (3, "")]
+    # Not asked: the checksum is skipped, never checked.
+    assert Recorder().feed_chunks(data, [len(data)]).errors == []
