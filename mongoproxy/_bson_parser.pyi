@@ -1,4 +1,9 @@
-"""Types for the compiled incremental, selective message-body scanner."""
+"""Types for the compiled incremental, selective message-body scanner.
+
+DecodeError reasons raised by the scanner (a fixed vocabulary, see DECODE_REASONS):
+unknown_opcode, truncated, trailing_bytes, bad_length, missing_terminator,
+string_not_terminated, unknown_type, bad_section_kind, invalid_utf8.
+"""
 
 from typing import Optional
 
@@ -19,12 +24,15 @@ MAX_STRING: int  # 512: captured strings are cut to this many bytes (at a UTF-8 
 RENDER_OFF: int  # 0
 RENDER_REDACTED: int  # 1: literal values become "?"
 RENDER_VALUES: int  # 2: literal values shown; secrets still "?"
+RENDER_STRING_MAX: int  # 128: rendered string values are cut here (RENDER_VALUES)
+
+DECODE_REASONS: tuple[str, ...]  # every DecodeError.reason the scanner raises (metric label values)
 
 class ScanResult:
     """Fields extracted from one message body. Absent fields are None."""
 
     op_code: int
-    flags: int  # OP_MSG flagBits, OP_QUERY flags, OP_REPLY responseFlags; else 0
+    flags: int  # OP_MSG flagBits, OP_QUERY flags, OP_REPLY responseFlags, OP_INSERT/UPDATE/DELETE flags; else 0
     checksum: Optional[int]  # OP_MSG CRC-32C when checksumPresent
 
     # requests
@@ -32,7 +40,8 @@ class ScanResult:
     collection: Optional[str]  # first value when a string; getMore: its `collection` field
     database: Optional[str]  # `$db`; legacy: the part of fullCollectionName before the first '.'
     namespace: Optional[str]  # legacy ops: fullCollectionName as sent
-    cursor_id: Optional[int]  # getMore's first value; killCursors `cursors.0`; reply: cursor.id / OP_REPLY cursorID
+    cursor_id: Optional[int]  # getMore's first value; killCursors `cursors.0`; reply: cursor.id / OP_REPLY cursorID;
+    # legacy OP_GET_MORE cursorID, OP_KILL_CURSORS first id
     comment: Optional[str]  # `comment` when a string, else a legacy `$comment` string (filter/q/$match)
     comment_traceparent: Optional[str]  # `comment.traceparent` when comment is a document
     comment_tracestate: Optional[str]
@@ -40,7 +49,8 @@ class ScanResult:
     driver_name: Optional[str]  # client.driver.name
     driver_version: Optional[str]  # client.driver.version
     compression: Optional[list[str]]  # request or hello reply `compression` array
-    documents: int  # docs in kind-1 sections + elements of root `documents`/`updates`/`deletes`; OP_INSERT docs
+    documents: int  # docs in kind-1 sections + elements of root `documents`/`updates`/`deletes`;
+    # OP_INSERT docs; OP_COMMAND inputDocs
     query_shape: Optional[str]  # JSON text of the body when rendering was asked for
 
     # replies
@@ -49,7 +59,7 @@ class ScanResult:
     code_name: Optional[str]
     errmsg: Optional[str]
     cursor_ns: Optional[str]
-    returned: Optional[int]  # cursor.firstBatch / cursor.nextBatch elements; OP_REPLY numberReturned
+    returned: Optional[int]  # cursor.firstBatch / cursor.nextBatch elements; else OP_REPLY numberReturned
     n: Optional[int]
     n_modified: Optional[int]
     upserted: Optional[int]  # element count
@@ -63,12 +73,19 @@ class ScanResult:
     me: Optional[str]
     max_wire_version: Optional[int]
 
+    def __init__(self, **fields: object) -> None:
+        """Build one by hand (tests, replay); unnamed fields stay None (flags, documents: 0)."""
+    def as_dict(self) -> dict[str, object]:
+        """All fields as a dict (None for absent ones)."""
+
 class BodyScanner:
     """Scans one message body at a time, chunk by chunk, with O(1) state.
 
     reset() before each body; feed() slices until done. Raises
     mongoproxy.errors.DecodeError on malformed input; the caller then skips
-    the rest of the body by its length.
+    the rest of the body by its length. After an error feed() raises again
+    until the next reset(); once done, feed() returns 0. reset() raises
+    DecodeError("unknown_opcode") for op codes it does not know (not OP_COMPRESSED).
     """
 
     done: bool
