@@ -157,6 +157,8 @@ class Sink(Protocol):
     def on_upstream_error(self, event: UpstreamConnectError) -> None: ...
     def on_unmatched_reply(self, conn: Connection, response_to: int) -> None: ...
     def on_requests_dropped(self, conn: Connection, count: int) -> None: ...
+    def on_data(self, conn: Connection, from_client: bool, data: bytes, now_ns: int) -> None:
+        """Every forwarded chunk, after it was written on (capture). Keep it O(1): hand it to a queue."""
     def close(self) -> None: ...
 
 
@@ -168,6 +170,7 @@ HOOKS = (
     "on_upstream_error",
     "on_unmatched_reply",
     "on_requests_dropped",
+    "on_data",
 )
 
 
@@ -218,6 +221,7 @@ class SinkBus:
         # Only sinks that define a hook are called for it.
         for hook in HOOKS:
             setattr(self, "_" + hook, [getattr(s, hook) for s in self.sinks if callable(getattr(s, hook, None))])
+        self.wants_data = bool(self._on_data)  # the data path skips the call entirely when False
 
     def _failed(self, method: Any, exc: BaseException) -> None:
         sink = method.__self__
@@ -259,6 +263,13 @@ class SinkBus:
 
     def requests_dropped(self, conn: Connection, count: int) -> None:
         self._fan(self._on_requests_dropped, conn, count)
+
+    def data(self, conn: Connection, from_client: bool, data: bytes, now_ns: int) -> None:
+        for m in self._on_data:
+            try:
+                m(conn, from_client, data, now_ns)
+            except Exception as exc:  # noqa: BLE001
+                self._failed(m, exc)
 
     def close(self) -> None:
         """Close every sink (flush queues); errors are logged, not raised."""

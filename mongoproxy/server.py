@@ -51,6 +51,7 @@ class ClientSide(asyncio.Protocol):
         self._connecting: Optional[asyncio.Task] = None
         self._reading_blocked = {"connect"}  # reasons the client is not read from
         self._early: list[bytes] = []  # chunks that arrived before the upstream connected
+        self.wants_data = proxy.bus.wants_data
 
     # ---- client → upstream ----
 
@@ -91,9 +92,12 @@ class ClientSide(asyncio.Protocol):
             return
         upstream.transport.write(data)  # 1. bytes first, unchanged, at once
         self.conn.bytes_from_client += len(data)
-        requests = self.requests  # 2. observation
+        now = monotonic_ns()  # 2. observation
+        requests = self.requests
         if not requests.stopped:
-            requests.feed(data, monotonic_ns())
+            requests.feed(data, now)
+        if self.wants_data:
+            self.proxy.bus.data(self.conn, True, data, now)
 
     def eof_received(self) -> bool:
         self.client_eof = True
@@ -255,9 +259,12 @@ class UpstreamSide(asyncio.Protocol):
         client = self.client
         client.transport.write(data)  # 1. bytes first, unchanged, at once
         client.conn.bytes_from_server += len(data)
-        replies = client.replies  # 2. observation
+        now = monotonic_ns()  # 2. observation
+        replies = client.replies
         if not replies.stopped:
-            replies.feed(data, monotonic_ns())
+            replies.feed(data, now)
+        if client.wants_data:
+            client.proxy.bus.data(client.conn, False, data, now)
 
     def eof_received(self) -> bool:
         client = self.client
