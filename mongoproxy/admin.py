@@ -96,6 +96,4 @@ async def start(host: str, port: int, registry: Any, proxy: Any) -> asyncio.Abst
                                "choose another --admin-port") from None
         raise StartupError(f"cannot serve the admin endpoint on {hostport}: {exc.strerror}; check --admin-host") \
             from None
-    log.info("admin endpoint on http://%s/metrics (also /healthz, /readyz)",
-             f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
     return server

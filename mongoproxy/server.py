@@ -370,6 +370,7 @@ class Proxy:
             for sock in server.sockets:
                 addr = sock.getsockname()
                 self._own_addresses.add((addr[0], addr[1]))
+        for spec, server in self.servers:
             target = "original destination (transparent)" if spec.transparent else \
                 _hostport(spec.upstream_host, spec.upstream_port)
             log.info("listening on %s -> %s", _hostport(host, server.sockets[0].getsockname()[1]), target)
@@ -458,14 +459,19 @@ async def serve(config: Config, on_started: Optional[Callable[[Proxy], Any]] = N
     proxy = Proxy(config, bus)
     admin_server = None
     try:
-        await proxy.start()
         if config.admin_port:
             admin_server = await admin.start(config.admin_host, config.admin_port, registry, proxy)
+        await proxy.start()
     except BaseException:
+        if admin_server is not None:
+            admin_server.close()
         await proxy.close_listeners()
         bus.close()
         raise
 
+    if admin_server is not None:
+        log.info("admin endpoint on http://%s/metrics (also /healthz and /readyz)",
+                 _hostport(config.admin_host, admin_server.sockets[0].getsockname()[1]))
     if on_started is not None:
         on_started(proxy)
     stop = asyncio.Event()
