@@ -1,0 +1,452 @@
+"""`python -m benchmarks`: mongoproxy side by side with a direct connection and haproxy, goals P1-P7.
+
+    python -m benchmarks [--quick] [--json PATH] [--plot PATH] [--only SCENARIO ...]
+
+Runs every scenario in one run, on loopback, bounded in count and time;
+prints one table per scenario and the goals marked met or missed; writes
+JSON (default benchmarks-result.json) and, with --plot, a PNG
+(matplotlib: `pip install 'mongoproxy[bench]'`). See docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Optional
+
+from benchmarks import procs, scenarios
+
+MiB = scenarios.MiB
+VARIANTS = ("direct", "haproxy", "mongoproxy", "mongoproxy+log", "mongoproxy+trace")
+PROXIES = ("haproxy", "mongoproxy", "mongoproxy+log", "mongoproxy+trace")
+SCENARIOS = ("scanner", "hotpath", "memory", "driver")
+
+
+@dataclass(frozen=True)
+class Params:
+    """How much each scenario does; --quick picks the small set."""
+
+    raw_rounds: int = 15
+    raw_per_round: int = 2000
+    pymongo_rounds: int = 8
+    pymongo_per_round: int = 500
+    large_sizes: tuple = (4 * MiB, 16 * MiB)
+    large_rounds: int = 6
+    large_per_round: int = 2
+    scanner_budget: float = 8.0
+    idle_counts: tuple = (1000, 5000)
+    stream_bytes: int = 40 * 1000 * 1000
+    driver_rounds: int = 5
+    driver_commands: int = 2000
+    driver_docs: int = 1000
+    driver_inserts: int = 1000
+    reply_size: int = 200
+
+
+QUICK = Params(raw_rounds=3, raw_per_round=1000, pymongo_rounds=2, pymongo_per_round=300, large_rounds=2,
+               large_per_round=1, scanner_budget=1.5, idle_counts=(500, 1000), driver_rounds=2,
+               driver_commands=200, driver_docs=200, driver_inserts=200)
+
+
+def log(msg: str) -> None:
+    """Progress on stderr."""
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# ---- running ----
+
+
+def run_hotpath(p: Params, workdir: str) -> dict:
+    """Scenarios 1-3 against the scripted backend: every variant up at once, interleaved."""
+    started: list[procs.Proc] = []
+    try:
+        backend = procs.start_backend(p.reply_size, workdir)
+        started.append(backend)
+        sink = procs.start_otlp_sink(workdir)
+        started.append(sink)
+        hap = procs.start_haproxy(backend.port, workdir)
+        started.append(hap)
+        logfile = os.path.join(workdir, "commands.log")
+        mps = {
+            "mongoproxy": (),
+            "mongoproxy+log": ("--log-commands", "--log-file", logfile),
+            "mongoproxy+trace": ("--trace-sample-ratio", "1", "--otlp-endpoint", f"http://127.0.0.1:{sink.port}"),
+        }
+        targets: dict[str, Optional[procs.Proc]] = {"direct": None, "haproxy": hap}
+        for name, args in mps.items():
+            env = {"OTEL_BSP_SCHEDULE_DELAY": "500"} if "trace" in name else None  # the tail flushes quickly
+            targets[name] = procs.start_mongoproxy(name, backend.port, workdir, args, env)
+            started.append(targets[name])
+        ports = {name: (backend.port if t is None else t.port) for name, t in targets.items()}
+        out: dict[str, Any] = {}
+        log(f"small round trips, raw socket: {p.raw_rounds} rounds x {p.raw_per_round} per variant")
+        out["raw"] = scenarios.small_round_trip_raw(targets, ports, p.raw_rounds, p.raw_per_round)
+        log(f"small round trips, pymongo: {p.pymongo_rounds} rounds x {p.pymongo_per_round} per variant")
+        out["pymongo"] = scenarios.small_round_trip_pymongo(ports, p.pymongo_rounds, p.pymongo_per_round)
+        log(f"large replies {[s // MiB for s in p.large_sizes]} MiB: {p.large_rounds} rounds x {p.large_per_round}")
+        out["large"] = scenarios.large_replies(ports, p.large_sizes, p.large_rounds, p.large_per_round)
+        checks = {}
+        for name in mps:
+            proc = targets[name]
+            checks[name] = {"commands_observed": scenarios.observed_commands(proc)}
+            proc.stop()
+            err = proc.stderr_text()
+            checks[name]["warnings"] = [line for line in err.splitlines() if "WARNING" in line or "ERROR" in line][:5]
+        if os.path.exists(logfile):
+            with open(logfile, "rb") as f:
+                checks["mongoproxy+log"]["log_lines"] = sum(1 for _ in f)
+        out["checks"] = checks
+        return out
+    finally:
+        for proc in reversed(started):
+            proc.stop()
+
+
+def run_memory(p: Params, workdir: str) -> dict:
+    """Scenario 5: a fresh mongoproxy (and haproxy, for comparison) per measurement."""
+    procs.raise_nofile(4 * max(p.idle_counts) + 1000)
+    out: dict[str, Any] = {}
+    backend = procs.start_backend(p.reply_size, workdir)
+    try:
+        for name in ("mongoproxy", "haproxy"):
+            start = (lambda: procs.start_mongoproxy("mem-mongoproxy", backend.port, workdir)) \
+                if name == "mongoproxy" else (lambda: procs.start_haproxy(backend.port, workdir,
+                                                                           maxconn=max(p.idle_counts) + 500))
+            row: dict[str, Any] = {}
+            proc = start()
+            try:
+                log(f"memory, {name}: one {p.stream_bytes / 1e6:.0f} MB message")
+                row["stream"] = scenarios.stream_big_message(proc, proc.port, p.stream_bytes)
+            finally:
+                proc.stop()
+            proc = start()
+            try:
+                log(f"memory, {name}: idle connections {list(p.idle_counts)}")
+                row["idle"] = scenarios.idle_connections(proc, proc.port, p.idle_counts)
+            finally:
+                proc.stop()
+            out[name] = row
+    finally:
+        backend.stop()
+    return out
+
+
+def run_driver(p: Params, workdir: str) -> dict:
+    """Scenario 6: driver-benchmark tasks against SecantusDB, direct, through haproxy and mongoproxy."""
+    started: list[procs.Proc] = []
+    try:
+        db = procs.start_secantus(workdir)
+        started.append(db)
+        hap = procs.start_haproxy(db.port, workdir)
+        started.append(hap)
+        mp = procs.start_mongoproxy("driver-mongoproxy", db.port, workdir)
+        started.append(mp)
+        ports = {"direct": db.port, "haproxy": hap.port, "mongoproxy": mp.port}
+        log(f"driver tasks against SecantusDB: {p.driver_rounds} rounds")
+        return scenarios.driver_tasks(ports, p.driver_rounds, p.driver_commands, p.driver_docs, p.driver_inserts)
+    finally:
+        for proc in reversed(started):
+            proc.stop()
+
+
+# ---- goals ----
+
+
+def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
+    if a is None or b is None or b == 0:
+        return None
+    return a / b
+
+
+def goals(res: dict) -> list[dict]:
+    """P1-P7 from one run's results: the measured figure, the target and met/missed (None: not measured)."""
+    sc = res.get("scenarios", {})
+    out = []
+
+    def add(gid: str, goal: str, measured: str, met: Optional[bool]) -> None:
+        out.append({"id": gid, "goal": goal, "measured": measured, "met": met})
+
+    hot = sc.get("hotpath")
+    if hot:
+        lat = hot["raw"]["latency"]
+        r50 = _ratio(lat["mongoproxy"]["added_p50_us"], lat["haproxy"]["added_p50_us"])
+        r99 = _ratio(lat["mongoproxy"]["added_p99_us"], lat["haproxy"]["added_p99_us"])
+        add("P1", "added p50 and p99 latency <= 1.0x haproxy's (metrics on)",
+            f"p50 {_fmt_x(r50)} ({lat['mongoproxy']['added_p50_us']:.1f} vs {lat['haproxy']['added_p50_us']:.1f} µs), "
+            f"p99 {_fmt_x(r99)} ({lat['mongoproxy']['added_p99_us']:.1f} vs {lat['haproxy']['added_p99_us']:.1f} µs)",
+            None if r50 is None or r99 is None else (r50 <= 1.0 and r99 <= 1.0))
+        cpu = hot["raw"]["cpu"]
+        rc = _ratio(cpu["mongoproxy"]["us_per_request"], cpu["haproxy"]["us_per_request"])
+        add("P2", "CPU per request <= 1.3x haproxy's (metrics on)",
+            f"{_fmt_x(rc)} ({cpu['mongoproxy']['us_per_request']:.1f} vs {cpu['haproxy']['us_per_request']:.1f} µs)",
+            None if rc is None else rc <= 1.3)
+        parts, ok = [], True
+        for size, row in hot["large"].items():
+            r = _ratio(row["variants"]["mongoproxy"]["mb_s"], row["variants"]["haproxy"]["mb_s"])
+            parts.append(f"{size} {_fmt_x(r)}")
+            ok = ok and r is not None and r >= 1.2
+        add("P3", "large-reply throughput >= 1.2x haproxy's (default configuration)", ", ".join(parts), ok)
+        base = cpu["mongoproxy"]["us_per_request"]
+        tr = cpu["mongoproxy+trace"]["us_per_request"] - base
+        lg = cpu["mongoproxy+log"]["us_per_request"] - base
+        add("P6", "tracing at ratio 1.0 <= +30 µs CPU per command; command log <= +10 µs",
+            f"tracing {tr:+.1f} µs, command log {lg:+.1f} µs", tr <= 30 and lg <= 10)
+    scan = sc.get("scanner")
+    if scan:
+        by = {c["case"]: c for c in scan["cases"]}
+        small, big = by["small find command"]["speedup"], by["4 MB reply"]["speedup"]
+        add("P4", "scanner >= 5x bson.decode on a small command and >= 30x on a 4 MB reply",
+            f"small command {small:.1f}x, 4 MB reply {big:.0f}x", small >= 5 and big >= 30)
+    mem = sc.get("memory", {}).get("mongoproxy")
+    if mem:
+        kb = max(pt["kb_per_connection"] for pt in mem["idle"]["points"])
+        growth = mem["stream"]["growth_kb"] / 1024
+        counts = "/".join(str(pt["connections"]) for pt in mem["idle"]["points"])
+        add("P5", "<= 32 KB RSS per idle connection pair; < 8 MB RSS growth streaming 40 MB",
+            f"{kb:.1f} KB per pair (worst of {counts}), {growth:.1f} MB growth", kb <= 32 and growth < 8)
+    drv = sc.get("driver")
+    if drv:
+        parts, ok = [], True
+        for task, row in drv.items():
+            r = _ratio(row["variants"]["mongoproxy"]["median_s"], row["variants"]["direct"]["median_s"])
+            parts.append(f"{task} {_fmt_x(r)}")
+            ok = ok and r is not None and r <= 1.10
+        add("P7", "driver-benchmark tasks through the proxy <= 1.10x direct", ", ".join(parts), ok)
+    order = {f"P{i}": i for i in range(1, 8)}
+    return sorted(out, key=lambda g: order[g["id"]])
+
+
+def _fmt_x(r: Optional[float]) -> str:
+    return "n/a" if r is None else f"{r:.2f}x"
+
+
+# ---- output ----
+
+
+def print_tables(res: dict) -> None:
+    """Every scenario's table and the goals, with rich."""
+    from rich.console import Console
+    from rich.table import Table
+
+    con = Console(width=max(110, shutil.get_terminal_size((110, 24)).columns))
+    sc = res["scenarios"]
+
+    def table(title: str, *cols: str) -> Table:
+        t = Table(title=title, title_justify="left")
+        for i, c in enumerate(cols):
+            t.add_column(c, justify="left" if i == 0 else "right")
+        return t
+
+    hot = sc.get("hotpath")
+    if hot:
+        for key, title in (("raw", "1. Small round trip, raw socket (find by _id, 200-byte document)"),
+                           ("pymongo", "1. Small round trip, pymongo find_one")):
+            lat = hot[key]["latency"]
+            t = table(f"{title}: {hot[key]['requests_per_variant']} per variant", "variant", "p50 µs", "p99 µs",
+                      "added p50", "added p99", "added ÷ haproxy's (p50 / p99)")
+            hp = lat["haproxy"]
+            for name, row in lat.items():
+                rel = "" if name in ("direct", "haproxy") else \
+                    f"{_fmt_x(_ratio(row['added_p50_us'], hp['added_p50_us']))} / " \
+                    f"{_fmt_x(_ratio(row['added_p99_us'], hp['added_p99_us']))}"
+                t.add_row(name, f"{row['p50_us']:.1f}", f"{row['p99_us']:.1f}",
+                          "" if name == "direct" else f"{row['added_p50_us']:+.1f}",
+                          "" if name == "direct" else f"{row['added_p99_us']:+.1f}", rel)
+            con.print(t)
+        cpu = hot["raw"]["cpu"]
+        t = table(f"2. CPU per request of the proxy process (/proc/PID/stat, {hot['raw']['requests_per_variant']} "
+                  "raw round trips)", "variant", "µs / request", "÷ haproxy", "over metrics-only")
+        for name, row in cpu.items():
+            t.add_row(name, f"{row['us_per_request']:.1f}", _fmt_x(_ratio(row["us_per_request"],
+                                                                           cpu["haproxy"]["us_per_request"])),
+                      "" if name in ("haproxy", "mongoproxy") else
+                      f"{row['us_per_request'] - cpu['mongoproxy']['us_per_request']:+.1f} µs")
+        con.print(t)
+        sizes = list(hot["large"])
+        t = table("3. Large replies, MB/s (median transfer)", "variant", *sizes, *[f"{s} ÷ haproxy" for s in sizes])
+        for name in hot["large"][sizes[0]]["variants"]:
+            vals = [hot["large"][s]["variants"][name]["mb_s"] for s in sizes]
+            rel = [_fmt_x(_ratio(hot["large"][s]["variants"][name]["mb_s"],
+                                 hot["large"][s]["variants"]["haproxy"]["mb_s"])) for s in sizes]
+            t.add_row(name, *[f"{v:.0f}" for v in vals], *rel)
+        con.print(t)
+        checks = hot.get("checks", {})
+        if checks:
+            con.print("   sanity: commands counted by each proxy's metrics: " + ", ".join(
+                f"{n} {c.get('commands_observed')}" for n, c in checks.items())
+                + (f"; command log lines {checks['mongoproxy+log'].get('log_lines')}"
+                   if "log_lines" in checks.get("mongoproxy+log", {}) else ""))
+            for n, c in checks.items():
+                for w in c.get("warnings", []):
+                    con.print(f"   {n}: {w}")
+    scan = sc.get("scanner")
+    if scan:
+        t = table("4. Scanner (reset + feed + result) vs bson.decode, µs per message", "case", "bytes", "scanner",
+                  "scanner, 256 KB chunks", "bson.decode", "speedup")
+        for c in scan["cases"]:
+            t.add_row(c["case"], f"{c['bytes']:,}", f"{c['scanner_us']:.2f}",
+                      f"{c['scanner_chunked_us']:.2f}" if "scanner_chunked_us" in c else "",
+                      f"{c['bson_decode_us']:.2f}", f"{c['speedup']:.1f}x")
+        con.print(t)
+    mem = sc.get("memory")
+    if mem:
+        names = list(mem)
+        counts = [pt["connections"] for pt in mem[names[0]]["idle"]["points"]]
+        t = table("5. Memory (RSS)", "proxy", "baseline MB", *[f"KB / pair at {n}" for n in counts],
+                  "40 MB message: growth MB", "MB/s")
+        for name in names:
+            row = mem[name]
+            t.add_row(name, f"{row['idle']['baseline_rss_kb'] / 1024:.1f}",
+                      *[f"{pt['kb_per_connection']:.1f}" for pt in row["idle"]["points"]],
+                      f"{row['stream']['growth_kb'] / 1024:.1f}", f"{row['stream']['mb_s']:.0f}")
+        con.print(t)
+    drv = sc.get("driver")
+    if drv:
+        variants = list(next(iter(drv.values()))["variants"])
+        t = table("6. Driver-benchmark tasks against SecantusDB (median of runs)", "task", "ops",
+                  *[f"{v} ms" for v in variants], *[f"{v} ÷ direct" for v in variants if v != "direct"])
+        for task, row in drv.items():
+            v = row["variants"]
+            t.add_row(task, str(row["operations"]), *[f"{v[n]['median_s'] * 1000:.0f}" for n in variants],
+                      *[_fmt_x(_ratio(v[n]["median_s"], v["direct"]["median_s"])) for n in variants if n != "direct"])
+        con.print(t)
+    t = table("Goals", "goal", "target", "measured", "")
+    for g in res["goals"]:
+        mark = "[green]met[/green]" if g["met"] else ("[red]missed[/red]" if g["met"] is False else "n/a")
+        t.add_row(g["id"], g["goal"], g["measured"], mark)
+    con.print(t)
+
+
+def plot(res: dict, path: str) -> None:
+    """A PNG with one panel per scenario (needs matplotlib: the [bench] extra)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SystemExit("--plot needs matplotlib: pip install 'mongoproxy[bench]'") from None
+    sc = res["scenarios"]
+    fig, axes = plt.subplots(2, 3, figsize=(16, 9))
+    axes = axes.ravel()
+    hot = sc.get("hotpath")
+    if hot:
+        lat = hot["raw"]["latency"]
+        names = list(lat)
+        xs = range(len(names))
+        axes[0].bar([x - 0.2 for x in xs], [lat[n]["p50_us"] for n in names], 0.4, label="p50")
+        axes[0].bar([x + 0.2 for x in xs], [lat[n]["p99_us"] for n in names], 0.4, label="p99")
+        axes[0].set_yscale("log")
+        axes[0].set_title("small round trip (raw socket), µs (log)")
+        axes[0].set_xticks(list(xs), names, rotation=20)
+        axes[0].legend()
+        cpu = hot["raw"]["cpu"]
+        axes[1].bar(list(cpu), [r["us_per_request"] for r in cpu.values()], color="tab:orange")
+        axes[1].set_title("CPU per request of the proxy, µs")
+        axes[1].tick_params(axis="x", rotation=20)
+        sizes = list(hot["large"])
+        names = list(hot["large"][sizes[0]]["variants"])
+        width = 0.8 / len(sizes)
+        for i, s in enumerate(sizes):
+            axes[2].bar([x + i * width for x in range(len(names))],
+                        [hot["large"][s]["variants"][n]["mb_s"] for n in names], width, label=s)
+        axes[2].set_xticks([x + 0.4 - width / 2 for x in range(len(names))], names, rotation=20)
+        axes[2].set_title("large replies, MB/s")
+        axes[2].legend()
+    scan = sc.get("scanner")
+    if scan:
+        axes[3].barh([c["case"] for c in scan["cases"]], [c["speedup"] for c in scan["cases"]], color="tab:green")
+        axes[3].set_xscale("log")
+        axes[3].set_title("scanner speedup over bson.decode (log)")
+    mem = sc.get("memory")
+    if mem:
+        for name, row in mem.items():
+            pts = row["idle"]["points"]
+            axes[4].plot([p["connections"] for p in pts], [p["kb_per_connection"] for p in pts], marker="o",
+                         label=name)
+        axes[4].axhline(32, color="grey", linestyle="--", label="P5 target")
+        axes[4].set_title("RSS per idle connection pair, KB")
+        axes[4].legend()
+    drv = sc.get("driver")
+    if drv:
+        tasks = list(drv)
+        variants = [v for v in next(iter(drv.values()))["variants"] if v != "direct"]
+        width = 0.8 / len(variants)
+        for i, v in enumerate(variants):
+            axes[5].bar([x + i * width for x in range(len(tasks))],
+                        [drv[t]["variants"][v]["median_s"] / drv[t]["variants"]["direct"]["median_s"] for t in tasks],
+                        width, label=v)
+        axes[5].axhline(1.10, color="grey", linestyle="--", label="P7 target")
+        axes[5].set_xticks([x + 0.4 - width / 2 for x in range(len(tasks))], tasks, rotation=15)
+        axes[5].set_ylim(bottom=0.8)
+        axes[5].set_title("driver tasks vs SecantusDB, time ÷ direct")
+        axes[5].legend()
+    fig.suptitle(f"mongoproxy benchmarks ({'quick' if res['quick'] else 'full'}), {res['started']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+# ---- entry point ----
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Run the scenarios, print the tables, write JSON (and a plot)."""
+    ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="small counts: a smoke run in under 2 minutes")
+    ap.add_argument("--json", metavar="PATH", default="benchmarks-result.json",
+                    help="write the results here (default benchmarks-result.json)")
+    ap.add_argument("--plot", metavar="PATH", help="also draw a PNG (needs matplotlib)")
+    ap.add_argument("--only", nargs="+", choices=SCENARIOS, metavar="SCENARIO",
+                    help=f"run only these: {', '.join(SCENARIOS)}")
+    args = ap.parse_args(argv)
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            print("--plot needs matplotlib: pip install 'mongoproxy[bench]'", file=sys.stderr)
+            return 2
+    from mongoproxy import __version__
+
+    p = QUICK if args.quick else Params()
+    wanted = args.only or list(SCENARIOS)
+    workdir = procs.make_workdir()
+    t0 = time.monotonic()
+    res: dict[str, Any] = {
+        "benchmark": "mongoproxy", "version": __version__, "quick": args.quick,
+        "started": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
+        "python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
+        "load_average_at_start": os.getloadavg(), "params": asdict(p), "scenarios": {},
+    }
+    try:
+        if "scanner" in wanted:
+            log("scanner micro-benchmark")
+            res["scenarios"]["scanner"] = scenarios.scanner(p.scanner_budget)
+        if "hotpath" in wanted:
+            res["scenarios"]["hotpath"] = run_hotpath(p, workdir)
+        if "memory" in wanted:
+            res["scenarios"]["memory"] = run_memory(p, workdir)
+        if "driver" in wanted:
+            res["scenarios"]["driver"] = run_driver(p, workdir)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    res["duration_s"] = round(time.monotonic() - t0, 1)
+    res["load_average_at_end"] = os.getloadavg()
+    res["goals"] = goals(res)
+    print_tables(res)
+    print(f"{res['duration_s']:.0f} s; load average {res['load_average_at_start'][0]:.2f} at start, "
+          f"{res['load_average_at_end'][0]:.2f} at end")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=2)
+        print(f"results: {args.json}")
+    if args.plot:
+        plot(res, args.plot)
+        print(f"plot: {args.plot}")
+    return 0
