@@ -84,13 +84,15 @@ class AdminProtocol(asyncio.Protocol):
         self.transport.close()
 
 
-async def start(host: str, port: int, registry: Any, proxy: Any) -> asyncio.AbstractServer:
-    """Serve the admin endpoint; StartupError names the fix when the port is taken."""
+async def start(hosts: Any, port: int, registry: Any, proxy: Any) -> asyncio.AbstractServer:
+    """Serve the admin endpoint on one host or several; StartupError names the fix when the port is taken."""
     loop = asyncio.get_running_loop()
+    hosts = [hosts] if isinstance(hosts, str) else list(hosts)
     try:
-        server = await loop.create_server(lambda: AdminProtocol(registry, proxy), host, port, reuse_address=True)
+        server = await loop.create_server(lambda: AdminProtocol(registry, proxy),
+                                          hosts if len(hosts) > 1 else hosts[0], port, reuse_address=True)
     except OSError as exc:
-        hostport = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        hostport = ",".join(f"[{h}]:{port}" if ":" in h else f"{h}:{port}" for h in hosts)
         if exc.errno == errno.EADDRINUSE:
             raise StartupError(f"cannot serve the admin endpoint on {hostport}: the port is already in use; "
                                "choose another --admin-port") from None

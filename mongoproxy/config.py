@@ -176,8 +176,8 @@ CORE_OPTIONS: list[Option] = [
            metavar="SPEC"),
     Option("listen_host", ("--listen-host",), "address(es) the proxy listeners bind to; comma-separate several, "
            "e.g. 127.0.0.1,::1", parse_hosts, ("127.0.0.1",), metavar="HOST"),
-    Option("admin_host", ("--admin-host",), "address of the admin endpoint (/metrics, /healthz, /readyz)", parse_host,
-           "127.0.0.1", metavar="HOST"),
+    Option("admin_host", ("--admin-host",), "address(es) of the admin endpoint (/metrics, /healthz, /readyz); "
+           "comma-separate several, e.g. 0.0.0.0,::", parse_hosts, ("127.0.0.1",), metavar="HOST"),
     Option("admin_port", ("--admin-port",), "port of the admin endpoint; 0 disables it", lambda v: 0 if str(v).strip() == "0" else parse_port(v), 9898, metavar="PORT"),
     Option("drain_seconds", ("--drain-seconds",), "on SIGTERM/SIGINT, how long replies to requests in flight are "
            "still delivered before exit", non_negative_float("--drain-seconds"), 15.0, metavar="N"),
@@ -329,5 +329,5 @@ def check_proxies(config: Config) -> None:
             raise ConfigError(f"listen port {spec.listen_port} is used by both --proxy {seen[spec.listen_port]} "
                               f"and --proxy {spec.text}: give each listener its own port")
         seen[spec.listen_port] = spec.text
-    if config.admin_port and config.admin_port in seen and config.admin_host in config.listen_host:
+    if config.admin_port and config.admin_port in seen and set(config.admin_host) & set(config.listen_host):
         raise ConfigError(f"--admin-port {config.admin_port} is also a proxy listen port: choose another admin port")

@@ -470,8 +470,9 @@ async def serve(config: Config, on_started: Optional[Callable[[Proxy], Any]] = N
         raise
 
     if admin_server is not None:
-        log.info("admin endpoint on http://%s/metrics (also /healthz and /readyz)",
-                 _hostport(config.admin_host, admin_server.sockets[0].getsockname()[1]))
+        admin_port = admin_server.sockets[0].getsockname()[1]
+        log.info("admin endpoint on %s (/metrics, /healthz, /readyz)",
+                 ", ".join(f"http://{_hostport(h, admin_port)}" for h in config.admin_host))
     if on_started is not None:
         on_started(proxy)
     stop = asyncio.Event()

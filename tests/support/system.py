@@ -26,6 +26,7 @@ APT_PACKAGES = {
     "ss": "iproute2",
     "nsenter": "util-linux",
     "unshare": "util-linux",
+    "setpriv": "util-linux",
     "ps": "procps",
     "node": "nodejs",
 }
