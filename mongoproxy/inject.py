@@ -162,7 +162,7 @@ def sidecar_args(opts: InjectOptions, drain: int) -> list[str]:
     return ["run", "--proxy", str(opts.proxy_port),
             # REDIRECT sends local connections to 127.0.0.1 (and ::1 for ip6tables).
             "--listen-host", "127.0.0.1,::1" if opts.ipv6 else "127.0.0.1",
-            "--admin-host", "::" if opts.ipv6 else "0.0.0.0",
+            "--admin-host", "0.0.0.0,::" if opts.ipv6 else "0.0.0.0",
             "--admin-port", str(opts.admin_port),
             "--drain-seconds", str(drain),
             *opts.proxy_args]

@@ -241,8 +241,11 @@ def test_sidecar_in_a_network_namespace(netns, family, tmp_path):
         assert server.stdout.readline().strip() == "listening", (tmp_path / "server.err").read_text()
         proxy = subprocess.Popen(ns.cmd(sys.executable, "-m", "mongoproxy", *sidecar_args, uid=opts.proxy_uid),
                                  stdout=subprocess.DEVNULL, stderr=open(proxy_err, "w"), cwd=ROOT)
-        # With --ipv6 the admin endpoint listens on :: (IPv6 only, as asyncio binds it).
-        admin = f"http://[::1]:{opts.admin_port}" if opts.ipv6 else f"http://127.0.0.1:{opts.admin_port}"
+        # With --ipv6 the admin endpoint listens on 0.0.0.0 and :: (both families).
+        admin = f"http://127.0.0.1:{opts.admin_port}"
+        if opts.ipv6:
+            wait_until(lambda: ns.http_get(f"http://[::1]:{opts.admin_port}/readyz")[0] == 200,
+                       "the sidecar's /readyz over IPv6", proc=proxy)
         wait_until(lambda: ns.http_get(f"{admin}/readyz")[0] == 200, "the sidecar's /readyz", proc=proxy,
                    log=proxy_err)
 

@@ -160,7 +160,7 @@ def check_injected_pod(meta, spec, *, legacy: bool, admin_port: int = 9898, prox
     args = sidecar.args
     assert args[:3] == ["run", "--proxy", str(proxy_port)]
     flag = {args[i]: args[i + 1] for i in range(1, len(args) - 1) if args[i].startswith("--")}
-    assert flag["--admin-host"] == ("::" if ipv6 else "0.0.0.0")
+    assert flag["--admin-host"] == ("0.0.0.0,::" if ipv6 else "0.0.0.0")
     assert flag["--admin-port"] == str(admin_port)
     assert flag["--listen-host"] == ("127.0.0.1,::1" if ipv6 else "127.0.0.1")
     drain = int(flag["--drain-seconds"])
