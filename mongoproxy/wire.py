@@ -101,13 +101,21 @@ class Message:
 
 
 class _Inflater:
-    """Streaming decompressor for one OP_COMPRESSED body; feed() returns a list of output slices."""
+    """Streaming decompressor for one OP_COMPRESSED body.
 
-    __slots__ = ("_obj", "_kind", "_pending", "_limit")
+    Each output slice (at most _INFLATE_SLICE bytes for zlib and zstd) goes
+    to `emit` as soon as it exists, so a highly compressed body never has
+    more than one slice in memory. Snappy's block format does not stream: its
+    compressed bytes are buffered (up to the message limit) and decompressed
+    at the end.
+    """
 
-    def __init__(self, compressor_id: int, limit: int) -> None:
+    __slots__ = ("_obj", "_kind", "_pending", "_limit", "_emit")
+
+    def __init__(self, compressor_id: int, limit: int, emit: Callable[[Any], None]) -> None:
         self._kind = compressor_id
         self._limit = limit
+        self._emit = emit
         self._pending: Optional[bytearray] = None
         if compressor_id == 2:
             self._obj = zlib.decompressobj()
@@ -116,13 +124,13 @@ class _Inflater:
                 import zstandard
             except ImportError:
                 raise DecodeError("compressor_unavailable", "zstd needs `pip install 'mongoproxy[compression]'`")
-            self._obj = zstandard.ZstdDecompressor().decompressobj()
+            self._obj = zstandard.ZstdDecompressor().stream_writer(_Emitter(emit), write_size=_INFLATE_SLICE,
+                                                                  closefd=False)
         elif compressor_id == 1:
             try:
                 import cramjam  # noqa: F401
             except ImportError:
                 raise DecodeError("compressor_unavailable", "snappy needs `pip install 'mongoproxy[compression]'`")
-            # Snappy's block format does not stream: buffer up to the message limit.
             self._pending = bytearray()
             self._obj = None
         elif compressor_id == 0:
@@ -130,42 +138,57 @@ class _Inflater:
         else:
             raise DecodeError("unknown_compressor", f"compressorId {compressor_id}")
 
-    def feed(self, data: Any) -> list:
+    def feed(self, data: Any) -> None:
+        """Decompress one wire chunk, emitting its output slice by slice."""
         kind = self._kind
         if kind == 0:
-            return [data]
+            self._emit(data)
+            return
         if kind == 1:
             self._pending += data
             if len(self._pending) > self._limit:
                 raise DecodeError("bad_uncompressed_size", "snappy body exceeds the message limit")
-            return []
+            return
         try:
             if kind == 2:
-                out = [self._obj.decompress(data, _INFLATE_SLICE)]
-                while self._obj.unconsumed_tail:
-                    out.append(self._obj.decompress(self._obj.unconsumed_tail, _INFLATE_SLICE))
-                return out
-            return [self._obj.decompress(bytes(data))]
+                obj = self._obj
+                self._emit(obj.decompress(data, _INFLATE_SLICE))
+                while obj.unconsumed_tail:
+                    self._emit(obj.decompress(obj.unconsumed_tail, _INFLATE_SLICE))
+                return
+            self._obj.write(data)
+        except DecodeError:
+            raise
         except Exception as exc:  # zlib.error, zstandard.ZstdError
             raise DecodeError("decompress_failed", str(exc)) from None
 
-    def finish(self) -> list:
+    def finish(self) -> None:
+        """The body's last byte was fed: emit what is left, check the stream ended."""
         kind = self._kind
         try:
             if kind == 1:
                 import cramjam
 
-                return [bytes(cramjam.snappy.decompress_raw(bytes(self._pending)))]
-            if kind == 2:
+                self._emit(memoryview(cramjam.snappy.decompress_raw(self._pending)))
+            elif kind == 2:
                 out = self._obj.flush()
+                if out:
+                    self._emit(out)
                 if not self._obj.eof:
                     raise DecodeError("decompress_failed", "zlib stream ended early")
-                return [out] if out else []
         except DecodeError:
             raise
         except Exception as exc:
             raise DecodeError("decompress_failed", str(exc)) from None
-        return []
+
+
+class _Emitter:
+    """The file-like sink zstandard's stream_writer writes each decompressed slice to."""
+
+    __slots__ = ("write",)
+
+    def __init__(self, emit: Callable[[Any], None]) -> None:
+        self.write = emit
 
 
 def checksum_function() -> Callable[[int, bytes], int]:
@@ -215,6 +238,7 @@ class FrameScanner:
         self._inflated_limit = 0
         # CRC-32C over an uncompressed OP_MSG: header and body up to its last 4 bytes.
         self._crc_extend = checksum_function() if verify_checksums else None
+        self._whole_ok = self._crc_extend is None  # _scan_whole() does not checksum
         self._crc = 0
         self._crc_left = 0
 
@@ -244,6 +268,11 @@ class FrameScanner:
             if state == _HEADER:
                 if not self._buf and n - pos >= HEADER_SIZE:
                     length, request_id, response_to, op_code = HEADER.unpack_from(data, pos)
+                    if HEADER_SIZE < length <= n - pos and op_code in BODY_OPS and self._whole_ok and \
+                            length <= self.max_message_bytes:
+                        self._scan_whole(data, pos, length, request_id, response_to, op_code, now_ns)
+                        pos += length
+                        continue
                     if self._crc_extend is not None:
                         self._crc = self._crc_extend(0, bytes(data[pos : pos + HEADER_SIZE]))
                     pos += HEADER_SIZE
@@ -297,8 +326,7 @@ class FrameScanner:
             elif state == _CBODY:
                 take = min(self._remaining, n - pos)
                 try:
-                    for out in self._inflater.feed(data[pos : pos + take]):
-                        self._scan_inflated(out)
+                    self._inflater.feed(data[pos : pos + take])
                 except DecodeError as exc:
                     self._fail(exc)
                 pos += take
@@ -307,6 +335,23 @@ class FrameScanner:
                     self._finish(now_ns)
             else:  # _DEAD
                 return
+
+    def _scan_whole(self, data: Any, pos: int, length: int, request_id: int, response_to: int, op_code: int,
+                    now_ns: int) -> None:
+        """A whole uncompressed message inside one chunk: the same outcome as the state machine, in one pass."""
+        msg = Message(length, request_id, response_to, op_code, now_ns)
+        scanner = self.scanner
+        scanner.reset(op_code, self.is_reply, length - HEADER_SIZE, self.render, self.render_limit)
+        try:
+            scanner.feed(data, pos + HEADER_SIZE, pos + length)
+            if not scanner.done:
+                raise DecodeError("truncated", "message ended inside its body")
+            msg.result = scanner.result()
+        except DecodeError as exc:
+            msg.error = exc.reason
+            self.on_error(exc.reason, exc.detail, False)
+        self.messages += 1
+        self.on_message(msg)
 
     def _start(self, length: int, request_id: int, response_to: int, op_code: int) -> None:
         if length < HEADER_SIZE or length > self.max_message_bytes:
@@ -342,7 +387,7 @@ class FrameScanner:
                 raise DecodeError("unknown_opcode", f"compressed originalOpcode {original}")
             if size < 0 or size > self.max_message_bytes:
                 raise DecodeError("bad_uncompressed_size", f"uncompressedSize {size}")
-            self._inflater = _Inflater(compressor, self.max_message_bytes)
+            self._inflater = _Inflater(compressor, self.max_message_bytes, self._scan_inflated)
         except DecodeError as exc:
             self._fail(exc)
             return
@@ -371,8 +416,7 @@ class FrameScanner:
         state = self._state
         try:
             if state == _CBODY:
-                for out in self._inflater.finish():
-                    self._scan_inflated(out)
+                self._inflater.finish()
                 if self._inflated != self._inflated_limit:
                     raise DecodeError("bad_uncompressed_size",
                                       f"uncompressedSize {self._inflated_limit}, got {self._inflated}")

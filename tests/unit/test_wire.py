@@ -2,6 +2,7 @@
 
 import random
 import struct
+import tracemalloc
 
 import pytest
 
@@ -197,3 +198,49 @@ def test_checksums_verified_when_asked():
         assert [(m.request_id, m.error) for m in rec.messages] == [(1, ""), (2, "checksum_mismatch"), (3, "")]
     # Not asked: the checksum is skipped, never checked.
     assert Recorder().feed_chunks(data, [len(data)]).errors == []
+
+
+class _SliceRecorder:
+    """Wraps the BodyScanner to record the size of every slice it is fed."""
+
+    def __init__(self, inner):
+        self.inner, self.slices = inner, []
+
+    def reset(self, *args):
+        return self.inner.reset(*args)
+
+    def feed(self, data, start=0, end=None):
+        end = len(data) if end is None else end
+        self.slices.append(end - start)
+        return self.inner.feed(data, start, end)
+
+    def result(self):
+        return self.inner.result()
+
+    @property
+    def done(self):
+        return self.inner.done
+
+
+@pytest.mark.parametrize("compressor", ["zlib", "zstd"])
+def test_highly_compressed_body_is_inflated_slice_by_slice(compressor):
+    """40 MB of zeros compress to a few KB: one wire chunk must not become 40 MB in memory at once."""
+    inner = tw.encode_op_msg({"insert": "zeros", "$db": "app"},
+                             sequences=[("documents", [{"_id": i, "z": b"\x00" * 10_000_000} for i in range(4)])],
+                             request_id=1)
+    data = compressed(inner, compressor)
+    assert len(data) < 100_000 < 40_000_000 < len(inner)
+    rec = Recorder()
+    rec.scanner.scanner = spy = _SliceRecorder(rec.scanner.scanner)
+    tracemalloc.start()
+    try:
+        rec.feed_chunks(data, [len(data)])  # the whole compressed message in one chunk
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4_000_000, f"inflating held {peak} bytes at once"
+    assert rec.errors == []
+    (m,) = rec.messages
+    assert (m.result.command, m.result.collection, m.result.documents) == ("insert", "zeros", 4)
+    assert sum(spy.slices) == len(inner) - 16
+    assert max(spy.slices) <= 256 * 1024, max(spy.slices)
