@@ -27,6 +27,7 @@ cdef struct SpecChild:
 
 cdef struct SpecNode:
     int nchildren
+    unsigned long long lengths  # bit n set when some child key is n bytes long
     SpecChild* children
 
 
@@ -112,7 +113,7 @@ cdef class BodyScanner:
     cdef bint fixed_cap
     cdef bint fixed_render
 
-    # key accumulator (copied only across chunk boundaries would suffice; always copied, <= KEY_MAX)
+    # key accumulator, used only for keys split across chunks (first KEY_MAX bytes)
     cdef unsigned char keybuf[KEY_MAX]
     cdef int64_t key_total
 
@@ -186,7 +187,7 @@ cdef class BodyScanner:
     cdef int _push(self, int64_t end, const SpecNode* node, int count_field, int flags) except -1
     cdef int _pop(self) except -1
     cdef int _key_piece(self, const unsigned char* s, Py_ssize_t k) except -1
-    cdef int _key_done(self) except -1
+    cdef int _key_done(self, const unsigned char* key, const unsigned char* first) except -1
     cdef int _dispatch(self, int64_t pos) except -1
     cdef int _value_len(self, int64_t length) except -1
     cdef int _store_str(self, int field, const unsigned char* s, Py_ssize_t have, int64_t total,

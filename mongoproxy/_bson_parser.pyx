@@ -57,6 +57,8 @@ from libc.stdio cimport snprintf
 from libc.stdlib cimport malloc, strtod
 from libc.string cimport memchr, memcmp, memcpy
 
+cimport cython
+
 from mongoproxy.errors import DecodeError
 
 OP_REPLY = 1
@@ -344,12 +346,13 @@ cdef SpecNode* _build_node(list spec) except NULL:
     if node == NULL:
         raise MemoryError()
     node.nchildren = <int>count
+    node.lengths = 0
     node.children = <SpecChild*>malloc(sizeof(SpecChild) * (count if count else 1))
     if node.children == NULL:
         raise MemoryError()
     for j, (name, accept, field, count_field, flags, sub) in enumerate(spec):
         kb = name.encode()
-        assert len(kb) <= KEY_MAX
+        assert len(kb) < KEY_MAX
         key = <char*>malloc(len(kb) + 1)
         if key == NULL:
             raise MemoryError()
@@ -357,6 +360,7 @@ cdef SpecNode* _build_node(list spec) except NULL:
         ch = &node.children[j]
         ch.key = key
         ch.keylen = <int>len(kb)
+        node.lengths |= 1ULL << ch.keylen
         ch.accept = accept
         ch.field = field
         ch.count_field = count_field
@@ -496,6 +500,7 @@ _FIELDS = (
 )
 
 
+@cython.no_gc  # holds only str, int, float and a list of str: no reference cycles
 cdef class ScanResult:
     """Fields extracted from one message body. Absent fields are None."""
 
@@ -594,7 +599,7 @@ cdef class BodyScanner:
             raise DecodeError("unknown_opcode", f"op code {op_code}")
         if body_length < 0:
             raise ValueError("body_length must be >= 0")
-        if render < RENDER_OFF or render > RENDER_VALUES:
+        if render < 0 or render > 2:  # RENDER_OFF .. RENDER_VALUES
             raise ValueError("render must be RENDER_OFF, RENDER_REDACTED or RENDER_VALUES")
         self.op_code = op_code
         self.is_reply = is_reply
@@ -736,9 +741,15 @@ cdef class BodyScanner:
                         return self._fail(R_STR_NOT_TERM, base + i)
                     break
                 k = q - (p + i)
-                self._key_piece(p + i, k)
+                if self.key_total == 0:  # the whole key lies in this chunk: read it in place
+                    if (f.flags & FL_RENDER) and not (f.flags & FL_ARRAY) and not self.rfull:
+                        self._remit_escaped(p + i, k)
+                    self.key_total = k
+                    self._key_done(p + i, p + i)
+                else:
+                    self._key_piece(p + i, k)
+                    self._key_done(self.keybuf, self.cap)
                 i += k + 1
-                self._key_done()
                 self._dispatch(base + i)
             elif st == ST_SKIP:
                 if self.skip_left > 0:
@@ -1158,7 +1169,8 @@ cdef class BodyScanner:
         self.key_total += k
         return 0
 
-    cdef int _key_done(self) except -1:
+    cdef int _key_done(self, const unsigned char* key, const unsigned char* first) except -1:
+        # key: the first min(key_total, KEY_MAX) bytes; first: min(key_total, max_string + 1) bytes
         cdef Frame* f = &self.stack[self.depth - 1]
         cdef int64_t kt = self.key_total
         cdef const SpecChild* c = NULL
@@ -1171,28 +1183,29 @@ cdef class BodyScanner:
             self._remit("\":", 2)
         if f.flags & FL_FIRST:
             f.flags &= ~FL_FIRST
-            if self.op_code == C_OP_QUERY and self.etype == 0x03 and _key_is(self.keybuf, kt, b"$query", 6):
+            if self.op_code == C_OP_QUERY and self.etype == 0x03 and _key_is(key, kt, b"$query", 6):
                 c = &C_QUERY_WRAP
             else:
-                self._store_str(F_COMMAND, self.cap, self.cap_len, kt, False)
-                if _key_is(self.keybuf, kt, b"getMore", 7):
+                self._store_str(F_COMMAND, first, kt if kt <= self.max_string else self.max_string + 1, kt,
+                                False)
+                if _key_is(key, kt, b"getMore", 7):
                     c = &C_FIRST_GETMORE
                 else:
                     c = &C_FIRST
-                    if _key_is(self.keybuf, kt, b"authenticate", 12):
+                    if _key_is(key, kt, b"authenticate", 12):
                         self.rsecret_all = True
         elif f.flags & FL_STRLIST:
             if self.strlist_n < STRLIST_MAX:
                 c = &C_STRITEM
-        elif f.node != NULL and kt <= KEY_MAX:
+        elif f.node != NULL and kt < KEY_MAX and (f.node.lengths >> kt) & 1:
             node = f.node
             for j in range(node.nchildren):
                 ch = &node.children[j]
-                if ch.keylen == kt and memcmp(ch.key, self.keybuf, <size_t>kt) == 0:
+                if ch.keylen == kt and ch.key[0] == <char>key[0] and memcmp(ch.key, key, <size_t>kt) == 0:
                     c = ch
                     break
         self.cur = c
-        if rendering and kt <= KEY_MAX and _secret_key(self.keybuf, kt):
+        if rendering and kt <= KEY_MAX and _secret_key(key, kt):
             self.vsecret = True
         return 0
 
