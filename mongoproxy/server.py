@@ -232,6 +232,10 @@ class ClientSide(asyncio.Protocol):
         conn = self.conn
         if conn is not None and self.tracker is not None:
             conn.closed_ns = monotonic_ns()
+            # A message cut short by the close (a partial header included) is counted, once per direction.
+            for direction, scanner in (("request", self.requests), ("reply", self.replies)):
+                if scanner.mid_message:
+                    self._decode_error(direction, "truncated", "the connection closed inside a message", True)
             self.proxy.bus.connection_close(conn)
 
     def abort(self) -> None:

@@ -236,6 +236,9 @@ class FrameScanner:
         self._inflater: Optional[_Inflater] = None
         self._inflated = 0
         self._inflated_limit = 0
+        # A scanner error inside a compressed body waits for the body's end: a wrong uncompressedSize
+        # (found only there, or as soon as output passes it) is the reason then, whatever the chunking.
+        self._scan_error: Optional[DecodeError] = None
         # CRC-32C over an uncompressed OP_MSG: header and body up to its last 4 bytes.
         self._crc_extend = checksum_function() if verify_checksums else None
         self._whole_ok = self._crc_extend is None  # _scan_whole() does not checksum
@@ -393,6 +396,7 @@ class FrameScanner:
             return
         self._inflated = 0
         self._inflated_limit = size
+        self._scan_error = None
         self.scanner.reset(original, self.is_reply, size, self.render, self.render_limit)
         self._state = _CBODY
 
@@ -402,7 +406,11 @@ class FrameScanner:
         self._inflated += len(out)
         if self._inflated > self._inflated_limit:
             raise DecodeError("bad_uncompressed_size", f"more than uncompressedSize {self._inflated_limit} bytes")
-        self.scanner.feed(out, 0, len(out))
+        if self._scan_error is None:
+            try:
+                self.scanner.feed(out, 0, len(out))
+            except DecodeError as exc:
+                self._scan_error = exc
 
     def _fail(self, exc: DecodeError) -> None:
         """Skip the rest of the current message and report; scanning resumes at the next header."""
@@ -420,6 +428,8 @@ class FrameScanner:
                 if self._inflated != self._inflated_limit:
                     raise DecodeError("bad_uncompressed_size",
                                       f"uncompressedSize {self._inflated_limit}, got {self._inflated}")
+                if self._scan_error is not None:
+                    raise self._scan_error
             if state in (_BODY, _CBODY):
                 if not self.scanner.done:
                     raise DecodeError("truncated", "message ended inside its body")
