@@ -51,7 +51,7 @@ class ScanResult:
     compression: Optional[list[str]]  # request or hello reply `compression` array
     documents: int  # docs in kind-1 sections + elements of root `documents`/`updates`/`deletes`;
     # OP_INSERT docs; OP_COMMAND inputDocs
-    query_shape: Optional[str]  # JSON text of the body when rendering was asked for
+    query_shape: Optional[str]  # JSON text of the body when rendering was asked for (see BodyScanner.reset)
 
     # replies
     ok: Optional[float]
@@ -92,7 +92,22 @@ class BodyScanner:
     consumed: int  # body bytes consumed so far
 
     def __init__(self, max_string: int = ...) -> None: ...
-    def reset(self, op_code: int, is_reply: bool, body_length: int, render: int = ..., render_limit: int = ...) -> None: ...
+    def reset(self, op_code: int, is_reply: bool, body_length: int, render: int = ..., render_limit: int = ...) -> None:
+        """Start a new body of body_length bytes (everything after the 16-byte header).
+
+        render (default RENDER_OFF) fills ScanResult.query_shape with compact JSON of the
+        command/reply document (OP_MSG kind 0, OP_QUERY query, OP_REPLY first document,
+        OP_COMMAND commandArgs, OP_COMMANDREPLY commandReply):
+          RENDER_REDACTED: every literal is "?"; keys and nesting kept; the command's
+            collection string, root `$db` and root `collection` strings are shown.
+          RENDER_VALUES: strings cut at RENDER_STRING_MAX bytes (+ "…"), binary
+            "<binary n>", ObjectId {"$oid": hex}, datetime {"$date": ms}, timestamp
+            {"$timestamp": {"t", "i"}}, regex "/pattern/flags", decimal128 "<decimal128>".
+          Always "?": values of `payload`, `pwd` and `speculativeAuthenticate` (any depth)
+            and every value of an `authenticate` command.
+        Past render_limit (default 4096, >= 16) bytes, or nesting deeper than 100, the
+        text ends with "…" (and is no longer valid JSON); scanning and extraction go on.
+        """
     def feed(self, data: bytes | bytearray | memoryview, start: int = ..., end: int = ...) -> int:
         """Consume data[start:end] up to the body's end; return the bytes consumed."""
     def result(self) -> ScanResult:

@@ -45,6 +45,11 @@ Rules worth knowing:
     boundary; ``compression`` keeps the first 16 string entries.
   * OP_MSG: the first kind-0 section is scanned; further kind-0 sections are
     only validated. The CRC-32C is exposed, not verified.
+
+Rendering (reset(render=RENDER_REDACTED|RENDER_VALUES)) descends the whole
+command document into a bounded buffer (``query_shape``); secrets (``payload``,
+``pwd``, ``speculativeAuthenticate``, all of ``authenticate``) are always "?".
+Past ``render_limit`` bytes or 100 levels it ends with "…" and stops rendering.
 """
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_GET_SIZE
