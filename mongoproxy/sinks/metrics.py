@@ -43,6 +43,10 @@ DEFAULT_LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 
 DOCUMENT_BUCKETS = (0, 1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 100000)
 # 64 B to 16 MiB by powers of 4, then the largest message a server accepts.
 SIZE_BUCKETS = (64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216, 48000000)
+# The replies that carry a connection's negotiated compressor.
+HANDSHAKE_OPS = frozenset(("hello", "isMaster", "ismaster"))
+# Label values of mongoproxy_connections_compression_total; a name a server invents counts as "other".
+COMPRESSORS = frozenset(("snappy", "zlib", "zstd", "noop"))
 
 
 def parse_metric_labels(value: Any) -> tuple[str, ...]:
@@ -199,6 +203,10 @@ class MetricsSink:
                                   "request.", registry=r)
         self._requests_dropped = Counter("mongoproxy_requests_dropped", "Requests evicted from a full pending "
                                          "table (--max-pending-requests) before their reply came.", registry=r)
+        self._compression = Counter("mongoproxy_connections_compression", "Client connections by the compressor "
+                                    "their handshake negotiated (\"none\" when none), counted once per connection "
+                                    "at its first hello/isMaster reply.", ["compressor"], registry=r)
+        self._compression_counted: set[int] = set()  # ids of open connections already counted
         self._error_labels = tuple(n for n in ("op", "db", "collection") if n in self.labels) + ("code_name",)
         self._command_errors = Counter("mongoproxy_command_errors", "Commands that failed: ok:0 replies, write "
                                        "errors and write-concern errors.", list(self._error_labels), registry=r)
@@ -260,6 +268,16 @@ class MetricsSink:
             s.chg_sum += n
         if event.failed:
             self._count_errors(event)
+        if event.op in HANDSHAKE_OPS and event.reply is not None:
+            self._count_compression(event.connection)
+
+    def _count_compression(self, conn: Any) -> None:
+        """Once per connection: the tracker has set conn.compression from this hello reply."""
+        if conn.id in self._compression_counted:
+            return
+        self._compression_counted.add(conn.id)
+        name = conn.compression or "none"
+        self._compression.labels(name if name in COMPRESSORS or name == "none" else "other").inc()
 
     def _resolve(self, key: tuple) -> _Series:
         capped, overflowed = [], False
@@ -321,6 +339,7 @@ class MetricsSink:
         self._closed_bytes_in += conn.bytes_from_client
         self._closed_bytes_out += conn.bytes_from_server
         self._live.pop(conn.id, None)
+        self._compression_counted.discard(conn.id)
 
     def _observe_connect(self, conn: Any) -> None:
         key = (conn.server,) if self._connect_time.labelnames else ()
