@@ -52,6 +52,9 @@ class ClientSide(asyncio.Protocol):
         self._reading_blocked = {"connect"}  # reasons the client is not read from
         self._early: list[bytes] = []  # chunks that arrived before the upstream connected
         self.wants_data = proxy.bus.wants_data
+        # Bound methods of the pump, looked up once: the upstream's write (None until connected), the request feed.
+        self._write_upstream: Optional[Callable[[bytes], Any]] = None
+        self._feed_requests: Any = None
 
     # ---- client → upstream ----
 
@@ -77,25 +80,24 @@ class ClientSide(asyncio.Protocol):
         render = proxy.render
         self.requests = wire.FrameScanner(False, self.tracker.on_request, self._request_error,
                                           cfg.max_message_bytes, render, verify_checksums=cfg.verify_checksums)
+        self._feed_requests = self.requests.feed
         self.replies = wire.FrameScanner(True, self._on_reply, self._reply_error, cfg.max_message_bytes,
                                          verify_checksums=cfg.verify_checksums)
         bus.connection_open(conn)
         self._connecting = asyncio.get_running_loop().create_task(self._connect(target))
 
     def data_received(self, data: bytes) -> None:
-        upstream = self.upstream
-        if upstream is None:
+        write = self._write_upstream
+        if write is None:
             # pause_reading() in connection_made() may be ignored (CPython 3.11, uvloop): hold
             # what comes early and pause now, which takes effect.
             self._early.append(data)
             self.transport.pause_reading()
             return
-        upstream.transport.write(data)  # 1. bytes first, unchanged, at once
+        write(data)  # 1. bytes first, unchanged, at once
         self.conn.bytes_from_client += len(data)
         now = monotonic_ns()  # 2. observation
-        requests = self.requests
-        if not requests.stopped:
-            requests.feed(data, now)
+        self._feed_requests(data, now)  # a no-op once observation of this direction stopped
         if self.wants_data:
             self.proxy.bus.data(self.conn, True, data, now)
 
@@ -159,6 +161,7 @@ class ClientSide(asyncio.Protocol):
             return
         self.conn.upstream_connect_ns = monotonic_ns() - started
         self.upstream = upstream
+        self._write_upstream = upstream.transport.write
         early, self._early = self._early, []
         for chunk in early:
             self.data_received(chunk)
@@ -253,6 +256,10 @@ class UpstreamSide(asyncio.Protocol):
     def __init__(self, client: ClientSide) -> None:
         self.client = client
         self.transport: Any = None
+        # Looked up once (the client side is set up before its upstream connects).
+        self._write_client = client.transport.write
+        self._feed_replies = client.replies.feed
+        self._conn = client.conn
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
@@ -260,13 +267,11 @@ class UpstreamSide(asyncio.Protocol):
         _nodelay(transport)
 
     def data_received(self, data: bytes) -> None:
-        client = self.client
-        client.transport.write(data)  # 1. bytes first, unchanged, at once
-        client.conn.bytes_from_server += len(data)
+        self._write_client(data)  # 1. bytes first, unchanged, at once
+        self._conn.bytes_from_server += len(data)
         now = monotonic_ns()  # 2. observation
-        replies = client.replies
-        if not replies.stopped:
-            replies.feed(data, now)
+        self._feed_replies(data, now)  # a no-op once observation of this direction stopped
+        client = self.client
         if client.wants_data:
             client.proxy.bus.data(client.conn, False, data, now)
 

@@ -40,6 +40,9 @@ LEGACY_OPS = {
 NO_REPLY_OPS = frozenset((wire.OP_INSERT, wire.OP_UPDATE, wire.OP_DELETE, wire.OP_KILL_CURSORS))
 # OP_REPLY responseFlags bit 1.
 QUERY_FAILURE = 1 << 1
+_OP_MSG = wire.OP_MSG
+_OP_REPLY = wire.OP_REPLY
+_MORE_TO_COME = wire.MORE_TO_COME
 
 
 class _Pending:
@@ -61,7 +64,7 @@ def attribute(msg: wire.Message) -> tuple[str, str, str]:
     op_code = msg.op_code
     if r is None:
         return "unknown", "", ""
-    if op_code in LEGACY_OPS or (op_code == wire.OP_QUERY and r.command is None):
+    if op_code != _OP_MSG and (op_code in LEGACY_OPS or (op_code == wire.OP_QUERY and r.command is None)):
         db, _, coll = (r.namespace or "").partition(".")
         return LEGACY_OPS.get(op_code, "query"), db, coll
     op = r.command or "unknown"
@@ -92,8 +95,7 @@ class Tracker:
         r = msg.result
         if r is not None and op in HELLO_COMMANDS:
             self._handshake_request(r)
-        if (msg.op_code == wire.OP_MSG and r is not None and r.flags & wire.MORE_TO_COME) or \
-                msg.op_code in NO_REPLY_OPS:
+        if (msg.op_code == _OP_MSG and r is not None and r.flags & _MORE_TO_COME) or msg.op_code in NO_REPLY_OPS:
             event = self._event(_Pending(msg, op, database, collection))
             event.more_to_come_request = True
             self.bus.command(event)
@@ -122,7 +124,7 @@ class Tracker:
             event.exhaust_index = p.exhaust_index
             # A streamed reply's latency runs from the previous reply's last byte.
             event.request_first_ns = event.request_last_ns = p.last_reply_ns
-        more = r is not None and msg.op_code == wire.OP_MSG and bool(r.flags & wire.MORE_TO_COME)
+        more = r is not None and msg.op_code == _OP_MSG and bool(r.flags & _MORE_TO_COME)
         exhaust = self.exhaust
         if p.last_reply_id:
             exhaust.pop(p.last_reply_id, None)
@@ -143,34 +145,20 @@ class Tracker:
 
     def _event(self, p: _Pending, reply: Optional[wire.Message] = None) -> CommandEvent:
         req = p.msg
-        event = CommandEvent(
-            connection=self.conn,
-            op=p.op,
-            database=p.database,
-            collection=p.collection,
-            request_id=req.request_id,
-            request_op_code=req.wire_op_code,
-            request_size=req.length,
-            request_first_ns=req.first_ns,
-            request_last_ns=req.last_ns,
-            request=req.result,
-            decode_error=req.error,
-        )
         if reply is None:
-            return event
-        event.reply_op_code = reply.wire_op_code
-        event.reply_size = reply.length
-        event.reply_first_ns = reply.first_ns
-        event.reply_last_ns = reply.last_ns
-        event.reply_request_id = reply.request_id
-        r = event.reply = reply.result
-        if reply.error and not event.decode_error:
-            event.decode_error = reply.error
+            return CommandEvent(self.conn, p.op, p.database, p.collection, req.request_id, req.wire_op_code,
+                                req.length, req.first_ns, req.last_ns, req.result, decode_error=req.error)
+        r = reply.result
+        # Positional arguments, in CommandEvent's field order (events.py).
+        event = CommandEvent(self.conn, p.op, p.database, p.collection, req.request_id, req.wire_op_code,
+                             req.length, req.first_ns, req.last_ns, req.result, reply.wire_op_code, reply.length,
+                             reply.first_ns, reply.last_ns, r, reply.request_id,
+                             decode_error=req.error or reply.error)
         if r is None:
             return event
         if r.ok is not None:
             event.ok = r.ok == 1.0
-        elif reply.op_code == wire.OP_REPLY:
+        elif reply.op_code == _OP_REPLY:
             event.ok = not (r.flags & QUERY_FAILURE)
         event.code = r.code
         event.code_name = r.code_name or ""

@@ -64,6 +64,7 @@ EXHAUST_ALLOWED = 1 << 16
 COMPRESSOR_NAMES = {0: "noop", 1: "snappy", 2: "zlib", 3: "zstd"}
 
 HEADER = struct.Struct("<iiii")
+_unpack_header = HEADER.unpack_from
 COMPRESSED_PREFIX = struct.Struct("<iiB")
 HEADER_SIZE = 16
 DEFAULT_MAX_MESSAGE_BYTES = 48_000_000
@@ -241,7 +242,7 @@ class FrameScanner:
         self._scan_error: Optional[DecodeError] = None
         # CRC-32C over an uncompressed OP_MSG: header and body up to its last 4 bytes.
         self._crc_extend = checksum_function() if verify_checksums else None
-        self._whole_ok = self._crc_extend is None  # _scan_whole() does not checksum
+        self._fast = self._crc_extend is None  # feed()'s fast path does not checksum
         self._crc = 0
         self._crc_left = 0
 
@@ -258,24 +259,44 @@ class FrameScanner:
     def feed(self, data: Any, now_ns: int) -> None:
         """Observe one forwarded chunk. Never raises."""
         try:
-            self._feed(data, now_ns)
+            pos = 0
+            if self._state == _HEADER and self._fast and not self._buf:
+                # Fast path: each whole uncompressed message inside the chunk is scanned in one call, with the
+                # outcome the state machine (_feed) would reach. The rest of the chunk goes to _feed.
+                n = len(data)
+                scanner = self.scanner
+                while n - pos >= HEADER_SIZE:
+                    length, request_id, response_to, op_code = _unpack_header(data, pos)
+                    if not (HEADER_SIZE < length <= n - pos and op_code in BODY_OPS
+                            and length <= self.max_message_bytes):
+                        break
+                    msg = Message(length, request_id, response_to, op_code, now_ns)
+                    scanner.reset(op_code, self.is_reply, length - HEADER_SIZE, self.render, self.render_limit)
+                    try:
+                        scanner.feed(data, pos + HEADER_SIZE, pos + length)
+                        if not scanner.done:
+                            raise DecodeError("truncated", "message ended inside its body")
+                        msg.result = scanner.result()
+                    except DecodeError as exc:
+                        msg.error = exc.reason
+                        self.on_error(exc.reason, exc.detail, False)
+                    pos += length
+                    self.messages += 1
+                    self.on_message(msg)
+                if pos == n:
+                    return
+            self._feed(data, now_ns, pos)
         except Exception as exc:  # noqa: BLE001 - a scanner bug must not reach the data path
             self._state = _DEAD
             self.on_error("internal_error", repr(exc), True)
 
-    def _feed(self, data: Any, now_ns: int) -> None:
-        pos = 0
+    def _feed(self, data: Any, now_ns: int, pos: int = 0) -> None:
         n = len(data)
         while pos < n:
             state = self._state
             if state == _HEADER:
                 if not self._buf and n - pos >= HEADER_SIZE:
                     length, request_id, response_to, op_code = HEADER.unpack_from(data, pos)
-                    if HEADER_SIZE < length <= n - pos and op_code in BODY_OPS and self._whole_ok and \
-                            length <= self.max_message_bytes:
-                        self._scan_whole(data, pos, length, request_id, response_to, op_code, now_ns)
-                        pos += length
-                        continue
                     if self._crc_extend is not None:
                         self._crc = self._crc_extend(0, bytes(data[pos : pos + HEADER_SIZE]))
                     pos += HEADER_SIZE
@@ -338,23 +359,6 @@ class FrameScanner:
                     self._finish(now_ns)
             else:  # _DEAD
                 return
-
-    def _scan_whole(self, data: Any, pos: int, length: int, request_id: int, response_to: int, op_code: int,
-                    now_ns: int) -> None:
-        """A whole uncompressed message inside one chunk: the same outcome as the state machine, in one pass."""
-        msg = Message(length, request_id, response_to, op_code, now_ns)
-        scanner = self.scanner
-        scanner.reset(op_code, self.is_reply, length - HEADER_SIZE, self.render, self.render_limit)
-        try:
-            scanner.feed(data, pos + HEADER_SIZE, pos + length)
-            if not scanner.done:
-                raise DecodeError("truncated", "message ended inside its body")
-            msg.result = scanner.result()
-        except DecodeError as exc:
-            msg.error = exc.reason
-            self.on_error(exc.reason, exc.detail, False)
-        self.messages += 1
-        self.on_message(msg)
 
     def _start(self, length: int, request_id: int, response_to: int, op_code: int) -> None:
         if length < HEADER_SIZE or length > self.max_message_bytes:
