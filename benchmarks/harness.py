@@ -38,8 +38,8 @@ class Params:
     pymongo_rounds: int = 8
     pymongo_per_round: int = 500
     large_sizes: tuple = (4 * MiB, 16 * MiB)
-    large_rounds: int = 6
-    large_per_round: int = 2
+    large_rounds: int = 10
+    large_per_round: int = 3
     scanner_budget: float = 8.0
     idle_counts: tuple = (1000, 5000)
     stream_bytes: int = 40 * 1000 * 1000
@@ -63,8 +63,11 @@ def log(msg: str) -> None:
 # ---- running ----
 
 
-def run_hotpath(p: Params, workdir: str) -> dict:
-    """Scenarios 1-3 against the scripted backend: every variant up at once, interleaved."""
+def run_hotpath(p: Params, workdir: str, baseline: Optional[str] = None) -> dict:
+    """Scenarios 1-3 against the scripted backend: every variant up at once, interleaved.
+
+    `baseline`: another checkout whose mongoproxy (metrics only) runs as one more variant, "baseline".
+    """
     started: list[procs.Proc] = []
     try:
         backend = procs.start_backend(p.reply_size, workdir)
@@ -84,6 +87,9 @@ def run_hotpath(p: Params, workdir: str) -> dict:
             env = {"OTEL_BSP_SCHEDULE_DELAY": "500"} if "trace" in name else None  # the tail flushes quickly
             targets[name] = procs.start_mongoproxy(name, backend.port, workdir, args, env)
             started.append(targets[name])
+        if baseline:
+            targets["baseline"] = procs.start_mongoproxy("baseline", backend.port, workdir, root=baseline)
+            started.append(targets["baseline"])
         ports = {name: (backend.port if t is None else t.port) for name, t in targets.items()}
         out: dict[str, Any] = {}
         log(f"small round trips, raw socket: {p.raw_rounds} rounds x {p.raw_per_round} per variant")
@@ -91,9 +97,11 @@ def run_hotpath(p: Params, workdir: str) -> dict:
         log(f"small round trips, pymongo: {p.pymongo_rounds} rounds x {p.pymongo_per_round} per variant")
         out["pymongo"] = scenarios.small_round_trip_pymongo(ports, p.pymongo_rounds, p.pymongo_per_round)
         log(f"large replies {[s // MiB for s in p.large_sizes]} MiB: {p.large_rounds} rounds x {p.large_per_round}")
-        out["large"] = scenarios.large_replies(ports, p.large_sizes, p.large_rounds, p.large_per_round)
+        out["large"] = scenarios.large_replies(targets, ports, p.large_sizes, p.large_rounds, p.large_per_round)
+        if baseline:
+            out["vs_baseline"] = _vs_baseline(out)
         checks = {}
-        for name in mps:
+        for name in [*mps, *(["baseline"] if baseline else [])]:
             proc = targets[name]
             checks[name] = {"commands_observed": scenarios.observed_commands(proc)}
             proc.stop()
@@ -107,6 +115,19 @@ def run_hotpath(p: Params, workdir: str) -> dict:
     finally:
         for proc in reversed(started):
             proc.stop()
+
+
+def _vs_baseline(hot: dict) -> dict:
+    """mongoproxy ÷ baseline (another checkout) on each hot-path figure: below 1 is better, for MB/s above 1."""
+    lat, cpu = hot["raw"]["latency"], hot["raw"]["cpu"]
+    out = {key: _ratio(lat["mongoproxy"][key], lat["baseline"][key])
+           for key in ("p50_us", "p99_us", "added_p50_us", "added_p99_us")}
+    out["cpu_us_per_request"] = _ratio(cpu["mongoproxy"]["us_per_request"], cpu["baseline"]["us_per_request"])
+    for size, row in hot["large"].items():
+        v = row["variants"]
+        out[f"mb_s_{size}"] = _ratio(v["mongoproxy"]["mb_s"], v["baseline"]["mb_s"])
+        out[f"cpu_ms_per_mb_{size}"] = _ratio(v["mongoproxy"]["cpu_ms_per_mb"], v["baseline"]["cpu_ms_per_mb"])
+    return out
 
 
 def run_memory(p: Params, workdir: str) -> dict:
@@ -270,13 +291,21 @@ def print_tables(res: dict) -> None:
                       f"{row['us_per_request'] - cpu['mongoproxy']['us_per_request']:+.1f} µs")
         con.print(t)
         sizes = list(hot["large"])
-        t = table("3. Large replies, MB/s (median transfer)", "variant", *sizes, *[f"{s} ÷ haproxy" for s in sizes])
+        t = table("3. Large replies: MB/s (median transfer) and the proxy's CPU ms per MB", "variant",
+                  *[f"{s} MB/s" for s in sizes], *[f"{s} ÷ haproxy" for s in sizes], *[f"{s} CPU ms/MB" for s in sizes])
         for name in hot["large"][sizes[0]]["variants"]:
-            vals = [hot["large"][s]["variants"][name]["mb_s"] for s in sizes]
+            rows = [hot["large"][s]["variants"][name] for s in sizes]
             rel = [_fmt_x(_ratio(hot["large"][s]["variants"][name]["mb_s"],
                                  hot["large"][s]["variants"]["haproxy"]["mb_s"])) for s in sizes]
-            t.add_row(name, *[f"{v:.0f}" for v in vals], *rel)
+            cpu_mb = [f"{r['cpu_ms_per_mb']:.2f}" if "cpu_ms_per_mb" in r else "" for r in rows]
+            t.add_row(name, *[f"{r['mb_s']:.0f}" for r in rows], *rel, *cpu_mb)
         con.print(t)
+        vs = hot.get("vs_baseline")
+        if vs:
+            t = table(f"mongoproxy ÷ baseline ({res.get('baseline')})", "figure", "ratio")
+            for key, r in vs.items():
+                t.add_row(key, _fmt_x(r))
+            con.print(t)
         checks = hot.get("checks", {})
         if checks:
             con.print("   sanity: commands counted by each proxy's metrics: " + ", ".join(
@@ -405,6 +434,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--plot", metavar="PATH", help="also draw a PNG (needs matplotlib)")
     ap.add_argument("--only", nargs="+", choices=SCENARIOS, metavar="SCENARIO",
                     help=f"run only these: {', '.join(SCENARIOS)}")
+    ap.add_argument("--baseline", metavar="DIR",
+                    help="also run the mongoproxy of another checkout (built in place) as variant 'baseline' in "
+                         "the hot-path scenarios: a before/after comparison in one interleaved run")
     args = ap.parse_args(argv)
     if args.plot:
         try:
@@ -422,14 +454,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         "benchmark": "mongoproxy", "version": __version__, "quick": args.quick,
         "started": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
         "python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
-        "load_average_at_start": os.getloadavg(), "params": asdict(p), "scenarios": {},
+        "load_average_at_start": os.getloadavg(), "params": asdict(p), "baseline": args.baseline, "scenarios": {},
     }
     try:
         if "scanner" in wanted:
             log("scanner micro-benchmark")
             res["scenarios"]["scanner"] = scenarios.scanner(p.scanner_budget)
         if "hotpath" in wanted:
-            res["scenarios"]["hotpath"] = run_hotpath(p, workdir)
+            res["scenarios"]["hotpath"] = run_hotpath(p, workdir, args.baseline)
         if "memory" in wanted:
             res["scenarios"]["memory"] = run_memory(p, workdir)
         if "driver" in wanted:

@@ -72,14 +72,14 @@ class Proc:
     """One child process of the run."""
 
     def __init__(self, name: str, cmd: list[str], port: int, env: Optional[dict] = None,
-                 stderr_path: Optional[str] = None) -> None:
+                 stderr_path: Optional[str] = None, cwd: str = REPO_ROOT) -> None:
         self.name = name
         self.cmd = cmd
         self.port = port
         self.stderr_path = stderr_path
         err = open(stderr_path, "wb") if stderr_path else subprocess.DEVNULL
         self.popen = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err,
-                                      env=env, cwd=REPO_ROOT)
+                                      env=env, cwd=cwd)
         if stderr_path:
             err.close()
 
@@ -154,10 +154,10 @@ class Proc:
             self.popen.stdout.close()
 
 
-def _env(extra: Optional[dict] = None) -> dict:
+def _env(extra: Optional[dict] = None, root: str = REPO_ROOT) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MONGOPROXY_", "OTEL_"))}
     env["PYTHONUNBUFFERED"] = "1"
-    env["PYTHONPATH"] = REPO_ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     env.update(extra or {})
     return env
 
@@ -207,12 +207,17 @@ def start_haproxy(upstream: int, workdir: str, maxconn: int = 6000) -> Proc:
     return p
 
 
-def start_mongoproxy(name: str, upstream: int, workdir: str, args: tuple = (), env: Optional[dict] = None) -> Proc:
-    """`python -m mongoproxy run --proxy P:127.0.0.1:UPSTREAM --admin-port A ARGS...`, once /readyz says 200."""
+def start_mongoproxy(name: str, upstream: int, workdir: str, args: tuple = (), env: Optional[dict] = None,
+                     root: str = REPO_ROOT) -> Proc:
+    """`python -m mongoproxy run --proxy P:127.0.0.1:UPSTREAM --admin-port A ARGS...`, once /readyz says 200.
+
+    `root`: the checkout whose mongoproxy runs (another one for a before/after comparison).
+    """
     listen, admin = free_port(), free_port()
     cmd = [sys.executable, "-m", "mongoproxy", "run", "--proxy", f"{listen}:127.0.0.1:{upstream}",
            "--admin-port", str(admin), "--log-level", "warning", *args]
-    p = Proc(name, cmd, listen, _env(env), os.path.join(workdir, f"{name.replace('+', '-')}-{listen}.err"))
+    p = Proc(name, cmd, listen, _env(env, root), os.path.join(workdir, f"{name.replace('+', '-')}-{listen}.err"),
+             cwd=root)
     p.admin_port = admin  # type: ignore[attr-defined]
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:

@@ -199,8 +199,10 @@ def small_round_trip_pymongo(ports: dict[str, int], rounds: int, per_round: int,
 # ---- scenario 3: large replies ----
 
 
-def large_replies(ports: dict[str, int], sizes: Sequence[int], rounds: int, per_round: int) -> dict:
-    """MB/s of replies of each size per variant (request {benchReply: size}; reply of 1 KB documents)."""
+def large_replies(targets: dict[str, Optional[procs.Proc]], ports: dict[str, int], sizes: Sequence[int], rounds: int,
+                  per_round: int) -> dict:
+    """MB/s of replies of each size per variant (request {benchReply: size}; reply of 1 KB documents),
+    and the proxy process's CPU time per MB."""
     out: dict[str, Any] = {}
     clients = {name: RawClient(port, max_reply=max(sizes) + MiB) for name, port in ports.items()}
     try:
@@ -211,17 +213,24 @@ def large_replies(ports: dict[str, int], sizes: Sequence[int], rounds: int, per_
             for c in clients.values():
                 nbytes = c.roundtrip(req)  # warm-up; the server caches the reply
             clock = time.perf_counter_ns
+            cpu = {name: 0 for name in ports}
             for _ in range(rounds):
                 for name, c in clients.items():
+                    proc = targets.get(name)
+                    c0 = proc.cpu_ns() if proc is not None else 0
                     for _ in range(per_round):
                         t0 = clock()
                         c.roundtrip(req)
                         times[name].append(clock() - t0)
+                    if proc is not None:
+                        cpu[name] += proc.cpu_ns() - c0
             rows = {}
             for name, t in times.items():
                 med = statistics.median(t)
                 rows[name] = {"mb_s": nbytes / (med / 1e9) / 1e6, "median_ms": med / 1e6,
                               "best_mb_s": nbytes / (min(t) / 1e9) / 1e6, "n": len(t)}
+                if targets.get(name) is not None:
+                    rows[name]["cpu_ms_per_mb"] = cpu[name] / 1e6 / (nbytes * len(t) / 1e6)
             out[f"{size // MiB}MiB"] = {"reply_bytes": nbytes, "variants": rows}
     finally:
         for c in clients.values():
