@@ -36,6 +36,8 @@ LEGACY_OPS = {
     wire.OP_GET_MORE: "op_get_more",
     wire.OP_KILL_CURSORS: "op_kill_cursors",
 }
+# Legacy requests whose reply documents are user data, not a command reply.
+LEGACY_DATA_OPS = frozenset(("query", "op_get_more"))
 # Legacy requests that never get a reply.
 NO_REPLY_OPS = frozenset((wire.OP_INSERT, wire.OP_UPDATE, wire.OP_DELETE, wire.OP_KILL_CURSORS))
 # OP_REPLY responseFlags bit 1.
@@ -156,6 +158,17 @@ class Tracker:
                              decode_error=req.error or reply.error)
         if r is None:
             return event
+        op = p.op
+        if op in LEGACY_DATA_OPS:
+            # A legacy query's first reply document is user data: only the flags and, on
+            # QueryFailure, the {$err, code} document say how it went.
+            failed = bool(r.flags & QUERY_FAILURE)
+            event.ok = not failed
+            if failed:
+                event.code = r.code
+            event.documents_returned = r.returned
+            event.cursor_id = r.cursor_id
+            return event
         if r.ok is not None:
             event.ok = r.ok == 1.0
         elif reply.op_code == _OP_REPLY:
@@ -165,7 +178,6 @@ class Tracker:
         event.errmsg = r.errmsg or ""
         event.documents_returned = r.returned
         event.cursor_id = r.cursor_id
-        op = p.op
         if op in ("insert", "delete"):
             event.documents_changed = r.n
         elif op == "update":

@@ -152,3 +152,13 @@ def test_errors_and_attribution():
         ("", False, 13, "Unauthorized", True)
     assert update.documents_changed == 3
     assert fam.documents_changed == 1
+
+
+def test_legacy_query_reply_documents_are_data_not_outcome():
+    p = Pair()
+    p.send(tw.encode_op_query({"status": "x"}, full_collection_name="shop.items", request_id=1))
+    p.answer(tw.encode_op_reply([{"ok": 0, "code": 99, "errmsg": "a user field", "n": 5}], response_to=1,
+                                request_id=2))
+    (e,) = p.sink.commands
+    assert (e.op, e.ok, e.code, e.errmsg, e.documents_returned) == ("query", True, None, "", 1)
+    assert not e.failed
