@@ -268,7 +268,6 @@ def test_unacknowledged_writes_against_secantus(secantus, db_name):
 # ---------------------------------------------------------------- streaming hello (pymongo's monitor, SecantusDB)
 
 def test_streaming_hello_from_pymongos_monitor_is_one_event_per_reply(secantus):
-    proxy, sink, registry = proxy_with_metrics(secantus.port)
     with Tap(secantus.address) as tap:
         proxy, sink, registry = proxy_with_metrics(tap.address[1])
         with proxy:
