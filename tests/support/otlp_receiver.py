@@ -112,7 +112,8 @@ class OTLPReceiver:
         self.spans: list[ReceivedSpan] = []
         self.requests = 0
         self.received = 0  # spans accepted, kept or not
-        self.bad_requests = 0
+        self.bad_requests = 0  # bodies that did not decode (answered 400)
+        self.last_error = ""
         self.status = 200  # answer every export with this status (e.g. 503 to play a failing collector)
         self._cond = threading.Condition()
         self._server: Optional[ThreadingHTTPServer] = None
@@ -142,6 +143,7 @@ class OTLPReceiver:
                 except Exception as exc:  # noqa: BLE001 - a bad request is a test failure to report
                     with receiver._cond:
                         receiver.bad_requests += 1
+                        receiver.last_error = f"{type(exc).__name__}: {exc}"
                     self._answer(400, repr(exc).encode(), "text/plain")
                     return
                 status = receiver.status
@@ -231,8 +233,10 @@ class OTLPReceiver:
                     return found
                 left = deadline - time.monotonic()
                 if left <= 0:
+                    bad = f"{self.bad_requests} undecodable" + (f": {self.last_error}" if self.last_error else "")
                     raise AssertionError(f"OTLP receiver: {len(found)} of {count} expected span(s) after {timeout}s "
-                                         f"({len(self.spans)} span(s) received in all, {self.requests} request(s))")
+                                         f"({len(self.spans)} span(s) received in all, {self.requests} request(s), "
+                                         f"{bad})")
                 self._cond.wait(left)
 
     def trace(self, trace_id: str, count: int = 1, timeout: float = 20.0) -> list[ReceivedSpan]:

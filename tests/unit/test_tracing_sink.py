@@ -242,9 +242,12 @@ def test_write_error_is_a_failure_with_the_first_write_errors_code(make):
 
 def test_failure_without_code_name(make):
     sink, exp = make()
-    sink.on_command(command("find", comment=TP, ok=False, code=96))
-    [span] = spans_of(sink, exp)
-    assert span.attributes["error.type"] == "96"
+    # MongoDB's writeErrors carry no codeName: the known name of the code stands in.
+    sink.on_command(command("insert", comment=TP, reply={"write_errors": 1, "write_error_code": 11000}))
+    assert spans_of(sink, exp)[-1].attributes["error.type"] == "DuplicateKey"
+    sink.on_command(command("find", comment=TP, ok=False, code=987654))
+    assert spans_of(sink, exp)[-1].attributes["error.type"] == "987654"
+    assert spans_of(sink, exp)[-1].attributes["db.response.status_code"] == "987654"
     sink.on_command(command("find", comment=TP, ok=False))
     assert spans_of(sink, exp)[-1].attributes["error.type"] == "_OTHER"
 
@@ -461,18 +464,20 @@ def test_full_queue_drops_and_counts_without_blocking(make, caplog):
                    logger=logging.getLogger("test.tracing"))
     sink.on_command(command(comment=TP))
     assert blocking.entered.wait(5)  # the export thread holds one span and is stuck
-    with caplog.at_level(logging.WARNING, logger="test.tracing"):
+    with caplog.at_level(logging.INFO, logger="test.tracing"):
         for _ in range(20):
             sink.on_command(command(comment=TP))
-    assert sink.spans == 21
-    assert sink.dropped == 16  # 1 in the exporter, 4 queued
-    warnings = [r for r in caplog.records if r.name == "test.tracing" and r.levelno == logging.WARNING]
-    assert len(warnings) == 1, "one warning for the burst, not one per span"
-    assert "queue is full" in warnings[0].getMessage()
-    blocking.release.set()
-    sink.close()
+        assert sink.spans == 21
+        assert sink.dropped == 16  # 1 in the exporter, 4 queued
+        warnings = [r for r in caplog.records if r.name == "test.tracing" and r.levelno == logging.WARNING]
+        assert len(warnings) == 1, "one warning for the burst, not one per span"
+        assert "queue is full" in warnings[0].getMessage()
+        blocking.release.set()
+        sink.close()
     assert len(blocking.spans) == 5
     assert sink.dropped == 16
+    assert [r.getMessage() for r in caplog.records if "works again" in r.getMessage()] == [
+        "exporting spans to memory works again"]
 
 
 def test_failed_exports_are_counted_and_warned_about_once_a_minute(make, caplog):
@@ -700,6 +705,16 @@ def test_create_service_name_precedence(created, monkeypatch):
     assert sink.resource.attributes["deployment.environment"] == "prod"
 
 
+def test_create_honours_the_batch_processor_variables(created):
+    sink = created(build(trace_sample_ratio="1"), ctx(environ={"OTEL_BSP_MAX_QUEUE_SIZE": "40",
+                                                              "OTEL_BSP_SCHEDULE_DELAY": "50"}))
+    assert sink._exports[0].max_queue_size == 40  # and the batch shrank to fit (the SDK refuses a bigger one)
+    with pytest.raises(ConfigError, match="^OTEL_BSP_MAX_EXPORT_BATCH_SIZE 'lots' is not a whole number"):
+        created(build(trace_sample_ratio="1"), ctx(environ={"OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "lots"}))
+    with pytest.raises(ConfigError, match="^OTEL_BSP_MAX_QUEUE_SIZE must be positive"):
+        created(build(trace_sample_ratio="1"), ctx(environ={"OTEL_BSP_MAX_QUEUE_SIZE": "0"}))
+
+
 def test_create_honours_otel_sdk_disabled(created):
     assert created(build(trace_sample_ratio="1"), ctx(environ={"OTEL_SDK_DISABLED": "true"})) is None
 
@@ -751,7 +766,9 @@ from hypothesis import strategies as st  # noqa: E402
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans as sdk_encode_spans  # noqa: E402
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest  # noqa: E402
 from opentelemetry.sdk.resources import Resource  # noqa: E402
+from opentelemetry.attributes import BoundedAttributes  # noqa: E402
 from opentelemetry.sdk.trace import Event, ReadableSpan  # noqa: E402
+from opentelemetry.sdk.util import BoundedList  # noqa: E402
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope  # noqa: E402
 from opentelemetry.trace import Link, SpanContext, Status, TraceFlags, TraceState  # noqa: E402
 
@@ -812,8 +829,13 @@ def sdk_spans(draw):
         status = draw(st.sampled_from([Status(StatusCode.UNSET), Status(StatusCode.OK),
                                        Status(StatusCode.ERROR, "DuplicateKey"), Status(StatusCode.ERROR)]))
         start = draw(st.integers(0, 2**63))
+        attrs = draw(_attrs)
+        if draw(st.booleans()):  # what the SDK's own spans hold, with limits that drop
+            attrs = BoundedAttributes(maxlen=2, attributes=attrs, immutable=False)
+            events = BoundedList.from_seq(1, events)
+            links = BoundedList.from_seq(1, links)
         spans.append(ReadableSpan(draw(st.text(max_size=20)), ctx, parent, draw(st.sampled_from(resources)),
-                                  draw(_attrs), events, links, draw(st.sampled_from(list(SpanKind))), None, status,
+                                  attrs, events, links, draw(st.sampled_from(list(SpanKind))), None, status,
                                   start, start + draw(st.integers(0, 10**12)), draw(st.sampled_from(scopes))))
     return spans
 
