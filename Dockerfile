@@ -11,14 +11,14 @@ FROM python:${PYTHON_VERSION}-${DEBIAN_RELEASE} AS builder
 WORKDIR /src
 COPY pyproject.toml setup.py MANIFEST.in README.md ./
 COPY mongoproxy/ mongoproxy/
-RUN python -m pip wheel --no-cache-dir --wheel-dir /wheels .
+RUN python -m pip wheel --no-cache-dir --wheel-dir /wheels '.[tracing]'
 
 # ---- runtime: slim Python, iptables for the init container, the wheels and nothing else ----
 FROM python:${PYTHON_VERSION}-slim-${DEBIAN_RELEASE} AS runtime
 ARG MONGOPROXY_UID=9999
 RUN apt-get update && apt-get install -y --no-install-recommends iptables && rm -rf /var/lib/apt/lists/*
 RUN groupadd --system --gid ${MONGOPROXY_UID} mongoproxy && useradd --system --uid ${MONGOPROXY_UID} --gid ${MONGOPROXY_UID} --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin mongoproxy
-RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels python -m pip install --no-cache-dir --no-index --find-links /wheels mongoproxy
+RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels python -m pip install --no-cache-dir --no-index --find-links /wheels 'mongoproxy[tracing]'
 RUN python -c "import mongoproxy._bson_parser" && mongoproxy --version && mongoproxy init-iptables --dry-run
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
 LABEL org.opencontainers.image.title="mongoproxy" \

@@ -141,7 +141,8 @@ def test_builder_compiles_the_wheel(builder):
     # The full python image carries the C compiler the Cython extension needs.
     assert re.fullmatch(r"python:3\.11(-\w+)?", builder.base) and "slim" not in builder.base
     runs = [shlex.split(r.text) for r in builder.all("RUN")]
-    assert any(cmd[:4] == ["python", "-m", "pip", "wheel"] and "--wheel-dir" in cmd and cmd[-1] == "."
+    # The image carries the tracing extra: a sidecar exports spans without a rebuild.
+    assert any(cmd[:4] == ["python", "-m", "pip", "wheel"] and "--wheel-dir" in cmd and cmd[-1] == ".[tracing]"
                for cmd in runs), runs
 
 
@@ -181,7 +182,7 @@ def test_runtime_installs_only_the_wheels(runtime):
     cmd = shlex.split(run.text)
     assert cmd[:4] == ["python", "-m", "pip", "install"]
     assert "--no-index" in cmd and cmd[cmd.index("--find-links") + 1] == "/wheels"
-    assert cmd[-1] == "mongoproxy"
+    assert cmd[-1] == "mongoproxy[tracing]"
 
 
 def test_runs_as_numeric_non_root_uid(runtime):
