@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import struct
 import threading
 import time
 from collections import Counter
@@ -230,7 +229,8 @@ def test_unacknowledged_writes_against_secantus(secantus, db_name):
         with MongoClient(uri(proxy.port, w=0), appname="w0-app") as c:
             coll = c[db_name].items
             coll.insert_one({"_id": 1})
-            coll.insert_many([{"_id": i} for i in range(2, 12)], ordered=False)  # ordered w:0 bulks are sent acknowledged
+            # pymongo sends an ordered w:0 bulk acknowledged (to stop at the first error): unordered is moreToCome.
+            coll.insert_many([{"_id": i} for i in range(2, 12)], ordered=False)
             coll.update_one({"_id": 1}, {"$set": {"x": 1}})
             coll.delete_one({"_id": 11})
             acked = c[db_name].get_collection("items", write_concern=__import__("pymongo").WriteConcern(w=1))
@@ -292,8 +292,10 @@ def test_streaming_hello_from_pymongos_monitor_is_one_event_per_reply(secantus):
     assert all(e.request_first_ns <= e.reply_last_ns for e in awaitable)
 
     # Independently: the replies on the monitor's upstream socket, decoded by the test codec.
-    (stream,) = [s for s in tap.streams if b"monitor-app" in s["up"] and
-                 any(wire.decode_message(m).flags & wire.EXHAUST_ALLOWED for m in wire.split_messages(bytes(s["up"]))[0])]
+    def awaitable_hello(s) -> bool:
+        return any(wire.decode_message(m).flags & wire.EXHAUST_ALLOWED for m in wire.split_messages(bytes(s["up"]))[0])
+
+    (stream,) = [s for s in tap.streams if awaitable_hello(s)]
     replies = [wire.decode_message(m) for m in wire.split_messages(bytes(stream["down"]))[0]]
     assert sum(r.more_to_come for r in replies) >= 4
     assert len(events) == len(replies)  # every reply on the wire is exactly one event

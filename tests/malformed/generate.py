@@ -107,8 +107,8 @@ def build() -> dict[str, bytes]:
     c["request.invalid_utf8.collection-name.bin"] = _op_msg(_kind0(bytes(_patch(_find(), b"orders", 1, b"\xc3\x28"))))
     c["request.invalid_utf8.command-name.bin"] = _op_msg(_kind0(bytes(_patch(_find(), b"find\x00", 1, b"\xff\xfe"))))
     c["request.invalid_utf8.database-name.bin"] = _op_msg(_kind0(bytes(_patch(_find(), b"shop\x00", 2, b"\xed\xa0"))))
-    c["request.invalid_utf8.op-query-namespace.bin"] = tw.encode_op_query(
-        {"find": "orders"}, full_collection_name="sh\u00e9p.$cmd", request_id=RID).replace(b"sh\xc3\xa9p", b"sh\xff\xfep")
+    q = tw.encode_op_query({"find": "orders"}, full_collection_name="sh\u00e9p.$cmd", request_id=RID)
+    c["request.invalid_utf8.op-query-namespace.bin"] = q.replace(b"sh\xc3\xa9p", b"sh\xff\xfep")
 
     # ---- OP_COMPRESSED
     for comp in ("zlib", "snappy", "zstd"):
@@ -138,8 +138,8 @@ def build() -> dict[str, bytes]:
     r = bytearray(tw.encode_op_reply([{"ok": 1.0}], response_to=RID, request_id=502))
     r[36:40] = struct.pack("<i", 900)
     c["reply.bad_length.op-reply-document-length.bin"] = bytes(r)
-    c["reply.invalid_utf8.errmsg.bin"] = tw.encode_op_msg(
-        {"ok": 0.0, "errmsg": "b\u00e9d", "code": 2}, response_to=RID, request_id=503).replace(b"b\xc3\xa9d", b"b\xff\xa9d")
+    r = tw.encode_op_msg({"ok": 0.0, "errmsg": "b\u00e9d", "code": 2}, response_to=RID, request_id=503)
+    c["reply.invalid_utf8.errmsg.bin"] = r.replace(b"b\xc3\xa9d", b"b\xff\xa9d")
     c["reply.invalid_utf8.cursor-ns.bin"] = tw.encode_op_msg(
         {"cursor": {"id": bson.Int64(0), "ns": "shop.\u00e9", "firstBatch": []}, "ok": 1.0}, response_to=RID,
         request_id=504).replace(b"shop.\xc3\xa9", b"shop.\xff\xa9")
