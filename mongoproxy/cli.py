@@ -17,7 +17,7 @@ from mongoproxy import __version__
 from mongoproxy.errors import MongoProxyError
 
 # Modules offering add_parser(subparsers) for further sub-commands.
-COMMAND_MODULES: tuple[str, ...] = ("mongoproxy.iptables", "mongoproxy.inject")
+COMMAND_MODULES: tuple[str, ...] = ("mongoproxy.iptables", "mongoproxy.inject", "mongoproxy.replay")
 
 PROG = "mongoproxy"
 

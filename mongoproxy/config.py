@@ -25,6 +25,7 @@ OPTION_MODULES = (
     "mongoproxy.sinks.metrics",
     "mongoproxy.sinks.commandlog",
     "mongoproxy.sinks.tracing",
+    "mongoproxy.sinks.capture",
 )
 
 

@@ -17,6 +17,7 @@ SINK_MODULES = (
     "mongoproxy.sinks.metrics",
     "mongoproxy.sinks.commandlog",
     "mongoproxy.sinks.tracing",
+    "mongoproxy.sinks.capture",
 )
 
 
