@@ -1436,7 +1436,7 @@ def write_plot(workload: Workload, path: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import FuncFormatter, NullFormatter
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     ops = [o for o in workload.ops if not o.skip and o.replayed_ns is not None]
     counts: dict[str, int] = {}
@@ -1448,17 +1448,27 @@ def write_plot(workload: Workload, path: str) -> None:
     rows = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.6 * rows), squeeze=False)
     for ax, (name, group) in zip(axes.flat, panels):
+        shown: list = []
         for label, values, style in (("recorded", [o.recorded_ns for o in group if o.recorded_ns is not None], "--"),
                                      ("replayed", [o.replayed_ns for o in group], "-")):
             if not values:
                 continue
             xs = sorted(v / 1e6 for v in values)
+            shown += (xs[0], xs[-1])
             ys = [(i + 1) / len(xs) for i in range(len(xs))]
             ax.step([xs[0]] + xs, [0.0] + ys, style, where="post", label=f"{label} (n={len(xs)})")
         ax.set_xscale("log")
         ax.set_ylim(0, 1.02)
-        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-        ax.xaxis.set_minor_formatter(NullFormatter())
+        label = FuncFormatter(lambda v, _: f"{v:.3g}")
+        ax.xaxis.set_major_formatter(label)
+        if shown:
+            ax.set_xlim(max(min(shown), 1e-6) / 1.5, max(shown) * 1.5)
+        lo, hi = ax.get_xlim()
+        if hi < lo * 30:  # within about a decade there are too few powers of ten to read: label 2x and 5x too
+            ax.xaxis.set_minor_locator(LogLocator(base=10, subs=(2.0, 5.0)))
+            ax.xaxis.set_minor_formatter(label)
+        else:
+            ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_title(name)
         ax.set_xlabel("latency (ms)")
         ax.set_ylabel("fraction of commands")
@@ -1536,8 +1546,8 @@ def main(args: argparse.Namespace) -> int:
     except ImportError:
         raise ConfigError(f"replay shows its progress and report with rich, which is not installed: {REPLAY_EXTRA}") \
             from None
-    err = Console(stderr=True)
-    out = Console() if sys.stdout.isatty() else Console(width=160)
+    err = Console(stderr=True, highlight=False)
+    out = Console(highlight=False) if sys.stdout.isatty() else Console(width=160, highlight=False)
     if not args.dry_run and not args.target:
         raise ConfigError("replay needs --target URI (the server to replay against), or --dry-run")
     if args.connect_retries < 1:
