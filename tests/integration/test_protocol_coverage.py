@@ -298,9 +298,13 @@ def test_streaming_hello_from_pymongos_monitor_is_one_event_per_reply(secantus):
     (stream,) = [s for s in tap.streams if awaitable_hello(s)]
     replies = [wire.decode_message(m) for m in wire.split_messages(bytes(stream["down"]))[0]]
     assert sum(r.more_to_come for r in replies) >= 4
-    assert len(events) == len(replies)  # every reply on the wire is exactly one event
-    assert [e.reply_request_id for e in events] == [r.request_id for r in replies]
-    assert sink.unmatched == [] and sink.dropped == 0 and sink.decode_errors == []
+    # Every reply on the wire is exactly one event. The client's close races with the next streamed reply: the
+    # server may have sent one more that the proxy, already closing, never read (and if it read part of it, that
+    # part is counted as a truncated reply).
+    assert [e.reply_request_id for e in events] == [r.request_id for r in replies[:len(events)]]
+    assert len(replies) - len(events) <= 1
+    assert sink.unmatched == [] and sink.dropped == 0
+    assert [(d.direction, d.reason) for d in sink.decode_errors] in ([], [("reply", "truncated")])
     assert metric(registry, "mongoproxy_unmatched_replies_total") == 0
     assert all(pending <= 1 and exhaust <= 2 for pending, exhaust in states), states
 

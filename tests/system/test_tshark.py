@@ -259,9 +259,18 @@ def test_tshark_and_the_proxy_agree_on_every_message(tmp_path):
     server_side = {s: msgs for s, msgs in streams.items() if msgs[0].server_port in upstreams}
     assert len(client_side) + len(server_side) == len(streams)
 
-    # 1. Both sides of the proxy carry the same messages, connection by connection.
-    assert Counter(tuple(m.key() for m in msgs) for msgs in client_side.values()) == \
-        Counter(tuple(m.key() for m in msgs) for msgs in server_side.values())
+    # 1. Both sides of the proxy carry the same messages, connection by connection (paired by their first
+    # message). A client closing mid-stream (pymongo's monitor) may leave one streamed reply that the server sent
+    # but the proxy, already closing, never forwarded.
+    assert len(client_side) == len(server_side)
+    upstream_by_first = {msgs[0].key(): [m.key() for m in msgs] for msgs in server_side.values()}
+    assert len(upstream_by_first) == len(server_side)
+    for msgs in client_side.values():
+        down = [m.key() for m in msgs]
+        up = upstream_by_first[down[0]]
+        assert up[:len(down)] == down
+        extra = up[len(down):]
+        assert len(extra) <= 1 and all(not key[0] for key in extra), extra  # key[0]: to_server
 
     # 2. Every client-side message is one proxy event, and they agree field by field.
     by_port = {c.client_port: c for c in conns}
@@ -317,7 +326,8 @@ def test_tshark_and_the_proxy_agree_on_every_message(tmp_path):
     # ... and every event is a message tshark saw.
     assert {(e.connection.id, e.request_id) for e in events} == seen_requests
     assert {(e.connection.id, e.reply_request_id) for e in events if e.reply is not None} == seen_replies
-    assert proxy.sink.unmatched == [] and proxy.sink.decode_errors == []
+    assert proxy.sink.unmatched == []
+    assert [(d.direction, d.reason) for d in proxy.sink.decode_errors] in ([], [("reply", "truncated")])  # see 1.
 
     # The comparison covered every kind of message the workload sends.
     print("\ntshark cross-check:", dict(checked))
