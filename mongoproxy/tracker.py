@@ -42,6 +42,8 @@ LEGACY_DATA_OPS = frozenset(("query", "op_get_more"))
 NO_REPLY_OPS = frozenset((wire.OP_INSERT, wire.OP_UPDATE, wire.OP_DELETE, wire.OP_KILL_CURSORS))
 # OP_REPLY responseFlags bit 1.
 QUERY_FAILURE = 1 << 1
+# OP_QUERY flags bit 6: the server streams OP_REPLYs until the cursor is exhausted (pre-5.1 servers).
+QUERY_EXHAUST = 1 << 6
 _OP_MSG = wire.OP_MSG
 _OP_REPLY = wire.OP_REPLY
 _MORE_TO_COME = wire.MORE_TO_COME
@@ -126,7 +128,13 @@ class Tracker:
             event.exhaust_index = p.exhaust_index
             # A streamed reply's latency runs from the previous reply's last byte.
             event.request_first_ns = event.request_last_ns = p.last_reply_ns
-        more = r is not None and msg.op_code == _OP_MSG and bool(r.flags & _MORE_TO_COME)
+        if r is None:
+            more = False
+        elif msg.op_code == _OP_MSG:
+            more = bool(r.flags & _MORE_TO_COME)
+        else:  # a legacy exhaust query: OP_REPLYs keep coming while the cursor is open
+            more = msg.op_code == _OP_REPLY and bool(r.cursor_id) and p.msg.op_code == wire.OP_QUERY and \
+                bool(p.msg.flags & QUERY_EXHAUST)
         exhaust = self.exhaust
         if p.last_reply_id:
             exhaust.pop(p.last_reply_id, None)

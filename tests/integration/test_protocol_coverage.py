@@ -480,10 +480,11 @@ def test_legacy_opcodes_are_counted_under_their_own_names_and_matching_stays_int
         wire.encode_op_query({"isMaster": 1, "client": {"application": {"name": "legacy-app"},
                                                         "driver": {"name": "old-driver", "version": "0.9"}},
                               "compression": ["zlib"]}, request_id=1),
-        wire.encode_op_insert("shop.items", [{"_id": i} for i in range(4)], request_id=2),
-        wire.encode_op_update("shop.items", {"_id": 1}, {"$set": {"x": 1}}, flags=1, request_id=3),
-        wire.encode_op_delete("shop.items", {"_id": 2}, flags=1, request_id=4),
-        wire.encode_op_query({"x": {"$gt": 0}}, full_collection_name="shop.items", number_to_return=3, request_id=5),
+        wire.encode_op_insert("shop.items", [{"_id": i} for i in range(4)], flags=1, request_id=2),  # ContinueOnError
+        wire.encode_op_update("shop.items", {"_id": 1}, {"$set": {"x": 1}}, flags=1 | 2, request_id=3),  # Upsert|Multi
+        wire.encode_op_delete("shop.items", {"_id": 2}, flags=1, request_id=4),  # SingleRemove
+        wire.encode_op_query({"x": {"$gt": 0}}, full_collection_name="shop.items", number_to_return=3, flags=4 | 16,
+                             request_id=5),  # SlaveOk | NoCursorTimeout
         wire.encode_op_get_more("shop.items", 77, number_to_return=2, request_id=6),
         wire.encode_op_kill_cursors([77, 78], request_id=7),
         wire.encode_op_command("shop", "ping", {}, {"ping": 1}, request_id=8),
@@ -515,6 +516,9 @@ def test_legacy_opcodes_are_counted_under_their_own_names_and_matching_stays_int
     assert [ev[r].reply_request_id for r in (1, 5, 6, 8, 9)] == [9001, 9005, 9006, 9008, 9009]
     assert [r for r in (2, 3, 4, 7) if not ev[r].more_to_come_request] == []
     assert ev[2].request.documents == 4
+    # Each legacy opcode's flags are read as sent; OP_REPLY's responseFlags (AwaitCapable here) too.
+    assert [ev[r].request.flags for r in (2, 3, 4, 5)] == [1, 3, 1, 20]
+    assert ev[5].reply.flags == wire.REPLY_AWAIT_CAPABLE
     assert (ev[5].documents_returned, ev[5].cursor_id) == (3, 77)
     assert (ev[6].documents_returned, ev[6].cursor_id, ev[6].request.cursor_id) == (2, 0, 77)
     assert ev[7].request.cursor_id == 77
@@ -578,3 +582,43 @@ def test_checksum_present_is_skipped_or_verified(verify):
     else:
         assert errors == [] and all(e.decode_error == "" for e in sink.commands)
     assert sink.unmatched == [] and [ev[i].reply_request_id for i in range(1, 6)] == [501, 502, 503, 504, 505]
+
+
+async def legacy_exhaust_handler(conn) -> None:
+    """A pre-5.1 server answering an OP_QUERY flagged Exhaust: OP_REPLYs until the cursor id is 0."""
+    m = await conn.read_message(timeout=10)
+    assert m.op_code == wire.OP_QUERY and m.query.flags & (1 << 6)
+    chain = m.query.query["chain"]
+    rto = m.request_id
+    for i in range(5):
+        rid = 700 + i
+        await conn.send_and_drain(wire.encode_op_reply([{"_id": 2 * i}, {"_id": 2 * i + 1}], response_to=rto,
+                                                       cursor_id=0 if i == 4 else 4242, starting_from=2 * i,
+                                                       request_id=rid))
+        if chain == "previous":
+            rto = rid
+    m = await conn.read_message(timeout=10)  # then an ordinary round trip on the same connection
+    await conn.send_and_drain(wire.encode_op_msg({"ok": 1.0}, response_to=m.request_id, request_id=800))
+    await conn.read()
+
+
+@pytest.mark.parametrize("chain", ["previous", "original"])
+def test_legacy_exhaust_query_streams_op_replies(chain):
+    with ScriptedServer(legacy_exhaust_handler) as srv:
+        proxy, sink, registry = proxy_with_metrics(srv.port)
+        with proxy, socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+            sock.sendall(wire.encode_op_query({"chain": chain}, full_collection_name="shop.oplog", flags=1 << 6,
+                                              number_to_return=0, request_id=1))
+            replies = [wire.decode_message(wire.recv_message(sock)) for _ in range(5)]
+            assert [r.reply.cursor_id for r in replies] == [4242] * 4 + [0]
+            sock.sendall(wire.encode_op_msg({"ping": 1, "$db": "admin"}, request_id=2))
+            assert wire.decode_message(wire.recv_message(sock)).response_to == 2
+            proxy.wait_until(lambda: len(sink.commands) == 6, what="six events")
+            states = tracker_state(proxy)
+    queries = [e for e in sink.commands if e.op == "query"]
+    assert [(e.exhaust_index, e.documents_returned, e.cursor_id) for e in queries] == \
+        [(i, 2, 0 if i == 4 else 4242) for i in range(5)]
+    assert all(e.request_id == 1 and e.collection == "oplog" and e.reply_op_code == mwire.OP_REPLY for e in queries)
+    assert [e.reply_request_id for e in queries] == [700, 701, 702, 703, 704]
+    assert sink.unmatched == [] and metric(registry, "mongoproxy_unmatched_replies_total") == 0
+    assert states == [(0, 0)]
