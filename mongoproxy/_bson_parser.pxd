@@ -149,7 +149,8 @@ cdef class BodyScanner:
     cdef int64_t seq_left
     cdef int64_t seq_count
     cdef bint seq_count_docs
-    cdef bint seq_scan_first
+    cdef const SpecNode* seq_first_node  # spec for the sequence's first document, or NULL: skip it
+    cdef int seq_first_flags
     cdef int seq_short_reason
     cdef int seq_next
     cdef int64_t post_skip
@@ -187,6 +188,8 @@ cdef class BodyScanner:
     cdef int _push(self, int64_t end, const SpecNode* node, int count_field, int flags) except -1
     cdef int _pop(self) except -1
     cdef int _key_piece(self, const unsigned char* s, Py_ssize_t k) except -1
+    cdef void _ident_piece(self, const unsigned char* s, Py_ssize_t k) noexcept
+    cdef void _seq_ident_done(self, const unsigned char* s, Py_ssize_t k) noexcept
     cdef int _key_done(self, const unsigned char* key, const unsigned char* first) except -1
     cdef int _dispatch(self, int64_t pos) except -1
     cdef int _value_len(self, int64_t length) except -1

@@ -42,7 +42,9 @@ class ScanResult:
     namespace: Optional[str]  # legacy ops: fullCollectionName as sent
     cursor_id: Optional[int]  # getMore's first value; killCursors `cursors.0`; reply: cursor.id / OP_REPLY cursorID;
     # legacy OP_GET_MORE cursorID, OP_KILL_CURSORS first id
-    comment: Optional[str]  # `comment` when a string, else a legacy `$comment` string (filter/q/$match)
+    comment: Optional[str]  # `comment` when a string (wherever its section lies), else the first legacy
+    # `$comment` string in body order: filter/q/query/pipeline.0.$match/updates.0.q/deletes.0.q, and
+    # q.$comment in the first document of an OP_MSG kind-1 `updates`/`deletes` sequence
     comment_traceparent: Optional[str]  # `comment.traceparent` when comment is a document
     comment_tracestate: Optional[str]
     app_name: Optional[str]  # client.application.name

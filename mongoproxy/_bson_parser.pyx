@@ -32,8 +32,11 @@ Rules worth knowing:
     ``cursor_id``. A root ``collection`` string applies only when the first
     value was not a string.
   * ``comment`` is the root string ``comment``; otherwise the first legacy
-    ``$comment`` string found (filter / q / query / pipeline.0.$match /
-    updates.0.q / deletes.0.q; OP_QUERY: ``$comment`` and ``$query.$comment``).
+    ``$comment`` string found in body order (filter / q / query /
+    pipeline.0.$match / updates.0.q / deletes.0.q; the ``q.$comment`` of the
+    first document of an OP_MSG request's kind-1 ``updates``/``deletes``
+    sequence; OP_QUERY: ``$comment`` and ``$query.$comment``). The root string
+    wins whatever the section order.
   * OP_REPLY: ``returned`` and ``cursor_id`` come from the header unless the
     first document carries ``cursor.firstBatch``/``nextBatch`` / ``cursor.id``,
     which then win (they describe a command reply more precisely).
@@ -44,7 +47,9 @@ Rules worth knowing:
   * Captured strings are cut to ``max_string`` bytes at a UTF-8 character
     boundary; ``compression`` keeps the first 16 string entries.
   * OP_MSG: the first kind-0 section is scanned; further kind-0 sections are
-    only validated. The CRC-32C is exposed, not verified.
+    only validated. Kind-1 documents are counted and skipped by length, except
+    the first of a request's ``updates``/``deletes`` sequence, where only
+    ``q.$comment`` is read. The CRC-32C is exposed, not verified.
 
 Rendering (reset(render=RENDER_REDACTED|RENDER_VALUES)) descends the whole
 command document into a bounded buffer (``query_shape``); secrets (``payload``,
@@ -377,6 +382,8 @@ cdef SpecNode* _build_node(list spec) except NULL:
 cdef SpecNode* REQ_ROOT = _build_node(_REQUEST_SPEC)
 cdef SpecNode* REPLY_ROOT = _build_node(_REPLY_SPEC)
 cdef SpecNode* LEGACY_QUERY_ROOT = _build_node(_LEGACY_QUERY_SPEC)
+# The first document of a request's kind-1 `updates`/`deletes` sequence: only `q.$comment`.
+cdef SpecNode* WRITE_SEQ_ROOT = _build_node([("q", 0, -1, -1, 0, _LEGACY_COMMENT)])
 
 # The first element of a command document, by command name.
 cdef SpecChild C_FIRST
@@ -868,9 +875,9 @@ cdef class BodyScanner:
                 self.seq_count += 1
                 if self.seq_count_docs:
                     self.res.documents += 1
-                if self.seq_scan_first and self.seq_count == 1:
-                    self._begin_doc(base + i, self.seq_end, REPLY_ROOT,
-                                    FL_RENDER if self.render else 0, ST_SEQ, self.seq_short_reason)
+                if self.seq_first_node != NULL and self.seq_count == 1:
+                    self._begin_doc(base + i, self.seq_end, self.seq_first_node, self.seq_first_flags,
+                                    ST_SEQ, self.seq_short_reason)
                 else:
                     self._begin_doc(base + i, self.seq_end, NULL, 0, ST_SEQ, self.seq_short_reason)
             elif st == ST_STEP:
@@ -922,19 +929,14 @@ cdef class BodyScanner:
                     break
                 q = <const unsigned char*>memchr(p + i, 0, stop - i)
                 if q == NULL:
+                    self._ident_piece(p + i, stop - i)
                     i = stop
                     if stop == lim_rel:
                         return self._fail(R_STR_NOT_TERM, base + i)
                     break
-                i = (q - p) + 1
-                self.seq_end = self.section_end
-                self.seq_left = -1
-                self.seq_count = 0
-                self.seq_count_docs = True
-                self.seq_scan_first = False
-                self.seq_short_reason = R_BAD_LENGTH
-                self.seq_next = ST_MSG_SECTION
-                self.state = ST_SEQ
+                k = q - (p + i)
+                self._seq_ident_done(p + i, k)
+                i += k + 1
             elif st == ST_LCSTR:
                 lim_rel = self.body_length - base
                 if lim_rel <= i:
@@ -1019,7 +1021,8 @@ cdef class BodyScanner:
             self.seq_left = self.n_returned if kind == K_REPLY_DOCS else -1
             self.seq_count = 0
             self.seq_count_docs = kind == K_DOCS and s.arg != 0
-            self.seq_scan_first = kind == K_REPLY_DOCS
+            self.seq_first_node = REPLY_ROOT if kind == K_REPLY_DOCS else NULL
+            self.seq_first_flags = FL_RENDER if self.render else 0
             self.seq_short_reason = R_TRUNCATED
             self.seq_next = ST_STEP
             self.state = ST_SEQ
@@ -1074,6 +1077,7 @@ cdef class BodyScanner:
             self.section_end = pos - 4 + x
             if x < 5 or self.section_end > self.sections_end:
                 return self._fail(R_BAD_LENGTH, pos - 4)
+            self.key_total = 0
             self.state = ST_SEQ_IDENT
             return 0
         if self.post_skip > 0:
@@ -1173,6 +1177,38 @@ cdef class BodyScanner:
             self._remit_escaped(s, k)
         self.key_total += k
         return 0
+
+    cdef void _seq_ident_done(self, const unsigned char* s, Py_ssize_t k) noexcept:
+        # the identifier's last k bytes are at s: start the sequence, reading the first document of a
+        # request's `updates`/`deletes` for its q.$comment
+        cdef const unsigned char* ident = s
+        if self.key_total == 0:  # the whole identifier lies in this chunk: read it in place
+            self.key_total = k
+        else:
+            self._ident_piece(s, k)
+            ident = self.keybuf
+        self.seq_first_node = NULL
+        if not self.is_reply and self.key_total == 7 and (
+                memcmp(ident, b"updates", 7) == 0 or memcmp(ident, b"deletes", 7) == 0):
+            self.seq_first_node = WRITE_SEQ_ROOT
+        self.seq_first_flags = 0  # kind-1 documents are never rendered
+        self.seq_end = self.section_end
+        self.seq_left = -1
+        self.seq_count = 0
+        self.seq_count_docs = True
+        self.seq_short_reason = R_BAD_LENGTH
+        self.seq_next = ST_MSG_SECTION
+        self.state = ST_SEQ
+
+    cdef void _ident_piece(self, const unsigned char* s, Py_ssize_t k) noexcept:
+        # a kind-1 identifier split across chunks: keep its first KEY_MAX bytes, count them all
+        cdef Py_ssize_t m
+        if self.key_total < KEY_MAX:
+            m = KEY_MAX - <Py_ssize_t>self.key_total
+            if m > k:
+                m = k
+            memcpy(self.keybuf + self.key_total, s, m)
+        self.key_total += k
 
     cdef int _key_done(self, const unsigned char* key, const unsigned char* first) except -1:
         # key: the first min(key_total, KEY_MAX) bytes; first: min(key_total, max_string + 1) bytes

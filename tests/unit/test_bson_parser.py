@@ -7,6 +7,8 @@ import struct
 import uuid
 
 import bson
+import bson.codec_options
+import pymongo.message
 import pytest
 from bson import Code, Decimal128, Int64, MaxKey, MinKey, ObjectId, Regex, Timestamp
 from bson.binary import Binary
@@ -51,13 +53,16 @@ def cstr(s: str | bytes) -> bytes:
     return (s.encode() if isinstance(s, str) else s) + b"\x00"
 
 
-def op_msg(doc: dict | bytes, seqs=(), checksum: bool = False, flags: int = 0, crc: int = 0xDEADBEEF) -> bytes:
-    """An OP_MSG body: flagBits, kind-0 section, kind-1 sections (identifier, docs), optional CRC."""
+def op_msg(doc: dict | bytes, seqs=(), checksum: bool = False, flags: int = 0, crc: int = 0xDEADBEEF,
+           kind0_at: int = 0) -> bytes:
+    """An OP_MSG body: flagBits, sections (the kind-0 one after `kind0_at` kind-1 sequences), optional CRC."""
     raw = doc if isinstance(doc, bytes) else bson.encode(doc)
-    out = [struct.pack("<I", flags | (1 if checksum else 0)), b"\x00", raw]
+    sections = []
     for ident, docs in seqs:
         payload = cstr(ident) + b"".join(d if isinstance(d, bytes) else bson.encode(d) for d in docs)
-        out += [b"\x01", i32(4 + len(payload)), payload]
+        sections.append(b"\x01" + i32(4 + len(payload)) + payload)
+    sections.insert(kind0_at, b"\x00" + raw)
+    out = [struct.pack("<I", flags | (1 if checksum else 0))] + sections
     if checksum:
         out.append(struct.pack("<I", crc))
     return b"".join(out)
@@ -199,19 +204,22 @@ def strlist(v):
     return [cut(x) for x in v if type(x) is str][:16] if isinstance(v, list) else None
 
 
-def expect_request(doc: dict, documents: int = 0) -> dict:
-    """What the scanner should extract from a decoded command document."""
+def expect_request(doc: dict, documents: int = 0, legacy_before: str | None = None,
+                   legacy_after: str | None = None) -> dict:
+    """What the scanner should extract from a decoded command document.
+
+    legacy_before/legacy_after: the first legacy `$comment` of the kind-1 sections before/after it.
+    """
     e: dict = {}
     items = list(doc.items())
-    if not items:
-        return expected(documents=documents)
-    k0, v0 = items[0]
-    e["command"] = cut(k0)
-    if type(v0) is str:
-        e["collection"] = cut(v0)
-    if k0 == "getMore" and is_int(v0):
-        e["cursor_id"] = int(v0)
-    legacy = None
+    if items:
+        k0, v0 = items[0]
+        e["command"] = cut(k0)
+        if type(v0) is str:
+            e["collection"] = cut(v0)
+        if k0 == "getMore" and is_int(v0):
+            e["cursor_id"] = int(v0)
+    legacy = legacy_before
     for k, v in items[1:]:
         found = MISSING
         if k == "collection" and type(v) is str and "collection" not in e:
@@ -243,9 +251,31 @@ def expect_request(doc: dict, documents: int = 0) -> dict:
             documents += len(v)
         if legacy is None and type(found) is str:
             legacy = cut(found)
+    if legacy is None:
+        legacy = legacy_after
     if "comment" not in e and legacy is not None:
         e["comment"] = legacy
     return expected(documents=documents, **e)
+
+
+WRITE_SEQUENCES = ("updates", "deletes")
+
+
+def sequence_legacy(seqs) -> str | None:
+    """The first string `q.$comment` among the first documents of `updates`/`deletes` sequences."""
+    for ident, docs in seqs:
+        if ident in WRITE_SEQUENCES and docs:
+            found = walk(decode(docs[0] if isinstance(docs[0], bytes) else bson.encode(docs[0])), "q.$comment")
+            if type(found) is str:
+                return cut(found)
+    return None
+
+
+def expect_op_msg_request(raw: bytes, seqs, kind0_at: int = 0) -> dict:
+    """The oracle for an OP_MSG request: kind-0 `raw` placed after `kind0_at` of the kind-1 `seqs`."""
+    return expect_request(decode(raw), documents=sum(len(docs) for _, docs in seqs),
+                          legacy_before=sequence_legacy(seqs[:kind0_at]),
+                          legacy_after=sequence_legacy(seqs[kind0_at:]))
 
 
 def expect_reply_fields(doc: dict) -> dict:
@@ -397,8 +427,25 @@ def reply_docs(draw):
     return dict(draw(st.permutations(rest)))
 
 
-sequences = st.lists(st.tuples(st.sampled_from(["documents", "updates", "deletes"]), st.lists(small_docs, max_size=4)),
-                     max_size=2)
+@st.composite
+def permuted(draw, strategy):
+    """A document from `strategy` with its keys in a random order."""
+    return dict(draw(st.permutations(list(draw(strategy).items()))))
+
+
+# update/delete statements as drivers send them (q first or not), and documents without a `q`
+q_docs = permuted(fdict(**{"$comment": opt(strings), "_id": int32s, "x": values}))
+write_stmts = st.one_of(
+    permuted(fdict(q=opt(q_docs), u=small_docs, multi=st.booleans(), upsert=st.booleans())),
+    permuted(fdict(q=opt(q_docs), limit=st.sampled_from([0, 1]), x=values)),
+    small_docs,
+)
+# near misses must not be read: other names, a case change, a longer name, one longer than KEY_MAX
+seq_idents = st.one_of(
+    st.sampled_from(["documents", "updates", "deletes"]),
+    st.sampled_from(["update", "delete", "Updates", "updatesx", "deletes" + "x" * 70, "", "ops", "q"]),
+)
+sequences = st.lists(st.tuples(seq_idents, st.lists(st.one_of(write_stmts, small_docs), max_size=4)), max_size=3)
 PROPERTY = settings(max_examples=80, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
@@ -409,13 +456,57 @@ PROPERTY = settings(max_examples=80, deadline=None,
 @given(doc=command_docs(), seqs=sequences, checksum=st.booleans(), data=st.data())
 def test_op_msg_request_matches_oracle(doc, seqs, checksum, data):
     raw = bson.encode(doc)
-    body = op_msg(raw, seqs, checksum=checksum, crc=0x01020304)
-    exp = expect_request(decode(raw), documents=sum(len(docs) for _, docs in seqs))
+    kind0_at = data.draw(st.integers(0, len(seqs)), label="kind0_at")
+    body = op_msg(raw, seqs, checksum=checksum, crc=0x01020304, kind0_at=kind0_at)
+    exp = expect_op_msg_request(raw, seqs, kind0_at)
     check_chunkings(bp.OP_MSG, False, body, exp, data)
     r = scan(bp.OP_MSG, False, body)
     assert r.flags == (1 if checksum else 0)
     assert r.checksum == (0x01020304 if checksum else None)
     assert r.op_code == bp.OP_MSG
+
+
+# Write commands as drivers send them: small, so every split point is tried; comments everywhere.
+short_strings = st.one_of(st.text(chars, max_size=10), st.just("traceparent=00-" + "ab" * 16 + "-" + "cd" * 8 + "-01"))
+trace_doc = fdict(traceparent=opt(short_strings), tracestate=short_strings)
+small_values = st.one_of(st.none(), int32s, short_strings, st.lists(int32s, max_size=2))
+comment_q = permuted(st.fixed_dictionaries({"$comment": st.one_of(short_strings, short_strings, small_values)},
+                                           optional={"_id": int32s, "x": small_values}))
+statement = permuted(st.fixed_dictionaries({"q": st.one_of(comment_q, comment_q, comment_q, small_values)},
+                                           optional={"u": fdict(**{"$set": small_docs}), "limit": st.just(0)}))
+write_seq_docs = st.lists(st.one_of(statement, statement, statement, small_docs.filter(lambda d: len(d) <= 1)),
+                          min_size=1, max_size=3)
+write_sequences = st.lists(
+    st.tuples(st.sampled_from(["updates", "updates", "deletes", "deletes", "documents", "Updates"]), write_seq_docs),
+    min_size=1, max_size=3)
+WRITE_COMMAND_FIELDS = {
+    "comment": st.one_of(short_strings, short_strings, trace_doc, small_values),
+    "$db": short_strings,
+    "filter": fdict(**{"$comment": short_strings}),
+    "deletes": st.lists(fdict(q=comment_q), max_size=1),
+}
+
+
+@st.composite
+def write_commands(draw):
+    name = draw(st.sampled_from(["update", "delete", "insert", "find"]))
+    rest = [(k, draw(v)) for k, v in WRITE_COMMAND_FIELDS.items() if draw(st.booleans())]
+    return dict([(name, draw(short_strings))] + draw(st.permutations(rest)))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(doc=write_commands(), seqs=write_sequences, checksum=st.booleans(), data=st.data())
+def test_write_sequence_comment_matches_oracle_in_any_section_order(doc, seqs, checksum, data):
+    raw = bson.encode(doc)
+    kind0_at = data.draw(st.integers(0, len(seqs)), label="kind0_at")
+    body = op_msg(raw, seqs, checksum=checksum, kind0_at=kind0_at)
+    exp = expect_op_msg_request(raw, seqs, kind0_at)
+    check_chunkings(bp.OP_MSG, False, body, exp, data, every_split_max=400)
+    # the root string comment wins whatever the order; a sequence's first-document comment is read
+    if type(doc.get("comment")) is str:
+        assert exp["comment"] == doc["comment"]
+    # the same sections as a reply: kind-1 documents of a reply are never read
+    assert fields(scan(bp.OP_MSG, True, body))["comment"] is None
 
 
 @PROPERTY
@@ -545,6 +636,76 @@ def test_comment_forms():
     assert (r.comment, r.documents) == ("upd", 1)
     r = scan(bp.OP_MSG, False, op_msg({"delete": "c", "deletes": [{"q": {"$comment": 5}}, {"q": {}}]}))
     assert (r.comment, r.documents) == (None, 2)
+
+
+def driver_op_msg(command: dict) -> bytes:
+    """The OP_MSG body pymongo itself builds (documents/updates/deletes go into a kind-1 sequence)."""
+    _, message, _, _ = pymongo.message._op_msg(0, command, "shop", None, bson.codec_options.DEFAULT_CODEC_OPTIONS)
+    return message[16:]
+
+
+TP = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
+
+def test_driver_write_sequences_carry_the_legacy_comment():
+    lsid = {"id": Binary(uuid.UUID(int=7).bytes, 4)}
+    body = driver_op_msg({"delete": "users", "ordered": True, "lsid": lsid,
+                          "deletes": [{"q": {"age": {"$gt": 3}, "$comment": f"traceparent={TP}"}, "limit": 0}]})
+    end0 = 5 + int.from_bytes(body[5:9], "little")  # the driver sends kind 0, then the kind-1 `deletes`
+    assert body[4] == 0 and body[end0] == 1 and body[end0 + 5:].startswith(b"deletes\x00")
+    check_chunkings(bp.OP_MSG, False, body, expected(
+        command="delete", collection="users", database="shop", comment=f"traceparent={TP}", documents=1),
+        every_split_max=400)
+    body = driver_op_msg({"update": "users", "ordered": True, "updates": [
+        {"q": {"_id": 1, "$comment": TP}, "u": {"$set": {"a": 1}}, "multi": False, "upsert": False},
+        {"q": {"_id": 2, "$comment": "second"}, "u": {"$set": {"a": 2}}}]})
+    check_chunkings(bp.OP_MSG, False, body, expected(
+        command="update", collection="users", database="shop", comment=TP, documents=2), every_split_max=400)
+    # an insert's documents are data: never read, even when one looks like a statement
+    body = driver_op_msg({"insert": "users", "documents": [{"q": {"$comment": TP}}]})
+    assert scan(bp.OP_MSG, False, body).comment is None
+
+
+def test_write_sequence_comment_precedence():
+    deletes = [("deletes", [{"q": {"$comment": "from q"}, "limit": 0}, {"q": {"$comment": "second doc"}}])]
+    for kind0_at in (0, 1):
+        def comment(doc, seqs=deletes):
+            return scan(bp.OP_MSG, False, op_msg(doc, seqs, kind0_at=kind0_at)).comment
+
+        # a root string comment wins, before or after the sequence
+        assert comment({"delete": "c", "comment": "root"}) == "root"
+        # a document comment is not a string: the legacy one is used, the trace context still read
+        r = scan(bp.OP_MSG, False, op_msg({"delete": "c", "comment": {"traceparent": TP}}, deletes, kind0_at=kind0_at))
+        assert (r.comment, r.comment_traceparent) == ("from q", TP)
+        assert comment({"delete": "c", "comment": 7}) == "from q"
+        # only the first document of the sequence counts
+        assert comment({"delete": "c"}, [("deletes", [{"q": {}}, {"q": {"$comment": "second"}}])]) is None
+        assert comment({"delete": "c"}, [("deletes", [{"q": {"$comment": 5}}, {"q": {"$comment": "x"}}])]) is None
+    # the first legacy comment in body order wins
+    seqs = [("updates", [{"q": {"$comment": "seq 1"}}]), ("deletes", [{"q": {"$comment": "seq 2"}}])]
+    doc = {"update": "c", "filter": {"$comment": "kind 0"}}
+    assert [scan(bp.OP_MSG, False, op_msg(doc, seqs, kind0_at=k)).comment for k in (0, 1, 2)] == \
+        ["kind 0", "seq 1", "seq 1"]
+    # a second kind-1 `updates` section: its first document is read too, but the first found wins
+    seqs = [("updates", [{"q": {}}]), ("updates", [{"q": {"$comment": "later"}}])]
+    assert scan(bp.OP_MSG, False, op_msg({"update": "c"}, seqs)).comment == "later"
+
+
+def test_write_sequence_identifier_split_and_snapshots():
+    body = op_msg({"delete": "c", "$db": "d"}, [("deletes", [{"q": {"$comment": "tp"}}])], kind0_at=1)
+    ident = body.index(b"deletes")
+    s = bp.BodyScanner()
+    s.reset(bp.OP_MSG, False, len(body))
+    s.feed(body[:ident + 3])  # inside the identifier
+    assert s.result().comment is None
+    s.feed(body[ident + 3:ident + 40])
+    early = s.result()
+    assert (early.comment, early.command) == ("tp", None)  # the kind-0 section has not arrived
+    s.feed(body[ident + 40:])
+    assert s.done and (s.result().comment, s.result().command, s.result().database) == ("tp", "delete", "d")
+    # a root comment arriving after the sequence still wins
+    body = op_msg({"delete": "c", "comment": "root"}, [("deletes", [{"q": {"$comment": "tp"}}])], kind0_at=1)
+    assert fields(scan_bytewise(bp.OP_MSG, False, body))["comment"] == "root"
 
 
 def test_reply_errors_and_writes():

@@ -172,6 +172,28 @@ def test_op_msg_sections():
     assert everywhere(bp.OP_MSG, False, op_msg({"insert": "c"}) + b"\x01" + b"\x10\x00") == "truncated"
 
 
+def test_write_sequence_first_document_is_validated_where_it_is_read():
+    def seq(ident: str, *docs: bytes) -> bytes:
+        payload = cstr(ident) + b"".join(docs)
+        return b"\x01" + i32(4 + len(payload)) + payload
+
+    head = op_msg({"delete": "c"})
+    bad_type = doc(b"\x03q\x00" + doc(b"\x20x\x00") + b"\x10limit\x00" + i32(0))
+    bad_utf8 = doc(b"\x03q\x00" + doc(b"\x02$comment\x00" + i32(3) + b"\xff\xfe\x00"))
+    q_too_long = doc(b"\x03q\x00" + i32(40) + b"\x00")
+    good = bson.encode({"q": {}, "limit": 0})
+    assert everywhere(bp.OP_MSG, False, head + seq("deletes", bad_type)) == "unknown_type"
+    assert everywhere(bp.OP_MSG, False, head + seq("updates", bad_utf8)) == "invalid_utf8"
+    assert everywhere(bp.OP_MSG, False, seq("deletes", q_too_long) + head) == "bad_length"
+    # only the first document of an `updates`/`deletes` sequence is read; the rest are skipped by length
+    for body in (head + seq("documents", bad_type), head + seq("deletes", good, bad_type, bad_utf8),
+                 head + seq("deletesx", bad_utf8), head + seq("Updates", bad_utf8)):
+        assert outcome(bp.OP_MSG, False, body)[0] == "ok"
+        assert outcome(bp.OP_MSG, False, body, cuts=range(len(body)))[0] == "ok"
+    # a reply's kind-1 documents are never read
+    assert outcome(bp.OP_MSG, True, op_msg({"ok": 1}) + seq("deletes", bad_type))[0] == "ok"
+
+
 def test_op_msg_flags_and_checksum_need_room():
     assert everywhere(bp.OP_MSG, False, b"\x00\x00") == "truncated"
     assert reason(bp.OP_MSG, False, b"") == "truncated"

@@ -244,6 +244,14 @@ def test_only_the_first_kind0_document_renders():
     assert shape(bp.OP_MSG, False, body, bp.RENDER_VALUES) == '{"insert":"c","$db":"d"}'
 
 
+def test_write_sequences_do_not_render_in_any_order():
+    seqs = [("deletes", [{"q": {"$comment": "tp", "pwd": "secret"}, "limit": 0}])]
+    for kind0_at in (0, 1):
+        body = op_msg({"delete": "c", "$db": "d"}, seqs=seqs, kind0_at=kind0_at)
+        r = scan(bp.OP_MSG, False, body, render=bp.RENDER_VALUES)
+        assert (r.query_shape, r.comment) == ('{"delete":"c","$db":"d"}', "tp")
+
+
 def test_render_arguments_are_checked():
     s = bp.BodyScanner()
     with pytest.raises(ValueError):
