@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import pytest
-from pymongo import MongoClient
+from pymongo import MongoClient, WriteConcern
 
 from mongoproxy import wire as mwire
 from mongoproxy.tracker import COLLECTION_COMMANDS
@@ -197,7 +197,7 @@ def workload(ports: list[int], secantus_db: str) -> None:
         assert len(list(db.items.aggregate([{"$group": {"_id": "$k"}}]))) == 3
         with pytest.raises(Exception):
             db.items.insert_one({"_id": 1})
-        db.get_collection("logs", write_concern=__import__("pymongo").WriteConcern(w=0)).insert_one({"m": 1})
+        db.get_collection("logs", write_concern=WriteConcern(w=0)).insert_one({"m": 1})
         db.command("ping")
         time.sleep(1.6)  # let the monitor's streaming hello stream a few replies
     for comp in ("zlib", "snappy", "zstd"):
