@@ -128,6 +128,22 @@ def test_legacy_dollar_comment_in_the_filter_or_match(receiver, client, db_name)
     assert all(s.parent_span_id == parent for s in spans)
 
 
+def test_legacy_dollar_comment_in_driver_write_sequences(receiver, client, db_name):
+    coll = client[db_name].writes
+    coll.insert_many([{"_id": i, "n": i} for i in range(4)])
+    trace, parent, tp = new_context()
+    coll.update_one({"_id": 1, "$comment": f"traceparent={tp}"}, {"$set": {"x": 1}})
+    coll.delete_many({"_id": {"$in": [2, 3]}, "$comment": tp})
+    spans = receiver.trace(trace, count=2)
+    assert sorted(s.name for s in spans) == ["delete writes", "update writes"]
+    assert all(s.parent_span_id == parent for s in spans)
+    trace2, parent2, tp2 = new_context()
+    _, _, other = new_context()
+    coll.delete_one({"_id": 0, "$comment": other}, comment=tp2)  # the command's comment wins
+    [span] = receiver.trace(trace2)
+    assert span.parent_span_id == parent2
+
+
 # ---------------------------------------------------------------- cursors
 
 
