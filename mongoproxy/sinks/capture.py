@@ -37,6 +37,7 @@ from mongoproxy import __version__, redact
 from mongoproxy.config import Option, non_negative_float
 from mongoproxy.errors import ConfigError, DecodeError
 from mongoproxy.events import wall_ns
+from mongoproxy.namespaces import NamespaceFilter, ns_list_parser
 from mongoproxy.pcapng import PcapngWriter, TcpFlow
 
 G = "recording"
@@ -82,20 +83,6 @@ def parse_size(flag: str):
     return parse
 
 
-def parse_record_ns(value: Any) -> tuple[str, ...]:
-    """`db.coll`, `db.*` or `db`, comma-separated."""
-    items = value if isinstance(value, (list, tuple)) else str(value).split(",")
-    out = []
-    for raw in items:
-        ns = str(raw).strip()
-        if not ns:
-            continue
-        if not ns.split(".", 1)[0]:
-            raise ConfigError(f"--record-ns {ns!r}: give db.collection, db.* or db, e.g. shop.orders,audit.*")
-        out.append(ns)
-    return tuple(out)
-
-
 OPTIONS: list[Option] = [
     Option("record", ("--record",), "record the traffic as pcapng files in this directory (created if missing); "
            "replay them with `mongoproxy replay`, open them with Wireshark", str, None, metavar="DIR", group=G),
@@ -105,7 +92,7 @@ OPTIONS: list[Option] = [
            "0 rotates by size only", non_negative_float("--record-rotate-seconds"), DEFAULT_ROTATE_SECONDS,
            metavar="S", group=G),
     Option("record_ns", ("--record-ns",), "record only commands on these namespaces (db.collection, db.* or db, "
-           "comma-separated) and their replies; handshake and auth are always kept", parse_record_ns, (),
+           "comma-separated) and their replies; handshake and auth are always kept", ns_list_parser("--record-ns"), (),
            metavar="NS", group=G),
     Option("record_redact", ("--record-redact",), "in the recording only, replace literal values by keyed "
            "hashes of the same type and size (equal values stay equal); the forwarded bytes are untouched",
@@ -281,22 +268,6 @@ def _append(out: list, obj: Any, start: int, end: int, ts: int) -> None:
     out.append((obj, start, end, ts))
 
 
-def _ns_matcher(patterns: tuple[str, ...]):
-    exact, dbs = set(), set()
-    for ns in patterns:
-        if ns.endswith(".*"):
-            dbs.add(ns[:-2])
-        elif "." in ns:
-            exact.add(ns)
-        else:
-            dbs.add(ns)
-
-    def match(db: str, coll: str) -> bool:
-        return db in dbs or (bool(coll) and f"{db}.{coll}" in exact)
-
-    return match
-
-
 class CaptureSink:
     """Records forwarded bytes as pcapng through a bounded queue and a writer thread."""
 
@@ -311,7 +282,7 @@ class CaptureSink:
         self.max_bytes = max_bytes
         self.rotate_ns = int(rotate_seconds * 1e9)
         self.namespaces = tuple(namespaces)
-        self._ns_match = _ns_matcher(self.namespaces) if self.namespaces else None
+        self._ns_match = NamespaceFilter(self.namespaces) if self.namespaces else None
         self.pseudonymise = pseudonymise
         self.hold_all = pseudonymise or bool(self.namespaces)
         self.max_message_bytes = max_message_bytes

@@ -22,6 +22,7 @@ from mongoproxy import querylog
 from mongoproxy.config import Option, non_negative_float
 from mongoproxy.errors import ConfigError
 from mongoproxy.events import wall_ns
+from mongoproxy.namespaces import NamespaceFilter, ns_list_parser
 
 # Rendering modes of the scanner (mongoproxy._bson_parser.RENDER_*).
 RENDER_OFF, RENDER_REDACTED, RENDER_VALUES = 0, 1, 2
@@ -57,17 +58,6 @@ def parse_ops(value: Any) -> tuple[str, ...]:
     return tuple(ops)
 
 
-def parse_ns(value: Any) -> tuple[str, ...]:
-    """`db.coll`, `db.*` or `db`, comma-separated."""
-    out = []
-    for ns in _items(value):
-        db = ns.split(".", 1)[0]
-        if not db:
-            raise ConfigError(f"--log-ns {ns!r}: give db.collection, db.* or db, e.g. shop.users,audit.*")
-        out.append(ns)
-    return tuple(out)
-
-
 G = "command log"
 OPTIONS: list[Option] = [
     Option("log_commands", ("--log-commands",), "log one line per command (to stderr unless --log-file)",
@@ -83,7 +73,7 @@ OPTIONS: list[Option] = [
     Option("log_ops", ("--log-ops",), "log only these commands, comma-separated (e.g. find,update); !name "
            "excludes one (e.g. !hello,!ping)", parse_ops, (), metavar="OPS", group=G),
     Option("log_ns", ("--log-ns",), "log only these namespaces, comma-separated: db.collection, db.* or db",
-           parse_ns, (), metavar="NS", group=G),
+           ns_list_parser("--log-ns"), (), metavar="NS", group=G),
     Option("log_query", ("--log-query",), "add each command's body with every literal replaced by ? and a "
            "shape hash (implies --log-commands)", switch=True, default=False, group=G),
     Option("no_redact", ("--no-redact",), "with --log-query, show literal values (credentials are still hidden)",
@@ -130,16 +120,7 @@ class CommandLogSink:
         include = {o.lower() for o in ops if not o.startswith("!")}
         self._ops_include = frozenset(include) if include else None
         self._ops_exclude = frozenset(o[1:].lower() for o in ops if o.startswith("!"))
-        exact, dbs = set(), set()
-        for ns in namespaces:
-            if ns.endswith(".*"):
-                dbs.add(ns[:-2])
-            elif "." in ns:
-                exact.add(ns)
-            else:
-                dbs.add(ns)
-        self._ns_filter = bool(exact or dbs)
-        self._ns_exact, self._ns_dbs = frozenset(exact), frozenset(dbs)
+        self._ns = NamespaceFilter(tuple(namespaces))
         self.log_query = log_query
         self.show_values = show_values
         if color is None:
@@ -172,8 +153,7 @@ class CommandLogSink:
             op = event.op.lower()
             if op in self._ops_exclude or (self._ops_include is not None and op not in self._ops_include):
                 return
-        if self._ns_filter and event.database not in self._ns_dbs and \
-                f"{event.database}.{event.collection}" not in self._ns_exact:
+        if self._ns and not self._ns(event.database, event.collection):
             return
         if self._slow_ns is not None:
             d = event.duration_ns
