@@ -19,26 +19,26 @@ from typing import Any, Callable, Optional
 from mongoproxy.errors import DecodeError
 
 try:
-    from mongoproxy import _bson_parser
+    from mongoproxy._bson_parser import (
+        OP_COMMAND,
+        OP_COMMANDREPLY,
+        OP_DELETE,
+        OP_GET_MORE,
+        OP_INSERT,
+        OP_KILL_CURSORS,
+        OP_MSG,
+        OP_QUERY,
+        OP_REPLY,
+        OP_UPDATE,
+        BodyScanner,
+    )
 except ImportError as exc:  # pragma: no cover - a broken install must fail loudly
     raise ImportError(
         "mongoproxy's compiled scanner (mongoproxy._bson_parser) is missing: reinstall with "
         "`pip install .` (or `pip install -e .` in a checkout), which needs a C compiler and Cython"
     ) from exc
 
-BodyScanner = _bson_parser.BodyScanner
-
-OP_REPLY = 1
-OP_UPDATE = 2001
-OP_INSERT = 2002
-OP_QUERY = 2004
-OP_GET_MORE = 2005
-OP_DELETE = 2006
-OP_KILL_CURSORS = 2007
-OP_COMMAND = 2010
-OP_COMMANDREPLY = 2011
-OP_COMPRESSED = 2012
-OP_MSG = 2013
+OP_COMPRESSED = 2012  # unwrapped here; the scanner never sees it
 
 OP_NAMES = {
     OP_REPLY: "OP_REPLY",
