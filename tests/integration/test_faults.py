@@ -161,3 +161,42 @@ def test_slow_reader_keeps_buffers_bounded(loop_kind):
     assert buffered <= WRITE_HIGH_WATER + (1 << 20)
     assert in_flight_at_block < total  # the server was blocked long before it could send everything
     assert got == total
+
+
+@pytest.mark.parametrize("loop_kind", LOOP_KINDS)
+def test_upstream_connect_timeout_closes_client(loop_kind):
+    """An upstream whose accept queue is full never completes the handshake: the connect times out."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers = []
+    try:
+        for _ in range(8):  # fill the accept queue; later SYNs are dropped
+            s = socket.socket()
+            s.setblocking(False)
+            s.connect_ex(("127.0.0.1", port))
+            fillers.append(s)
+        time.sleep(0.2)
+
+        async def main():
+            async with running_proxy(port, connect_timeout="0.5") as proxy:
+                started = time.monotonic()
+                reader, writer = await asyncio.open_connection("127.0.0.1", proxy.ports[0])
+                writer.write(PING)
+                try:
+                    data = await asyncio.wait_for(reader.read(), 10)
+                except ConnectionResetError:
+                    data = b""
+                elapsed = time.monotonic() - started
+                writer.close()
+                return data, elapsed, proxy.sink.upstream_errors
+
+        data, elapsed, errors = run(main(), loop_kind)
+    finally:
+        for s in fillers:
+            s.close()
+        listener.close()
+    assert data == b""
+    assert [e.reason for e in errors] == ["timeout"]
+    assert elapsed < 5  # the 0.5 s --connect-timeout fired, not the 10 s default
