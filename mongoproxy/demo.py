@@ -43,11 +43,12 @@ class EmbeddedServer:
     def __init__(self) -> None:
         self.port = _free_port()
         self.proc: Optional[subprocess.Popen] = None
-        self.log = tempfile.NamedTemporaryFile(prefix="mongoproxy-demo-server-", suffix=".log", delete=False)
+        self.log: Any = None
 
     def start(self, timeout: float = 60.0) -> None:
         if importlib.util.find_spec("secantus") is None:
             raise ConfigError("the demo needs its embedded server: pip install 'mongoproxy[demo]'")
+        self.log = tempfile.NamedTemporaryFile(prefix="mongoproxy-demo-server-", suffix=".log", delete=False)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "secantus", "--host", "127.0.0.1", "--port", str(self.port),
              "--storage-path", ":memory:", "--log-level", "WARNING"],
@@ -74,11 +75,12 @@ class EmbeddedServer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        self.log.close()
-        try:
-            os.unlink(self.log.name)
-        except OSError:
-            pass
+        if self.log is not None:
+            self.log.close()
+            try:
+                os.unlink(self.log.name)
+            except OSError:
+                pass
 
 
 async def workload(port: int) -> None:
