@@ -25,5 +25,9 @@ class DecodeError(MongoProxyError):
         self.detail = detail
 
 
+class MalformedContext(MongoProxyError, ValueError):
+    """A comment names a trace context but its value does not parse; ignored for tracing, never fatal."""
+
+
 class ReplayError(MongoProxyError):
     """A capture file or replay target problem; the message names the file or the fix."""

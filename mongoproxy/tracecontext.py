@@ -20,6 +20,8 @@ import re
 from typing import NamedTuple, Optional
 from urllib.parse import unquote
 
+from mongoproxy.errors import MalformedContext
+
 __all__ = [
     "TraceContext",
     "MalformedContext",
@@ -42,10 +44,6 @@ class TraceContext(NamedTuple):
     sampled: bool
     tracestate: tuple[tuple[str, str], ...] = ()  # W3C tracestate members, in order
     format: str = "w3c"  # "w3c" or "jaeger"
-
-
-class MalformedContext(ValueError):
-    """A comment names a trace context but its value does not parse; the message says why."""
 
 
 # W3C Trace Context level 1: lowercase hex only; versions above 00 may append "-..." fields.
