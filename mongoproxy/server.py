@@ -448,12 +448,13 @@ def _is_local_address(host: str) -> bool:
 
 async def serve(config: Config, on_started: Optional[Callable[[Proxy], Any]] = None) -> int:
     """Run until SIGTERM/SIGINT, then drain; the exit code. on_started(proxy) runs once listening."""
-    from prometheus_client import CollectorRegistry
+    from prometheus_client import CollectorRegistry, disable_created_metrics
 
     from mongoproxy import admin
     from mongoproxy.sinks import SinkContext, build_sinks
 
     loop = asyncio.get_running_loop()
+    disable_created_metrics()  # *_created series double the scrape size and no dashboard reads them
     registry = CollectorRegistry(auto_describe=True)
     modes = {"transparent" if s.transparent else "static" for s in config.proxy}
     ctx = SinkContext(registry=registry, version=__version__, mode=modes.pop() if len(modes) == 1 else "mixed")
