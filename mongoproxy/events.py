@@ -97,6 +97,7 @@ class CommandEvent:
     more_to_come_request: bool = False  # unacknowledged write: no reply will come
     exhaust: bool = False  # this reply arrived as a moreToCome continuation
     exhaust_index: int = 0  # 0 for the direct reply, 1.. for streamed replies
+    awaitable: bool = False  # a monitoring hello the server may hold for maxAwaitTimeMS (exhaustAllowed)
     decode_error: str = ""  # reason token when the request or reply failed to decode
 
     @property

@@ -149,8 +149,12 @@ class Tracker:
                 exhaust.pop(stale)
         else:
             exhaust.pop(p.msg.request_id, None)
-        if r is not None and p.op in HELLO_COMMANDS:
-            self._handshake_reply(r)
+        if p.op in HELLO_COMMANDS:
+            if r is not None:
+                self._handshake_reply(r)
+            req = p.msg.result
+            # A monitoring hello that allows exhaust may be held for maxAwaitTimeMS: a long poll.
+            event.awaitable = req is not None and bool(req.flags & wire.EXHAUST_ALLOWED)
         self.bus.command(event)
 
     def _event(self, p: _Pending, reply: Optional[wire.Message] = None) -> CommandEvent:

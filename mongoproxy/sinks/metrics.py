@@ -246,7 +246,7 @@ class MetricsSink:
         s = self._cache.get(key)
         if s is None:
             s = self._resolve(key)
-        if event.reply_last_ns and not event.more_to_come_request:
+        if event.reply_last_ns and not event.more_to_come_request and not event.awaitable:
             v = (event.reply_last_ns - event.request_first_ns) * 1e-9
             s.lat[bisect_left(self.latency_buckets, v)] += 1
             s.lat_sum += v

@@ -147,6 +147,19 @@ def test_unacknowledged_request_has_no_latency_or_reply(reg, sink):
     assert val(reg, "mongoproxy_request_size_bytes_sum", ins) == 80
 
 
+def test_awaitable_hello_is_a_long_poll_not_a_latency(reg, sink):
+    c = conn()
+    handshake = command(c, op="hello", coll="", db="admin", latency_ms=1)
+    poll = command(c, op="hello", coll="", db="admin", latency_ms=10_000, reply_size=400)
+    poll.awaitable = True
+    sink.on_command(handshake)
+    sink.on_command(poll)
+    hello = dict(L, op="hello", collection="", db="admin")
+    assert val(reg, "mongoproxy_response_latency_seconds_count", hello) == 1
+    assert val(reg, "mongoproxy_response_latency_seconds_sum", hello) == pytest.approx(0.001)
+    assert val(reg, "mongoproxy_response_size_bytes_count", hello) == 2
+
+
 def test_exhaust_replies_count_the_request_once(reg, sink):
     c = conn()
     sink.on_command(command(c, op="getMore", returned=2, request_size=100, reply_size=200))

@@ -162,3 +162,11 @@ def test_legacy_query_reply_documents_are_data_not_outcome():
     (e,) = p.sink.commands
     assert (e.op, e.ok, e.code, e.errmsg, e.documents_returned) == ("query", True, None, "", 1)
     assert not e.failed
+
+
+def test_monitoring_hello_with_exhaust_allowed_is_a_long_poll():
+    p = Pair()
+    _exhaust(p, True, 3)
+    p.send(tw.encode_op_msg({"hello": 1, "$db": "admin"}, request_id=500))
+    p.answer(tw.encode_op_msg({"isWritablePrimary": True, "ok": 1}, response_to=500, request_id=501))
+    assert [e.awaitable for e in p.sink.commands] == [True, True, True, False]
