@@ -15,6 +15,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import shutil
 import sys
 import time
@@ -33,26 +34,27 @@ SCENARIOS = ("scanner", "hotpath", "memory", "driver")
 class Params:
     """How much each scenario does; --quick picks the small set."""
 
-    raw_rounds: int = 15
-    raw_per_round: int = 2000
-    pymongo_rounds: int = 8
+    raw_rounds: int = 20
+    raw_per_round: int = 2500
+    pymongo_rounds: int = 10
     pymongo_per_round: int = 500
     large_sizes: tuple = (4 * MiB, 16 * MiB)
     large_rounds: int = 10
     large_per_round: int = 3
     scanner_budget: float = 8.0
+    tap_pairs: int = 50_000
     idle_counts: tuple = (1000, 5000)
     stream_bytes: int = 40 * 1000 * 1000
-    driver_rounds: int = 5
+    driver_rounds: int = 7
     driver_commands: int = 2000
     driver_docs: int = 1000
-    driver_inserts: int = 1000
+    driver_inserts: int = 300  # SecantusDB's inserts slow down as documents accumulate
     reply_size: int = 200
 
 
 QUICK = Params(raw_rounds=3, raw_per_round=1000, pymongo_rounds=2, pymongo_per_round=300, large_rounds=2,
-               large_per_round=1, scanner_budget=1.5, idle_counts=(500, 1000), driver_rounds=2,
-               driver_commands=200, driver_docs=200, driver_inserts=200)
+               large_per_round=1, scanner_budget=1.5, tap_pairs=10_000, idle_counts=(500, 1000), driver_rounds=2,
+               driver_commands=200, driver_docs=200, driver_inserts=100)
 
 
 def log(msg: str) -> None:
@@ -251,12 +253,48 @@ def _fmt_x(r: Optional[float]) -> str:
 # ---- output ----
 
 
-def print_tables(res: dict) -> None:
-    """Every scenario's table and the goals, with rich."""
-    from rich.console import Console
-    from rich.table import Table
+class _PlainTable:
+    """The part of rich.table.Table used here, printed as aligned plain text (when rich is missing)."""
 
-    con = Console(width=max(110, shutil.get_terminal_size((110, 24)).columns))
+    def __init__(self, title: str = "", **_: Any) -> None:
+        self.title = title
+        self.columns: list[tuple[str, str]] = []
+        self.rows: list[tuple[str, ...]] = []
+
+    def add_column(self, name: str, justify: str = "left") -> None:
+        self.columns.append((name, justify))
+
+    def add_row(self, *cells: str) -> None:
+        self.rows.append(tuple(_MARKUP.sub("", c) for c in cells))
+
+    def render(self) -> str:
+        widths = [max([len(name)] + [len(r[i]) for r in self.rows]) for i, (name, _) in enumerate(self.columns)]
+
+        def line(cells: tuple) -> str:
+            return "  ".join(c.ljust(w) if j == "left" else c.rjust(w)
+                             for c, w, (_, j) in zip(cells, widths, self.columns)).rstrip()
+
+        out = [self.title, line(tuple(n for n, _ in self.columns)), "  ".join("-" * w for w in widths)]
+        return "\n".join(out + [line(r) for r in self.rows]) + "\n"
+
+
+class _PlainConsole:
+    def print(self, obj: Any = "") -> None:
+        print(obj.render() if isinstance(obj, _PlainTable) else _MARKUP.sub("", str(obj)))
+
+
+_MARKUP = re.compile(r"\[/?[a-z ]+\]")
+
+
+def print_tables(res: dict) -> None:
+    """Every scenario's table and the goals (with rich when it is installed, else plain text)."""
+    try:
+        from rich.console import Console
+        from rich.table import Table
+
+        con: Any = Console(width=max(110, shutil.get_terminal_size((110, 24)).columns))
+    except ImportError:
+        Table, con = _PlainTable, _PlainConsole()  # type: ignore[assignment,misc]
     sc = res["scenarios"]
 
     def table(title: str, *cols: str) -> Table:
@@ -292,7 +330,8 @@ def print_tables(res: dict) -> None:
         con.print(t)
         sizes = list(hot["large"])
         t = table("3. Large replies: MB/s (median transfer) and the proxy's CPU ms per MB", "variant",
-                  *[f"{s} MB/s" for s in sizes], *[f"{s} ÷ haproxy" for s in sizes], *[f"{s} CPU ms/MB" for s in sizes])
+                  *[f"{s} MB/s" for s in sizes], *[f"{s} ÷ haproxy" for s in sizes],
+                  *[f"{s} CPU ms/MB" for s in sizes])
         for name in hot["large"][sizes[0]]["variants"]:
             rows = [hot["large"][s]["variants"][name] for s in sizes]
             rel = [_fmt_x(_ratio(hot["large"][s]["variants"][name]["mb_s"],
@@ -324,6 +363,17 @@ def print_tables(res: dict) -> None:
                       f"{c['scanner_chunked_us']:.2f}" if "scanner_chunked_us" in c else "",
                       f"{c['bson_decode_us']:.2f}", f"{c['speedup']:.1f}x")
         con.print(t)
+        tap = scan.get("tap", {})
+        if tap:
+            t = table("4. The tap in process: framing + scanning + matching per small round trip, µs (tapcost.py)",
+                      "checkout", "bare bus", "with the metrics sink")
+            for name, row in tap.items():
+                t.add_row(name, f"{row['bare_us']:.2f}", f"{row['metrics_us']:.2f}")
+            if "baseline" in tap:
+                t.add_row("mongoproxy ÷ baseline",
+                          _fmt_x(_ratio(tap["mongoproxy"]["bare_us"], tap["baseline"]["bare_us"])),
+                          _fmt_x(_ratio(tap["mongoproxy"]["metrics_us"], tap["baseline"]["metrics_us"])))
+            con.print(t)
     mem = sc.get("memory")
     if mem:
         names = list(mem)
@@ -460,6 +510,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         if "scanner" in wanted:
             log("scanner micro-benchmark")
             res["scenarios"]["scanner"] = scenarios.scanner(p.scanner_budget)
+            roots = {"mongoproxy": procs.REPO_ROOT, **({"baseline": args.baseline} if args.baseline else {})}
+            res["scenarios"]["scanner"]["tap"] = scenarios.tap_cost(roots, p.tap_pairs)
         if "hotpath" in wanted:
             res["scenarios"]["hotpath"] = run_hotpath(p, workdir, args.baseline)
         if "memory" in wanted:

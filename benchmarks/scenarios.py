@@ -351,7 +351,8 @@ def scanner_cases() -> list[tuple[str, bool, bytes, bytes]]:
              "connectionId": 12345, "minWireVersion": 0, "maxWireVersion": 21, "readOnly": False,
              "compression": ["zstd", "snappy"], "ok": 1.0}
     cases.append(("hello reply", True, *body(hello)))
-    small_docs = [{"_id": i, "name": "item %d" % i, "qty": i * 3, "tags": ["a", "b"], "price": 9.99} for i in range(100)]
+    small_docs = [{"_id": i, "name": "item %d" % i, "qty": i * 3, "tags": ["a", "b"], "price": 9.99}
+                  for i in range(100)]
     cases.append(("100-document reply", True, *body({"cursor": {"firstBatch": small_docs, "id": 0,
                                                                  "ns": "shop.items"}, "ok": 1.0})))
     big_docs = [_tweet(i) for i in range(4 * MiB // len(bson.encode(_tweet(0))))]
@@ -411,6 +412,27 @@ def scanner(budget: float, repeat: int = 5, chunk: int = 256 * 1024) -> dict:
     return {"cases": rows}
 
 
+def tap_cost(roots: dict[str, str], pairs: int, rounds: int = 2) -> dict:
+    """The tap's in-process µs per small round trip (benchmarks/tapcost.py) for each checkout, interleaved."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tapcost.py")
+    best: dict[str, dict] = {}
+    for _ in range(rounds):
+        for name, root in roots.items():
+            out = subprocess.run([sys.executable, script, "--root", root, "--pairs", str(pairs), "--repeat", "3"],
+                                 capture_output=True, text=True, timeout=300, cwd=root)
+            if out.returncode != 0:
+                raise RuntimeError(f"tapcost.py --root {root} failed: {out.stderr[-2000:]}")
+            row = json.loads(out.stdout)
+            prev = best.get(name)
+            best[name] = {k: min(row[k], prev[k]) if prev else row[k] for k in ("bare_us", "metrics_us")}
+    return best
+
+
 # ---- scenario 6: MongoDB driver benchmark tasks against SecantusDB ----
 
 
@@ -450,35 +472,42 @@ def driver_tasks(ports: dict[str, int], rounds: int, n_commands: int, n_docs: in
             coll.insert_one(small_doc(i))
 
     def insert_setup(c: Any, name: str) -> None:
-        c[db_name].drop_collection("small_" + name)
         c[db_name].create_collection("small_" + name)
+
+    def insert_teardown(c: Any, name: str) -> None:
+        # Dropped after each run: SecantusDB's inserts slow down several-fold once ~10k documents accumulate.
+        c[db_name].drop_collection("small_" + name)
 
     def find_many(c: Any, name: str) -> None:
         for _ in c[db_name].corpus.find({}):
             pass
 
-    tasks: list[tuple[str, Callable, Optional[Callable], int]] = [
-        ("RunCommand", run_command, None, n_commands),
-        ("FindOneByID", find_one_by_id, None, n_docs),
-        ("SmallDocInsertOne", insert_one, insert_setup, n_inserts),
-        ("FindManyAndEmptyCursor", find_many, None, n_docs),
+    tasks: list[tuple[str, Callable, Optional[Callable], Optional[Callable], int]] = [
+        ("RunCommand", run_command, None, None, n_commands),
+        ("FindOneByID", find_one_by_id, None, None, n_docs),
+        ("SmallDocInsertOne", insert_one, insert_setup, insert_teardown, n_inserts),
+        ("FindManyAndEmptyCursor", find_many, None, None, n_docs),
     ]
     out: dict[str, Any] = {}
     try:
         for c in clients.values():  # connect and warm up every variant
             c.admin.command("ping")
             c[db_name].corpus.find_one({"_id": 0})
-        for task, fn, setup, ops in tasks:
+        names = list(clients)
+        for task, fn, setup, teardown, ops in tasks:
             times: dict[str, list[float]] = {name: [] for name in clients}
-            for _ in range(rounds):
-                for name, c in clients.items():
+            for r in range(rounds):
+                for name in names[r % len(names):] + names[:r % len(names)]:  # each variant leads in turn
+                    c = clients[name]
                     if setup is not None:
                         setup(c, name)
                     t0 = time.perf_counter()
                     fn(c, name)
                     times[name].append(time.perf_counter() - t0)
+                    if teardown is not None:
+                        teardown(c, name)
             rows = {name: {"median_s": statistics.median(t), "best_s": min(t), "runs": len(t),
-                           "us_per_op": statistics.median(t) / ops * 1e6} for name, t in times.items()}
+                           "us_per_op": statistics.median(t) / ops * 1e6, "runs_s": t} for name, t in times.items()}
             out[task] = {"operations": ops, "variants": rows}
         first.drop_database(db_name)
     finally:

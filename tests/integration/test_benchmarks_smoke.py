@@ -45,6 +45,7 @@ def test_quick_run_writes_json(tmp_path):
     for name, check in sc["hotpath"]["checks"].items():
         assert check["commands_observed"] >= requests, (name, check)
     assert {c["case"] for c in sc["scanner"]["cases"]} >= {"small find command", "4 MB reply"}
+    assert set(sc["scanner"]["tap"]["mongoproxy"]) == {"bare_us", "metrics_us"}
     assert set(sc["memory"]) == {"mongoproxy", "haproxy"}
     assert set(sc["driver"]) == {"RunCommand", "FindOneByID", "SmallDocInsertOne", "FindManyAndEmptyCursor"}
     assert [g["id"] for g in res["goals"]] == [f"P{i}" for i in range(1, 8)]
