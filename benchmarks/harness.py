@@ -297,10 +297,10 @@ def print_tables(res: dict) -> None:
         Table, con = _PlainTable, _PlainConsole()  # type: ignore[assignment,misc]
     sc = res["scenarios"]
 
-    def table(title: str, *cols: str) -> Table:
+    def table(title: str, *cols: str, text: bool = False) -> Table:
         t = Table(title=title, title_justify="left")
         for i, c in enumerate(cols):
-            t.add_column(c, justify="left" if i == 0 else "right")
+            t.add_column(c, justify="left" if i == 0 or text else "right")
         return t
 
     hot = sc.get("hotpath")
@@ -396,7 +396,7 @@ def print_tables(res: dict) -> None:
             t.add_row(task, str(row["operations"]), *[f"{v[n]['median_s'] * 1000:.0f}" for n in variants],
                       *[_fmt_x(_ratio(v[n]["median_s"], v["direct"]["median_s"])) for n in variants if n != "direct"])
         con.print(t)
-    t = table("Goals", "goal", "target", "measured", "")
+    t = table("Goals", "goal", "target", "measured", "", text=True)
     for g in res["goals"]:
         mark = "[green]met[/green]" if g["met"] else ("[red]missed[/red]" if g["met"] is False else "n/a")
         t.add_row(g["id"], g["goal"], g["measured"], mark)
