@@ -8,7 +8,6 @@ user + system time of the proxy process from /proc/PID/stat.
 
 from __future__ import annotations
 
-import datetime
 import socket
 import statistics
 import struct
@@ -328,88 +327,22 @@ def _tweet(i: int, pad: int = 0) -> dict:
     }
 
 
-def scanner_cases() -> list[tuple[str, bool, bytes, bytes]]:
-    """(case, is_reply, OP_MSG body, its kind-0 document) for the scanner micro-benchmark."""
-    import uuid
+def scanner(quick: bool) -> dict:
+    """The scanner micro-benchmark (benchmarks.bench_scanner) in the harness's row shape."""
+    from benchmarks import bench_scanner
 
-    def body(doc: dict) -> tuple[bytes, bytes]:
-        raw = bson.encode(doc)
-        return b"\x00\x00\x00\x00\x00" + raw, raw
-
+    rows = bench_scanner.run(quick)
+    chunked = {r["case"].split(",")[0]: r for r in rows if r["case"].endswith("KiB chunks")}
     cases = []
-    find = {"find": "orders", "filter": {"status": "A", "qty": {"$gt": 5}}, "sort": {"ts": -1}, "limit": 10,
-            "lsid": {"id": bson.Binary(uuid.UUID(int=7).bytes, 4)}, "$db": "shop",
-            "$clusterTime": {"clusterTime": bson.Timestamp(1700000000, 1),
-                             "signature": {"hash": bson.Binary(bytes(20)), "keyId": 0}}}
-    cases.append(("small find command", False, *body(find)))
-    hello = {"topologyVersion": {"processId": bson.ObjectId(), "counter": 6}, "hosts": ["db1:27017", "db2:27017",
-             "db3:27017"], "setName": "rs0", "setVersion": 3, "isWritablePrimary": True, "secondary": False,
-             "primary": "db1:27017", "me": "db1:27017", "electionId": bson.ObjectId(),
-             "lastWrite": {"opTime": {"ts": bson.Timestamp(1700000000, 1), "t": 9}},
-             "maxBsonObjectSize": 16777216, "maxMessageSizeBytes": 48000000, "maxWriteBatchSize": 100000,
-             "localTime": datetime.datetime(2026, 1, 1), "logicalSessionTimeoutMinutes": 30,
-             "connectionId": 12345, "minWireVersion": 0, "maxWireVersion": 21, "readOnly": False,
-             "compression": ["zstd", "snappy"], "ok": 1.0}
-    cases.append(("hello reply", True, *body(hello)))
-    small_docs = [{"_id": i, "name": "item %d" % i, "qty": i * 3, "tags": ["a", "b"], "price": 9.99}
-                  for i in range(100)]
-    cases.append(("100-document reply", True, *body({"cursor": {"firstBatch": small_docs, "id": 0,
-                                                                 "ns": "shop.items"}, "ok": 1.0})))
-    big_docs = [_tweet(i) for i in range(4 * MiB // len(bson.encode(_tweet(0))))]
-    cases.append(("4 MB reply", True, *body({"cursor": {"firstBatch": big_docs, "id": 0, "ns": "shop.tweets"},
-                                              "ok": 1.0})))
-    return cases
-
-
-def _best_us(fn: Callable[[], Any], budget: float, repeat: int) -> float:
-    """Best-of-`repeat` µs per call, each repeat timing enough calls to last ~budget/repeat s."""
-    t0 = time.perf_counter()
-    fn()
-    once = max(time.perf_counter() - t0, 1e-7)
-    loops = max(1, int(budget / repeat / once))
-    best = float("inf")
-    for _ in range(repeat):
-        t0 = time.perf_counter_ns()
-        for _ in range(loops):
-            fn()
-        best = min(best, (time.perf_counter_ns() - t0) / loops)
-    return best / 1000
-
-
-def scanner(budget: float, repeat: int = 5, chunk: int = 256 * 1024) -> dict:
-    """µs per message: the incremental scanner (reset + feed + result) against bson.decode of the document."""
-    from mongoproxy import _bson_parser
-
-    sc = _bson_parser.BodyScanner()
-    rows = []
-    for case, is_reply, body, doc in scanner_cases():
-        n = len(body)
-
-        def scan(body: bytes = body, n: int = n, is_reply: bool = is_reply) -> Any:
-            sc.reset(OP_MSG, is_reply, n)
-            sc.feed(body, 0, n)
-            return sc.result()
-
-        def scan_chunked(body: bytes = body, n: int = n, is_reply: bool = is_reply) -> Any:
-            sc.reset(OP_MSG, is_reply, n)
-            for pos in range(0, n, chunk):
-                sc.feed(body, pos, min(n, pos + chunk))
-            return sc.result()
-
-        def decode(doc: bytes = doc) -> Any:
-            return bson.decode(doc)
-
-        per = budget / 4
-        s_us = _best_us(scan, per / 3, repeat)
-        row = {"case": case, "bytes": n, "scanner_us": s_us}
-        if n > chunk:
-            row["scanner_chunked_us"] = _best_us(scan_chunked, per / 3, repeat)
-            row["chunk_bytes"] = chunk
-        d_us = _best_us(decode, per * 2 / 3, repeat)
-        row["bson_decode_us"] = d_us
-        row["speedup"] = d_us / s_us
-        rows.append(row)
-    return {"cases": rows}
+    for r in rows:
+        if r["bson_decode_us"] is None:
+            continue  # the chunked and rendering rows are folded in or left out
+        row = {"case": r["case"], "bytes": r["bytes"], "scanner_us": r["scanner_us"],
+               "bson_decode_us": r["bson_decode_us"], "speedup": r["bson_decode_us"] / r["scanner_us"]}
+        if r["case"] in chunked:
+            row["scanner_chunked_us"] = chunked[r["case"]]["scanner_us"]
+        cases.append(row)
+    return {"cases": cases}
 
 
 def tap_cost(roots: dict[str, str], pairs: int, rounds: int = 2) -> dict:

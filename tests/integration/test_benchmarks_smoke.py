@@ -44,7 +44,7 @@ def test_quick_run_writes_json(tmp_path):
     requests = sc["hotpath"]["raw"]["requests_per_variant"]
     for name, check in sc["hotpath"]["checks"].items():
         assert check["commands_observed"] >= requests, (name, check)
-    assert {c["case"] for c in sc["scanner"]["cases"]} >= {"small find command", "4 MB reply"}
+    assert {c["case"] for c in sc["scanner"]["cases"]} >= {"find command", "4 MB reply"}
     assert set(sc["scanner"]["tap"]["mongoproxy"]) == {"bare_us", "metrics_us"}
     assert set(sc["memory"]) == {"mongoproxy", "haproxy"}
     assert set(sc["driver"]) == {"RunCommand", "FindOneByID", "SmallDocInsertOne", "FindManyAndEmptyCursor"}
