@@ -130,6 +130,10 @@ class DecodeErrorEvent:
     fatal: bool  # True when observation of this direction stopped for good
 
 
+# Every UpstreamConnectError.reason (metric label values).
+UPSTREAM_ERROR_REASONS = ("refused", "timeout", "unreachable", "dns", "loop", "no_original_dst", "error")
+
+
 @dataclass(slots=True, eq=False)
 class UpstreamConnectError:
     """The proxy could not reach the upstream for a client connection."""

@@ -20,6 +20,7 @@ from mongoproxy.errors import DecodeError
 
 try:
     from mongoproxy._bson_parser import (
+        DECODE_REASONS as SCANNER_REASONS,
         OP_COMMAND,
         OP_COMMANDREPLY,
         OP_DELETE,
@@ -39,6 +40,13 @@ except ImportError as exc:  # pragma: no cover - a broken install must fail loud
     ) from exc
 
 OP_COMPRESSED = 2012  # unwrapped here; the scanner never sees it
+
+# Every DecodeError reason the framing adds to the scanner's (metric label values; server.py adds
+# "truncated" for a message cut by the connection's close, which the scanner already names).
+FRAMING_REASONS = ("bad_message_length", "message_too_large", "unknown_opcode", "unknown_compressor",
+                   "compressor_unavailable", "decompress_failed", "bad_uncompressed_size", "checksum_mismatch",
+                   "internal_error")
+DECODE_REASONS = tuple(dict.fromkeys(SCANNER_REASONS + FRAMING_REASONS))
 
 OP_NAMES = {
     OP_REPLY: "OP_REPLY",

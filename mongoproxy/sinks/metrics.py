@@ -22,6 +22,8 @@ from prometheus_client.utils import floatToGoString
 
 from mongoproxy.config import Option, positive_int
 from mongoproxy.errors import ConfigError
+from mongoproxy.events import UPSTREAM_ERROR_REASONS
+from mongoproxy.wire import DECODE_REASONS
 from mongoproxy.querylog import code_name
 
 # Label name -> expression over the event `e` and its connection `c`; the key builder is compiled from these.
@@ -199,6 +201,12 @@ class MetricsSink:
                                       "still forwarded unchanged).", ["direction", "reason"], registry=r)
         self._upstream_errors = Counter("mongoproxy_upstream_connect_errors", "Failed connections to an upstream "
                                         "server.", ["reason"], registry=r)
+        # Every known reason exists from the first scrape, at 0, so rate() and alerts see it.
+        for direction in ("request", "reply"):
+            for reason in DECODE_REASONS:
+                self._decode_errors.labels(direction, reason)
+        for reason in UPSTREAM_ERROR_REASONS:
+            self._upstream_errors.labels(reason)
         self._unmatched = Counter("mongoproxy_unmatched_replies", "Replies whose responseTo matched no pending "
                                   "request.", registry=r)
         self._requests_dropped = Counter("mongoproxy_requests_dropped", "Requests evicted from a full pending "

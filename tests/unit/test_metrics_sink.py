@@ -419,3 +419,14 @@ def test_create_uses_the_config_and_is_always_on(reg):
 def test_constructor_rejects_unknown_labels(reg):
     with pytest.raises(ConfigError):
         MetricsSink(reg, labels=("op", "__import__('os')"))
+
+
+def test_error_counters_exist_at_zero_for_every_known_reason(reg, sink):
+    from mongoproxy.events import UPSTREAM_ERROR_REASONS
+    from mongoproxy.wire import DECODE_REASONS
+
+    for direction in ("request", "reply"):
+        for reason in DECODE_REASONS:
+            assert val(reg, "mongoproxy_decode_errors_total", {"direction": direction, "reason": reason}) == 0
+    for reason in UPSTREAM_ERROR_REASONS:
+        assert val(reg, "mongoproxy_upstream_connect_errors_total", {"reason": reason}) == 0
