@@ -149,6 +149,8 @@ class CommandLogSink:
 
     def on_command(self, event: Any) -> None:
         """Apply the filters and hand the event to the writer thread."""
+        if event.awaitable and (self._ops_include is None or event.op.lower() not in self._ops_include):
+            return  # a driver's monitoring long poll, shown only when --log-ops names it
         if self._ops_include is not None or self._ops_exclude:
             op = event.op.lower()
             if op in self._ops_exclude or (self._ops_include is not None and op not in self._ops_include):

@@ -204,6 +204,14 @@ def test_filter_ops_include_and_exclude():
     assert [line.split()[4] for line in run(events, ops=("!hello", "!ismaster"))] == ["find", "insert", "update"]
 
 
+def test_monitoring_long_polls_only_when_named():
+    poll = command(op="hello", db="admin", coll="")
+    poll.awaitable = True
+    events = [command(op="hello", db="admin", coll=""), poll, command(op="find")]
+    assert [line.split()[4] for line in run(events)] == ["hello", "find"]
+    assert [line.split()[4] for line in run(events, ops=("hello",))] == ["hello", "hello"]
+
+
 def test_filter_namespaces():
     events = [command(db="shop", coll="users"), command(db="shop", coll="orders"), command(db="audit", coll="x"),
               command(op="ping", db="admin", coll="")]
