@@ -147,7 +147,7 @@ class Tracker:
             if len(exhaust) > 2 * self.max_pending:
                 stale = next(iter(exhaust))
                 exhaust.pop(stale)
-        else:
+        elif p.exhaust_index:  # the stream's last reply
             exhaust.pop(p.msg.request_id, None)
         if p.op in HELLO_COMMANDS:
             if r is not None:
