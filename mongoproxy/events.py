@@ -49,15 +49,16 @@ class Connection:
     @property
     def client(self) -> str:
         """host:port of the client."""
-        return _hostport(self.client_host, self.client_port)
+        return hostport(self.client_host, self.client_port)
 
     @property
     def server(self) -> str:
         """host:port of the upstream server."""
-        return _hostport(self.upstream_host, self.upstream_port)
+        return hostport(self.upstream_host, self.upstream_port)
 
 
-def _hostport(host: str, port: int) -> str:
+def hostport(host: str, port: int) -> str:
+    """host:port, with an IPv6 host in brackets."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 

@@ -34,12 +34,13 @@ from typing import Any, Iterable, Iterator, Optional
 
 from mongoproxy import redact
 from mongoproxy.errors import ConfigError, DecodeError, ReplayError
+from mongoproxy.events import hostport
+from mongoproxy.wire import DEFAULT_MAX_MESSAGE_BYTES as MAX_MESSAGE_BYTES
+from mongoproxy.wire import OP_MSG, OP_QUERY
 
 REPLAY_EXTRA = "pip install 'mongoproxy[replay]'"
 PLOT_EXTRA = "pip install 'mongoproxy[plot]'"
 
-MAX_MESSAGE_BYTES = 48_000_000
-OP_MSG, OP_QUERY, OP_REPLY, OP_COMPRESSED = 2013, 2004, 1, 2012
 KNOWN_OPCODES = frozenset({1, 2001, 2002, 2004, 2005, 2006, 2007, 2010, 2011, 2012, 2013})
 REQUEST_OPCODES = frozenset({2001, 2002, 2004, 2005, 2006, 2007, 2010, 2012, 2013})
 MORE_TO_COME = 1 << 1
@@ -402,11 +403,8 @@ class Flow:
     def label(self) -> str:
         c = self.client or self.a
         s = self.server or self.b
-        return f"{_hostport(*c)} -> {_hostport(*s)}"
+        return f"{hostport(*c)} -> {hostport(*s)}"
 
-
-def _hostport(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 class Reassembler:

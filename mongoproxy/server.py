@@ -24,7 +24,7 @@ from typing import Any, Callable, Optional
 from mongoproxy import __version__, dstaddr, wire
 from mongoproxy.config import Config, ProxySpec
 from mongoproxy.errors import StartupError
-from mongoproxy.events import Connection, DecodeErrorEvent, SinkBus, UpstreamConnectError
+from mongoproxy.events import Connection, DecodeErrorEvent, SinkBus, UpstreamConnectError, hostport
 from mongoproxy.tracker import Tracker
 
 log = logging.getLogger("mongoproxy")
@@ -133,7 +133,7 @@ class ClientSide(asyncio.Protocol):
             self._refuse("no_original_dst", "no original destination (is an iptables REDIRECT rule in place?)")
             return None
         if self.proxy.is_own_listener(dst, sockname):
-            self._refuse("loop", f"original destination {_hostport(*dst)} is this proxy's own listener; "
+            self._refuse("loop", f"original destination {hostport(*dst)} is this proxy's own listener; "
                                  "refusing to connect to myself (exclude the proxy's uid from the REDIRECT rule)")
             return None
         return dst
@@ -152,7 +152,7 @@ class ClientSide(asyncio.Protocol):
         except BaseException as exc:  # noqa: BLE001 - every failure closes the client and is counted
             reason, detail = _connect_failure(exc)
             log.warning("connection %d from %s: cannot reach upstream %s: %s", self.conn.id, self.conn.client,
-                        _hostport(*target), detail)
+                        hostport(*target), detail)
             proxy.bus.upstream_error(UpstreamConnectError(self.conn, reason, detail, monotonic_ns()))
             self.close()
             return
@@ -303,9 +303,6 @@ def _nodelay(transport: Any) -> None:
             pass
 
 
-def _hostport(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
-
 
 def _connect_failure(exc: BaseException) -> tuple[str, str]:
     """(reason token, human detail) for an upstream connect failure."""
@@ -370,10 +367,10 @@ class Proxy:
             except OSError as exc:
                 await self.close_listeners()
                 if exc.errno == errno.EADDRINUSE:
-                    raise StartupError(f"cannot listen on {_hostport(host, spec.listen_port)} for --proxy "
+                    raise StartupError(f"cannot listen on {hostport(host, spec.listen_port)} for --proxy "
                                        f"{spec.text}: the port is already in use; stop the other process or "
                                        "choose another port") from None
-                raise StartupError(f"cannot listen on {_hostport(host, spec.listen_port)} for --proxy "
+                raise StartupError(f"cannot listen on {hostport(host, spec.listen_port)} for --proxy "
                                    f"{spec.text}: {exc.strerror}; check --listen-host") from None
             self.servers.append((spec, server))
             for sock in server.sockets:
@@ -381,8 +378,8 @@ class Proxy:
                 self._own_addresses.add((addr[0], addr[1]))
         for spec, server in self.servers:
             target = "original destination (transparent)" if spec.transparent else \
-                _hostport(spec.upstream_host, spec.upstream_port)
-            log.info("listening on %s -> %s", _hostport(host, server.sockets[0].getsockname()[1]), target)
+                hostport(spec.upstream_host, spec.upstream_port)
+            log.info("listening on %s -> %s", hostport(host, server.sockets[0].getsockname()[1]), target)
         self.ready = True
 
     def is_own_listener(self, dst: tuple[str, int], sockname: tuple) -> bool:
@@ -482,7 +479,7 @@ async def serve(config: Config, on_started: Optional[Callable[[Proxy], Any]] = N
     if admin_server is not None:
         admin_port = admin_server.sockets[0].getsockname()[1]
         log.info("admin endpoint on %s (/metrics, /healthz, /readyz)",
-                 ", ".join(f"http://{_hostport(h, admin_port)}" for h in config.admin_host))
+                 ", ".join(f"http://{hostport(h, admin_port)}" for h in config.admin_host))
     if on_started is not None:
         on_started(proxy)
     stop = asyncio.Event()

@@ -132,14 +132,14 @@ class _Inflater:
             try:
                 import zstandard
             except ImportError:
-                raise DecodeError("compressor_unavailable", "zstd needs `pip install 'mongoproxy[compression]'`")
+                raise DecodeError("compressor_unavailable", "zstd needs the zstandard package (a mongoproxy dependency): `pip install zstandard`")
             self._obj = zstandard.ZstdDecompressor().stream_writer(_Emitter(emit), write_size=_INFLATE_SLICE,
                                                                   closefd=False)
         elif compressor_id == 1:
             try:
                 import cramjam  # noqa: F401
             except ImportError:
-                raise DecodeError("compressor_unavailable", "snappy needs `pip install 'mongoproxy[compression]'`")
+                raise DecodeError("compressor_unavailable", "snappy needs the cramjam package (a mongoproxy dependency): `pip install cramjam`")
             self._pending = bytearray()
             self._obj = None
         elif compressor_id == 0:

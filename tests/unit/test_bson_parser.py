@@ -18,7 +18,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mongoproxy import _bson_parser as bp
-from mongoproxy.errors import DecodeError
 
 MAX = bp.MAX_STRING
 MISSING = object()
