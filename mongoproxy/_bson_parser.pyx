@@ -1510,7 +1510,20 @@ cdef class BodyScanner:
     # -- rendering -----------------------------------------------------------
 
     cdef void _rtruncate(self) noexcept:
+        cdef Py_ssize_t i
+        cdef unsigned char lead
+        cdef int need
         if not self.rfull:
+            # A character may have been split across two pieces: drop its incomplete start so that
+            # where the text is cut never depends on how the body was chunked.
+            i = self.rlen - 1
+            while i >= 0 and i >= self.rlen - 4 and (<unsigned char>self.rbuf[i] & 0xC0) == 0x80:
+                i -= 1
+            if i >= 0 and i < self.rlen:
+                lead = <unsigned char>self.rbuf[i]
+                need = 1 if lead < 0x80 else 2 if lead < 0xE0 else 3 if lead < 0xF0 else 4
+                if lead >= 0xC0 and i + need > self.rlen:
+                    self.rlen = i
             memcpy(self.rbuf + self.rlen, b"\xe2\x80\xa6", 3)
             self.rlen += 3
             self.rfull = True

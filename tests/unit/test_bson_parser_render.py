@@ -265,3 +265,14 @@ def test_render_arguments_are_checked():
     s.reset(bp.OP_MSG, False, len(body))
     s.feed(body)
     assert s.result().query_shape is None
+
+
+@pytest.mark.parametrize("mode", [bp.RENDER_REDACTED, bp.RENDER_VALUES])
+def test_truncation_never_splits_a_character_whatever_the_chunking(mode):
+    # Multi-byte characters in a key straddle the render limit; a chunk cut may split one too.
+    body = op_msg({"find": "", "q": {"ab" + "é€😀" * 8: None}})
+    for limit in range(16, 60):
+        whole = shape(bp.OP_MSG, False, body, mode, render_limit=limit)
+        assert whole.endswith("…") and "\ufffd" not in whole
+        for cut in range(1, len(body)):
+            assert shape(bp.OP_MSG, False, body, mode, (cut,), render_limit=limit) == whole, (limit, cut)
