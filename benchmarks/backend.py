@@ -54,10 +54,17 @@ def document(size: int, i: int = 0) -> bytes:
 
 
 HELLO = {
-    "helloOk": True, "isWritablePrimary": True, "ismaster": True, "maxBsonObjectSize": 16 * 1024 * 1024,
-    "maxMessageSizeBytes": 48_000_000, "maxWriteBatchSize": 100_000,
-    "localTime": datetime.datetime(2026, 1, 1, tzinfo=datetime.timezone.utc), "minWireVersion": 0,
-    "maxWireVersion": 21, "readOnly": False, "ok": 1.0,
+    "helloOk": True,
+    "isWritablePrimary": True,
+    "ismaster": True,
+    "maxBsonObjectSize": 16 * 1024 * 1024,
+    "maxMessageSizeBytes": 48_000_000,
+    "maxWriteBatchSize": 100_000,
+    "localTime": datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC),
+    "minWireVersion": 0,
+    "maxWireVersion": 21,
+    "readOnly": False,
+    "ok": 1.0,
 }
 
 
@@ -80,8 +87,21 @@ class Replies:
         return p
 
 
-_OK_COMMANDS = frozenset((b"ping", b"endSessions", b"buildInfo", b"buildinfo", b"insert", b"update", b"delete",
-                          b"killCursors", b"drop", b"create", b"getLastError"))
+_OK_COMMANDS = frozenset(
+    (
+        b"ping",
+        b"endSessions",
+        b"buildInfo",
+        b"buildinfo",
+        b"insert",
+        b"update",
+        b"delete",
+        b"killCursors",
+        b"drop",
+        b"create",
+        b"getLastError",
+    )
+)
 
 
 class BackendProtocol(asyncio.Protocol):
@@ -106,12 +126,12 @@ class BackendProtocol(asyncio.Protocol):
         pos, n = 0, len(data)
         while pos < n:
             if not self.length and n - pos >= 16:
-                length = int.from_bytes(data[pos:pos + 4], "little", signed=True)
+                length = int.from_bytes(data[pos : pos + 4], "little", signed=True)
                 if length < 16:
                     self.transport.abort()
                     return
                 if n - pos >= length:  # fast path: a whole message in this chunk
-                    r = self._answer(memoryview(data)[pos:pos + min(length, HEAD_KEEP)])
+                    r = self._answer(memoryview(data)[pos : pos + min(length, HEAD_KEEP)])
                     if r is not None:
                         out.append(r)
                     pos += length
@@ -119,7 +139,7 @@ class BackendProtocol(asyncio.Protocol):
             # slow path: a message spread over chunks
             if not self.length:
                 take = min(16 - len(self.head), n - pos)
-                self.head += data[pos:pos + take]
+                self.head += data[pos : pos + take]
                 pos += take
                 if len(self.head) < 16:
                     break
@@ -131,7 +151,7 @@ class BackendProtocol(asyncio.Protocol):
             take = min(self.left, n - pos)
             keep = HEAD_KEEP - len(self.head)
             if keep > 0:
-                self.head += data[pos:pos + min(take, keep)]
+                self.head += data[pos : pos + min(take, keep)]
             pos += take
             self.left -= take
             if self.left == 0:
@@ -160,7 +180,7 @@ class BackendProtocol(asyncio.Protocol):
             if name in (b"hello", b"isMaster", b"ismaster"):
                 payload = replies.msg_hello
             elif name == b"benchReply":
-                payload = replies.sized(int.from_bytes(m[value_at:value_at + 4], "little"))
+                payload = replies.sized(int.from_bytes(m[value_at : value_at + 4], "little"))
             elif name in _OK_COMMANDS:
                 payload = replies.ok
             else:
@@ -168,8 +188,11 @@ class BackendProtocol(asyncio.Protocol):
             rop = OP_MSG
         elif op == OP_QUERY:
             end = bytes(m[20:]).find(b"\x00") + 20  # fullCollectionName
-            payload = replies.query_hello if _first_key(m, end + 14)[0] in (b"isMaster", b"ismaster", b"hello") \
+            payload = (
+                replies.query_hello
+                if _first_key(m, end + 14)[0] in (b"isMaster", b"ismaster", b"hello")
                 else struct.pack("<iqii", 8, 0, 0, 1) + bson.encode({"ok": 1.0})
+            )
             rop = OP_REPLY
         else:
             return None
@@ -179,7 +202,7 @@ class BackendProtocol(asyncio.Protocol):
 
 def _first_key(m: memoryview, at: int) -> tuple[bytes, int]:
     """(the key of the element whose name starts at `at`, offset of its value)."""
-    raw = bytes(m[at:at + 64])
+    raw = bytes(m[at : at + 64])
     end = raw.find(b"\x00")
     return (raw[:end], at + end + 1) if end >= 0 else (b"", 0)
 

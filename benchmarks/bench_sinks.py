@@ -17,8 +17,9 @@ import json
 import platform
 import sys
 import time
+from collections.abc import Callable
 from types import SimpleNamespace
-from typing import Any, Callable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Histogram
 
@@ -31,20 +32,50 @@ OPS = ("find", "insert", "getMore", "update")
 
 def make_events(n: int) -> list:
     """n events over 20 connections, 4 ops and 10 collections, with varied latencies and sizes."""
-    conns = [Connection(id=i + 1, client_host="10.0.0.%d" % (i + 1), client_port=40000 + i, upstream_host="db1",
-                        upstream_port=27017, app_name="app%d" % (i % 2), replica_set="rs0") for i in range(20)]
-    scan = SimpleNamespace(write_errors=0, write_error_code=None, write_error_code_name=None,
-                           write_concern_error_code=None, write_concern_error_code_name=None, query_shape=None,
-                           comment=None)
+    conns = [
+        Connection(
+            id=i + 1,
+            client_host="10.0.0.%d" % (i + 1),
+            client_port=40000 + i,
+            upstream_host="db1",
+            upstream_port=27017,
+            app_name="app%d" % (i % 2),
+            replica_set="rs0",
+        )
+        for i in range(20)
+    ]
+    scan = SimpleNamespace(
+        write_errors=0,
+        write_error_code=None,
+        write_error_code_name=None,
+        write_concern_error_code=None,
+        write_concern_error_code_name=None,
+        query_shape=None,
+        comment=None,
+    )
     events = []
     t = 1_000_000_000
     for i in range(n):
         op = OPS[i % 4]
-        e = CommandEvent(connection=conns[i % 20], op=op, database="shop", collection="c%d" % (i % 10),
-                         request_id=i, request_op_code=2013, request_size=100 + (i % 700), request_first_ns=t,
-                         request_last_ns=t + 2000, request=scan, reply_op_code=2013, reply_size=200 + (i % 5000),
-                         reply_first_ns=t + 100_000, reply_last_ns=t + 100_000 + (i % 97) * 20_000, reply=scan,
-                         ok=True, cursor_id=0)
+        e = CommandEvent(
+            connection=conns[i % 20],
+            op=op,
+            database="shop",
+            collection="c%d" % (i % 10),
+            request_id=i,
+            request_op_code=2013,
+            request_size=100 + (i % 700),
+            request_first_ns=t,
+            request_last_ns=t + 2000,
+            request=scan,
+            reply_op_code=2013,
+            reply_size=200 + (i % 5000),
+            reply_first_ns=t + 100_000,
+            reply_last_ns=t + 100_000 + (i % 97) * 20_000,
+            reply=scan,
+            ok=True,
+            cursor_id=0,
+        )
         if op in ("find", "getMore"):
             e.documents_returned = i % 50
         else:
@@ -91,9 +122,13 @@ def configurations() -> list[tuple[str, Callable[[], list]]]:
         ("metrics sink, labels op+collection", lambda: [MetricsSink(CollectorRegistry(), labels=("op", "collection"))]),
         ("prometheus_client .labels() (naive)", lambda: [PrometheusClientNaive(CollectorRegistry())]),
         ("command log on, filtered out (--slow-ms)", lambda: [CommandLogSink(_null_stream(), slow_ms=10_000)]),
-        ("metrics + command log json (enqueue)", lambda: [MetricsSink(CollectorRegistry()),
-                                                          CommandLogSink(_null_stream(), fmt="json",
-                                                                         queue_size=10_000_000)]),
+        (
+            "metrics + command log json (enqueue)",
+            lambda: [
+                MetricsSink(CollectorRegistry()),
+                CommandLogSink(_null_stream(), fmt="json", queue_size=10_000_000),
+            ],
+        ),
     ]
 
 
@@ -130,14 +165,24 @@ def main(argv: list[str] | None = None) -> int:
         ns = measure(factory, events, args.repeat)
         if base is None:
             base = ns
-        rows.append({"configuration": name, "us_per_command": round(ns / 1000, 3),
-                     "extra_us": round((ns - base) / 1000, 3)})
+        rows.append(
+            {"configuration": name, "us_per_command": round(ns / 1000, 3), "extra_us": round((ns - base) / 1000, 3)}
+        )
         print(f"{name:44} {ns / 1000:11.3f} {(ns - base) / 1000:9.3f}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"benchmark": "bench_sinks", "events": args.events, "repeat": args.repeat,
-                       "python": platform.python_version(), "machine": platform.machine(), "results": rows}, f,
-                      indent=2)
+            json.dump(
+                {
+                    "benchmark": "bench_sinks",
+                    "events": args.events,
+                    "repeat": args.repeat,
+                    "python": platform.python_version(),
+                    "machine": platform.machine(),
+                    "results": rows,
+                },
+                f,
+                indent=2,
+            )
     return 0
 
 

@@ -31,8 +31,9 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from types import SimpleNamespace
-from typing import Any, Callable, Optional
+from typing import Any
 
 from mongoproxy.events import CommandEvent, Connection, SinkBus, wall_ns
 from mongoproxy.sinks.tracing import TracingSink
@@ -42,21 +43,35 @@ BIG_QUEUE = 1 << 20  # no drops while measuring: every span is built and exporte
 
 
 def _scan(**fields: Any) -> SimpleNamespace:
-    base = dict(op_code=2013, comment=None, comment_traceparent=None, comment_tracestate=None, cursor_id=None,
-                query_shape=None, write_errors=None, write_error_code=None, write_error_code_name=None,
-                write_concern_error_code=None, write_concern_error_code_name=None)
+    base = dict(
+        op_code=2013,
+        comment=None,
+        comment_traceparent=None,
+        comment_tracestate=None,
+        cursor_id=None,
+        query_shape=None,
+        write_errors=None,
+        write_error_code=None,
+        write_error_code_name=None,
+        write_concern_error_code=None,
+        write_concern_error_code_name=None,
+    )
     base.update(fields)
     return SimpleNamespace(**base)
 
 
-def make_events(n: int, traced: bool, comment: Optional[str] = None) -> list:
+def make_events(n: int, traced: bool, comment: str | None = None) -> list:
     """n events over 20 connections: find (opening a cursor), getMore on it, insert, update.
 
     traced: each find/insert/update carries its own traceparent (a new trace id) and the getMore
     inherits through the cursor map; else the commands carry `comment` (None or a plain string).
     """
-    conns = [Connection(id=i + 1, client_host="10.0.0.%d" % (i + 1), client_port=40000 + i, upstream_host="db1",
-                        upstream_port=27017) for i in range(20)]
+    conns = [
+        Connection(
+            id=i + 1, client_host="10.0.0.%d" % (i + 1), client_port=40000 + i, upstream_host="db1", upstream_port=27017
+        )
+        for i in range(20)
+    ]
     reply = _scan()
     events = []
     t = 1_000_000_000
@@ -66,10 +81,24 @@ def make_events(n: int, traced: bool, comment: Optional[str] = None) -> list:
         cursor = 1_000_000 + i // 4
         c = TP.format(i + 1) if traced else comment
         req = _scan(comment=None if op == "getMore" else c, cursor_id=cursor if op == "getMore" else None)
-        e = CommandEvent(connection=conn, op=op, database="shop", collection="c%d" % (i % 10), request_id=i,
-                         request_op_code=2013, request_size=100 + (i % 700), request_first_ns=t,
-                         request_last_ns=t + 2000, request=req, reply_op_code=2013, reply_size=200 + (i % 5000),
-                         reply_first_ns=t + 100_000, reply_last_ns=t + 150_000, reply=reply, ok=True)
+        e = CommandEvent(
+            connection=conn,
+            op=op,
+            database="shop",
+            collection="c%d" % (i % 10),
+            request_id=i,
+            request_op_code=2013,
+            request_size=100 + (i % 700),
+            request_first_ns=t,
+            request_last_ns=t + 2000,
+            request=req,
+            reply_op_code=2013,
+            reply_size=200 + (i % 5000),
+            reply_first_ns=t + 100_000,
+            reply_last_ns=t + 150_000,
+            reply=reply,
+            ok=True,
+        )
         if op == "find":
             e.cursor_id, e.documents_returned = cursor, 101
         elif op == "getMore":
@@ -123,14 +152,24 @@ class TracerAPISink:
             return
         parent = set_span_in_context(NonRecordingSpan(SpanContext(tc.trace_id, tc.span_id, True, SAMPLED)))
         c = e.connection
-        span = self.tracer.start_span(f"{e.op} {e.collection}", context=parent, kind=CLIENT,
-                                      start_time=wall_ns(e.request_first_ns), attributes={
-                                          "db.system.name": "mongodb", "db.namespace": e.database,
-                                          "db.collection.name": e.collection, "db.operation.name": e.op,
-                                          "server.address": c.upstream_host, "server.port": c.upstream_port,
-                                          "network.peer.address": c.client_host, "network.peer.port": c.client_port,
-                                          "mongoproxy.request.size": e.request_size,
-                                          "mongoproxy.response.size": e.reply_size})
+        span = self.tracer.start_span(
+            f"{e.op} {e.collection}",
+            context=parent,
+            kind=CLIENT,
+            start_time=wall_ns(e.request_first_ns),
+            attributes={
+                "db.system.name": "mongodb",
+                "db.namespace": e.database,
+                "db.collection.name": e.collection,
+                "db.operation.name": e.op,
+                "server.address": c.upstream_host,
+                "server.port": c.upstream_port,
+                "network.peer.address": c.client_host,
+                "network.peer.port": c.client_port,
+                "mongoproxy.request.size": e.request_size,
+                "mongoproxy.response.size": e.reply_size,
+            },
+        )
         if e.documents_returned is not None:
             span.set_attribute("db.response.returned_rows", e.documents_returned)
         span.end(wall_ns(e.reply_last_ns))
@@ -143,8 +182,11 @@ class TracerAPISink:
 
 
 def _receiver(port: int) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", "tests.support.otlp_receiver", "--port", str(port), "--quiet"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.support.otlp_receiver", "--port", str(port), "--quiet"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         try:
@@ -165,12 +207,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def configurations(endpoint: Optional[str]) -> list[tuple[str, bool, Optional[str], Callable[[], list]]]:
+def configurations(endpoint: str | None) -> list[tuple[str, bool, str | None, Callable[[], list]]]:
     """(name, traced events?, plain comment, factory of the sink list) per row."""
 
     def tracing(exporter_factory: Callable[[], Any], ratio: float = 0.0) -> Callable[[], list]:
-        return lambda: [TracingSink([("bench", exporter_factory())], sample_ratio=ratio, max_queue_size=BIG_QUEUE,
-                                    max_export_batch_size=512, close_timeout_seconds=60)]
+        return lambda: [
+            TracingSink(
+                [("bench", exporter_factory())],
+                sample_ratio=ratio,
+                max_queue_size=BIG_QUEUE,
+                max_export_batch_size=512,
+                close_timeout_seconds=60,
+            )
+        ]
 
     rows = [
         ("tracing off (bus, no sinks)", False, None, lambda: []),
@@ -184,10 +233,22 @@ def configurations(endpoint: Optional[str]) -> list[tuple[str, bool, Optional[st
 
         from mongoproxy.sinks import tracing as tracing_mod
 
-        rows.append(("traced, OTLP/HTTP to a receiver (as shipped)", True, None,
-                     tracing(lambda: tracing_mod._otlp_exporter(tracing_mod.HTTP_PROTOBUF, endpoint))))
-        rows.append(("traced, OTLP/HTTP, the SDK's own encoder", True, None,
-                     tracing(lambda: OTLPSpanExporter(endpoint=endpoint))))
+        rows.append(
+            (
+                "traced, OTLP/HTTP to a receiver (as shipped)",
+                True,
+                None,
+                tracing(lambda: tracing_mod._otlp_exporter(tracing_mod.HTTP_PROTOBUF, endpoint)),
+            )
+        )
+        rows.append(
+            (
+                "traced, OTLP/HTTP, the SDK's own encoder",
+                True,
+                None,
+                tracing(lambda: OTLPSpanExporter(endpoint=endpoint)),
+            )
+        )
     return rows
 
 
@@ -243,8 +304,15 @@ def main(argv: list[str] | None = None) -> int:
             loop, cpu, dropped = measure(factory, events, args.repeat)
             if base is None:
                 base = cpu
-            rows.append({"configuration": name, "loop_us": round(loop / 1000, 3), "cpu_us": round(cpu / 1000, 3),
-                         "extra_cpu_us": round((cpu - base) / 1000, 3), "dropped": dropped})
+            rows.append(
+                {
+                    "configuration": name,
+                    "loop_us": round(loop / 1000, 3),
+                    "cpu_us": round(cpu / 1000, 3),
+                    "extra_cpu_us": round((cpu - base) / 1000, 3),
+                    "dropped": dropped,
+                }
+            )
             print(f"{name:46} {loop / 1000:8.2f} {cpu / 1000:8.2f} {(cpu - base) / 1000:13.2f} {dropped:8d}")
     finally:
         if receiver is not None:
@@ -252,9 +320,18 @@ def main(argv: list[str] | None = None) -> int:
             receiver.wait(10)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"benchmark": "bench_tracing", "events": args.events, "repeat": args.repeat,
-                       "python": platform.python_version(), "machine": platform.machine(), "results": rows}, f,
-                      indent=2)
+            json.dump(
+                {
+                    "benchmark": "bench_tracing",
+                    "events": args.events,
+                    "repeat": args.repeat,
+                    "python": platform.python_version(),
+                    "machine": platform.machine(),
+                    "results": rows,
+                },
+                f,
+                indent=2,
+            )
     return 0
 
 

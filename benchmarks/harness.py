@@ -20,7 +20,7 @@ import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Optional
+from typing import Any
 
 from benchmarks import procs, scenarios
 
@@ -51,9 +51,20 @@ class Params:
     reply_size: int = 200
 
 
-QUICK = Params(raw_rounds=3, raw_per_round=1000, pymongo_rounds=2, pymongo_per_round=300, large_rounds=2,
-               large_per_round=1, tap_pairs=10_000, idle_counts=(500, 1000), driver_rounds=2,
-               driver_commands=200, driver_docs=200, driver_inserts=100)
+QUICK = Params(
+    raw_rounds=3,
+    raw_per_round=1000,
+    pymongo_rounds=2,
+    pymongo_per_round=300,
+    large_rounds=2,
+    large_per_round=1,
+    tap_pairs=10_000,
+    idle_counts=(500, 1000),
+    driver_rounds=2,
+    driver_commands=200,
+    driver_docs=200,
+    driver_inserts=100,
+)
 
 
 def log(msg: str) -> None:
@@ -64,7 +75,7 @@ def log(msg: str) -> None:
 # ---- running ----
 
 
-def run_hotpath(p: Params, workdir: str, baseline: Optional[str] = None) -> dict:
+def run_hotpath(p: Params, workdir: str, baseline: str | None = None) -> dict:
     """Scenarios 1-3 against the scripted backend: every variant up at once, interleaved.
 
     `baseline`: another checkout whose mongoproxy (metrics only) runs as one more variant, "baseline".
@@ -83,7 +94,7 @@ def run_hotpath(p: Params, workdir: str, baseline: Optional[str] = None) -> dict
             "mongoproxy+log": ("--log-commands", "--log-file", logfile),
             "mongoproxy+trace": ("--trace-sample-ratio", "1", "--otlp-endpoint", f"http://127.0.0.1:{sink.port}"),
         }
-        targets: dict[str, Optional[procs.Proc]] = {"direct": None, "haproxy": hap}
+        targets: dict[str, procs.Proc | None] = {"direct": None, "haproxy": hap}
         for name, args in mps.items():
             env = {"OTEL_BSP_SCHEDULE_DELAY": "500"} if "trace" in name else None  # the tail flushes quickly
             targets[name] = procs.start_mongoproxy(name, backend.port, workdir, args, env)
@@ -121,8 +132,10 @@ def run_hotpath(p: Params, workdir: str, baseline: Optional[str] = None) -> dict
 def _vs_baseline(hot: dict) -> dict:
     """mongoproxy ÷ baseline (another checkout) on each hot-path figure: below 1 is better, for MB/s above 1."""
     lat, cpu = hot["raw"]["latency"], hot["raw"]["cpu"]
-    out = {key: _ratio(lat["mongoproxy"][key], lat["baseline"][key])
-           for key in ("p50_us", "p99_us", "added_p50_us", "added_p99_us")}
+    out = {
+        key: _ratio(lat["mongoproxy"][key], lat["baseline"][key])
+        for key in ("p50_us", "p99_us", "added_p50_us", "added_p99_us")
+    }
     out["cpu_us_per_request"] = _ratio(cpu["mongoproxy"]["us_per_request"], cpu["baseline"]["us_per_request"])
     for size, row in hot["large"].items():
         v = row["variants"]
@@ -138,9 +151,11 @@ def run_memory(p: Params, workdir: str) -> dict:
     backend = procs.start_backend(p.reply_size, workdir)
     try:
         for name in ("mongoproxy", "haproxy"):
-            start = (lambda: procs.start_mongoproxy("mem-mongoproxy", backend.port, workdir)) \
-                if name == "mongoproxy" else (lambda: procs.start_haproxy(backend.port, workdir,
-                                                                           maxconn=max(p.idle_counts) + 500))
+            start = (
+                (lambda: procs.start_mongoproxy("mem-mongoproxy", backend.port, workdir))
+                if name == "mongoproxy"
+                else (lambda: procs.start_haproxy(backend.port, workdir, maxconn=max(p.idle_counts) + 500))
+            )
             row: dict[str, Any] = {}
             proc = start()
             try:
@@ -181,7 +196,7 @@ def run_driver(p: Params, workdir: str) -> dict:
 # ---- goals ----
 
 
-def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
+def _ratio(a: float | None, b: float | None) -> float | None:
     if a is None or b is None or b == 0:
         return None
     return a / b
@@ -192,7 +207,7 @@ def goals(res: dict) -> list[dict]:
     sc = res.get("scenarios", {})
     out = []
 
-    def add(gid: str, goal: str, measured: str, met: Optional[bool]) -> None:
+    def add(gid: str, goal: str, measured: str, met: bool | None) -> None:
         out.append({"id": gid, "goal": goal, "measured": measured, "met": met})
 
     hot = sc.get("hotpath")
@@ -200,15 +215,21 @@ def goals(res: dict) -> list[dict]:
         lat = hot["raw"]["latency"]
         r50 = _ratio(lat["mongoproxy"]["added_p50_us"], lat["haproxy"]["added_p50_us"])
         r99 = _ratio(lat["mongoproxy"]["added_p99_us"], lat["haproxy"]["added_p99_us"])
-        add("P1", "added p50 and p99 latency <= 1.0x haproxy's (metrics on)",
+        add(
+            "P1",
+            "added p50 and p99 latency <= 1.0x haproxy's (metrics on)",
             f"p50 {_fmt_x(r50)} ({lat['mongoproxy']['added_p50_us']:.1f} vs {lat['haproxy']['added_p50_us']:.1f} µs), "
             f"p99 {_fmt_x(r99)} ({lat['mongoproxy']['added_p99_us']:.1f} vs {lat['haproxy']['added_p99_us']:.1f} µs)",
-            None if r50 is None or r99 is None else (r50 <= 1.0 and r99 <= 1.0))
+            None if r50 is None or r99 is None else (r50 <= 1.0 and r99 <= 1.0),
+        )
         cpu = hot["raw"]["cpu"]
         rc = _ratio(cpu["mongoproxy"]["us_per_request"], cpu["haproxy"]["us_per_request"])
-        add("P2", "CPU per request <= 1.3x haproxy's (metrics on)",
+        add(
+            "P2",
+            "CPU per request <= 1.3x haproxy's (metrics on)",
             f"{_fmt_x(rc)} ({cpu['mongoproxy']['us_per_request']:.1f} vs {cpu['haproxy']['us_per_request']:.1f} µs)",
-            None if rc is None else rc <= 1.3)
+            None if rc is None else rc <= 1.3,
+        )
         parts, ok = [], True
         for size, row in hot["large"].items():
             r = _ratio(row["variants"]["mongoproxy"]["mb_s"], row["variants"]["haproxy"]["mb_s"])
@@ -218,21 +239,33 @@ def goals(res: dict) -> list[dict]:
         base = cpu["mongoproxy"]["us_per_request"]
         tr = cpu["mongoproxy+trace"]["us_per_request"] - base
         lg = cpu["mongoproxy+log"]["us_per_request"] - base
-        add("P6", "tracing at ratio 1.0 <= +30 µs CPU per command; command log <= +10 µs",
-            f"tracing {tr:+.1f} µs, command log {lg:+.1f} µs", tr <= 30 and lg <= 10)
+        add(
+            "P6",
+            "tracing at ratio 1.0 <= +30 µs CPU per command; command log <= +10 µs",
+            f"tracing {tr:+.1f} µs, command log {lg:+.1f} µs",
+            tr <= 30 and lg <= 10,
+        )
     scan = sc.get("scanner")
     if scan:
         by = {c["case"]: c for c in scan["cases"]}
         small, big = by["find command"]["speedup"], by["4 MB reply"]["speedup"]
-        add("P4", "scanner >= 5x bson.decode on a small command and >= 30x on a 4 MB reply",
-            f"small command {small:.1f}x, 4 MB reply {big:.0f}x", small >= 5 and big >= 30)
+        add(
+            "P4",
+            "scanner >= 5x bson.decode on a small command and >= 30x on a 4 MB reply",
+            f"small command {small:.1f}x, 4 MB reply {big:.0f}x",
+            small >= 5 and big >= 30,
+        )
     mem = sc.get("memory", {}).get("mongoproxy")
     if mem:
         kb = max(pt["kb_per_connection"] for pt in mem["idle"]["points"])
         growth = mem["stream"]["growth_kb"] / 1024
         counts = "/".join(str(pt["connections"]) for pt in mem["idle"]["points"])
-        add("P5", "<= 32 KB RSS per idle connection pair; < 8 MB RSS growth streaming 40 MB",
-            f"{kb:.1f} KB per pair (worst of {counts}), {growth:.1f} MB growth", kb <= 32 and growth < 8)
+        add(
+            "P5",
+            "<= 32 KB RSS per idle connection pair; < 8 MB RSS growth streaming 40 MB",
+            f"{kb:.1f} KB per pair (worst of {counts}), {growth:.1f} MB growth",
+            kb <= 32 and growth < 8,
+        )
     drv = sc.get("driver")
     if drv:
         parts, ok = [], True
@@ -245,7 +278,7 @@ def goals(res: dict) -> list[dict]:
     return sorted(out, key=lambda g: order[g["id"]])
 
 
-def _fmt_x(r: Optional[float]) -> str:
+def _fmt_x(r: float | None) -> str:
     return "n/a" if r is None else f"{r:.2f}x"
 
 
@@ -270,8 +303,9 @@ class _PlainTable:
         widths = [max([len(name)] + [len(r[i]) for r in self.rows]) for i, (name, _) in enumerate(self.columns)]
 
         def line(cells: tuple) -> str:
-            return "  ".join(c.ljust(w) if j == "left" else c.rjust(w)
-                             for c, w, (_, j) in zip(cells, widths, self.columns)).rstrip()
+            return "  ".join(
+                c.ljust(w) if j == "left" else c.rjust(w) for c, w, (_, j) in zip(cells, widths, self.columns)
+            ).rstrip()
 
         out = [self.title, line(tuple(n for n, _ in self.columns)), "  ".join("-" * w for w in widths)]
         return "\n".join(out + [line(r) for r in self.rows]) + "\n"
@@ -304,37 +338,72 @@ def print_tables(res: dict) -> None:
 
     hot = sc.get("hotpath")
     if hot:
-        for key, title in (("raw", "1. Small round trip, raw socket (find by _id, 200-byte document)"),
-                           ("pymongo", "1. Small round trip, pymongo find_one")):
+        for key, title in (
+            ("raw", "1. Small round trip, raw socket (find by _id, 200-byte document)"),
+            ("pymongo", "1. Small round trip, pymongo find_one"),
+        ):
             lat = hot[key]["latency"]
-            t = table(f"{title}: {hot[key]['requests_per_variant']} per variant", "variant", "p50 µs", "p99 µs",
-                      "added p50", "added p99", "added ÷ haproxy's (p50 / p99)")
+            t = table(
+                f"{title}: {hot[key]['requests_per_variant']} per variant",
+                "variant",
+                "p50 µs",
+                "p99 µs",
+                "added p50",
+                "added p99",
+                "added ÷ haproxy's (p50 / p99)",
+            )
             hp = lat["haproxy"]
             for name, row in lat.items():
-                rel = "" if name in ("direct", "haproxy") else \
-                    f"{_fmt_x(_ratio(row['added_p50_us'], hp['added_p50_us']))} / " \
+                rel = (
+                    ""
+                    if name in ("direct", "haproxy")
+                    else f"{_fmt_x(_ratio(row['added_p50_us'], hp['added_p50_us']))} / "
                     f"{_fmt_x(_ratio(row['added_p99_us'], hp['added_p99_us']))}"
-                t.add_row(name, f"{row['p50_us']:.1f}", f"{row['p99_us']:.1f}",
-                          "" if name == "direct" else f"{row['added_p50_us']:+.1f}",
-                          "" if name == "direct" else f"{row['added_p99_us']:+.1f}", rel)
+                )
+                t.add_row(
+                    name,
+                    f"{row['p50_us']:.1f}",
+                    f"{row['p99_us']:.1f}",
+                    "" if name == "direct" else f"{row['added_p50_us']:+.1f}",
+                    "" if name == "direct" else f"{row['added_p99_us']:+.1f}",
+                    rel,
+                )
             con.print(t)
         cpu = hot["raw"]["cpu"]
-        t = table(f"2. CPU per request of the proxy process (/proc/PID/stat, {hot['raw']['requests_per_variant']} "
-                  "raw round trips)", "variant", "µs / request", "÷ haproxy", "over metrics-only")
+        t = table(
+            f"2. CPU per request of the proxy process (/proc/PID/stat, {hot['raw']['requests_per_variant']} "
+            "raw round trips)",
+            "variant",
+            "µs / request",
+            "÷ haproxy",
+            "over metrics-only",
+        )
         for name, row in cpu.items():
-            t.add_row(name, f"{row['us_per_request']:.1f}", _fmt_x(_ratio(row["us_per_request"],
-                                                                           cpu["haproxy"]["us_per_request"])),
-                      "" if name in ("haproxy", "mongoproxy") else
-                      f"{row['us_per_request'] - cpu['mongoproxy']['us_per_request']:+.1f} µs")
+            t.add_row(
+                name,
+                f"{row['us_per_request']:.1f}",
+                _fmt_x(_ratio(row["us_per_request"], cpu["haproxy"]["us_per_request"])),
+                ""
+                if name in ("haproxy", "mongoproxy")
+                else f"{row['us_per_request'] - cpu['mongoproxy']['us_per_request']:+.1f} µs",
+            )
         con.print(t)
         sizes = list(hot["large"])
-        t = table("3. Large replies: MB/s (median transfer) and the proxy's CPU ms per MB", "variant",
-                  *[f"{s} MB/s" for s in sizes], *[f"{s} ÷ haproxy" for s in sizes],
-                  *[f"{s} CPU ms/MB" for s in sizes])
+        t = table(
+            "3. Large replies: MB/s (median transfer) and the proxy's CPU ms per MB",
+            "variant",
+            *[f"{s} MB/s" for s in sizes],
+            *[f"{s} ÷ haproxy" for s in sizes],
+            *[f"{s} CPU ms/MB" for s in sizes],
+        )
         for name in hot["large"][sizes[0]]["variants"]:
             rows = [hot["large"][s]["variants"][name] for s in sizes]
-            rel = [_fmt_x(_ratio(hot["large"][s]["variants"][name]["mb_s"],
-                                 hot["large"][s]["variants"]["haproxy"]["mb_s"])) for s in sizes]
+            rel = [
+                _fmt_x(
+                    _ratio(hot["large"][s]["variants"][name]["mb_s"], hot["large"][s]["variants"]["haproxy"]["mb_s"])
+                )
+                for s in sizes
+            ]
             cpu_mb = [f"{r['cpu_ms_per_mb']:.2f}" if "cpu_ms_per_mb" in r else "" for r in rows]
             t.add_row(name, *[f"{r['mb_s']:.0f}" for r in rows], *rel, *cpu_mb)
         con.print(t)
@@ -346,54 +415,96 @@ def print_tables(res: dict) -> None:
             con.print(t)
         checks = hot.get("checks", {})
         if checks:
-            con.print("   sanity: commands counted by each proxy's metrics: " + ", ".join(
-                f"{n} {c.get('commands_observed')}" for n, c in checks.items())
-                + (f"; command log lines {checks['mongoproxy+log'].get('log_lines')}"
-                   if "log_lines" in checks.get("mongoproxy+log", {}) else ""))
+            con.print(
+                "   sanity: commands counted by each proxy's metrics: "
+                + ", ".join(f"{n} {c.get('commands_observed')}" for n, c in checks.items())
+                + (
+                    f"; command log lines {checks['mongoproxy+log'].get('log_lines')}"
+                    if "log_lines" in checks.get("mongoproxy+log", {})
+                    else ""
+                )
+            )
             for n, c in checks.items():
                 for w in c.get("warnings", []):
                     con.print(f"   {n}: {w}")
     scan = sc.get("scanner")
     if scan:
-        t = table("4. Scanner (reset + feed + result) vs bson.decode, µs per message", "case", "bytes", "scanner",
-                  "scanner, 64 KiB chunks", "bson.decode", "speedup")
+        t = table(
+            "4. Scanner (reset + feed + result) vs bson.decode, µs per message",
+            "case",
+            "bytes",
+            "scanner",
+            "scanner, 64 KiB chunks",
+            "bson.decode",
+            "speedup",
+        )
         for c in scan["cases"]:
-            t.add_row(c["case"], f"{c['bytes']:,}", f"{c['scanner_us']:.2f}",
-                      f"{c['scanner_chunked_us']:.2f}" if "scanner_chunked_us" in c else "",
-                      f"{c['bson_decode_us']:.2f}", f"{c['speedup']:.1f}x")
+            t.add_row(
+                c["case"],
+                f"{c['bytes']:,}",
+                f"{c['scanner_us']:.2f}",
+                f"{c['scanner_chunked_us']:.2f}" if "scanner_chunked_us" in c else "",
+                f"{c['bson_decode_us']:.2f}",
+                f"{c['speedup']:.1f}x",
+            )
         con.print(t)
         tap = scan.get("tap", {})
         if tap:
-            t = table("4. The tap in process: framing + scanning + matching per small round trip, µs (tapcost.py)",
-                      "checkout", "bare bus", "with the metrics sink")
+            t = table(
+                "4. The tap in process: framing + scanning + matching per small round trip, µs (tapcost.py)",
+                "checkout",
+                "bare bus",
+                "with the metrics sink",
+            )
             for name, row in tap.items():
                 t.add_row(name, f"{row['bare_us']:.2f}", f"{row['metrics_us']:.2f}")
             if "baseline" in tap:
-                t.add_row("mongoproxy ÷ baseline",
-                          _fmt_x(_ratio(tap["mongoproxy"]["bare_us"], tap["baseline"]["bare_us"])),
-                          _fmt_x(_ratio(tap["mongoproxy"]["metrics_us"], tap["baseline"]["metrics_us"])))
+                t.add_row(
+                    "mongoproxy ÷ baseline",
+                    _fmt_x(_ratio(tap["mongoproxy"]["bare_us"], tap["baseline"]["bare_us"])),
+                    _fmt_x(_ratio(tap["mongoproxy"]["metrics_us"], tap["baseline"]["metrics_us"])),
+                )
             con.print(t)
     mem = sc.get("memory")
     if mem:
         names = list(mem)
         counts = [pt["connections"] for pt in mem[names[0]]["idle"]["points"]]
-        t = table("5. Memory (RSS)", "proxy", "baseline MB", *[f"KB / pair at {n}" for n in counts],
-                  "40 MB message: growth MB", "MB/s")
+        t = table(
+            "5. Memory (RSS)",
+            "proxy",
+            "baseline MB",
+            *[f"KB / pair at {n}" for n in counts],
+            "40 MB message: growth MB",
+            "MB/s",
+        )
         for name in names:
             row = mem[name]
-            t.add_row(name, f"{row['idle']['baseline_rss_kb'] / 1024:.1f}",
-                      *[f"{pt['kb_per_connection']:.1f}" for pt in row["idle"]["points"]],
-                      f"{row['stream']['growth_kb'] / 1024:.1f}", f"{row['stream']['mb_s']:.0f}")
+            t.add_row(
+                name,
+                f"{row['idle']['baseline_rss_kb'] / 1024:.1f}",
+                *[f"{pt['kb_per_connection']:.1f}" for pt in row["idle"]["points"]],
+                f"{row['stream']['growth_kb'] / 1024:.1f}",
+                f"{row['stream']['mb_s']:.0f}",
+            )
         con.print(t)
     drv = sc.get("driver")
     if drv:
         variants = list(next(iter(drv.values()))["variants"])
-        t = table("6. Driver-benchmark tasks against SecantusDB (median of runs)", "task", "ops",
-                  *[f"{v} ms" for v in variants], *[f"{v} ÷ direct" for v in variants if v != "direct"])
+        t = table(
+            "6. Driver-benchmark tasks against SecantusDB (median of runs)",
+            "task",
+            "ops",
+            *[f"{v} ms" for v in variants],
+            *[f"{v} ÷ direct" for v in variants if v != "direct"],
+        )
         for task, row in drv.items():
             v = row["variants"]
-            t.add_row(task, str(row["operations"]), *[f"{v[n]['median_s'] * 1000:.0f}" for n in variants],
-                      *[_fmt_x(_ratio(v[n]["median_s"], v["direct"]["median_s"])) for n in variants if n != "direct"])
+            t.add_row(
+                task,
+                str(row["operations"]),
+                *[f"{v[n]['median_s'] * 1000:.0f}" for n in variants],
+                *[_fmt_x(_ratio(v[n]["median_s"], v["direct"]["median_s"])) for n in variants if n != "direct"],
+            )
         con.print(t)
     t = table("Goals", "goal", "target", "measured", "", text=True)
     for g in res["goals"]:
@@ -433,8 +544,12 @@ def plot(res: dict, path: str) -> None:
         names = list(hot["large"][sizes[0]]["variants"])
         width = 0.8 / len(sizes)
         for i, s in enumerate(sizes):
-            axes[2].bar([x + i * width for x in range(len(names))],
-                        [hot["large"][s]["variants"][n]["mb_s"] for n in names], width, label=s)
+            axes[2].bar(
+                [x + i * width for x in range(len(names))],
+                [hot["large"][s]["variants"][n]["mb_s"] for n in names],
+                width,
+                label=s,
+            )
         axes[2].set_xticks([x + 0.4 - width / 2 for x in range(len(names))], names, rotation=20)
         axes[2].set_title("large replies, MB/s")
         axes[2].legend()
@@ -447,8 +562,7 @@ def plot(res: dict, path: str) -> None:
     if mem:
         for name, row in mem.items():
             pts = row["idle"]["points"]
-            axes[4].plot([p["connections"] for p in pts], [p["kb_per_connection"] for p in pts], marker="o",
-                         label=name)
+            axes[4].plot([p["connections"] for p in pts], [p["kb_per_connection"] for p in pts], marker="o", label=name)
         axes[4].axhline(32, color="grey", linestyle="--", label="P5 target")
         axes[4].set_title("RSS per idle connection pair, KB")
         axes[4].legend()
@@ -458,9 +572,12 @@ def plot(res: dict, path: str) -> None:
         variants = [v for v in next(iter(drv.values()))["variants"] if v != "direct"]
         width = 0.8 / len(variants)
         for i, v in enumerate(variants):
-            axes[5].bar([x + i * width for x in range(len(tasks))],
-                        [drv[t]["variants"][v]["median_s"] / drv[t]["variants"]["direct"]["median_s"] for t in tasks],
-                        width, label=v)
+            axes[5].bar(
+                [x + i * width for x in range(len(tasks))],
+                [drv[t]["variants"][v]["median_s"] / drv[t]["variants"]["direct"]["median_s"] for t in tasks],
+                width,
+                label=v,
+            )
         axes[5].axhline(1.10, color="grey", linestyle="--", label="P7 target")
         axes[5].set_xticks([x + 0.4 - width / 2 for x in range(len(tasks))], tasks, rotation=15)
         axes[5].set_ylim(bottom=0.8)
@@ -474,18 +591,26 @@ def plot(res: dict, path: str) -> None:
 # ---- entry point ----
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     """Run the scenarios, print the tables, write JSON (and a plot)."""
     ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="small counts: a smoke run in under 2 minutes")
-    ap.add_argument("--json", metavar="PATH", default="benchmarks-result.json",
-                    help="write the results here (default benchmarks-result.json)")
+    ap.add_argument(
+        "--json",
+        metavar="PATH",
+        default="benchmarks-result.json",
+        help="write the results here (default benchmarks-result.json)",
+    )
     ap.add_argument("--plot", metavar="PATH", help="also draw a PNG (needs matplotlib)")
-    ap.add_argument("--only", nargs="+", choices=SCENARIOS, metavar="SCENARIO",
-                    help=f"run only these: {', '.join(SCENARIOS)}")
-    ap.add_argument("--baseline", metavar="DIR",
-                    help="also run the mongoproxy of another checkout (built in place) as variant 'baseline' in "
-                         "the hot-path scenarios: a before/after comparison in one interleaved run")
+    ap.add_argument(
+        "--only", nargs="+", choices=SCENARIOS, metavar="SCENARIO", help=f"run only these: {', '.join(SCENARIOS)}"
+    )
+    ap.add_argument(
+        "--baseline",
+        metavar="DIR",
+        help="also run the mongoproxy of another checkout (built in place) as variant 'baseline' in "
+        "the hot-path scenarios: a before/after comparison in one interleaved run",
+    )
     args = ap.parse_args(argv)
     if args.plot:
         try:
@@ -500,10 +625,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     workdir = procs.make_workdir()
     t0 = time.monotonic()
     res: dict[str, Any] = {
-        "benchmark": "mongoproxy", "version": __version__, "quick": args.quick,
-        "started": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
-        "python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
-        "load_average_at_start": os.getloadavg(), "params": asdict(p), "baseline": args.baseline, "scenarios": {},
+        "benchmark": "mongoproxy",
+        "version": __version__,
+        "quick": args.quick,
+        "started": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "load_average_at_start": os.getloadavg(),
+        "params": asdict(p),
+        "baseline": args.baseline,
+        "scenarios": {},
     }
     try:
         if "scanner" in wanted:
@@ -523,8 +655,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     res["load_average_at_end"] = os.getloadavg()
     res["goals"] = goals(res)
     print_tables(res)
-    print(f"{res['duration_s']:.0f} s; load average {res['load_average_at_start'][0]:.2f} at start, "
-          f"{res['load_average_at_end'][0]:.2f} at end")
+    print(
+        f"{res['duration_s']:.0f} s; load average {res['load_average_at_start'][0]:.2f} at start, "
+        f"{res['load_average_at_end'][0]:.2f} at end"
+    )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=2)

@@ -17,7 +17,6 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from typing import Optional
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -71,15 +70,23 @@ def reset_peak_rss(pid: int) -> bool:
 class Proc:
     """One child process of the run."""
 
-    def __init__(self, name: str, cmd: list[str], port: int, env: Optional[dict] = None,
-                 stderr_path: Optional[str] = None, cwd: str = REPO_ROOT) -> None:
+    def __init__(
+        self,
+        name: str,
+        cmd: list[str],
+        port: int,
+        env: dict | None = None,
+        stderr_path: str | None = None,
+        cwd: str = REPO_ROOT,
+    ) -> None:
         self.name = name
         self.cmd = cmd
         self.port = port
         self.stderr_path = stderr_path
         err = open(stderr_path, "wb") if stderr_path else subprocess.DEVNULL
-        self.popen = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err,
-                                      env=env, cwd=cwd)
+        self.popen = subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err, env=env, cwd=cwd
+        )
         if stderr_path:
             err.close()
 
@@ -154,7 +161,7 @@ class Proc:
             self.popen.stdout.close()
 
 
-def _env(extra: Optional[dict] = None, root: str = REPO_ROOT) -> dict:
+def _env(extra: dict | None = None, root: str = REPO_ROOT) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MONGOPROXY_", "OTEL_"))}
     env["PYTHONUNBUFFERED"] = "1"
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
@@ -164,16 +171,26 @@ def _env(extra: Optional[dict] = None, root: str = REPO_ROOT) -> dict:
 
 def start_backend(reply_size: int, workdir: str) -> Proc:
     """The scripted OP_MSG server (benchmarks.backend) in its own process."""
-    p = Proc("backend", [sys.executable, "-m", "benchmarks.backend", "--port", "0", "--reply-size", str(reply_size)],
-             0, _env(), os.path.join(workdir, "backend.err"))
+    p = Proc(
+        "backend",
+        [sys.executable, "-m", "benchmarks.backend", "--port", "0", "--reply-size", str(reply_size)],
+        0,
+        _env(),
+        os.path.join(workdir, "backend.err"),
+    )
     p.read_ready(20)
     return p
 
 
 def start_otlp_sink(workdir: str) -> Proc:
     """The discard-everything OTLP/HTTP endpoint (benchmarks.otlp_sink)."""
-    p = Proc("otlp-sink", [sys.executable, "-m", "benchmarks.otlp_sink", "--port", "0"], 0, _env(),
-             os.path.join(workdir, "otlp.err"))
+    p = Proc(
+        "otlp-sink",
+        [sys.executable, "-m", "benchmarks.otlp_sink", "--port", "0"],
+        0,
+        _env(),
+        os.path.join(workdir, "otlp.err"),
+    )
     p.read_ready(20)
     return p
 
@@ -207,17 +224,30 @@ def start_haproxy(upstream: int, workdir: str, maxconn: int = 6000) -> Proc:
     return p
 
 
-def start_mongoproxy(name: str, upstream: int, workdir: str, args: tuple = (), env: Optional[dict] = None,
-                     root: str = REPO_ROOT) -> Proc:
+def start_mongoproxy(
+    name: str, upstream: int, workdir: str, args: tuple = (), env: dict | None = None, root: str = REPO_ROOT
+) -> Proc:
     """`python -m mongoproxy run --proxy P:127.0.0.1:UPSTREAM --admin-port A ARGS...`, once /readyz says 200.
 
     `root`: the checkout whose mongoproxy runs (another one for a before/after comparison).
     """
     listen, admin = free_port(), free_port()
-    cmd = [sys.executable, "-m", "mongoproxy", "run", "--proxy", f"{listen}:127.0.0.1:{upstream}",
-           "--admin-port", str(admin), "--log-level", "warning", *args]
-    p = Proc(name, cmd, listen, _env(env, root), os.path.join(workdir, f"{name.replace('+', '-')}-{listen}.err"),
-             cwd=root)
+    cmd = [
+        sys.executable,
+        "-m",
+        "mongoproxy",
+        "run",
+        "--proxy",
+        f"{listen}:127.0.0.1:{upstream}",
+        "--admin-port",
+        str(admin),
+        "--log-level",
+        "warning",
+        *args,
+    ]
+    p = Proc(
+        name, cmd, listen, _env(env, root), os.path.join(workdir, f"{name.replace('+', '-')}-{listen}.err"), cwd=root
+    )
     p.admin_port = admin  # type: ignore[attr-defined]
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
@@ -236,8 +266,13 @@ def start_mongoproxy(name: str, upstream: int, workdir: str, args: tuple = (), e
 def start_secantus(workdir: str) -> Proc:
     """SecantusDB in memory (`python -m secantus --port P --storage-path :memory:`)."""
     port = free_port()
-    p = Proc("secantus", [sys.executable, "-m", "secantus", "--port", str(port), "--storage-path", ":memory:"],
-             port, _env(), os.path.join(workdir, "secantus.err"))
+    p = Proc(
+        "secantus",
+        [sys.executable, "-m", "secantus", "--port", str(port), "--storage-path", ":memory:"],
+        port,
+        _env(),
+        os.path.join(workdir, "secantus.err"),
+    )
     p.wait_listening(60)
     return p
 

@@ -14,7 +14,8 @@ import struct
 import threading
 import time
 import urllib.request
-from typing import Any, Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import bson
 
@@ -44,8 +45,14 @@ def big_insert(total: int, doc_size: int = 1024) -> bytes:
     doc = bson.encode({"_id": 0, "pad": b"x" * (doc_size - 26)})
     n = max(1, (total - 200) // len(doc))
     seq = b"documents\x00" + doc * n
-    body = (b"\x00\x00\x00\x00" + b"\x00" + bson.encode({"insert": "big", "ordered": False, "$db": "bench"})
-            + b"\x01" + struct.pack("<i", 4 + len(seq)) + seq)
+    body = (
+        b"\x00\x00\x00\x00"
+        + b"\x00"
+        + bson.encode({"insert": "big", "ordered": False, "$db": "bench"})
+        + b"\x01"
+        + struct.pack("<i", 4 + len(seq))
+        + seq
+    )
     return HEADER.pack(16 + len(body), 7, 0, OP_MSG) + body
 
 
@@ -108,7 +115,7 @@ def _settle_cpu(proc: procs.Proc, quiet: float = 0.6, limit: float = 8.0) -> int
     return last
 
 
-def observed_commands(proc: procs.Proc) -> Optional[int]:
+def observed_commands(proc: procs.Proc) -> int | None:
     """Commands the proxy's metrics counted (sum of the latency histogram counts), or None."""
     port = getattr(proc, "admin_port", None)
     if not port:
@@ -118,21 +125,27 @@ def observed_commands(proc: procs.Proc) -> Optional[int]:
             text = r.read().decode()
     except OSError:
         return None
-    return int(sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                   if line.startswith("mongoproxy_response_latency_seconds_count")))
+    return int(
+        sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("mongoproxy_response_latency_seconds_count")
+        )
+    )
 
 
 # ---- scenarios 1 and 2: small round trips, latency and CPU ----
 
 
-def small_round_trip_raw(targets: dict[str, Optional[procs.Proc]], ports: dict[str, int], rounds: int,
-                         per_round: int, warmup: int = 200) -> dict:
+def small_round_trip_raw(
+    targets: dict[str, procs.Proc | None], ports: dict[str, int], rounds: int, per_round: int, warmup: int = 200
+) -> dict:
     """Raw-socket small find round trips: latency per variant and CPU per request of each proxy process."""
     req = small_find()
     clients = {name: RawClient(port) for name, port in ports.items()}
     samples: dict[str, list[int]] = {name: [] for name in ports}
     try:
-        for name, c in clients.items():
+        for c in clients.values():
             for _ in range(warmup):
                 c.roundtrip(req)
         cpu0 = {name: p.cpu_ns() for name, p in targets.items() if p is not None}
@@ -151,19 +164,29 @@ def small_round_trip_raw(targets: dict[str, Optional[procs.Proc]], ports: dict[s
             c.close()
     n = rounds * per_round
     lat = _latency_table(samples)
-    cpu = {name: {"us_per_request": (cpu1[name] - cpu0[name]) / n / 1000, "requests": n,
-                  "cpu_ms": (cpu1[name] - cpu0[name]) / 1e6} for name in cpu0}
+    cpu = {
+        name: {
+            "us_per_request": (cpu1[name] - cpu0[name]) / n / 1000,
+            "requests": n,
+            "cpu_ms": (cpu1[name] - cpu0[name]) / 1e6,
+        }
+        for name in cpu0
+    }
     return {"latency": lat, "cpu": cpu, "requests_per_variant": n}
 
 
 def _latency_table(samples: dict[str, list[int]]) -> dict:
     out: dict[str, Any] = {}
     for name, s in samples.items():
-        out[name] = {"p50_us": _pct(s, 0.50) / 1000, "p99_us": _pct(s, 0.99) / 1000,
-                     "mean_us": statistics.fmean(s) / 1000, "n": len(s)}
+        out[name] = {
+            "p50_us": _pct(s, 0.50) / 1000,
+            "p99_us": _pct(s, 0.99) / 1000,
+            "mean_us": statistics.fmean(s) / 1000,
+            "n": len(s),
+        }
     base = out.get("direct")
     if base:
-        for name, row in out.items():
+        for row in out.values():
             row["added_p50_us"] = row["p50_us"] - base["p50_us"]
             row["added_p99_us"] = row["p99_us"] - base["p99_us"]
     return out
@@ -173,8 +196,10 @@ def small_round_trip_pymongo(ports: dict[str, int], rounds: int, per_round: int,
     """pymongo find_one by _id round trips: latency per variant."""
     import pymongo
 
-    clients = {name: pymongo.MongoClient(f"mongodb://127.0.0.1:{port}/?directConnection=true",
-                                         serverSelectionTimeoutMS=10000) for name, port in ports.items()}
+    clients = {
+        name: pymongo.MongoClient(f"mongodb://127.0.0.1:{port}/?directConnection=true", serverSelectionTimeoutMS=10000)
+        for name, port in ports.items()
+    }
     samples: dict[str, list[int]] = {name: [] for name in ports}
     try:
         colls = {name: c.bench.c for name, c in clients.items()}
@@ -198,8 +223,9 @@ def small_round_trip_pymongo(ports: dict[str, int], rounds: int, per_round: int,
 # ---- scenario 3: large replies ----
 
 
-def large_replies(targets: dict[str, Optional[procs.Proc]], ports: dict[str, int], sizes: Sequence[int], rounds: int,
-                  per_round: int) -> dict:
+def large_replies(
+    targets: dict[str, procs.Proc | None], ports: dict[str, int], sizes: Sequence[int], rounds: int, per_round: int
+) -> dict:
     """MB/s of replies of each size per variant (request {benchReply: size}; reply of 1 KB documents),
     and the proxy process's CPU time per MB."""
     out: dict[str, Any] = {}
@@ -226,8 +252,12 @@ def large_replies(targets: dict[str, Optional[procs.Proc]], ports: dict[str, int
             rows = {}
             for name, t in times.items():
                 med = statistics.median(t)
-                rows[name] = {"mb_s": nbytes / (med / 1e9) / 1e6, "median_ms": med / 1e6,
-                              "best_mb_s": nbytes / (min(t) / 1e9) / 1e6, "n": len(t)}
+                rows[name] = {
+                    "mb_s": nbytes / (med / 1e9) / 1e6,
+                    "median_ms": med / 1e6,
+                    "best_mb_s": nbytes / (min(t) / 1e9) / 1e6,
+                    "n": len(t),
+                }
                 if targets.get(name) is not None:
                     rows[name]["cpu_ms_per_mb"] = cpu[name] / 1e6 / (nbytes * len(t) / 1e6)
             out[f"{size // MiB}MiB"] = {"reply_bytes": nbytes, "variants": rows}
@@ -300,9 +330,14 @@ def stream_big_message(proc: procs.Proc, port: int, total: int) -> dict:
         t.join()
         hwm = procs.status_kb(proc.pid, "VmHWM") if hwm_ok else 0
         top = max(peak[0], hwm)
-        return {"message_bytes": len(msg), "baseline_rss_kb": base, "peak_rss_kb": top,
-                "growth_kb": top - base, "peak_source": "VmHWM" if hwm_ok and hwm >= peak[0] else "sampled",
-                "mb_s": len(msg) / elapsed / 1e6}
+        return {
+            "message_bytes": len(msg),
+            "baseline_rss_kb": base,
+            "peak_rss_kb": top,
+            "growth_kb": top - base,
+            "peak_source": "VmHWM" if hwm_ok and hwm >= peak[0] else "sampled",
+            "mb_s": len(msg) / elapsed / 1e6,
+        }
     finally:
         c.close()
 
@@ -313,17 +348,37 @@ def stream_big_message(proc: procs.Proc, port: int, total: int) -> dict:
 def _tweet(i: int, pad: int = 0) -> dict:
     """A tweet-shaped document (nested user, entities, counters), about 1 KB with pad=0."""
     return {
-        "_id": i, "text": "@someone this is tweet number %d with some words in it #benchmark" % i,
-        "created_at": "Sun Jan 01 00:00:%02d +0000 2026" % (i % 60), "retweet_count": i % 17,
-        "favorited": bool(i % 2), "truncated": False, "in_reply_to_status_id": None, "source": "web",
-        "user": {"id": 1000 + i, "screen_name": "user%d" % i, "name": "User Number %d" % i,
-                 "location": "Somewhere, Earth", "description": "Writes benchmarks for fun and profit " * 3,
-                 "followers_count": 1234 + i, "friends_count": 321, "statuses_count": 99_999,
-                 "created_at": "Mon Feb 02 00:00:00 +0000 2015", "verified": False, "lang": "en",
-                 "profile_image_url": "http://example.com/images/%d/normal.png" % i},
-        "entities": {"hashtags": [{"text": "benchmark", "indices": [50, 60]}],
-                     "urls": [], "user_mentions": [{"screen_name": "someone", "id": 42, "indices": [0, 8]}]},
-        "geo": None, "coordinates": None, "place": None, "pad": "x" * pad,
+        "_id": i,
+        "text": "@someone this is tweet number %d with some words in it #benchmark" % i,
+        "created_at": "Sun Jan 01 00:00:%02d +0000 2026" % (i % 60),
+        "retweet_count": i % 17,
+        "favorited": bool(i % 2),
+        "truncated": False,
+        "in_reply_to_status_id": None,
+        "source": "web",
+        "user": {
+            "id": 1000 + i,
+            "screen_name": "user%d" % i,
+            "name": "User Number %d" % i,
+            "location": "Somewhere, Earth",
+            "description": "Writes benchmarks for fun and profit " * 3,
+            "followers_count": 1234 + i,
+            "friends_count": 321,
+            "statuses_count": 99_999,
+            "created_at": "Mon Feb 02 00:00:00 +0000 2015",
+            "verified": False,
+            "lang": "en",
+            "profile_image_url": "http://example.com/images/%d/normal.png" % i,
+        },
+        "entities": {
+            "hashtags": [{"text": "benchmark", "indices": [50, 60]}],
+            "urls": [],
+            "user_mentions": [{"screen_name": "someone", "id": 42, "indices": [0, 8]}],
+        },
+        "geo": None,
+        "coordinates": None,
+        "place": None,
+        "pad": "x" * pad,
     }
 
 
@@ -337,8 +392,13 @@ def scanner(quick: bool) -> dict:
     for r in rows:
         if r["bson_decode_us"] is None:
             continue  # the chunked and rendering rows are folded in or left out
-        row = {"case": r["case"], "bytes": r["bytes"], "scanner_us": r["scanner_us"],
-               "bson_decode_us": r["bson_decode_us"], "speedup": r["bson_decode_us"] / r["scanner_us"]}
+        row = {
+            "case": r["case"],
+            "bytes": r["bytes"],
+            "scanner_us": r["scanner_us"],
+            "bson_decode_us": r["bson_decode_us"],
+            "speedup": r["bson_decode_us"] / r["scanner_us"],
+        }
         if r["case"] in chunked:
             row["scanner_chunked_us"] = chunked[r["case"]]["scanner_us"]
         cases.append(row)
@@ -356,8 +416,13 @@ def tap_cost(roots: dict[str, str], pairs: int, rounds: int = 2) -> dict:
     best: dict[str, dict] = {}
     for _ in range(rounds):
         for name, root in roots.items():
-            out = subprocess.run([sys.executable, script, "--root", root, "--pairs", str(pairs), "--repeat", "3"],
-                                 capture_output=True, text=True, timeout=300, cwd=root)
+            out = subprocess.run(
+                [sys.executable, script, "--root", root, "--pairs", str(pairs), "--repeat", "3"],
+                capture_output=True,
+                text=True,
+                timeout=300,
+                cwd=root,
+            )
             if out.returncode != 0:
                 raise RuntimeError(f"tapcost.py --root {root} failed: {out.stderr[-2000:]}")
             row = json.loads(out.stdout)
@@ -371,18 +436,30 @@ def tap_cost(roots: dict[str, str], pairs: int, rounds: int = 2) -> dict:
 
 def small_doc(i: int) -> dict:
     """A SMALL_DOC-shaped document: a dozen short string and number fields (about 250 bytes)."""
-    return {"oggiwa": "aAvjnfdjlwmmbxcb", "nmahlsw": 5 + i % 7, "qwertyu": "kWzIpQOrpAxrEsYi",
-            "asdfgh": 43567, "zxcvbnm": "ZxYtbNgPqWuLmRoE", "poiuyt": 7788, "lkjhgf": "TeBwkZlFHtmNvPqU",
-            "mnbvcxz": 19.5, "qazwsx": "rFvTgBhYuJmKiLoP", "edcrfv": 1, "tgbyhn": "wErTyUiOpAsDfGhJ",
-            "ujmikl": 33.75}
+    return {
+        "oggiwa": "aAvjnfdjlwmmbxcb",
+        "nmahlsw": 5 + i % 7,
+        "qwertyu": "kWzIpQOrpAxrEsYi",
+        "asdfgh": 43567,
+        "zxcvbnm": "ZxYtbNgPqWuLmRoE",
+        "poiuyt": 7788,
+        "lkjhgf": "TeBwkZlFHtmNvPqU",
+        "mnbvcxz": 19.5,
+        "qazwsx": "rFvTgBhYuJmKiLoP",
+        "edcrfv": 1,
+        "tgbyhn": "wErTyUiOpAsDfGhJ",
+        "ujmikl": 33.75,
+    }
 
 
 def driver_tasks(ports: dict[str, int], rounds: int, n_commands: int, n_docs: int, n_inserts: int) -> dict:
     """RunCommand, FindOneByID, SmallDocInsertOne, FindManyAndEmptyCursor: median seconds per variant."""
     import pymongo
 
-    clients = {name: pymongo.MongoClient(f"mongodb://127.0.0.1:{port}/?directConnection=true",
-                                         serverSelectionTimeoutMS=20000) for name, port in ports.items()}
+    clients = {
+        name: pymongo.MongoClient(f"mongodb://127.0.0.1:{port}/?directConnection=true", serverSelectionTimeoutMS=20000)
+        for name, port in ports.items()
+    }
     first = next(iter(clients.values()))
     db_name = "perftest"
     first.drop_database(db_name)
@@ -415,7 +492,7 @@ def driver_tasks(ports: dict[str, int], rounds: int, n_commands: int, n_docs: in
         for _ in c[db_name].corpus.find({}):
             pass
 
-    tasks: list[tuple[str, Callable, Optional[Callable], Optional[Callable], int]] = [
+    tasks: list[tuple[str, Callable, Callable | None, Callable | None, int]] = [
         ("RunCommand", run_command, None, None, n_commands),
         ("FindOneByID", find_one_by_id, None, None, n_docs),
         ("SmallDocInsertOne", insert_one, insert_setup, insert_teardown, n_inserts),
@@ -430,7 +507,7 @@ def driver_tasks(ports: dict[str, int], rounds: int, n_commands: int, n_docs: in
         for task, fn, setup, teardown, ops in tasks:
             times: dict[str, list[float]] = {name: [] for name in clients}
             for r in range(rounds):
-                for name in names[r % len(names):] + names[:r % len(names)]:  # each variant leads in turn
+                for name in names[r % len(names) :] + names[: r % len(names)]:  # each variant leads in turn
                     c = clients[name]
                     if setup is not None:
                         setup(c, name)
@@ -439,8 +516,16 @@ def driver_tasks(ports: dict[str, int], rounds: int, n_commands: int, n_docs: in
                     times[name].append(time.perf_counter() - t0)
                     if teardown is not None:
                         teardown(c, name)
-            rows = {name: {"median_s": statistics.median(t), "best_s": min(t), "runs": len(t),
-                           "us_per_op": statistics.median(t) / ops * 1e6, "runs_s": t} for name, t in times.items()}
+            rows = {
+                name: {
+                    "median_s": statistics.median(t),
+                    "best_s": min(t),
+                    "runs": len(t),
+                    "us_per_op": statistics.median(t) / ops * 1e6,
+                    "runs_s": t,
+                }
+                for name, t in times.items()
+            }
             out[task] = {"operations": ops, "variants": rows}
         first.drop_database(db_name)
     finally:

@@ -5,8 +5,6 @@ unknown_opcode, truncated, trailing_bytes, bad_length, missing_terminator,
 string_not_terminated, unknown_type, bad_section_kind, invalid_utf8.
 """
 
-from typing import Optional
-
 # Op codes the scanner understands (the header is parsed by mongoproxy.wire).
 OP_REPLY: int  # 1
 OP_UPDATE: int  # 2001
@@ -33,47 +31,47 @@ class ScanResult:
 
     op_code: int
     flags: int  # OP_MSG flagBits, OP_QUERY flags, OP_REPLY responseFlags, OP_INSERT/UPDATE/DELETE flags; else 0
-    checksum: Optional[int]  # OP_MSG CRC-32C when checksumPresent
+    checksum: int | None  # OP_MSG CRC-32C when checksumPresent
 
     # requests
-    command: Optional[str]  # first key of the command body (OP_MSG, OP_QUERY on $cmd, OP_COMMAND)
-    collection: Optional[str]  # first value when a string; getMore: its `collection` field
-    database: Optional[str]  # `$db`; legacy: the part of fullCollectionName before the first '.'
-    namespace: Optional[str]  # legacy ops: fullCollectionName as sent
-    cursor_id: Optional[int]  # getMore's first value; killCursors `cursors.0`; reply: cursor.id / OP_REPLY cursorID;
+    command: str | None  # first key of the command body (OP_MSG, OP_QUERY on $cmd, OP_COMMAND)
+    collection: str | None  # first value when a string; getMore: its `collection` field
+    database: str | None  # `$db`; legacy: the part of fullCollectionName before the first '.'
+    namespace: str | None  # legacy ops: fullCollectionName as sent
+    cursor_id: int | None  # getMore's first value; killCursors `cursors.0`; reply: cursor.id / OP_REPLY cursorID;
     # legacy OP_GET_MORE cursorID, OP_KILL_CURSORS first id
-    comment: Optional[str]  # `comment` when a string (wherever its section lies), else the first legacy
+    comment: str | None  # `comment` when a string (wherever its section lies), else the first legacy
     # `$comment` string in body order: filter/q/query/pipeline.0.$match/updates.0.q/deletes.0.q, and
     # q.$comment in the first document of an OP_MSG kind-1 `updates`/`deletes` sequence
-    comment_traceparent: Optional[str]  # `comment.traceparent` when comment is a document
-    comment_tracestate: Optional[str]
-    app_name: Optional[str]  # client.application.name
-    driver_name: Optional[str]  # client.driver.name
-    driver_version: Optional[str]  # client.driver.version
-    compression: Optional[list[str]]  # request or hello reply `compression` array
+    comment_traceparent: str | None  # `comment.traceparent` when comment is a document
+    comment_tracestate: str | None
+    app_name: str | None  # client.application.name
+    driver_name: str | None  # client.driver.name
+    driver_version: str | None  # client.driver.version
+    compression: list[str] | None  # request or hello reply `compression` array
     documents: int  # docs in kind-1 sections + elements of root `documents`/`updates`/`deletes`;
     # OP_INSERT docs; OP_COMMAND inputDocs
-    query_shape: Optional[str]  # JSON text of the body when rendering was asked for (see BodyScanner.reset)
+    query_shape: str | None  # JSON text of the body when rendering was asked for (see BodyScanner.reset)
 
     # replies
-    ok: Optional[float]
-    code: Optional[int]
-    code_name: Optional[str]
-    errmsg: Optional[str]
-    cursor_ns: Optional[str]
-    returned: Optional[int]  # cursor.firstBatch / cursor.nextBatch elements; else OP_REPLY numberReturned
-    n: Optional[int]
-    n_modified: Optional[int]
-    upserted: Optional[int]  # element count
-    write_errors: Optional[int]  # element count
-    write_error_code: Optional[int]  # writeErrors.0.code
-    write_error_code_name: Optional[str]  # writeErrors.0.codeName
-    write_concern_error_code: Optional[int]
-    write_concern_error_code_name: Optional[str]
-    last_error_n: Optional[int]  # lastErrorObject.n
-    set_name: Optional[str]
-    me: Optional[str]
-    max_wire_version: Optional[int]
+    ok: float | None
+    code: int | None
+    code_name: str | None
+    errmsg: str | None
+    cursor_ns: str | None
+    returned: int | None  # cursor.firstBatch / cursor.nextBatch elements; else OP_REPLY numberReturned
+    n: int | None
+    n_modified: int | None
+    upserted: int | None  # element count
+    write_errors: int | None  # element count
+    write_error_code: int | None  # writeErrors.0.code
+    write_error_code_name: str | None  # writeErrors.0.codeName
+    write_concern_error_code: int | None
+    write_concern_error_code_name: str | None
+    last_error_n: int | None  # lastErrorObject.n
+    set_name: str | None
+    me: str | None
+    max_wire_version: int | None
 
     def __init__(self, **fields: object) -> None:
         """Build one by hand (tests, replay); unnamed fields stay None (flags, documents: 0)."""

@@ -70,15 +70,30 @@ class AdminProtocol(asyncio.Protocol):
             return
         self._respond(200, body, content_type=CONTENT_TYPE_LATEST.encode(), head=head)
 
-    def _respond(self, status: int, body: bytes, *, content_type: bytes = b"text/plain; charset=utf-8",
-                 head: bool = False, extra: bytes = b"") -> None:
+    def _respond(
+        self,
+        status: int,
+        body: bytes,
+        *,
+        content_type: bytes = b"text/plain; charset=utf-8",
+        head: bool = False,
+        extra: bytes = b"",
+    ) -> None:
         if self.transport is None or self.transport.is_closing():
             return
-        reason = {200: b"OK", 400: b"Bad Request", 404: b"Not Found", 405: b"Method Not Allowed",
-                  431: b"Request Header Fields Too Large", 500: b"Internal Server Error",
-                  503: b"Service Unavailable"}[status]
-        self.transport.write(b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n%sConnection: close\r\n\r\n"
-                             % (status, reason, content_type, len(body), extra))
+        reason = {
+            200: b"OK",
+            400: b"Bad Request",
+            404: b"Not Found",
+            405: b"Method Not Allowed",
+            431: b"Request Header Fields Too Large",
+            500: b"Internal Server Error",
+            503: b"Service Unavailable",
+        }[status]
+        self.transport.write(
+            b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n%sConnection: close\r\n\r\n"
+            % (status, reason, content_type, len(body), extra)
+        )
         if not head:
             self.transport.write(body)
         self.transport.close()
@@ -89,13 +104,17 @@ async def start(hosts: Any, port: int, registry: Any, proxy: Any) -> asyncio.Abs
     loop = asyncio.get_running_loop()
     hosts = [hosts] if isinstance(hosts, str) else list(hosts)
     try:
-        server = await loop.create_server(lambda: AdminProtocol(registry, proxy),
-                                          hosts if len(hosts) > 1 else hosts[0], port, reuse_address=True)
+        server = await loop.create_server(
+            lambda: AdminProtocol(registry, proxy), hosts if len(hosts) > 1 else hosts[0], port, reuse_address=True
+        )
     except OSError as exc:
         hostport = ",".join(f"[{h}]:{port}" if ":" in h else f"{h}:{port}" for h in hosts)
         if exc.errno == errno.EADDRINUSE:
-            raise StartupError(f"cannot serve the admin endpoint on {hostport}: the port is already in use; "
-                               "choose another --admin-port") from None
-        raise StartupError(f"cannot serve the admin endpoint on {hostport}: {exc.strerror}; check --admin-host") \
-            from None
+            raise StartupError(
+                f"cannot serve the admin endpoint on {hostport}: the port is already in use; "
+                "choose another --admin-port"
+            ) from None
+        raise StartupError(
+            f"cannot serve the admin endpoint on {hostport}: {exc.strerror}; check --admin-host"
+        ) from None
     return server

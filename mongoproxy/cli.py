@@ -11,7 +11,8 @@ import argparse
 import importlib
 import os
 import sys
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from mongoproxy import __version__
 from mongoproxy.errors import MongoProxyError
@@ -40,8 +41,7 @@ def _add_config_options(parser: argparse.ArgumentParser, options: list) -> None:
         if o.switch:
             group.add_argument(*o.flags, dest=o.dest, action="store_const", const=True, default=None, help=help_text)
         elif o.multiple:
-            group.add_argument(*o.flags, dest=o.dest, action="append", default=None, metavar=o.metavar,
-                               help=help_text)
+            group.add_argument(*o.flags, dest=o.dest, action="append", default=None, metavar=o.metavar, help=help_text)
         else:
             group.add_argument(*o.flags, dest=o.dest, default=None, metavar=o.metavar, help=help_text)
 
@@ -57,26 +57,42 @@ def build_parser() -> argparse.ArgumentParser:
     from mongoproxy import config as config_mod
 
     options = config_mod.all_options()
-    parser = _Parser(prog=PROG, description="A streaming MongoDB wire-protocol proxy: forwards every byte "
-                     "unchanged and reports per-command latency, errors and traffic.")
+    parser = _Parser(
+        prog=PROG,
+        description="A streaming MongoDB wire-protocol proxy: forwards every byte "
+        "unchanged and reports per-command latency, errors and traffic.",
+    )
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
-    run = sub.add_parser("run", help="run the proxy", description="Run the proxy. Every flag can also be set "
-                         "with a MONGOPROXY_<NAME> environment variable or in a TOML file given by --config.")
-    run.add_argument("--config", metavar="PATH", default=os.environ.get("MONGOPROXY_CONFIG"),
-                     help="TOML file of settings, keys named like the long flags with underscores "
-                     "[env MONGOPROXY_CONFIG]")
+    run = sub.add_parser(
+        "run",
+        help="run the proxy",
+        description="Run the proxy. Every flag can also be set "
+        "with a MONGOPROXY_<NAME> environment variable or in a TOML file given by --config.",
+    )
+    run.add_argument(
+        "--config",
+        metavar="PATH",
+        default=os.environ.get("MONGOPROXY_CONFIG"),
+        help="TOML file of settings, keys named like the long flags with underscores [env MONGOPROXY_CONFIG]",
+    )
     _add_config_options(run, options)
     run.set_defaults(func=_run)
 
-    demo = sub.add_parser("demo", help="start an embedded server, the proxy and a sample workload",
-                          description="Start an embedded SecantusDB, the proxy in front of it and a short sample "
-                          "workload, print what the proxy observed, then keep running until Ctrl-C.")
+    demo = sub.add_parser(
+        "demo",
+        help="start an embedded server, the proxy and a sample workload",
+        description="Start an embedded SecantusDB, the proxy in front of it and a short sample "
+        "workload, print what the proxy observed, then keep running until Ctrl-C.",
+    )
     demo.add_argument("--port", type=int, default=0, help="proxy listen port (default: a free port)")
     demo.add_argument("--admin-port", type=int, default=9898, help="admin endpoint port (default: 9898)")
-    demo.add_argument("--exit-after-workload", action="store_true",
-                      help="stop once the workload has run instead of waiting for Ctrl-C")
+    demo.add_argument(
+        "--exit-after-workload",
+        action="store_true",
+        help="stop once the workload has run instead of waiting for Ctrl-C",
+    )
     demo.set_defaults(func=_demo)
 
     for name in COMMAND_MODULES:
@@ -101,7 +117,7 @@ def _demo(args: argparse.Namespace) -> int:
     return demo.main(port=args.port, admin_port=args.admin_port, exit_after_workload=args.exit_after_workload)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `mongoproxy` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
     # `mongoproxy --proxy ...` (the Rust mongoproxy's form) means `mongoproxy run --proxy ...`.

@@ -13,8 +13,9 @@ import importlib
 import ipaddress
 import os
 import tomllib
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping, Optional
+from typing import Any
 
 from mongoproxy.errors import ConfigError
 
@@ -40,7 +41,7 @@ class Option:
     default: Any = None
     multiple: bool = False  # repeatable flag; env/file give a comma-separated or list value
     switch: bool = False  # a flag without a value (store_true)
-    metavar: Optional[str] = None
+    metavar: str | None = None
     group: str = "proxy"
 
     @property
@@ -122,8 +123,8 @@ class ProxySpec:
     """One listener: `PORT` (transparent) or `PORT:HOST:PORT` (static upstream)."""
 
     listen_port: int
-    upstream_host: Optional[str] = None  # None in transparent mode
-    upstream_port: Optional[int] = None
+    upstream_host: str | None = None  # None in transparent mode
+    upstream_port: int | None = None
     text: str = ""
 
     @property
@@ -172,26 +173,89 @@ def parse_proxy_spec(value: str) -> ProxySpec:
 # ---- the core's options ----
 
 CORE_OPTIONS: list[Option] = [
-    Option("proxy", ("--proxy",), "listener: PORT (transparent, upstream from SO_ORIGINAL_DST) or PORT:HOST:PORT "
-           "(static upstream; HOST may be a name, IPv4 or [IPv6]); repeatable", parse_proxy_spec, (), multiple=True,
-           metavar="SPEC"),
-    Option("listen_host", ("--listen-host",), "address(es) the proxy listeners bind to; comma-separate several, "
-           "e.g. 127.0.0.1,::1", parse_hosts, ("127.0.0.1",), metavar="HOST"),
-    Option("admin_host", ("--admin-host",), "address(es) of the admin endpoint (/metrics, /healthz, /readyz); "
-           "comma-separate several, e.g. 0.0.0.0,::", parse_hosts, ("127.0.0.1",), metavar="HOST"),
-    Option("admin_port", ("--admin-port",), "port of the admin endpoint; 0 disables it", lambda v: 0 if str(v).strip() == "0" else parse_port(v), 9898, metavar="PORT"),
-    Option("drain_seconds", ("--drain-seconds",), "on SIGTERM/SIGINT, how long replies to requests in flight are "
-           "still delivered before exit", non_negative_float("--drain-seconds"), 15.0, metavar="N"),
-    Option("max_message_bytes", ("--max-message-bytes",), "largest message observed; a longer header is a decode "
-           "error (forwarding goes on)", positive_int("--max-message-bytes"), 48_000_000, metavar="N"),
-    Option("connect_timeout", ("--connect-timeout",), "seconds to wait for the upstream TCP connect",
-           non_negative_float("--connect-timeout"), 10.0, metavar="SECONDS"),
-    Option("max_pending_requests", ("--max-pending-requests",), "requests awaiting a reply kept per connection; "
-           "older ones are dropped and counted", positive_int("--max-pending-requests"), 1000, metavar="N"),
-    Option("verify_checksums", ("--verify-checksums",), "verify the CRC-32C of OP_MSG messages that carry one; "
-           "mismatches are counted as decode errors (reason checksum_mismatch)", parse_bool, False, switch=True),
-    Option("log_level", ("--log-level",), "debug, info, warning or error", lambda v: _choice(v, "--log-level",
-           ("debug", "info", "warning", "error")), "info", metavar="LEVEL"),
+    Option(
+        "proxy",
+        ("--proxy",),
+        "listener: PORT (transparent, upstream from SO_ORIGINAL_DST) or PORT:HOST:PORT "
+        "(static upstream; HOST may be a name, IPv4 or [IPv6]); repeatable",
+        parse_proxy_spec,
+        (),
+        multiple=True,
+        metavar="SPEC",
+    ),
+    Option(
+        "listen_host",
+        ("--listen-host",),
+        "address(es) the proxy listeners bind to; comma-separate several, e.g. 127.0.0.1,::1",
+        parse_hosts,
+        ("127.0.0.1",),
+        metavar="HOST",
+    ),
+    Option(
+        "admin_host",
+        ("--admin-host",),
+        "address(es) of the admin endpoint (/metrics, /healthz, /readyz); comma-separate several, e.g. 0.0.0.0,::",
+        parse_hosts,
+        ("127.0.0.1",),
+        metavar="HOST",
+    ),
+    Option(
+        "admin_port",
+        ("--admin-port",),
+        "port of the admin endpoint; 0 disables it",
+        lambda v: 0 if str(v).strip() == "0" else parse_port(v),
+        9898,
+        metavar="PORT",
+    ),
+    Option(
+        "drain_seconds",
+        ("--drain-seconds",),
+        "on SIGTERM/SIGINT, how long replies to requests in flight are still delivered before exit",
+        non_negative_float("--drain-seconds"),
+        15.0,
+        metavar="N",
+    ),
+    Option(
+        "max_message_bytes",
+        ("--max-message-bytes",),
+        "largest message observed; a longer header is a decode error (forwarding goes on)",
+        positive_int("--max-message-bytes"),
+        48_000_000,
+        metavar="N",
+    ),
+    Option(
+        "connect_timeout",
+        ("--connect-timeout",),
+        "seconds to wait for the upstream TCP connect",
+        non_negative_float("--connect-timeout"),
+        10.0,
+        metavar="SECONDS",
+    ),
+    Option(
+        "max_pending_requests",
+        ("--max-pending-requests",),
+        "requests awaiting a reply kept per connection; older ones are dropped and counted",
+        positive_int("--max-pending-requests"),
+        1000,
+        metavar="N",
+    ),
+    Option(
+        "verify_checksums",
+        ("--verify-checksums",),
+        "verify the CRC-32C of OP_MSG messages that carry one; "
+        "mismatches are counted as decode errors (reason checksum_mismatch)",
+        parse_bool,
+        False,
+        switch=True,
+    ),
+    Option(
+        "log_level",
+        ("--log-level",),
+        "debug, info, warning or error",
+        lambda v: _choice(v, "--log-level", ("debug", "info", "warning", "error")),
+        "info",
+        metavar="LEVEL",
+    ),
 ]
 
 
@@ -221,7 +285,7 @@ class Config(Mapping[str, Any]):
 
     __slots__ = ("_values", "sources")
 
-    def __init__(self, values: Mapping[str, Any], sources: Optional[Mapping[str, str]] = None) -> None:
+    def __init__(self, values: Mapping[str, Any], sources: Mapping[str, str] | None = None) -> None:
         object.__setattr__(self, "_values", dict(values))
         object.__setattr__(self, "sources", dict(sources or {}))
 
@@ -243,7 +307,7 @@ class Config(Mapping[str, Any]):
     def __len__(self) -> int:
         return len(self._values)
 
-    def replace(self, **changes: Any) -> "Config":
+    def replace(self, **changes: Any) -> Config:
         """A copy with some values changed (tests, demo)."""
         values = dict(self._values)
         for k in changes:
@@ -290,8 +354,10 @@ def build(
     known = {o.dest for o in options}
     unknown = sorted(set(file_values) - known)
     if unknown:
-        raise ConfigError(f"unknown setting(s) in config file: {', '.join(unknown)}; "
-                          f"valid names are the long flags without dashes, e.g. drain_seconds")
+        raise ConfigError(
+            f"unknown setting(s) in config file: {', '.join(unknown)}; "
+            f"valid names are the long flags without dashes, e.g. drain_seconds"
+        )
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
     for o in options:
@@ -327,8 +393,10 @@ def check_proxies(config: Config) -> None:
     seen: dict[int, str] = {}
     for spec in config.proxy:
         if spec.listen_port in seen:
-            raise ConfigError(f"listen port {spec.listen_port} is used by both --proxy {seen[spec.listen_port]} "
-                              f"and --proxy {spec.text}: give each listener its own port")
+            raise ConfigError(
+                f"listen port {spec.listen_port} is used by both --proxy {seen[spec.listen_port]} "
+                f"and --proxy {spec.text}: give each listener its own port"
+            )
         seen[spec.listen_port] = spec.text
     if config.admin_port and config.admin_port in seen and set(config.admin_host) & set(config.listen_host):
         raise ConfigError(f"--admin-port {config.admin_port} is also a proxy listen port: choose another admin port")

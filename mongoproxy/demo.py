@@ -13,7 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Optional
+from typing import Any
 
 from mongoproxy import __version__
 from mongoproxy.errors import ConfigError, StartupError
@@ -42,7 +42,7 @@ class EmbeddedServer:
 
     def __init__(self) -> None:
         self.port = _free_port()
-        self.proc: Optional[subprocess.Popen] = None
+        self.proc: subprocess.Popen | None = None
         self.log: Any = None
 
     def start(self, timeout: float = 60.0) -> None:
@@ -50,15 +50,29 @@ class EmbeddedServer:
             raise ConfigError("the demo needs its embedded server: pip install 'mongoproxy[demo]'")
         self.log = tempfile.NamedTemporaryFile(prefix="mongoproxy-demo-server-", suffix=".log", delete=False)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "secantus", "--host", "127.0.0.1", "--port", str(self.port),
-             "--storage-path", ":memory:", "--log-level", "WARNING"],
-            stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            [
+                sys.executable,
+                "-m",
+                "secantus",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--storage-path",
+                ":memory:",
+                "--log-level",
+                "WARNING",
+            ],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise StartupError(f"the embedded server exited with code {self.proc.returncode}; "
-                                   f"its log is {self.log.name}")
+                raise StartupError(
+                    f"the embedded server exited with code {self.proc.returncode}; its log is {self.log.name}"
+                )
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
                     return
@@ -119,11 +133,14 @@ async def _demo(port: int, admin_port: int, exit_after_workload: bool) -> int:
         if admin_port and not _port_free(admin_port):
             taken, admin_port = admin_port, _free_port()
             print(f"port {taken} is taken; the admin endpoint uses {admin_port} instead", flush=True)
-        cfg = config_mod.build({
-            "proxy": [f"{port}:127.0.0.1:{embedded.port}"],
-            "admin_port": str(admin_port),
-            "log_commands": True,
-        }, env={})
+        cfg = config_mod.build(
+            {
+                "proxy": [f"{port}:127.0.0.1:{embedded.port}"],
+                "admin_port": str(admin_port),
+                "log_commands": True,
+            },
+            env={},
+        )
         cfg = cfg.replace(drain_seconds=2.0)
         loop = asyncio.get_running_loop()
         started: asyncio.Future = loop.create_future()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import socket
 import struct
-from typing import Any, Optional
+from typing import Any
 
 SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h
 IP6T_SO_ORIGINAL_DST = 80  # linux/netfilter_ipv6/ip6_tables.h
@@ -23,7 +23,7 @@ def parse_sockaddr(raw: bytes) -> tuple[str, int]:
     raise ValueError(f"unexpected address family {family} in original destination")
 
 
-def original_dst(sock: Any) -> Optional[tuple[str, int]]:
+def original_dst(sock: Any) -> tuple[str, int] | None:
     """The pre-NAT destination of an accepted socket, or None when the kernel has none."""
     attempts = [(SOL_IP, SO_ORIGINAL_DST, 16)]
     if sock.family == socket.AF_INET6:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional, Protocol
+from typing import Any, Protocol
 
 _MONO_ANCHOR = time.monotonic_ns()
 _WALL_ANCHOR = time.time_ns()
@@ -41,7 +41,7 @@ class Connection:
     compression_offered: tuple[str, ...] = ()
     compression: str = ""  # the compressor the server accepted first, "" when none
     replica_set: str = ""
-    max_wire_version: Optional[int] = None
+    max_wire_version: int | None = None
     # Byte counters, bumped by the data path.
     bytes_from_client: int = 0
     bytes_from_server: int = 0
@@ -88,13 +88,13 @@ class CommandEvent:
     reply: Any = None  # ScanResult, None when no reply is expected or none came
     reply_request_id: int = 0
     # Outcome, from the reply.
-    ok: Optional[bool] = None
-    code: Optional[int] = None
+    ok: bool | None = None
+    code: int | None = None
     code_name: str = ""
     errmsg: str = ""
-    documents_returned: Optional[int] = None
-    documents_changed: Optional[int] = None
-    cursor_id: Optional[int] = None  # open cursor after this reply (0 = exhausted)
+    documents_returned: int | None = None
+    documents_changed: int | None = None
+    cursor_id: int | None = None  # open cursor after this reply (0 = exhausted)
     more_to_come_request: bool = False  # unacknowledged write: no reply will come
     exhaust: bool = False  # this reply arrived as a moreToCome continuation
     exhaust_index: int = 0  # 0 for the direct reply, 1.. for streamed replies
@@ -165,6 +165,7 @@ class Sink(Protocol):
     def on_requests_dropped(self, conn: Connection, count: int) -> None: ...
     def on_data(self, conn: Connection, from_client: bool, data: bytes, now_ns: int) -> None:
         """Every forwarded chunk, after it was written on (capture). Keep it O(1): hand it to a queue."""
+
     def close(self) -> None: ...
 
 
@@ -235,8 +236,9 @@ class SinkBus:
         count = self.errors.get(name, 0)
         self.errors[name] = count + 1
         if count == 0:
-            self._log.error("sink %s failed in %s (further errors are only counted): %r", name, method.__name__, exc,
-                            exc_info=exc)
+            self._log.error(
+                "sink %s failed in %s (further errors are only counted): %r", name, method.__name__, exc, exc_info=exc
+            )
 
     def command(self, event: CommandEvent) -> None:
         for m in self._on_command:

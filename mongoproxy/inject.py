@@ -18,8 +18,9 @@ import io
 import json
 import shlex
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
-from typing import Any, Iterable, Optional, TextIO
+from typing import Any, TextIO
 
 from mongoproxy import __version__
 from mongoproxy.errors import ConfigError
@@ -83,7 +84,7 @@ class InjectOptions:
     ipv6: bool = False
     iptables_backend: str = "auto"
     proxy_args: tuple[str, ...] = ()
-    drain_seconds: Optional[int] = None  # None: derived from terminationGracePeriodSeconds
+    drain_seconds: int | None = None  # None: derived from terminationGracePeriodSeconds
 
 
 @dataclass
@@ -129,7 +130,7 @@ def split_proxy_args(text: str, where: str = "--proxy-args") -> tuple[str, ...]:
         raise ConfigError(f"{where} {text!r}: {exc}: quote it like a shell command line") from None
 
 
-def drain_timing(grace: int, legacy: bool, drain_override: Optional[int]) -> tuple[int, int]:
+def drain_timing(grace: int, legacy: bool, drain_override: int | None) -> tuple[int, int]:
     """(drain seconds, preStop sleep seconds) so that preStop + drain < terminationGracePeriodSeconds.
 
     A native sidecar is stopped after the app containers have exited, so it needs no preStop pause;
@@ -153,27 +154,47 @@ def _flow(items: Iterable[Any]) -> list:
 
 
 def _http_probe(path: str, port: int, period: int, failures: int, timeout: int = 2) -> dict:
-    return {"httpGet": {"path": path, "port": port}, "periodSeconds": period, "timeoutSeconds": timeout,
-            "failureThreshold": failures}
+    return {
+        "httpGet": {"path": path, "port": port},
+        "periodSeconds": period,
+        "timeoutSeconds": timeout,
+        "failureThreshold": failures,
+    }
 
 
 def sidecar_args(opts: InjectOptions, drain: int) -> list[str]:
     """The arguments of the proxy container (after the image's ENTRYPOINT mongoproxy)."""
-    return ["run", "--proxy", str(opts.proxy_port),
-            # REDIRECT sends local connections to 127.0.0.1 (and ::1 for ip6tables).
-            "--listen-host", "127.0.0.1,::1" if opts.ipv6 else "127.0.0.1",
-            "--admin-host", "0.0.0.0,::" if opts.ipv6 else "0.0.0.0",
-            "--admin-port", str(opts.admin_port),
-            "--drain-seconds", str(drain),
-            *opts.proxy_args]
+    return [
+        "run",
+        "--proxy",
+        str(opts.proxy_port),
+        # REDIRECT sends local connections to 127.0.0.1 (and ::1 for ip6tables).
+        "--listen-host",
+        "127.0.0.1,::1" if opts.ipv6 else "127.0.0.1",
+        "--admin-host",
+        "0.0.0.0,::" if opts.ipv6 else "0.0.0.0",
+        "--admin-port",
+        str(opts.admin_port),
+        "--drain-seconds",
+        str(drain),
+        *opts.proxy_args,
+    ]
 
 
 def init_args(opts: InjectOptions) -> list[str]:
     """The arguments of the iptables init container."""
     ports = ",".join(p.replace(":", "-") for p in opts.mongo_ports)
-    return ["init-iptables", "--proxy-port", str(opts.proxy_port), "--mongo-ports", ports,
-            "--proxy-uid", str(opts.proxy_uid), *(["--ipv6"] if opts.ipv6 else []),
-            *(["--backend", opts.iptables_backend] if opts.iptables_backend != "auto" else [])]
+    return [
+        "init-iptables",
+        "--proxy-port",
+        str(opts.proxy_port),
+        "--mongo-ports",
+        ports,
+        "--proxy-uid",
+        str(opts.proxy_uid),
+        *(["--ipv6"] if opts.ipv6 else []),
+        *(["--backend", opts.iptables_backend] if opts.iptables_backend != "auto" else []),
+    ]
 
 
 def sidecar_container(opts: InjectOptions, grace: int = DEFAULT_GRACE_SECONDS) -> dict:
@@ -244,7 +265,7 @@ def _is_map(x: Any) -> bool:
     return isinstance(x, dict)
 
 
-def _insert_key(mapping: Any, key: str, value: Any, before: Optional[str] = None) -> None:
+def _insert_key(mapping: Any, key: str, value: Any, before: str | None = None) -> None:
     """Add `key` before `before` when both are present (keeps manifests readable), else at the end."""
     if before is not None and before in mapping and hasattr(mapping, "insert"):
         mapping.insert(list(mapping).index(before), key, value)
@@ -270,7 +291,7 @@ def _opt_out(value: Any, where: str) -> bool:
         return True
     if text in ("true", "enabled", "yes", "on", ""):
         return False
-    raise ConfigError(f"{where}: {ANN_INJECT}: {value!r} is not valid: use \"true\" or \"false\"")
+    raise ConfigError(f'{where}: {ANN_INJECT}: {value!r} is not valid: use "true" or "false"')
 
 
 def _effective_options(opts: InjectOptions, annotations: dict, where: str) -> InjectOptions:
@@ -285,25 +306,32 @@ def _effective_options(opts: InjectOptions, annotations: dict, where: str) -> In
     if ANN_DRAIN_SECONDS in annotations:
         text = str(annotations[ANN_DRAIN_SECONDS]).strip()
         if not text.isdigit():
-            raise ConfigError(f"{where}: {ANN_DRAIN_SECONDS} {text!r} is not a whole number of seconds, e.g. \"10\"")
+            raise ConfigError(f'{where}: {ANN_DRAIN_SECONDS} {text!r} is not a whole number of seconds, e.g. "10"')
         changes["drain_seconds"] = int(text)
     if ANN_PROXY_ARGS in annotations:
         where_args = f"{where}: {ANN_PROXY_ARGS}"
         changes["proxy_args"] = opts.proxy_args + check_proxy_args(
-            split_proxy_args(str(annotations[ANN_PROXY_ARGS]), where_args), where_args)
+            split_proxy_args(str(annotations[ANN_PROXY_ARGS]), where_args), where_args
+        )
     return replace(opts, **changes) if changes else opts
 
 
 def _check_ports(opts: InjectOptions, where: str) -> None:
     if opts.proxy_port == opts.admin_port:
-        raise ConfigError(f"{where}: proxy port and admin port are both {opts.proxy_port}: give them different "
-                          "ports (--proxy-port, --admin-port)")
+        raise ConfigError(
+            f"{where}: proxy port and admin port are both {opts.proxy_port}: give them different "
+            "ports (--proxy-port, --admin-port)"
+        )
     if port_in(opts.proxy_port, opts.mongo_ports):
-        raise ConfigError(f"{where}: proxy port {opts.proxy_port} is one of the MongoDB ports "
-                          f"{','.join(opts.mongo_ports)}: choose another --proxy-port")
+        raise ConfigError(
+            f"{where}: proxy port {opts.proxy_port} is one of the MongoDB ports "
+            f"{','.join(opts.mongo_ports)}: choose another --proxy-port"
+        )
     if port_in(opts.admin_port, opts.mongo_ports):
-        raise ConfigError(f"{where}: admin port {opts.admin_port} is one of the MongoDB ports "
-                          f"{','.join(opts.mongo_ports)}: choose another --admin-port")
+        raise ConfigError(
+            f"{where}: admin port {opts.admin_port} is one of the MongoDB ports "
+            f"{','.join(opts.mongo_ports)}: choose another --admin-port"
+        )
 
 
 class _Status:
@@ -325,14 +353,23 @@ class _Status:
             self.annotations = [str(x) for x in data.get("annotations", [])]
             self.labels = [str(x) for x in data.get("labels", [])]
         except (ValueError, AttributeError, TypeError):
-            raise ConfigError(f"{where}: annotation {ANN_STATUS} is not what mongoproxy inject writes: remove it "
-                              "(and any mongoproxy containers) and inject again") from None
+            raise ConfigError(
+                f"{where}: annotation {ANN_STATUS} is not what mongoproxy inject writes: remove it "
+                "(and any mongoproxy containers) and inject again"
+            ) from None
 
     @staticmethod
-    def render(init_containers: list[str], containers: list[str], volumes: list[str], annotations: list[str],
-               labels: list[str]) -> str:
-        data = {"version": __version__, "initContainers": init_containers, "containers": containers,
-                "volumes": volumes, "annotations": annotations, "labels": labels}
+    def render(
+        init_containers: list[str], containers: list[str], volumes: list[str], annotations: list[str], labels: list[str]
+    ) -> str:
+        data = {
+            "version": __version__,
+            "initContainers": init_containers,
+            "containers": containers,
+            "volumes": volumes,
+            "annotations": annotations,
+            "labels": labels,
+        }
         return json.dumps({k: v for k, v in data.items() if v}, separators=(",", ":"))
 
 
@@ -353,19 +390,28 @@ def _container_names(spec: dict) -> dict[str, str]:
     return out
 
 
-def inject_pod(meta: Any, spec: Any, opts: InjectOptions, where: str, kind: str, report: Report,
-               workload_annotations: Optional[dict] = None) -> bool:
+def inject_pod(
+    meta: Any,
+    spec: Any,
+    opts: InjectOptions,
+    where: str,
+    kind: str,
+    report: Report,
+    workload_annotations: dict | None = None,
+) -> bool:
     """Add the sidecar to one pod template (`meta`, `spec`) in place; False when the pod is skipped."""
     if not _is_map(spec):
         raise ConfigError(f"{where}: the pod template has no spec: fix the manifest")
     annotations = dict(workload_annotations or {})
     annotations.update(_annotations(meta))
     if ANN_INJECT in annotations and _opt_out(annotations[ANN_INJECT], where):
-        report.notes.append(f"{where}: skipped ({ANN_INJECT}: \"false\")")
+        report.notes.append(f'{where}: skipped ({ANN_INJECT}: "false")')
         return False
     if spec.get("hostNetwork") is True:
-        report.notes.append(f"{where}: skipped: hostNetwork pods share the node's network namespace, where the "
-                            "redirect rules would capture the whole node's MongoDB traffic")
+        report.notes.append(
+            f"{where}: skipped: hostNetwork pods share the node's network namespace, where the "
+            "redirect rules would capture the whole node's MongoDB traffic"
+        )
         return False
     opts = _effective_options(opts, annotations, where)
     _check_ports(opts, where)
@@ -385,20 +431,26 @@ def inject_pod(meta: Any, spec: Any, opts: InjectOptions, where: str, kind: str,
     names = _container_names(spec)
     for ours in (SIDECAR_NAME, INIT_NAME):
         if ours in names:
-            raise ConfigError(f"{where}: it already has a container named {ours!r} that mongoproxy inject did not "
-                              f"add: rename that container, or opt the workload out with {ANN_INJECT}: \"false\"")
+            raise ConfigError(
+                f"{where}: it already has a container named {ours!r} that mongoproxy inject did not "
+                f'add: rename that container, or opt the workload out with {ANN_INJECT}: "false"'
+            )
     if any(_is_map(v) and v.get("name") == XTABLES_VOLUME for v in spec.get("volumes") or ()):
         raise ConfigError(f"{where}: it already has a volume named {XTABLES_VOLUME!r}: rename that volume")
     for key in ("initContainers", "containers"):
         for c in spec.get(key) or ():
             for p in (c.get("ports") or ()) if _is_map(c) else ():
                 port = p.get("containerPort") if _is_map(p) else None
-                for what, ours_port, flag in (("proxy", opts.proxy_port, "--proxy-port"),
-                                               ("admin", opts.admin_port, "--admin-port")):
+                for what, ours_port, flag in (
+                    ("proxy", opts.proxy_port, "--proxy-port"),
+                    ("admin", opts.admin_port, "--admin-port"),
+                ):
                     if port is not None and str(port) == str(ours_port):
-                        raise ConfigError(f"{where}: container {c.get('name')!r} already uses port {port}, the "
-                                          f"mongoproxy {what} port: choose another with {flag} or the annotation "
-                                          f"{ANNOTATION_PREFIX}{what}-port")
+                        raise ConfigError(
+                            f"{where}: container {c.get('name')!r} already uses port {port}, the "
+                            f"mongoproxy {what} port: choose another with {flag} or the annotation "
+                            f"{ANNOTATION_PREFIX}{what}-port"
+                        )
     _check_uids(spec, opts, where)
 
     grace_raw = spec.get("terminationGracePeriodSeconds", DEFAULT_GRACE_SECONDS)
@@ -408,8 +460,10 @@ def inject_pod(meta: Any, spec: Any, opts: InjectOptions, where: str, kind: str,
         raise ConfigError(f"{where}: terminationGracePeriodSeconds {grace_raw!r} is not a number") from None
     drain, prestop = drain_timing(grace, opts.legacy_sidecar, opts.drain_seconds)
     if opts.drain_seconds is not None and drain + prestop >= grace > 0:
-        report.notes.append(f"{where}: drain {drain}s does not fit terminationGracePeriodSeconds {grace}: the proxy "
-                            "may be killed before replies in flight are delivered")
+        report.notes.append(
+            f"{where}: drain {drain}s does not fit terminationGracePeriodSeconds {grace}: the proxy "
+            "may be killed before replies in flight are delivered"
+        )
 
     cmap = _map_type()
     init_list = spec.get("initContainers")
@@ -427,8 +481,10 @@ def inject_pod(meta: Any, spec: Any, opts: InjectOptions, where: str, kind: str,
         containers.append(sidecar_container(opts, grace))
         added_containers.append(SIDECAR_NAME)
         if kind in JOB_KINDS:
-            report.notes.append(f"{where}: a legacy sidecar never exits, so this {kind} never completes: use native "
-                                "sidecars (drop --legacy-sidecar; Kubernetes >= 1.29)")
+            report.notes.append(
+                f"{where}: a legacy sidecar never exits, so this {kind} never completes: use native "
+                "sidecars (drop --legacy-sidecar; Kubernetes >= 1.29)"
+            )
     else:
         # First, so every later init container and the app already talk through the proxy.
         init_list.insert(0, sidecar_container(opts, grace))
@@ -448,16 +504,19 @@ def inject_pod(meta: Any, spec: Any, opts: InjectOptions, where: str, kind: str,
     added_ann: list[str] = []
     existing_port = ann.get("prometheus.io/port")
     if existing_port is not None and str(existing_port) != str(opts.admin_port):
-        report.notes.append(f"{where}: prometheus.io/port is already {existing_port} (the app's own metrics), so "
-                            "no scrape annotations were added: scrape mongoproxy with deploy/podmonitor.yaml")
+        report.notes.append(
+            f"{where}: prometheus.io/port is already {existing_port} (the app's own metrics), so "
+            "no scrape annotations were added: scrape mongoproxy with deploy/podmonitor.yaml"
+        )
     else:
         for key, value in zip(PROMETHEUS_ANNOTATIONS, ("true", str(opts.admin_port), "/metrics")):
             if key not in ann:
                 ann[key] = value
                 added_ann.append(key)
     if opts.legacy_sidecar and ANN_DEFAULT_CONTAINER not in ann:
-        app = next((c.get("name") for c in spec.get("containers") or () if _is_map(c)
-                    and c.get("name") != SIDECAR_NAME), None)
+        app = next(
+            (c.get("name") for c in spec.get("containers") or () if _is_map(c) and c.get("name") != SIDECAR_NAME), None
+        )
         if app:
             ann[ANN_DEFAULT_CONTAINER] = str(app)  # kubectl logs/exec keep going to the app
             added_ann.append(ANN_DEFAULT_CONTAINER)
@@ -482,8 +541,10 @@ def _check_uids(spec: dict, opts: InjectOptions, where: str) -> None:
             sc = c.get("securityContext")
             uid = sc.get("runAsUser", pod_uid) if _is_map(sc) else pod_uid
             if uid is not None and str(uid) == str(opts.proxy_uid):
-                raise ConfigError(f"{where}: container {c.get('name')!r} runs as uid {uid}, the proxy's uid, so its "
-                                  "MongoDB connections would bypass the proxy: choose another --proxy-uid")
+                raise ConfigError(
+                    f"{where}: container {c.get('name')!r} runs as uid {uid}, the proxy's uid, so its "
+                    "MongoDB connections would bypass the proxy: choose another --proxy-uid"
+                )
 
 
 def _resolve(obj: Any, path: tuple[str, ...]) -> Any:
@@ -614,7 +675,7 @@ def _starts_explicit(text: str) -> bool:
     return False
 
 
-def inject_text(text: str, opts: InjectOptions, source: str = "<stdin>", report: Optional[Report] = None) -> str:
+def inject_text(text: str, opts: InjectOptions, source: str = "<stdin>", report: Report | None = None) -> str:
     """Inject into every pod template of the YAML `text`; returns the new YAML."""
     report = report if report is not None else Report()
     docs = load_documents(text, source)
@@ -629,35 +690,71 @@ def inject_text(text: str, opts: InjectOptions, source: str = "<stdin>", report:
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register `mongoproxy inject`."""
     p = subparsers.add_parser(
-        "inject", help="add the mongoproxy sidecar to Kubernetes YAML",
+        "inject",
+        help="add the mongoproxy sidecar to Kubernetes YAML",
         description="Read Kubernetes YAML (files, or - for stdin; multi-document and List) and write it to stdout "
         "with the mongoproxy sidecar added to every pod template (Deployment, StatefulSet, DaemonSet, "
         "ReplicaSet, Job, CronJob, Pod): an init container running 'mongoproxy init-iptables' and the "
         "proxy as a native sidecar (Kubernetes >= 1.29). Injecting twice gives the same output. Pods "
-        f"annotated {ANN_INJECT}: \"false\" are left alone; the annotations {ANN_MONGO_PORTS}, "
+        f'annotated {ANN_INJECT}: "false" are left alone; the annotations {ANN_MONGO_PORTS}, '
         f"{ANN_PROXY_PORT}, {ANN_ADMIN_PORT}, {ANN_DRAIN_SECONDS} and {ANN_PROXY_ARGS} override the "
-        "flags per workload. Example: kubectl get deploy web -o yaml | mongoproxy inject - | kubectl apply -f -")
+        "flags per workload. Example: kubectl get deploy web -o yaml | mongoproxy inject - | kubectl apply -f -",
+    )
     p.add_argument("files", nargs="*", metavar="FILE", help="YAML files to read; - (or none) reads stdin")
-    p.add_argument("-f", "--filename", dest="more_files", action="append", default=[], metavar="FILE",
-                   help="a YAML file to read (repeatable; - is stdin), like kubectl's -f")
+    p.add_argument(
+        "-f",
+        "--filename",
+        dest="more_files",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="a YAML file to read (repeatable; - is stdin), like kubectl's -f",
+    )
     p.add_argument("--image", default=DEFAULT_IMAGE, help=f"the mongoproxy image (default: {DEFAULT_IMAGE})")
-    p.add_argument("--image-pull-policy", default="IfNotPresent", choices=("Always", "IfNotPresent", "Never"),
-                   help="imagePullPolicy of both containers (default: IfNotPresent)")
-    p.add_argument("--mongo-ports", default="27017", metavar="PORTS",
-                   help="comma-separated MongoDB ports or ranges to redirect (default: 27017)")
+    p.add_argument(
+        "--image-pull-policy",
+        default="IfNotPresent",
+        choices=("Always", "IfNotPresent", "Never"),
+        help="imagePullPolicy of both containers (default: IfNotPresent)",
+    )
+    p.add_argument(
+        "--mongo-ports",
+        default="27017",
+        metavar="PORTS",
+        help="comma-separated MongoDB ports or ranges to redirect (default: 27017)",
+    )
     p.add_argument("--proxy-port", default="27111", metavar="PORT", help="transparent proxy port (default: 27111)")
-    p.add_argument("--admin-port", default="9898", metavar="PORT",
-                   help="admin endpoint port for probes and /metrics (default: 9898)")
+    p.add_argument(
+        "--admin-port",
+        default="9898",
+        metavar="PORT",
+        help="admin endpoint port for probes and /metrics (default: 9898)",
+    )
     p.add_argument("--proxy-uid", default="9999", metavar="UID", help="uid the proxy runs as (default: 9999)")
-    p.add_argument("--legacy-sidecar", action="store_true",
-                   help="add the proxy as an ordinary container, for Kubernetes < 1.29 (a Job then never completes)")
-    p.add_argument("--ipv6", action="store_true", help="also redirect IPv6 (ip6tables); the proxy then listens on 127.0.0.1 and ::1")
-    p.add_argument("--iptables-backend", choices=("auto", "nft", "legacy"), default="auto",
-                   help="iptables flavour the init container uses: auto (the image's default, nft), nft or legacy "
-                   "(default: auto)")
-    p.add_argument("--proxy-args", action="append", default=[], metavar="ARGS",
-                   help="extra 'mongoproxy run' arguments as one shell-quoted string, e.g. "
-                   "--proxy-args='--log-commands --slow-ms 100' (repeatable)")
+    p.add_argument(
+        "--legacy-sidecar",
+        action="store_true",
+        help="add the proxy as an ordinary container, for Kubernetes < 1.29 (a Job then never completes)",
+    )
+    p.add_argument(
+        "--ipv6",
+        action="store_true",
+        help="also redirect IPv6 (ip6tables); the proxy then listens on 127.0.0.1 and ::1",
+    )
+    p.add_argument(
+        "--iptables-backend",
+        choices=("auto", "nft", "legacy"),
+        default="auto",
+        help="iptables flavour the init container uses: auto (the image's default, nft), nft or legacy (default: auto)",
+    )
+    p.add_argument(
+        "--proxy-args",
+        action="append",
+        default=[],
+        metavar="ARGS",
+        help="extra 'mongoproxy run' arguments as one shell-quoted string, e.g. "
+        "--proxy-args='--log-commands --slow-ms 100' (repeatable)",
+    )
     p.set_defaults(func=handler)
     return p
 
@@ -689,8 +786,9 @@ def options_from_args(args: argparse.Namespace) -> InjectOptions:
 def _read(path: str, stdin: TextIO) -> str:
     if path == "-":
         if stdin.isatty():
-            raise ConfigError("no input: give a YAML file, or pipe YAML in, e.g. kubectl get deploy -o yaml | "
-                              "mongoproxy inject -")
+            raise ConfigError(
+                "no input: give a YAML file, or pipe YAML in, e.g. kubectl get deploy -o yaml | mongoproxy inject -"
+            )
         return stdin.read()
     try:
         with open(path, encoding="utf-8") as f:
@@ -705,8 +803,12 @@ def _read(path: str, stdin: TextIO) -> str:
         raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
 
 
-def handler(args: argparse.Namespace, stdin: Optional[TextIO] = None, stdout: Optional[TextIO] = None,
-            stderr: Optional[TextIO] = None) -> int:
+def handler(
+    args: argparse.Namespace,
+    stdin: TextIO | None = None,
+    stdout: TextIO | None = None,
+    stderr: TextIO | None = None,
+) -> int:
     """Run the sub-command; returns the exit code."""
     stdin, stdout, stderr = stdin or sys.stdin, stdout or sys.stdout, stderr or sys.stderr
     opts = options_from_args(args)

@@ -14,8 +14,8 @@ import os
 import shlex
 import subprocess
 import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
 
 from mongoproxy.errors import ConfigError, StartupError
 
@@ -24,11 +24,16 @@ TABLE = "nat"
 LOCK_WAIT_SECONDS = "10"
 MULTIPORT_MAX = 15  # the multiport match takes at most 15 ports (a range counts as two)
 CAP_NET_ADMIN = 12  # linux/capability.h
-NO_NET_ADMIN = ("init-iptables needs the NET_ADMIN capability: run it as root with NET_ADMIN and NET_RAW "
-                "(in Kubernetes: securityContext.capabilities.add [NET_ADMIN, NET_RAW], runAsUser 0), "
-                "or use --dry-run to print the rules")
-BACKENDS = {"auto": ("iptables", "ip6tables"), "nft": ("iptables-nft", "ip6tables-nft"),
-            "legacy": ("iptables-legacy", "ip6tables-legacy")}
+NO_NET_ADMIN = (
+    "init-iptables needs the NET_ADMIN capability: run it as root with NET_ADMIN and NET_RAW "
+    "(in Kubernetes: securityContext.capabilities.add [NET_ADMIN, NET_RAW], runAsUser 0), "
+    "or use --dry-run to print the rules"
+)
+BACKENDS = {
+    "auto": ("iptables", "ip6tables"),
+    "nft": ("iptables-nft", "ip6tables-nft"),
+    "legacy": ("iptables-legacy", "ip6tables-legacy"),
+}
 
 
 def parse_port_list(value: str, flag: str = "--mongo-ports") -> tuple[str, ...]:
@@ -41,8 +46,9 @@ def parse_port_list(value: str, flag: str = "--mongo-ports") -> tuple[str, ...]:
         try:
             ports = [int(lo)] + ([int(hi)] if sep else [])
         except ValueError:
-            raise ConfigError(f"{flag} {value!r}: {part!r} is not a port or a range: use e.g. 27017,27018 "
-                              "or 27017-27019") from None
+            raise ConfigError(
+                f"{flag} {value!r}: {part!r} is not a port or a range: use e.g. 27017,27018 or 27017-27019"
+            ) from None
         for p in ports:
             if not 1 <= p <= 65535:
                 raise ConfigError(f"{flag} {value!r}: port {p} is out of range: use 1 to 65535")
@@ -85,8 +91,10 @@ def parse_uid(value: str) -> int:
     except ValueError:
         raise ConfigError(f"--proxy-uid {value!r} is not a number: give the proxy's numeric uid, e.g. 9999") from None
     if uid <= 0 or uid >= 2**32 - 1:
-        raise ConfigError(f"--proxy-uid {uid}: run the proxy under a dedicated non-root uid (e.g. 9999) and give it "
-                          "here; uid 0 would exempt every root process from the redirect")
+        raise ConfigError(
+            f"--proxy-uid {uid}: run the proxy under a dedicated non-root uid (e.g. 9999) and give it "
+            "here; uid 0 would exempt every root process from the redirect"
+        )
     return uid
 
 
@@ -102,8 +110,10 @@ class Rules:
     def check(self) -> None:
         """Cross-field checks; ConfigError names the fix."""
         if port_in(self.proxy_port, self.mongo_ports):
-            raise ConfigError(f"--proxy-port {self.proxy_port} is also in --mongo-ports: the proxy would redirect "
-                              "to itself; choose a proxy port outside the MongoDB ports")
+            raise ConfigError(
+                f"--proxy-port {self.proxy_port} is also in --mongo-ports: the proxy would redirect "
+                "to itself; choose a proxy port outside the MongoDB ports"
+            )
 
 
 @dataclass(frozen=True)
@@ -115,9 +125,9 @@ class Step:
     """
 
     argv: tuple[str, ...]
-    unless: Optional[tuple[str, ...]] = None
+    unless: tuple[str, ...] | None = None
     tolerate: bool = False
-    repeat_while: Optional[tuple[str, ...]] = None
+    repeat_while: tuple[str, ...] | None = None
 
     def shell(self) -> str:
         """This step as one POSIX shell line with the same effect."""
@@ -197,7 +207,7 @@ def plan(rules: Rules, uninstall: bool = False, backend: str = "auto") -> list[S
 # ---- running the steps ----
 
 
-def has_net_admin(status_path: str = "/proc/self/status") -> Optional[bool]:
+def has_net_admin(status_path: str = "/proc/self/status") -> bool | None:
     """Whether this process holds CAP_NET_ADMIN (None when it cannot be told)."""
     try:
         with open(status_path, encoding="ascii") as f:
@@ -219,11 +229,14 @@ class Runner:
         try:
             return self._run(list(argv), capture_output=True, text=True, timeout=60)
         except FileNotFoundError:
-            raise StartupError(f"{argv[0]} not found: install the iptables package "
-                               "(the mongoproxy image carries it), or choose another --backend") from None
+            raise StartupError(
+                f"{argv[0]} not found: install the iptables package "
+                "(the mongoproxy image carries it), or choose another --backend"
+            ) from None
         except subprocess.TimeoutExpired:
-            raise StartupError(f"{shlex.join(argv)} did not finish within 60 s: another process holds the "
-                               "xtables lock; retry") from None
+            raise StartupError(
+                f"{shlex.join(argv)} did not finish within 60 s: another process holds the xtables lock; retry"
+            ) from None
 
     def execute(self, steps: Sequence[Step]) -> None:
         for step in steps:
@@ -248,8 +261,10 @@ class Runner:
         if _permission_problem(result.stderr):
             raise StartupError(NO_NET_ADMIN)
         message = " ".join((result.stderr or result.stdout or f"exit status {result.returncode}").split())
-        raise StartupError(f"{shlex.join(step.argv)} failed: {message} (does the kernel have the nat table "
-                           "and the owner/multiport matches? try --backend nft or --backend legacy)")
+        raise StartupError(
+            f"{shlex.join(step.argv)} failed: {message} (does the kernel have the nat table "
+            "and the owner/multiport matches? try --backend nft or --backend legacy)"
+        )
 
     def listing(self, binary: str) -> list[str]:
         """The installed rules: the OUTPUT jump(s) and the chain, as `iptables -S` lines."""
@@ -273,41 +288,72 @@ def _permission_problem(stderr: str) -> bool:
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register `mongoproxy init-iptables`."""
     p = subparsers.add_parser(
-        "init-iptables", help="install the nat rules that redirect MongoDB connections into the proxy",
+        "init-iptables",
+        help="install the nat rules that redirect MongoDB connections into the proxy",
         description="Install (or with --uninstall remove) the iptables nat rules that redirect this network "
         f"namespace's outbound TCP connections to the MongoDB ports into the proxy, in their own chain {CHAIN} "
         "jumped to from OUTPUT. The proxy's uid is excluded so its upstream connections are not looped back. "
         "Idempotent: running it twice leaves one set of rules. Needs NET_ADMIN (run it as the pod's init "
-        "container); the proxy must run transparent mode: mongoproxy run --proxy PROXY_PORT.")
-    p.add_argument("--proxy-port", type=_port_arg("--proxy-port"), default=27111, metavar="PORT",
-                   help="port the transparent proxy listens on (default: 27111)")
-    p.add_argument("--mongo-ports", type=parse_port_list, default=("27017",), metavar="PORTS",
-                   help="comma-separated MongoDB ports or ranges to redirect, e.g. 27017,27018 or 27017-27019 "
-                   "(default: 27017)")
-    p.add_argument("--proxy-uid", type=parse_uid, default=9999, metavar="UID",
-                   help="uid the proxy runs as; its connections are not redirected (default: 9999)")
-    p.add_argument("--ipv6", action="store_true", help="also install the rules with ip6tables (dual-stack and "
-                   "IPv6 pods; the proxy must then listen on ::1 too, e.g. --listen-host ::)")
+        "container); the proxy must run transparent mode: mongoproxy run --proxy PROXY_PORT.",
+    )
+    p.add_argument(
+        "--proxy-port",
+        type=_port_arg("--proxy-port"),
+        default=27111,
+        metavar="PORT",
+        help="port the transparent proxy listens on (default: 27111)",
+    )
+    p.add_argument(
+        "--mongo-ports",
+        type=parse_port_list,
+        default=("27017",),
+        metavar="PORTS",
+        help="comma-separated MongoDB ports or ranges to redirect, e.g. 27017,27018 or 27017-27019 (default: 27017)",
+    )
+    p.add_argument(
+        "--proxy-uid",
+        type=parse_uid,
+        default=9999,
+        metavar="UID",
+        help="uid the proxy runs as; its connections are not redirected (default: 9999)",
+    )
+    p.add_argument(
+        "--ipv6",
+        action="store_true",
+        help="also install the rules with ip6tables (dual-stack and "
+        "IPv6 pods; the proxy must then listen on ::1 too, e.g. --listen-host ::)",
+    )
     p.add_argument("--uninstall", action="store_true", help="remove the rules and the chain instead")
-    p.add_argument("--dry-run", action="store_true",
-                   help="print the exact commands as a shell script with the same effect, and change nothing")
-    p.add_argument("--backend", choices=sorted(BACKENDS), default="auto",
-                   help="which iptables to run: auto (whatever 'iptables' is), nft or legacy (default: auto)")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the exact commands as a shell script with the same effect, and change nothing",
+    )
+    p.add_argument(
+        "--backend",
+        choices=sorted(BACKENDS),
+        default="auto",
+        help="which iptables to run: auto (whatever 'iptables' is), nft or legacy (default: auto)",
+    )
     p.set_defaults(func=handler)
     return p
 
 
-def handler(args: argparse.Namespace, runner: Optional[Runner] = None, out=None) -> int:
+def handler(args: argparse.Namespace, runner: Runner | None = None, out=None) -> int:
     """Run the sub-command; returns the exit code."""
     out = out or sys.stdout
-    rules = Rules(proxy_port=args.proxy_port, mongo_ports=tuple(args.mongo_ports), proxy_uid=args.proxy_uid,
-                  ipv6=args.ipv6)
+    rules = Rules(
+        proxy_port=args.proxy_port, mongo_ports=tuple(args.mongo_ports), proxy_uid=args.proxy_uid, ipv6=args.ipv6
+    )
     if not args.uninstall:
         rules.check()
     steps = plan(rules, uninstall=args.uninstall, backend=args.backend)
     if args.dry_run:
-        out.write("# mongoproxy init-iptables --dry-run: " + ("remove" if args.uninstall else "install")
-                  + f" the {CHAIN} nat chain\n")
+        out.write(
+            "# mongoproxy init-iptables --dry-run: "
+            + ("remove" if args.uninstall else "install")
+            + f" the {CHAIN} nat chain\n"
+        )
         for step in steps:
             out.write(step.shell() + "\n")
         return 0
@@ -317,12 +363,16 @@ def handler(args: argparse.Namespace, runner: Optional[Runner] = None, out=None)
     runner.execute(steps)
     binaries = BACKENDS[args.backend][: 2 if rules.ipv6 else 1]
     if args.uninstall:
-        out.write(f"mongoproxy init-iptables: removed the {CHAIN} chain and its jump from OUTPUT "
-                  f"({', '.join(binaries)}, table {TABLE})\n")
+        out.write(
+            f"mongoproxy init-iptables: removed the {CHAIN} chain and its jump from OUTPUT "
+            f"({', '.join(binaries)}, table {TABLE})\n"
+        )
         return 0
-    out.write(f"mongoproxy init-iptables: TCP to port(s) {','.join(rules.mongo_ports)} now goes to "
-              f"127.0.0.1:{rules.proxy_port}{' and [::1]:' + str(rules.proxy_port) if rules.ipv6 else ''}, "
-              f"except for uid {rules.proxy_uid}; rules in table {TABLE}:\n")
+    out.write(
+        f"mongoproxy init-iptables: TCP to port(s) {','.join(rules.mongo_ports)} now goes to "
+        f"127.0.0.1:{rules.proxy_port}{' and [::1]:' + str(rules.proxy_port) if rules.ipv6 else ''}, "
+        f"except for uid {rules.proxy_uid}; rules in table {TABLE}:\n"
+    )
     for binary in binaries:
         for line in runner.listing(binary):
             out.write(f"  {os.path.basename(binary)} -t {TABLE} {line}\n")

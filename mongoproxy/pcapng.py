@@ -23,7 +23,8 @@ import os
 import platform
 import random
 import struct
-from typing import BinaryIO, Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import BinaryIO
 
 BT_SHB = 0x0A0D0D0A
 BT_IDB = 0x00000001
@@ -70,7 +71,7 @@ def _comment_bytes(text: str) -> bytes:
     return text.encode("utf-8", "replace")
 
 
-def checksum_sum(data: Union[bytes, bytearray, memoryview]) -> int:
+def checksum_sum(data: bytes | bytearray | memoryview) -> int:
     """The 16-bit one's-complement sum of big-endian words (odd length padded with a zero byte), in [0, 0xFFFF].
 
     2**16 is 1 modulo 0xFFFF, so the sum of the words is the big-endian integer modulo 0xFFFF; a
@@ -104,13 +105,19 @@ class PcapngWriter:
     fills in once the file is complete (seekable files only).
     """
 
-    def __init__(self, f: BinaryIO, comment: str = "", application: str = "mongoproxy",
-                 interface_name: str = "mongoproxy", interface_description: str = "",
-                 summary_space: int = 0) -> None:
+    def __init__(
+        self,
+        f: BinaryIO,
+        comment: str = "",
+        application: str = "mongoproxy",
+        interface_name: str = "mongoproxy",
+        interface_description: str = "",
+        summary_space: int = 0,
+    ) -> None:
         self.f = f
         self.bytes_written = 0
         self.packets = 0
-        self._summary_offset: Optional[int] = None
+        self._summary_offset: int | None = None
         self._summary_space = summary_space
         opts = []
         if comment:
@@ -137,8 +144,7 @@ class PcapngWriter:
         self.f.write(_BLOCK_HEAD.pack(block_type, total) + body + _U32.pack(total))
         self.bytes_written += total
 
-    def write_packet(self, ts_ns: int, packet: Union[bytes, Sequence[Union[bytes, memoryview]]],
-                     comment: str = "") -> None:
+    def write_packet(self, ts_ns: int, packet: bytes | Sequence[bytes | memoryview], comment: str = "") -> None:
         """One Enhanced Packet Block; `packet` may be given as parts (header, payload) to avoid a copy."""
         parts = (packet,) if isinstance(packet, (bytes, bytearray, memoryview)) else tuple(packet)
         length = sum(len(p) for p in parts)
@@ -188,11 +194,30 @@ class TcpFlow:
     The methods return packets as (ts_ns, parts) tuples ready for PcapngWriter.write_packet.
     """
 
-    __slots__ = ("version", "client_ip", "server_ip", "client_port", "server_port", "client_next", "server_next",
-                 "_ip_id", "_pseudo_c", "_pseudo_s", "max_payload", "client_fin", "server_fin")
+    __slots__ = (
+        "version",
+        "client_ip",
+        "server_ip",
+        "client_port",
+        "server_port",
+        "client_next",
+        "server_next",
+        "_ip_id",
+        "_pseudo_c",
+        "_pseudo_s",
+        "max_payload",
+        "client_fin",
+        "server_fin",
+    )
 
-    def __init__(self, client_host: str, client_port: int, server_host: str, server_port: int,
-                 rng: Optional[random.Random] = None) -> None:
+    def __init__(
+        self,
+        client_host: str,
+        client_port: int,
+        server_host: str,
+        server_port: int,
+        rng: random.Random | None = None,
+    ) -> None:
         cv, cip = _ip_bytes(client_host)
         sv, sip = _ip_bytes(server_host)
         if cv != sv:  # one flow has one IP version: show the IPv4 side as IPv4-mapped IPv6
@@ -219,8 +244,7 @@ class TcpFlow:
             self._pseudo_c = checksum_sum(cip + sip + b"\0\0\0\x06")
             self._pseudo_s = checksum_sum(sip + cip + b"\0\0\0\x06")
 
-    def _packet(self, from_client: bool, flags: int, payload: Union[bytes, memoryview] = b"",
-                options: bytes = b"") -> list:
+    def _packet(self, from_client: bool, flags: int, payload: bytes | memoryview = b"", options: bytes = b"") -> list:
         if from_client:
             src, dst, sport, dport = self.client_ip, self.server_ip, self.client_port, self.server_port
             seq, ack, pseudo = self.client_next, self.server_next, self._pseudo_c
@@ -259,19 +283,21 @@ class TcpFlow:
 
     def accept(self, ts_ns: int) -> list[tuple[int, list]]:
         """The server's SYN-ACK and the client's ACK."""
-        return [(ts_ns, self._packet(False, TCP_SYN | TCP_ACK, options=self._syn_options())),
-                (ts_ns, self._packet(True, TCP_ACK))]
+        return [
+            (ts_ns, self._packet(False, TCP_SYN | TCP_ACK, options=self._syn_options())),
+            (ts_ns, self._packet(True, TCP_ACK)),
+        ]
 
     def refuse(self, ts_ns: int) -> list[tuple[int, list]]:
         """The server's RST-ACK answering the SYN (the upstream could not be reached)."""
         self.client_fin = self.server_fin = True
         return [(ts_ns, self._packet(False, TCP_RST | TCP_ACK))]
 
-    def handshake(self, ts_ns: int, ts_ack_ns: Optional[int] = None) -> list[tuple[int, list]]:
+    def handshake(self, ts_ns: int, ts_ack_ns: int | None = None) -> list[tuple[int, list]]:
         """SYN, SYN-ACK, ACK."""
         return self.syn(ts_ns) + self.accept(ts_ns if ts_ack_ns is None else ts_ack_ns)
 
-    def data(self, from_client: bool, payload: Union[bytes, bytearray, memoryview], ts_ns: int) -> list[tuple[int, list]]:
+    def data(self, from_client: bool, payload: bytes | bytearray | memoryview, ts_ns: int) -> list[tuple[int, list]]:
         """Data segments (PSH on the last) carrying `payload`, each at most max_payload bytes."""
         view = memoryview(payload)
         n = len(view)

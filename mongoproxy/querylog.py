@@ -20,16 +20,36 @@ REDACTED = "?"
 ENVELOPE_FIELDS = frozenset({"$db", "lsid", "$clusterTime", "txnNumber", "autocommit", "startTransaction"})
 
 # Commands whose whole body is a credential exchange: every value is redacted, even with --no-redact.
-SECRET_COMMANDS = frozenset({"saslstart", "saslcontinue", "authenticate", "copydbsaslstart", "copydbgetnonce",
-                             "getnonce"})
+SECRET_COMMANDS = frozenset(
+    {"saslstart", "saslcontinue", "authenticate", "copydbsaslstart", "copydbgetnonce", "getnonce"}
+)
 # Keys whose value (the whole subtree) is a secret wherever they appear: createUser/updateUser passwords and the
 # SASL exchange a handshake hello carries.
 SECRET_KEYS = frozenset({"pwd", "speculativeAuthenticate"})
 
 # Extended-JSON wrappers of one BSON value: a scalar for shape purposes.
-_EXT_JSON = frozenset({"$oid", "$date", "$numberLong", "$numberInt", "$numberDouble", "$numberDecimal", "$binary",
-                       "$uuid", "$regularExpression", "$regex", "$timestamp", "$symbol", "$code", "$minKey",
-                       "$maxKey", "$undefined", "$dbPointer", "$type"})
+_EXT_JSON = frozenset(
+    {
+        "$oid",
+        "$date",
+        "$numberLong",
+        "$numberInt",
+        "$numberDouble",
+        "$numberDecimal",
+        "$binary",
+        "$uuid",
+        "$regularExpression",
+        "$regex",
+        "$timestamp",
+        "$symbol",
+        "$code",
+        "$minKey",
+        "$maxKey",
+        "$undefined",
+        "$dbPointer",
+        "$type",
+    }
+)
 
 # One JSON token: a string, or a bare literal (number, true, false, null).
 _TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"|-?\d[\d.eE+-]*|true|false|null')
@@ -71,8 +91,10 @@ def _shape(value: Any, top: bool = False) -> Any:
         if top:  # the command name's value is a collection name (or 1) and stays
             items = list(items)
             first = items[:1]
-            return dict([(k, v if isinstance(v, str) else REDACTED) for k, v in first] +
-                        [(k, _shape(v)) for k, v in items[1:] if k not in ENVELOPE_FIELDS])
+            return dict(
+                [(k, v if isinstance(v, str) else REDACTED) for k, v in first]
+                + [(k, _shape(v)) for k, v in items[1:] if k not in ENVELOPE_FIELDS]
+            )
         return {k: _shape(v) for k, v in items}
     out: list = []
     for v in value:
@@ -88,10 +110,11 @@ def _dumps(value: Any) -> str:
 
 def redact_text(text: str) -> str:
     """Token-level redaction for text that is not valid JSON (e.g. a rendering cut at its limit)."""
+
     def sub(m: re.Match) -> str:
         tok = m.group(0)
         if tok.startswith('"'):
-            rest = text[m.end():m.end() + 8].lstrip()
+            rest = text[m.end() : m.end() + 8].lstrip()
             if rest.startswith(":"):
                 return tok  # a key
         return '"?"'
@@ -138,18 +161,41 @@ def redact_errmsg(errmsg: str) -> str:
 # Names of the codes a writeErrors / writeConcernError entry usually carries. Servers send codeName for
 # ok:0 replies but not inside writeErrors, so without this a duplicate key would be labelled "11000".
 CODE_NAMES = {
-    2: "BadValue", 9: "FailedToParse", 13: "Unauthorized", 14: "TypeMismatch", 20: "IllegalOperation",
-    26: "NamespaceNotFound", 28: "PathNotViable", 40: "ConflictingUpdateOperators", 50: "MaxTimeMSExpired",
-    52: "DollarPrefixedFieldName", 53: "InvalidIdField", 55: "InvalidDBRef", 56: "EmptyFieldName",
-    57: "DottedFieldName", 61: "ShardKeyNotFound", 64: "WriteConcernTimeout", 66: "ImmutableField",
-    79: "UnknownReplWriteConcern", 91: "ShutdownInProgress", 100: "UnsatisfiableWriteConcern", 112: "WriteConflict",
-    121: "DocumentValidationFailure", 189: "PrimarySteppedDown", 10003: "CannotGrowDocumentInCappedNamespace",
-    10107: "NotWritablePrimary", 10334: "BSONObjectTooLarge", 11000: "DuplicateKey", 11600: "InterruptedAtShutdown",
-    11601: "Interrupted", 11602: "InterruptedDueToReplStateChange", 13435: "NotPrimaryNoSecondaryOk",
+    2: "BadValue",
+    9: "FailedToParse",
+    13: "Unauthorized",
+    14: "TypeMismatch",
+    20: "IllegalOperation",
+    26: "NamespaceNotFound",
+    28: "PathNotViable",
+    40: "ConflictingUpdateOperators",
+    50: "MaxTimeMSExpired",
+    52: "DollarPrefixedFieldName",
+    53: "InvalidIdField",
+    55: "InvalidDBRef",
+    56: "EmptyFieldName",
+    57: "DottedFieldName",
+    61: "ShardKeyNotFound",
+    64: "WriteConcernTimeout",
+    66: "ImmutableField",
+    79: "UnknownReplWriteConcern",
+    91: "ShutdownInProgress",
+    100: "UnsatisfiableWriteConcern",
+    112: "WriteConflict",
+    121: "DocumentValidationFailure",
+    189: "PrimarySteppedDown",
+    10003: "CannotGrowDocumentInCappedNamespace",
+    10107: "NotWritablePrimary",
+    10334: "BSONObjectTooLarge",
+    11000: "DuplicateKey",
+    11600: "InterruptedAtShutdown",
+    11601: "Interrupted",
+    11602: "InterruptedDueToReplStateChange",
+    13435: "NotPrimaryNoSecondaryOk",
 }
 
 
-def code_name(name: "str | None", code: "int | None") -> str:
+def code_name(name: str | None, code: int | None) -> str:
     """The codeName sent, else the known name of `code`, else the code as text, else "unknown"."""
     if name:
         return name

@@ -24,19 +24,27 @@ import hashlib
 import os
 import struct
 import zlib
-from typing import Optional
 
 from mongoproxy.errors import DecodeError
 
-OP_REPLY, OP_UPDATE, OP_INSERT, OP_QUERY, OP_GET_MORE, OP_DELETE, OP_KILL_CURSORS = 1, 2001, 2002, 2004, 2005, 2006, 2007
+OP_REPLY, OP_UPDATE, OP_INSERT, OP_QUERY, OP_GET_MORE, OP_DELETE, OP_KILL_CURSORS = (
+    1,
+    2001,
+    2002,
+    2004,
+    2005,
+    2006,
+    2007,
+)
 OP_COMMAND, OP_COMMANDREPLY, OP_COMPRESSED, OP_MSG = 2010, 2011, 2012, 2013
 
 _I32 = struct.Struct("<i")
 _HEADER = struct.Struct("<iiii")
 
 # Commands whose request and reply carry credentials (lower-case names).
-AUTH_COMMANDS = frozenset({"saslstart", "saslcontinue", "authenticate", "getnonce", "copydbsaslstart",
-                           "copydbgetnonce", "logout"})
+AUTH_COMMANDS = frozenset(
+    {"saslstart", "saslcontinue", "authenticate", "getnonce", "copydbsaslstart", "copydbgetnonce", "logout"}
+)
 USER_COMMANDS = frozenset({"createuser", "updateuser"})
 HELLO_COMMANDS = frozenset({"hello", "ismaster"})
 # Requests (and their replies) that are held whole in the recorder so their secrets can be blanked.
@@ -45,23 +53,32 @@ SENSITIVE_COMMANDS = AUTH_COMMANDS | USER_COMMANDS | HELLO_COMMANDS
 SECRET_KEYS = frozenset({b"payload", b"pwd", b"key", b"nonce", b"speculativeAuthenticate"})
 
 # Request top-level fields kept verbatim when pseudonymising: what routing, sessions and replay depend on.
-REQUEST_KEEP = frozenset(k.encode() for k in """
+REQUEST_KEEP = frozenset(
+    k.encode()
+    for k in """
     $db lsid txnNumber autocommit startTransaction $clusterTime $readPreference readConcern writeConcern
     batchSize limit skip singleBatch ordered maxTimeMS maxAwaitTimeMS collection cursors cursor
     bypassDocumentValidation apiVersion apiStrict apiDeprecationErrors allowDiskUse new upsert remove
     sort projection fields hint key indexes tailable awaitData noCursorTimeout allowPartialResults
     returnKey showRecordId nameOnly authorizedCollections verbosity index dropTarget
-    """.split())
+    """.split()
+)
 # Kept verbatim at any depth (their values steer the server, not the data).
-KEEP_ANYWHERE = frozenset(k.encode() for k in """
+KEEP_ANYWHERE = frozenset(
+    k.encode()
+    for k in """
     limit skip batchSize multi upsert ordered $limit $skip $sample $sort $project sort projection hint w j
     wtimeout level
-    """.split())
+    """.split()
+)
 # Reply top-level fields kept verbatim; `cursor` keeps id and ns and pseudonymises its batches.
-REPLY_KEEP = frozenset(k.encode() for k in """
+REPLY_KEEP = frozenset(
+    k.encode()
+    for k in """
     ok code codeName n nModified $clusterTime operationTime electionId opTime topologyVersion
     writeConcernError errorLabels cursorsKilled cursorsNotFound cursorsAlive cursorsUnknown
-    """.split())
+    """.split()
+)
 
 KEEP, PSEUDO, BLANK = 0, 1, 2
 
@@ -76,7 +93,7 @@ def _cstring_end(buf: bytearray, pos: int, end: int) -> int:
 class Rewriter:
     """In-place rewriting of BSON documents inside a message; one per recording (it holds the hash key)."""
 
-    def __init__(self, pseudonymise: bool = False, key: Optional[bytes] = None) -> None:
+    def __init__(self, pseudonymise: bool = False, key: bytes | None = None) -> None:
         self.pseudonymise = pseudonymise
         self._key = key if key is not None else os.urandom(32)
         self._secrets = False  # blank SECRET_KEYS in the message being rewritten
@@ -88,8 +105,7 @@ class Rewriter:
         out = b""
         counter = 0
         while len(out) < n:
-            h = hashlib.blake2b(tag + value, key=self._key, digest_size=64,
-                                salt=counter.to_bytes(16, "little"))
+            h = hashlib.blake2b(tag + value, key=self._key, digest_size=64, salt=counter.to_bytes(16, "little"))
             out += h.digest()
             counter += 1
         return out[:n]
@@ -136,7 +152,7 @@ class Rewriter:
             s, e = pos + 4, stop - 1
             if mode == BLANK:
                 buf[s:e] = b"*" * (e - s)
-            elif mode == PSEUDO and not (t == 0x02 and buf[s:s + 1] == b"$"):  # "$path" names a field
+            elif mode == PSEUDO and not (t == 0x02 and buf[s : s + 1] == b"$"):  # "$path" names a field
                 buf[s:e] = self._pseudo_text(bytes((t,)), bytes(buf[s:e]))
             return stop
         if t in (0x03, 0x04):
@@ -154,7 +170,7 @@ class Rewriter:
             if mode == BLANK:
                 buf[s:stop] = bytes(n)
             elif mode == PSEUDO:
-                buf[s:stop] = self._stream(b"\x05" + bytes(buf[pos + 4:s]), bytes(buf[s:stop]), n)
+                buf[s:stop] = self._stream(b"\x05" + bytes(buf[pos + 4 : s]), bytes(buf[s:stop]), n)
             return stop
         if t == 0x07:  # ObjectId
             stop = pos + 12
@@ -210,7 +226,7 @@ class Rewriter:
         while i < end - 1:
             t = buf[i]
             k_end = _cstring_end(buf, i + 1, end)
-            key = bytes(buf[i + 1:k_end])
+            key = bytes(buf[i + 1 : k_end])
             child = mode
             if self._secrets and key in SECRET_KEYS and not is_array:
                 child = BLANK
@@ -242,7 +258,7 @@ class Rewriter:
         while i < stop - 1:
             t = buf[i]
             k_end = _cstring_end(buf, i + 1, stop)
-            key = bytes(buf[i + 1:k_end])
+            key = bytes(buf[i + 1 : k_end])
             mode = KEEP if key in (b"id", b"ns", b"postBatchResumeToken") else PSEUDO
             i = self._value(buf, t, k_end + 1, stop - 1, mode)
 
@@ -259,7 +275,7 @@ class Rewriter:
         try:
             self.document(buf, pos, mode, top=top)
         except (DecodeError, struct.error, IndexError):
-            buf[pos + 4:pos + n - 1] = bytes(n - 5)
+            buf[pos + 4 : pos + n - 1] = bytes(n - 5)
         return pos + n
 
     # ---- messages ----
@@ -332,7 +348,7 @@ def value_end(doc: bytes, t: int, pos: int, end: int) -> int:
     return _MEASURE._value(doc, t, pos, end, KEEP)
 
 
-def first_key(msg: bytes) -> Optional[tuple[str, bool]]:
+def first_key(msg: bytes) -> tuple[str, bool] | None:
     """(first key of the command body, complete) of a request prefix; None when the prefix is too short.
 
     complete is False when the body is wrapped (OP_QUERY $query) or the first section is not kind 0,

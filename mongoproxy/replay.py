@@ -30,7 +30,8 @@ import sys
 import threading
 import time
 import uuid
-from typing import Any, Iterable, Iterator, Optional
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 from mongoproxy import redact
 from mongoproxy.errors import ConfigError, DecodeError, ReplayError
@@ -134,20 +135,24 @@ def _iter_pcap(path: str, f: Any, warnings: list[str]) -> Iterator[Packet]:
         if not raw:
             return
         if len(raw) < hdr_len:
-            warnings.append(f"{path}: truncated at offset {offset} (an incomplete packet header at the end); "
-                            "read what came before")
+            warnings.append(
+                f"{path}: truncated at offset {offset} (an incomplete packet header at the end); read what came before"
+            )
             return
         try:
             h = hdr_cls(raw)
         except dpkt.UnpackError as exc:
             raise ReplayError(f"{path}: corrupt pcap packet header at offset {offset} ({exc})") from None
         if h.caplen > 0x4000000:
-            raise ReplayError(f"{path}: corrupt pcap packet header at offset {offset} (captured length "
-                              f"{h.caplen}); the file is damaged")
+            raise ReplayError(
+                f"{path}: corrupt pcap packet header at offset {offset} (captured length "
+                f"{h.caplen}); the file is damaged"
+            )
         data = f.read(h.caplen)
         if len(data) < h.caplen:
-            warnings.append(f"{path}: truncated at offset {offset} (the last packet is incomplete); read what came "
-                            "before")
+            warnings.append(
+                f"{path}: truncated at offset {offset} (the last packet is incomplete); read what came before"
+            )
             return
         ts = h.tv_sec * NS_PER_S + (h.tv_usec if nano else h.tv_usec * 1000)
         yield Packet(ts, linktype, data, offset)
@@ -166,8 +171,9 @@ def _iter_pcapng(path: str, f: Any, warnings: list[str]) -> Iterator[Packet]:
         if not head:
             return
         if len(head) < 8:
-            warnings.append(f"{path}: truncated at offset {offset} (an incomplete block at the end); read what "
-                            "came before")
+            warnings.append(
+                f"{path}: truncated at offset {offset} (an incomplete block at the end); read what came before"
+            )
             return
         block_type = int.from_bytes(head[:4], "little")
         if block_type == pcapng.PCAPNG_BT_SHB:
@@ -179,19 +185,23 @@ def _iter_pcapng(path: str, f: Any, warnings: list[str]) -> Iterator[Packet]:
             elif bom == b"\x1a\x2b\x3c\x4d":
                 little = False
             else:
-                raise ReplayError(f"{path}: corrupt pcapng section header at offset {offset} (byte-order magic "
-                                  f"0x{bom.hex()})")
+                raise ReplayError(
+                    f"{path}: corrupt pcapng section header at offset {offset} (byte-order magic 0x{bom.hex()})"
+                )
             head += bom
             interfaces = []  # a new section starts its own interface numbering
         order = "<" if little else ">"
         block_type, length = struct.unpack(order + "II", head[:8])
         if length < 12 or length % 4 or length > 0x4000000:
-            raise ReplayError(f"{path}: corrupt pcapng block at offset {offset} (type 0x{block_type:08x}, length "
-                              f"{length}); the file is damaged")
+            raise ReplayError(
+                f"{path}: corrupt pcapng block at offset {offset} (type 0x{block_type:08x}, length "
+                f"{length}); the file is damaged"
+            )
         rest = f.read(length - len(head))
         if len(rest) < length - len(head):
-            warnings.append(f"{path}: truncated at offset {offset} (the last block is incomplete); read what came "
-                            "before")
+            warnings.append(
+                f"{path}: truncated at offset {offset} (the last block is incomplete); read what came before"
+            )
             return
         buf = head + rest
         if buf[-4:] != buf[4:8]:
@@ -210,13 +220,16 @@ def _iter_pcapng(path: str, f: Any, warnings: list[str]) -> Iterator[Packet]:
                         tsoffset = struct.unpack(order + "q", opt.data[:8])[0]
                 interfaces.append((idb.linktype, units, tsoffset))
             elif block_type in (pcapng.PCAPNG_BT_EPB, pcapng.PCAPNG_BT_PB):
-                cls = {pcapng.PCAPNG_BT_EPB: (pcapng.EnhancedPacketBlockLE, pcapng.EnhancedPacketBlock),
-                       pcapng.PCAPNG_BT_PB: (pcapng.PacketBlockLE, pcapng.PacketBlock)}[block_type]
+                cls = {
+                    pcapng.PCAPNG_BT_EPB: (pcapng.EnhancedPacketBlockLE, pcapng.EnhancedPacketBlock),
+                    pcapng.PCAPNG_BT_PB: (pcapng.PacketBlockLE, pcapng.PacketBlock),
+                }[block_type]
                 epb = cls[0 if little else 1](buf)
                 iface = epb.iface_id & 0xFFFF if block_type == pcapng.PCAPNG_BT_PB else epb.iface_id
                 if iface >= len(interfaces):
-                    raise ReplayError(f"{path}: corrupt pcapng packet at offset {offset} (interface {iface} was "
-                                      "never described)")
+                    raise ReplayError(
+                        f"{path}: corrupt pcapng packet at offset {offset} (interface {iface} was never described)"
+                    )
                 linktype, units, tsoffset = interfaces[iface]
                 ticks = (epb.ts_high << 32) | epb.ts_low
                 ts = tsoffset * NS_PER_S + (ticks * NS_PER_S // units if units != NS_PER_S else ticks)
@@ -226,17 +239,29 @@ def _iter_pcapng(path: str, f: Any, warnings: list[str]) -> Iterator[Packet]:
         except ReplayError:
             raise
         except (dpkt.UnpackError, dpkt.NeedData, struct.error, ValueError) as exc:
-            raise ReplayError(f"{path}: corrupt pcapng block at offset {offset} (type 0x{block_type:08x}: "
-                              f"{exc or type(exc).__name__})") from None
+            raise ReplayError(
+                f"{path}: corrupt pcapng block at offset {offset} (type 0x{block_type:08x}: "
+                f"{exc or type(exc).__name__})"
+            ) from None
         offset += length
 
 
 # Link types: Ethernet, raw IP (101, and the BSD numbers 12/14), Linux cooked v1/v2, BSD loopback, IPv4, IPv6.
-LINKTYPE_NAMES = {0: "BSD loopback", 1: "Ethernet", 12: "raw IP", 14: "raw IP", 101: "raw IP", 108: "OpenBSD loopback",
-                  113: "Linux cooked", 228: "IPv4", 229: "IPv6", 276: "Linux cooked v2"}
+LINKTYPE_NAMES = {
+    0: "BSD loopback",
+    1: "Ethernet",
+    12: "raw IP",
+    14: "raw IP",
+    101: "raw IP",
+    108: "OpenBSD loopback",
+    113: "Linux cooked",
+    228: "IPv4",
+    229: "IPv6",
+    276: "Linux cooked v2",
+}
 
 
-def decode_tcp(linktype: int, data: bytes) -> Optional[tuple]:
+def decode_tcp(linktype: int, data: bytes) -> tuple | None:
     """(src ip, src port, dst ip, dst port, seq, ack, flags, payload) of a TCP packet, else None."""
     dpkt = _require_dpkt()
     try:
@@ -253,8 +278,10 @@ def decode_tcp(linktype: int, data: bytes) -> Optional[tuple]:
         elif linktype in (0, 108):
             ip = dpkt.loopback.Loopback(data).data
         else:
-            raise ReplayError(f"unsupported link type {linktype}: capture on an Ethernet or loopback interface "
-                              "(tcpdump -i lo or -i eth0), or with the proxy's --record")
+            raise ReplayError(
+                f"unsupported link type {linktype}: capture on an Ethernet or loopback interface "
+                "(tcpdump -i lo or -i eth0), or with the proxy's --record"
+            )
     except (dpkt.UnpackError, dpkt.NeedData, struct.error, IndexError):
         return None
     if isinstance(ip, dpkt.ip.IP):
@@ -299,11 +326,23 @@ class WireMessage:
 class _Half:
     """One direction of a TCP connection: reassembly by sequence number, then message framing."""
 
-    __slots__ = ("base", "next", "pending", "pending_bytes", "buf", "first_ts", "messages", "bad", "midstream",
-                 "retransmitted", "fin", "bytes")
+    __slots__ = (
+        "base",
+        "next",
+        "pending",
+        "pending_bytes",
+        "buf",
+        "first_ts",
+        "messages",
+        "bad",
+        "midstream",
+        "retransmitted",
+        "fin",
+        "bytes",
+    )
 
     def __init__(self) -> None:
-        self.base: Optional[int] = None  # sequence number of stream offset 0
+        self.base: int | None = None  # sequence number of stream offset 0
         self.next = 0  # stream offset expected next
         self.pending: list = []  # heap of (offset, counter, payload, ts) past a hole
         self.pending_bytes = 0
@@ -336,13 +375,13 @@ class _Half:
             heapq.heappush(self.pending, (off, counter, payload, ts))
             self.pending_bytes += len(payload)
             return
-        self._deliver(payload[self.next - off:], ts)
+        self._deliver(payload[self.next - off :], ts)
         pending = self.pending
         while pending and pending[0][0] <= self.next:
             p_off, _, p_payload, p_ts = heapq.heappop(pending)
             self.pending_bytes -= len(p_payload)
             if p_off + len(p_payload) > self.next:
-                self._deliver(p_payload[self.next - p_off:], p_ts)
+                self._deliver(p_payload[self.next - p_off :], p_ts)
             else:
                 self.retransmitted += 1
 
@@ -387,15 +426,15 @@ class Flow:
     def __init__(self, a: tuple, b: tuple, first_ns: int, source: str) -> None:
         self.a, self.b = a, b
         self.halves = {a: _Half(), b: _Half()}
-        self.client: Optional[tuple] = None
-        self.syn_client_isn: Optional[int] = None
+        self.client: tuple | None = None
+        self.syn_client_isn: int | None = None
         self.closed = False
         self.first_ns = self.last_ns = first_ns
         self.source = source
         self.index = 0
 
     @property
-    def server(self) -> Optional[tuple]:
+    def server(self) -> tuple | None:
         if self.client is None:
             return None
         return self.b if self.client == self.a else self.a
@@ -404,7 +443,6 @@ class Flow:
         c = self.client or self.a
         s = self.server or self.b
         return f"{hostport(*c)} -> {hostport(*s)}"
-
 
 
 class Reassembler:
@@ -428,8 +466,12 @@ class Reassembler:
         key = (a, b) if a <= b else (b, a)
         flow = self.current.get(key)
         syn, fin, rst, has_ack = flags & 0x02, flags & 0x01, flags & 0x04, flags & 0x10
-        if syn and not has_ack and flow is not None and (flow.closed or flow.syn_client_isn not in (None, seq)
-                                                          or flow.halves[a].bytes or flow.halves[b].bytes):
+        if (
+            syn
+            and not has_ack
+            and flow is not None
+            and (flow.closed or flow.syn_client_isn not in (None, seq) or flow.halves[a].bytes or flow.halves[b].bytes)
+        ):
             flow = None  # the ports are reused by a new connection
         if flow is None:
             flow = Flow(key[0], key[1], pkt.ts_ns, source)
@@ -461,13 +503,13 @@ class Reassembler:
 class Outcome:
     """What a reply said: success, error, and the counts that are compared."""
 
-    ok: Optional[bool] = None
-    code: Optional[int] = None
+    ok: bool | None = None
+    code: int | None = None
     code_name: str = ""
     errmsg: str = ""
-    returned: Optional[int] = None
-    cursor_id: Optional[int] = None
-    n: Optional[int] = None
+    returned: int | None = None
+    cursor_id: int | None = None
+    n: int | None = None
     write_errors: int = 0
     write_concern_error: bool = False
     exception: str = ""  # a client-side failure (network, timeout) instead of a reply
@@ -485,23 +527,31 @@ class Outcome:
         return self.code_name or (f"code {self.code}" if self.code is not None else "write error")
 
     @classmethod
-    def from_scan(cls, r: Any) -> "Outcome":
+    def from_scan(cls, r: Any) -> Outcome:
         ok = None if r.ok is None else r.ok == 1.0
         code, name = r.code, r.code_name or ""
         if ok is not False and r.write_errors:
             code, name = r.write_error_code, r.write_error_code_name or ""
         elif ok is not False and r.write_concern_error_code is not None:
             code, name = r.write_concern_error_code, r.write_concern_error_code_name or ""
-        return cls(ok=ok, code=code, code_name=name, errmsg=r.errmsg or "", returned=r.returned,
-                   cursor_id=r.cursor_id, n=r.n, write_errors=r.write_errors or 0,
-                   write_concern_error=r.write_concern_error_code is not None)
+        return cls(
+            ok=ok,
+            code=code,
+            code_name=name,
+            errmsg=r.errmsg or "",
+            returned=r.returned,
+            cursor_id=r.cursor_id,
+            n=r.n,
+            write_errors=r.write_errors or 0,
+            write_concern_error=r.write_concern_error_code is not None,
+        )
 
 
 @dataclasses.dataclass(eq=False)
 class Op:
     """One recorded request, what it got, and (after replay) what the target answered."""
 
-    conn: "RecordedConnection"
+    conn: RecordedConnection
     index: int  # position in its connection
     ts_ns: int  # first byte of the request, Unix ns
     op: str  # command name as sent ("find", "getMore")
@@ -509,20 +559,20 @@ class Op:
     coll: str
     request_id: int
     skip: str = ""  # why it is not replayed ("" = replayed)
-    spec: Optional[dict] = None  # the command without $db/lsid/$clusterTime, ready for pymongo
-    lsid_key: Optional[bytes] = None
-    cursor_ref: Optional[int] = None  # getMore: the recorded cursor id
+    spec: dict | None = None  # the command without $db/lsid/$clusterTime, ready for pymongo
+    lsid_key: bytes | None = None
+    cursor_ref: int | None = None  # getMore: the recorded cursor id
     kill_ids: tuple = ()  # killCursors: recorded cursor ids
-    creator: Optional["Op"] = None  # the op whose reply opened cursor_ref
-    recorded: Optional[Outcome] = None
-    recorded_ns: Optional[int] = None  # request first byte to reply last byte
+    creator: Op | None = None  # the op whose reply opened cursor_ref
+    recorded: Outcome | None = None
+    recorded_ns: int | None = None  # request first byte to reply last byte
     unacknowledged: bool = False
     # Filled by replay.
-    replayed: Optional[Outcome] = None
-    replayed_ns: Optional[int] = None
+    replayed: Outcome | None = None
+    replayed_ns: int | None = None
     lag_ns: int = 0
     offset_ns: int = 0  # scheduled time relative to the start
-    done: Optional[threading.Event] = None  # set once replayed, for getMores on other connections
+    done: threading.Event | None = None  # set once replayed, for getMores on other connections
 
     @property
     def ns(self) -> str:
@@ -577,11 +627,16 @@ def expand_inputs(paths: Iterable[str]) -> list[str]:
     out = []
     for p in paths:
         if os.path.isdir(p):
-            found = sorted(os.path.join(p, n) for n in os.listdir(p)
-                           if n.endswith((".pcapng", ".pcap", ".cap")) and os.path.isfile(os.path.join(p, n)))
+            found = sorted(
+                os.path.join(p, n)
+                for n in os.listdir(p)
+                if n.endswith((".pcapng", ".pcap", ".cap")) and os.path.isfile(os.path.join(p, n))
+            )
             if not found:
-                raise ReplayError(f"{p}: the directory holds no .pcapng or .pcap files (unfinished recordings end in "
-                                  ".part; name one explicitly to read it)")
+                raise ReplayError(
+                    f"{p}: the directory holds no .pcapng or .pcap files (unfinished recordings end in "
+                    ".part; name one explicitly to read it)"
+                )
             out.extend(found)
         elif not os.path.exists(p):
             raise ReplayError(f"{p}: no such file")
@@ -623,8 +678,10 @@ def load(paths: Iterable[str]) -> Workload:
             conn.index = len(connections)
             connections.append(conn)
     if not mongo_flows:
-        raise ReplayError(f"{where}: no MongoDB traffic ({re.packets} packets, {re.tcp_packets} TCP, "
-                          f"{len(re.flows)} TCP connections, none carrying the MongoDB wire protocol)")
+        raise ReplayError(
+            f"{where}: no MongoDB traffic ({re.packets} packets, {re.tcp_packets} TCP, "
+            f"{len(re.flows)} TCP connections, none carrying the MongoDB wire protocol)"
+        )
     ops = sorted((o for c in connections for o in c.ops), key=lambda o: (o.ts_ns, o.conn.index, o.index))
     _link_cursors(ops)
     start = min((o.ts_ns for o in ops), default=0)
@@ -632,38 +689,47 @@ def load(paths: Iterable[str]) -> Workload:
     return Workload(files, connections, ops, warnings, re.packets, len(re.flows), mongo_flows, start, end)
 
 
-def _connection_from_flow(flow: Flow, warnings: list[str]) -> tuple[Optional[RecordedConnection], bool]:
+def _connection_from_flow(flow: Flow, warnings: list[str]) -> tuple[RecordedConnection | None, bool]:
     """(the flow's requests and replies as a connection or None when skipped, whether it is MongoDB)."""
     ha, hb = flow.halves[flow.a], flow.halves[flow.b]
     if not (ha.messages or hb.messages):
         return None, False  # no complete message: not MongoDB (or nothing was said)
     if (ha.bad and not ha.messages) or (hb.bad and not hb.messages):
         if ha.midstream or hb.midstream:
-            warnings.append(f"connection {flow.label()} ({flow.source}): the capture began in the middle of a "
-                            "message; skipped")
+            warnings.append(
+                f"connection {flow.label()} ({flow.source}): the capture began in the middle of a message; skipped"
+            )
             return None, True
         return None, False  # one side never parsed as MongoDB
     if flow.client is None:
         flow.client = _guess_client(flow)
         if flow.client is None:
-            warnings.append(f"connection {flow.label()} ({flow.source}): cannot tell client from server (the capture "
-                            "began after it opened and neither side looks like a MongoDB client); skipped")
+            warnings.append(
+                f"connection {flow.label()} ({flow.source}): cannot tell client from server (the capture "
+                "began after it opened and neither side looks like a MongoDB client); skipped"
+            )
             return None, True
     client, server = flow.halves[flow.client], flow.halves[flow.server]
     for half, side in ((client, "client"), (server, "server")):
         if half.gap:
-            warnings.append(f"connection {flow.label()} ({flow.source}): {half.gap} bytes from the {side} follow a "
-                            f"gap at stream offset {half.next} (packets missing from the capture); skipped")
+            warnings.append(
+                f"connection {flow.label()} ({flow.source}): {half.gap} bytes from the {side} follow a "
+                f"gap at stream offset {half.next} (packets missing from the capture); skipped"
+            )
             return None, True
         if half.bad:
-            warnings.append(f"connection {flow.label()} ({flow.source}): the {side}'s stream stops parsing as MongoDB "
-                            f"after {len(half.messages)} messages ({half.bad}); skipped")
+            warnings.append(
+                f"connection {flow.label()} ({flow.source}): the {side}'s stream stops parsing as MongoDB "
+                f"after {len(half.messages)} messages ({half.bad}); skipped"
+            )
             return None, True
     if client.midstream or server.midstream:
         msgs = client.messages
         if msgs and (msgs[0].header[2] != 0 or msgs[0].header[3] not in REQUEST_OPCODES):
-            warnings.append(f"connection {flow.label()} ({flow.source}): the capture began in the middle of it and "
-                            "it does not start at a request; skipped")
+            warnings.append(
+                f"connection {flow.label()} ({flow.source}): the capture began in the middle of it and "
+                "it does not start at a request; skipped"
+            )
             return None, True
     conn = RecordedConnection(flow.index, flow.label(), flow.source)
     replies: dict[int, list[WireMessage]] = {}
@@ -680,12 +746,14 @@ def _connection_from_flow(flow: Flow, warnings: list[str]) -> tuple[Optional[Rec
         conn.ops.append(op)
     trailing = len(client.buf)
     if trailing:
-        warnings.append(f"connection {flow.label()} ({flow.source}): its last request is incomplete ({trailing} bytes "
-                        "at the end of the capture); left out")
+        warnings.append(
+            f"connection {flow.label()} ({flow.source}): its last request is incomplete ({trailing} bytes "
+            "at the end of the capture); left out"
+        )
     return conn, True
 
 
-def _guess_client(flow: Flow) -> Optional[tuple]:
+def _guess_client(flow: Flow) -> tuple | None:
     """Without a SYN: the side whose first message is a request (responseTo 0) is the client."""
     scores = {}
     for ep in (flow.a, flow.b):
@@ -699,8 +767,9 @@ def _guess_client(flow: Flow) -> Optional[tuple]:
     return None
 
 
-def _op_from_message(conn: RecordedConnection, index: int, m: WireMessage, replies: dict,
-                     warnings: list[str]) -> Optional[Op]:
+def _op_from_message(
+    conn: RecordedConnection, index: int, m: WireMessage, replies: dict, warnings: list[str]
+) -> Op | None:
     from mongoproxy import _bson_parser
     from mongoproxy.tracker import COLLECTION_COMMANDS
 
@@ -753,12 +822,13 @@ def _op_from_message(conn: RecordedConnection, index: int, m: WireMessage, repli
         _prepare(op, data, op_code)
     except (DecodeError, struct.error, ValueError, IndexError, KeyError, TypeError) as exc:
         op.skip = SKIP_UNPARSEABLE
-        warnings.append(f"connection {conn.label}: {command} (request {request_id}) cannot be decoded ({exc}); not "
-                        "replayed")
+        warnings.append(
+            f"connection {conn.label}: {command} (request {request_id}) cannot be decoded ({exc}); not replayed"
+        )
     return op
 
 
-def _reply_outcome(reply: WireMessage) -> Optional[Outcome]:
+def _reply_outcome(reply: WireMessage) -> Outcome | None:
     from mongoproxy import _bson_parser
 
     try:
@@ -781,7 +851,7 @@ def _query_document(data: bytes) -> Any:
 
     pos = data.index(b"\0", 20) + 1 + 8
     n = _I32.unpack_from(data, pos)[0]
-    return RawBSONDocument(bytes(data[pos:pos + n]))
+    return RawBSONDocument(bytes(data[pos : pos + n]))
 
 
 def _elements(doc: bytes) -> Iterator[tuple[str, int, int, int]]:
@@ -791,7 +861,7 @@ def _elements(doc: bytes) -> Iterator[tuple[str, int, int, int]]:
     while i < end - 1:
         t = doc[i]
         k_end = doc.index(b"\0", i + 1)
-        key = doc[i + 1:k_end].decode("utf-8", "replace")
+        key = doc[i + 1 : k_end].decode("utf-8", "replace")
         stop = redact.value_end(doc, t, k_end + 1, end - 1)
         yield key, t, k_end + 1, stop
         i = stop
@@ -813,18 +883,18 @@ def _prepare(op: Op, data: bytes, op_code: int) -> None:
             pos += 1
             if kind == 0:
                 n = _I32.unpack_from(data, pos)[0]
-                doc = bytes(data[pos:pos + n])
+                doc = bytes(data[pos : pos + n])
                 pos += n
             elif kind == 1:
                 size = _I32.unpack_from(data, pos)[0]
                 stop = pos + size
                 name_end = data.index(b"\0", pos + 4)
-                ident = data[pos + 4:name_end].decode()
+                ident = data[pos + 4 : name_end].decode()
                 docs = []
                 d = name_end + 1
                 while d < stop:
                     n = _I32.unpack_from(data, d)[0]
-                    docs.append(RawBSONDocument(bytes(data[d:d + n])))
+                    docs.append(RawBSONDocument(bytes(data[d : d + n])))
                     d += n
                 sequences.append((ident, docs))
                 pos = stop
@@ -952,13 +1022,18 @@ def apply_filters(workload: Workload, filters: Filters) -> None:
     if candidates and not workload.replayable():
         ops = sorted({o.op for o in candidates})
         nss = sorted({o.ns for o in candidates if o.ns})
-        raise ReplayError(f"the filters ({filters.describe()}) match none of the {len(candidates)} recorded "
-                          f"operations; they are {', '.join(ops[:12])} on {', '.join(nss[:12])}")
+        raise ReplayError(
+            f"the filters ({filters.describe()}) match none of the {len(candidates)} recorded "
+            f"operations; they are {', '.join(ops[:12])} on {', '.join(nss[:12])}"
+        )
     if not candidates:
-        why = (f"every MongoDB connection was skipped ({workload.warnings[0]}" +
-               (f"; {len(workload.warnings) - 1} more warning(s)" if len(workload.warnings) > 1 else "") + ")"
-               if not workload.ops and workload.warnings else
-               f"the capture holds only handshake, monitoring or auth traffic ({len(workload.ops)} commands)")
+        why = (
+            f"every MongoDB connection was skipped ({workload.warnings[0]}"
+            + (f"; {len(workload.warnings) - 1} more warning(s)" if len(workload.warnings) > 1 else "")
+            + ")"
+            if not workload.ops and workload.warnings
+            else f"the capture holds only handshake, monitoring or auth traffic ({len(workload.ops)} commands)"
+        )
         raise ReplayError(f"{', '.join(workload.files)}: nothing to replay: {why}")
 
 
@@ -974,15 +1049,22 @@ class Target:
 
         self.uri = uri
         try:
-            self.client = pymongo.MongoClient(uri, serverSelectionTimeoutMS=int(connect_timeout * 1000),
-                                              connectTimeoutMS=int(connect_timeout * 1000),
-                                              maxPoolSize=max(pool_size, 1), appname="mongoproxy-replay",
-                                              retryReads=False, retryWrites=False)
+            self.client = pymongo.MongoClient(
+                uri,
+                serverSelectionTimeoutMS=int(connect_timeout * 1000),
+                connectTimeoutMS=int(connect_timeout * 1000),
+                maxPoolSize=max(pool_size, 1),
+                appname="mongoproxy-replay",
+                retryReads=False,
+                retryWrites=False,
+            )
         except (InvalidURI, ConfigurationError, ValueError, TypeError) as exc:
             raise ConfigError(f"--target {redact_uri(uri)} is not a usable MongoDB URI: {exc}") from None
         if not hasattr(self.client, "_conn_for_writes"):
-            raise ConfigError("replay pins one connection per recorded connection with pymongo's connection "
-                              "checkout, which this pymongo version lacks: pip install 'pymongo>=4.9,<5'")
+            raise ConfigError(
+                "replay pins one connection per recorded connection with pymongo's connection "
+                "checkout, which this pymongo version lacks: pip install 'pymongo>=4.9,<5'"
+            )
         self.retries = max(1, retries)
         self.pool_size = max(pool_size, 1)
 
@@ -999,20 +1081,26 @@ class Target:
                 return
             except OperationFailure as exc:
                 if exc.code in (18, 13):  # AuthenticationFailed, Unauthorized
-                    raise ReplayError(f"the target {redact_uri(self.uri)} refused the URI's credentials "
-                                      f"({exc.details.get('errmsg', exc) if exc.details else exc}): check the user, "
-                                      "password and authSource in --target") from None
+                    raise ReplayError(
+                        f"the target {redact_uri(self.uri)} refused the URI's credentials "
+                        f"({exc.details.get('errmsg', exc) if exc.details else exc}): check the user, "
+                        "password and authSource in --target"
+                    ) from None
                 last = str(exc)
             except PyMongoError as exc:
                 last = str(exc).split(", Timeout:")[0]
             if attempt < self.retries:
                 if log is not None:
-                    log(f"target {redact_uri(self.uri)} not reachable (attempt {attempt}/{self.retries}): {last}; "
-                        f"retrying in {delay:g}s")
+                    log(
+                        f"target {redact_uri(self.uri)} not reachable (attempt {attempt}/{self.retries}): {last}; "
+                        f"retrying in {delay:g}s"
+                    )
                 time.sleep(delay)
                 delay = min(delay * 2, 8.0)
-        raise ReplayError(f"cannot reach the target {redact_uri(self.uri)} after {self.retries} attempts over "
-                          f"{time.monotonic() - started:.0f}s ({last}): check --target and that the server is up")
+        raise ReplayError(
+            f"cannot reach the target {redact_uri(self.uri)} after {self.retries} attempts over "
+            f"{time.monotonic() - started:.0f}s ({last}): check --target and that the server is up"
+        )
 
     def checkout(self) -> Any:
         """A context manager holding one pooled, authenticated connection."""
@@ -1042,7 +1130,7 @@ class Replayer:
 
     DEPENDENCY_TIMEOUT_S = 60.0
 
-    def __init__(self, workload: Workload, target: Target, speed: Optional[float]) -> None:
+    def __init__(self, workload: Workload, target: Target, speed: float | None) -> None:
         self.workload = workload
         self.target = target
         self.speed = speed  # None: as fast as possible
@@ -1088,8 +1176,7 @@ class Replayer:
                 now = time.perf_counter()
                 while pending and self._due(pending[0].replayable()[0]) <= now + 0.002:
                     c = pending.pop(0)
-                    t = threading.Thread(target=self._run_connection, args=(c,), name=f"replay-{c.index}",
-                                         daemon=True)
+                    t = threading.Thread(target=self._run_connection, args=(c,), name=f"replay-{c.index}", daemon=True)
                     t.start()
                     threads.append(t)
                 if on_tick is not None:
@@ -1219,7 +1306,7 @@ class Replayer:
         self._finish(op, outcome, elapsed)
         return broken
 
-    def _finish(self, op: Op, outcome: Optional[Outcome], elapsed: Optional[int], skip: str = "") -> None:
+    def _finish(self, op: Op, outcome: Outcome | None, elapsed: int | None, skip: str = "") -> None:
         op.replayed = outcome
         op.replayed_ns = elapsed
         if skip:
@@ -1252,7 +1339,7 @@ def _max_overlap(conns: list) -> int:
 # =============================================================== report
 
 
-def percentile(values: list, q: float) -> Optional[float]:
+def percentile(values: list, q: float) -> float | None:
     """Nearest-rank percentile of values (None when empty)."""
     if not values:
         return None
@@ -1261,12 +1348,18 @@ def percentile(values: list, q: float) -> Optional[float]:
     return s[k]
 
 
-def _ms(ns: Optional[float]) -> Optional[float]:
+def _ms(ns: float | None) -> float | None:
     return None if ns is None else round(ns / 1e6, 3)
 
 
-def build_report(workload: Workload, replayer: Optional[Replayer], filters: Filters, target: str,
-                 speed: Optional[float], dry_run: bool = False) -> dict:
+def build_report(
+    workload: Workload,
+    replayer: Replayer | None,
+    filters: Filters,
+    target: str,
+    speed: float | None,
+    dry_run: bool = False,
+) -> dict:
     """The JSON report (its field names are documented in docs/capture-replay.md)."""
     ops = workload.ops
     replayed = [o for o in ops if not o.skip and (dry_run or o.replayed is not None)]
@@ -1277,13 +1370,17 @@ def build_report(workload: Workload, replayer: Optional[Replayer], filters: Filt
     for (name, ns), group in sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0])):
         rec = [o.recorded_ns for o in group if o.recorded_ns is not None]
         rep = [o.replayed_ns for o in group if o.replayed_ns is not None]
-        by_op.append({
-            "op": name, "ns": ns, "count": len(group),
-            "recorded_ms": {f"p{q}": _ms(percentile(rec, q)) for q in (50, 90, 99)},
-            "replayed_ms": {f"p{q}": _ms(percentile(rep, q)) for q in (50, 90, 99)},
-            "recorded_errors": sum(1 for o in group if o.recorded is not None and o.recorded.failed),
-            "replayed_errors": sum(1 for o in group if o.replayed is not None and o.replayed.failed),
-        })
+        by_op.append(
+            {
+                "op": name,
+                "ns": ns,
+                "count": len(group),
+                "recorded_ms": {f"p{q}": _ms(percentile(rec, q)) for q in (50, 90, 99)},
+                "replayed_ms": {f"p{q}": _ms(percentile(rep, q)) for q in (50, 90, 99)},
+                "recorded_errors": sum(1 for o in group if o.recorded is not None and o.recorded.failed),
+                "replayed_errors": sum(1 for o in group if o.replayed is not None and o.replayed.failed),
+            }
+        )
     new_errors: dict[tuple, dict] = {}
     gone_errors: dict[tuple, dict] = {}
     differences = []
@@ -1294,28 +1391,62 @@ def build_report(workload: Workload, replayer: Optional[Replayer], filters: Filt
         rec_failed = rec is not None and rec.failed
         if rep.failed and not rec_failed:
             k = (o.op, o.ns, rep.error_name)
-            e = new_errors.setdefault(k, {"op": o.op, "ns": o.ns, "error": rep.error_name, "code": rep.code,
-                                          "count": 0, "example": rep.errmsg[:300]})
+            e = new_errors.setdefault(
+                k,
+                {
+                    "op": o.op,
+                    "ns": o.ns,
+                    "error": rep.error_name,
+                    "code": rep.code,
+                    "count": 0,
+                    "example": rep.errmsg[:300],
+                },
+            )
             e["count"] += 1
         elif rec_failed and not rep.failed:
             k = (o.op, o.ns, rec.error_name)
-            e = gone_errors.setdefault(k, {"op": o.op, "ns": o.ns, "error": rec.error_name, "code": rec.code,
-                                           "count": 0, "example": rec.errmsg[:300]})
+            e = gone_errors.setdefault(
+                k,
+                {
+                    "op": o.op,
+                    "ns": o.ns,
+                    "error": rec.error_name,
+                    "code": rec.code,
+                    "count": 0,
+                    "example": rec.errmsg[:300],
+                },
+            )
             e["count"] += 1
         if rec is not None:
             for field in ("returned", "n"):
                 a, b = getattr(rec, field), getattr(rep, field)
                 if a is not None and b is not None and a != b:
-                    differences.append({"op": o.op, "ns": o.ns, "connection": o.conn.index, "field": field,
-                                        "recorded": a, "replayed": b,
-                                        "at_s": round((o.ts_ns - workload.start_ns) / 1e9, 3)})
+                    differences.append(
+                        {
+                            "op": o.op,
+                            "ns": o.ns,
+                            "connection": o.conn.index,
+                            "field": field,
+                            "recorded": a,
+                            "replayed": b,
+                            "at_s": round((o.ts_ns - workload.start_ns) / 1e9, 3),
+                        }
+                    )
     cursor_skips = [o for o in ops if o.skip == SKIP_CURSOR]
     for o in cursor_skips:
         if o.recorded is not None and o.recorded.returned:
-            differences.append({"op": o.op, "ns": o.ns, "connection": o.conn.index, "field": "returned",
-                                "recorded": o.recorded.returned, "replayed": None,
-                                "at_s": round((o.ts_ns - workload.start_ns) / 1e9, 3),
-                                "note": "not sent: the cursor was already closed on the target"})
+            differences.append(
+                {
+                    "op": o.op,
+                    "ns": o.ns,
+                    "connection": o.conn.index,
+                    "field": "returned",
+                    "recorded": o.recorded.returned,
+                    "replayed": None,
+                    "at_s": round((o.ts_ns - workload.start_ns) / 1e9, 3),
+                    "note": "not sent: the cursor was already closed on the target",
+                }
+            )
     span = (workload.end_ns - workload.start_ns) / 1e9
     times = [o.ts_ns for o in workload.ops if not o.skip or o.skip == SKIP_CURSOR]
     replayable_span = (max(times) - min(times)) / 1e9 if times else 0.0
@@ -1326,8 +1457,12 @@ def build_report(workload: Workload, replayer: Optional[Replayer], filters: Filt
         "speed": "max" if speed is None else speed,
         "filters": filters.describe(),
         "recorded": {
-            "start": _iso(workload.start_ns), "span_s": round(span, 3), "connections": len(workload.connections),
-            "operations": len(ops), "packets": workload.packets, "tcp_connections": workload.flows,
+            "start": _iso(workload.start_ns),
+            "span_s": round(span, 3),
+            "connections": len(workload.connections),
+            "operations": len(ops),
+            "packets": workload.packets,
+            "tcp_connections": workload.flows,
             "mongodb_connections": workload.mongo_flows,
             "ops_per_s": round(len(ops) / span, 1) if span > 0 else None,
             "replayable_span_s": round(replayable_span, 3),
@@ -1344,7 +1479,8 @@ def build_report(workload: Workload, replayer: Optional[Replayer], filters: Filt
         duration = (replayer.finished_ns - replayer.started_ns) / 1e9
         n = len(replayed)
         report["replayed"] = {
-            "operations": n, "duration_s": round(duration, 3),
+            "operations": n,
+            "duration_s": round(duration, 3),
             "ops_per_s": round(n / duration, 1) if duration > 0 else None,
             "errors": sum(1 for o in replayed if o.replayed is not None and o.replayed.failed),
             "max_lag_ms": None if speed is None else _ms(replayer.max_lag_ns),
@@ -1354,20 +1490,21 @@ def build_report(workload: Workload, replayer: Optional[Replayer], filters: Filt
         }
     else:
         report["would_replay"] = [
-            {"at_s": round((o.ts_ns - workload.start_ns) / 1e9, 6), "connection": o.conn.index, "op": o.op,
-             "ns": o.ns} for o in replayed]
+            {"at_s": round((o.ts_ns - workload.start_ns) / 1e9, 6), "connection": o.conn.index, "op": o.op, "ns": o.ns}
+            for o in replayed
+        ]
     return report
 
 
-def _iso(ns: int) -> Optional[str]:
+def _iso(ns: int) -> str | None:
     if not ns:
         return None
     import datetime
 
-    return datetime.datetime.fromtimestamp(ns / 1e9, datetime.timezone.utc).isoformat(timespec="milliseconds")
+    return datetime.datetime.fromtimestamp(ns / 1e9, datetime.UTC).isoformat(timespec="milliseconds")
 
 
-def _fmt(v: Optional[float]) -> str:
+def _fmt(v: float | None) -> str:
     if v is None:
         return "-"
     return f"{v:.2f}" if v < 100 else f"{v:.0f}"
@@ -1395,24 +1532,34 @@ def print_report(report: dict, console: Any) -> None:
         r, p = row["recorded_ms"], row["replayed_ms"]
         cells = [row["op"], row["ns"] or "-", str(row["count"]), _fmt(r["p50"]), _fmt(r["p90"]), _fmt(r["p99"])]
         if not dry:
-            cells += [_fmt(p["p50"]), _fmt(p["p90"]), _fmt(p["p99"]),
-                      f"{row['recorded_errors']}/{row['replayed_errors']}"]
+            cells += [
+                _fmt(p["p50"]),
+                _fmt(p["p90"]),
+                _fmt(p["p99"]),
+                f"{row['recorded_errors']}/{row['replayed_errors']}",
+            ]
         table.add_row(*cells)
     console.print(table)
     rec = report["recorded"]
-    console.print(f"recorded: {rec['operations']} commands on {rec['connections']} connections over "
-                  f"{rec['span_s']:.3f}s ({rec['ops_per_s'] or '-'} ops/s) from {len(report['files'])} file(s)")
+    console.print(
+        f"recorded: {rec['operations']} commands on {rec['connections']} connections over "
+        f"{rec['span_s']:.3f}s ({rec['ops_per_s'] or '-'} ops/s) from {len(report['files'])} file(s)"
+    )
     if report["skipped"]:
         console.print("not replayed: " + ", ".join(f"{k} {v}" for k, v in sorted(report["skipped"].items())))
     if dry:
-        console.print(f"would replay {len(report['would_replay'])} operations"
-                      + (f" with {report['filters']}" if report["filters"] else ""))
+        console.print(
+            f"would replay {len(report['would_replay'])} operations"
+            + (f" with {report['filters']}" if report["filters"] else "")
+        )
     else:
         rp = report["replayed"]
         lag = "n/a (--max-speed)" if rp["max_lag_ms"] is None else f"{rp['max_lag_ms']:.1f} ms"
-        console.print(f"replayed: {rp['operations']} operations in {rp['duration_s']:.3f}s ({rp['ops_per_s']} ops/s), "
-                      f"speed {report['speed']}, max lag behind schedule {lag}, {rp['sessions']} session(s), "
-                      f"{rp['cursors']} cursor(s) remapped")
+        console.print(
+            f"replayed: {rp['operations']} operations in {rp['duration_s']:.3f}s ({rp['ops_per_s']} ops/s), "
+            f"speed {report['speed']}, max lag behind schedule {lag}, {rp['sessions']} session(s), "
+            f"{rp['cursors']} cursor(s) remapped"
+        )
         for label, key in (("new errors", "new_errors"), ("errors gone", "gone_errors")):
             rows = report[key]
             console.print(f"{label}: {sum(e['count'] for e in rows)}")
@@ -1421,9 +1568,10 @@ def print_report(report: dict, console: Any) -> None:
         diffs = report["count_differences"]
         console.print(f"document count differences: {report['count_differences_total']}")
         for d in diffs[:20]:
-            console.print(f"  {d['op']} {d['ns']} (connection {d['connection']}, at {d['at_s']}s): {d['field']} "
-                          f"recorded {d['recorded']}, replayed {d['replayed']}" + (f" ({d['note']})" if d.get("note")
-                                                                                    else ""))
+            console.print(
+                f"  {d['op']} {d['ns']} (connection {d['connection']}, at {d['at_s']}s): {d['field']} "
+                f"recorded {d['recorded']}, replayed {d['replayed']}" + (f" ({d['note']})" if d.get("note") else "")
+            )
     for w in report["warnings"][:50]:
         console.print(f"warning: {w}", style="yellow")
 
@@ -1440,15 +1588,18 @@ def write_plot(workload: Workload, path: str) -> None:
     counts: dict[str, int] = {}
     for o in ops:
         counts[o.op] = counts.get(o.op, 0) + 1
-    panels = [("all commands", ops)] + [(name, [o for o in ops if o.op == name])
-                                        for name, _ in sorted(counts.items(), key=lambda kv: -kv[1])[:5]]
+    panels = [("all commands", ops)] + [
+        (name, [o for o in ops if o.op == name]) for name, _ in sorted(counts.items(), key=lambda kv: -kv[1])[:5]
+    ]
     cols = min(3, len(panels))
     rows = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.6 * rows), squeeze=False)
     for ax, (name, group) in zip(axes.flat, panels):
         shown: list = []
-        for label, values, style in (("recorded", [o.recorded_ns for o in group if o.recorded_ns is not None], "--"),
-                                     ("replayed", [o.replayed_ns for o in group], "-")):
+        for label, values, style in (
+            ("recorded", [o.recorded_ns for o in group if o.recorded_ns is not None], "--"),
+            ("replayed", [o.replayed_ns for o in group], "-"),
+        ):
             if not values:
                 continue
             xs = sorted(v / 1e6 for v in values)
@@ -1472,7 +1623,7 @@ def write_plot(workload: Workload, path: str) -> None:
         ax.set_ylabel("fraction of commands")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(loc="lower right", fontsize="small")
-    for ax in list(axes.flat)[len(panels):]:
+    for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
     fig.suptitle("mongoproxy replay: latency CDF, recorded vs replayed")
     fig.tight_layout()
@@ -1496,7 +1647,7 @@ def _positive_float(flag: str):
     return parse
 
 
-def _items(values: Optional[list]) -> tuple:
+def _items(values: list | None) -> tuple:
     out = []
     for v in values or ():
         out.extend(x.strip() for x in str(v).split(",") if x.strip())
@@ -1506,33 +1657,69 @@ def _items(values: Optional[list]) -> tuple:
 def add_parser(subparsers: Any) -> None:
     """Register `mongoproxy replay`."""
     p = subparsers.add_parser(
-        "replay", help="replay recorded traffic against a server and compare",
+        "replay",
+        help="replay recorded traffic against a server and compare",
         description="Replay MongoDB traffic recorded by `mongoproxy run --record DIR` (pcapng) or captured with "
         "tcpdump (pcap/pcapng) against a target server, keeping each connection's order and the relative timing, "
-        "and report recorded against replayed latency, new or gone errors and document count differences.")
+        "and report recorded against replayed latency, new or gone errors and document count differences.",
+    )
     p.add_argument("files", nargs="+", metavar="FILE", help="capture files; a directory stands for its *.pcapng/*.pcap")
     p.add_argument("--target", metavar="URI", help="MongoDB URI to replay against (its credentials are used)")
     timing = p.add_mutually_exclusive_group()
-    timing.add_argument("--speed", type=_positive_float("--speed"), default=1.0, metavar="X",
-                        help="replay X times as fast as recorded (default 1)")
-    timing.add_argument("--max-speed", action="store_true", help="ignore recorded timing: each connection runs its "
-                        "commands back to back")
-    p.add_argument("--read-only", action="store_true", help="replay only find, aggregate without $out/$merge, count, "
-                   "distinct, getMore (and killCursors for their cursors)")
-    p.add_argument("--include-ns", action="append", metavar="NS", help="replay only these namespaces: db.collection, "
-                   "db.* or db (comma-separated, repeatable)")
+    timing.add_argument(
+        "--speed",
+        type=_positive_float("--speed"),
+        default=1.0,
+        metavar="X",
+        help="replay X times as fast as recorded (default 1)",
+    )
+    timing.add_argument(
+        "--max-speed",
+        action="store_true",
+        help="ignore recorded timing: each connection runs its commands back to back",
+    )
+    p.add_argument(
+        "--read-only",
+        action="store_true",
+        help="replay only find, aggregate without $out/$merge, count, "
+        "distinct, getMore (and killCursors for their cursors)",
+    )
+    p.add_argument(
+        "--include-ns",
+        action="append",
+        metavar="NS",
+        help="replay only these namespaces: db.collection, db.* or db (comma-separated, repeatable)",
+    )
     p.add_argument("--exclude-ns", action="append", metavar="NS", help="do not replay these namespaces")
-    p.add_argument("--ops", action="append", metavar="OPS", help="replay only these commands (find,insert); !name "
-                   "leaves one out (!count)")
+    p.add_argument(
+        "--ops",
+        action="append",
+        metavar="OPS",
+        help="replay only these commands (find,insert); !name leaves one out (!count)",
+    )
     p.add_argument("--report", metavar="PATH.json", help="write the report as JSON")
-    p.add_argument("--plot", metavar="PATH.png", help="write a latency CDF plot, recorded against replayed "
-                   "(needs matplotlib: " + PLOT_EXTRA + ")")
-    p.add_argument("--dry-run", action="store_true", help="list what would be replayed, with the filters applied, "
-                   "and send nothing")
-    p.add_argument("--connect-timeout", type=_positive_float("--connect-timeout"), default=5.0, metavar="S",
-                   help="seconds to wait for the target on each attempt (default 5)")
-    p.add_argument("--connect-retries", type=int, default=5, metavar="N",
-                   help="attempts to reach the target, with backoff, before giving up (default 5)")
+    p.add_argument(
+        "--plot",
+        metavar="PATH.png",
+        help="write a latency CDF plot, recorded against replayed (needs matplotlib: " + PLOT_EXTRA + ")",
+    )
+    p.add_argument(
+        "--dry-run", action="store_true", help="list what would be replayed, with the filters applied, and send nothing"
+    )
+    p.add_argument(
+        "--connect-timeout",
+        type=_positive_float("--connect-timeout"),
+        default=5.0,
+        metavar="S",
+        help="seconds to wait for the target on each attempt (default 5)",
+    )
+    p.add_argument(
+        "--connect-retries",
+        type=int,
+        default=5,
+        metavar="N",
+        help="attempts to reach the target, with backoff, before giving up (default 5)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=main)
 
@@ -1542,8 +1729,9 @@ def main(args: argparse.Namespace) -> int:
     try:
         from rich.console import Console
     except ImportError:
-        raise ConfigError(f"replay shows its progress and report with rich, which is not installed: {REPLAY_EXTRA}") \
-            from None
+        raise ConfigError(
+            f"replay shows its progress and report with rich, which is not installed: {REPLAY_EXTRA}"
+        ) from None
     err = Console(stderr=True, highlight=False)
     out = Console(highlight=False) if sys.stdout.isatty() else Console(width=160, highlight=False)
     if not args.dry_run and not args.target:
@@ -1560,8 +1748,12 @@ def main(args: argparse.Namespace) -> int:
             import matplotlib  # noqa: F401
         except ImportError:
             raise ConfigError(f"--plot needs matplotlib: {PLOT_EXTRA}") from None
-    filters = Filters(read_only=args.read_only, include_ns=_items(args.include_ns), exclude_ns=_items(args.exclude_ns),
-                      ops=_items(args.ops))
+    filters = Filters(
+        read_only=args.read_only,
+        include_ns=_items(args.include_ns),
+        exclude_ns=_items(args.exclude_ns),
+        ops=_items(args.ops),
+    )
     for ns in filters.include_ns + filters.exclude_ns:
         if not ns.split(".", 1)[0]:
             raise ConfigError(f"namespace {ns!r}: give db.collection, db.* or db")
@@ -1608,9 +1800,17 @@ def _run_with_progress(replayer: Replayer, console: Any, show: bool) -> None:
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    with Progress(TextColumn("replaying"), BarColumn(), MofNCompleteColumn(), TextColumn("ops"),
-                  TextColumn("lag {task.fields[lag]}"), TextColumn("errors {task.fields[errors]}"),
-                  TimeElapsedColumn(), console=console, transient=False) as progress:
+    with Progress(
+        TextColumn("replaying"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("ops"),
+        TextColumn("lag {task.fields[lag]}"),
+        TextColumn("errors {task.fields[errors]}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    ) as progress:
         task = progress.add_task("replay", total=replayer.total, lag="-", errors=0)
 
         def tick(r: Replayer) -> None:

@@ -19,7 +19,8 @@ import logging
 import signal
 import socket
 import time
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 from mongoproxy import __version__, dstaddr, wire
 from mongoproxy.config import Config, ProxySpec
@@ -36,24 +37,24 @@ monotonic_ns = time.monotonic_ns
 class ClientSide(asyncio.Protocol):
     """The client's connection to the proxy; owns the pair and the observation tap."""
 
-    def __init__(self, proxy: "Proxy", spec: ProxySpec) -> None:
+    def __init__(self, proxy: Proxy, spec: ProxySpec) -> None:
         self.proxy = proxy
         self.spec = spec
         self.transport: Any = None
-        self.upstream: Optional[UpstreamSide] = None
-        self.conn: Optional[Connection] = None
-        self.tracker: Optional[Tracker] = None
-        self.requests: Optional[wire.FrameScanner] = None
-        self.replies: Optional[wire.FrameScanner] = None
+        self.upstream: UpstreamSide | None = None
+        self.conn: Connection | None = None
+        self.tracker: Tracker | None = None
+        self.requests: wire.FrameScanner | None = None
+        self.replies: wire.FrameScanner | None = None
         self.client_eof = False
         self.upstream_eof = False
         self.closed = False
-        self._connecting: Optional[asyncio.Task] = None
+        self._connecting: asyncio.Task | None = None
         self._reading_blocked = {"connect"}  # reasons the client is not read from
         self._early: list[bytes] = []  # chunks that arrived before the upstream connected
         self.wants_data = proxy.bus.wants_data
         # Bound methods of the pump, looked up once: the upstream's write (None until connected), the request feed.
-        self._write_upstream: Optional[Callable[[bytes], Any]] = None
+        self._write_upstream: Callable[[bytes], Any] | None = None
         self._feed_requests: Any = None
 
     # ---- client → upstream ----
@@ -66,9 +67,14 @@ class ClientSide(asyncio.Protocol):
         proxy = self.proxy
         peer = transport.get_extra_info("peername") or ("", 0)
         sockname = transport.get_extra_info("sockname") or ("", 0)
-        conn = self.conn = Connection(id=proxy.next_id(), client_host=str(peer[0]), client_port=int(peer[1]),
-                                      listen_port=int(sockname[1]), transparent=self.spec.transparent,
-                                      opened_ns=monotonic_ns())
+        conn = self.conn = Connection(
+            id=proxy.next_id(),
+            client_host=str(peer[0]),
+            client_port=int(peer[1]),
+            listen_port=int(sockname[1]),
+            transparent=self.spec.transparent,
+            opened_ns=monotonic_ns(),
+        )
         proxy.connections.add(self)
         target = self._target(transport, sockname)
         if target is None:
@@ -78,11 +84,18 @@ class ClientSide(asyncio.Protocol):
         bus = proxy.bus
         self.tracker = Tracker(conn, bus, cfg.max_pending_requests)
         render = proxy.render
-        self.requests = wire.FrameScanner(False, self.tracker.on_request, self._request_error,
-                                          cfg.max_message_bytes, render, verify_checksums=cfg.verify_checksums)
+        self.requests = wire.FrameScanner(
+            False,
+            self.tracker.on_request,
+            self._request_error,
+            cfg.max_message_bytes,
+            render,
+            verify_checksums=cfg.verify_checksums,
+        )
         self._feed_requests = self.requests.feed
-        self.replies = wire.FrameScanner(True, self._on_reply, self._reply_error, cfg.max_message_bytes,
-                                         verify_checksums=cfg.verify_checksums)
+        self.replies = wire.FrameScanner(
+            True, self._on_reply, self._reply_error, cfg.max_message_bytes, verify_checksums=cfg.verify_checksums
+        )
         bus.connection_open(conn)
         self._connecting = asyncio.get_running_loop().create_task(self._connect(target))
 
@@ -110,7 +123,7 @@ class ClientSide(asyncio.Protocol):
             self.close()
         return True  # keep the other half open
 
-    def connection_lost(self, exc: Optional[BaseException]) -> None:
+    def connection_lost(self, exc: BaseException | None) -> None:
         self.close()
 
     def pause_writing(self) -> None:  # the client reads replies slower than the server sends them
@@ -123,7 +136,7 @@ class ClientSide(asyncio.Protocol):
 
     # ---- upstream connection ----
 
-    def _target(self, transport: Any, sockname: tuple) -> Optional[tuple[str, int]]:
+    def _target(self, transport: Any, sockname: tuple) -> tuple[str, int] | None:
         spec = self.spec
         if not spec.transparent:
             return spec.upstream_host, spec.upstream_port
@@ -133,8 +146,11 @@ class ClientSide(asyncio.Protocol):
             self._refuse("no_original_dst", "no original destination (is an iptables REDIRECT rule in place?)")
             return None
         if self.proxy.is_own_listener(dst, sockname):
-            self._refuse("loop", f"original destination {hostport(*dst)} is this proxy's own listener; "
-                                 "refusing to connect to myself (exclude the proxy's uid from the REDIRECT rule)")
+            self._refuse(
+                "loop",
+                f"original destination {hostport(*dst)} is this proxy's own listener; "
+                "refusing to connect to myself (exclude the proxy's uid from the REDIRECT rule)",
+            )
             return None
         return dst
 
@@ -151,8 +167,13 @@ class ClientSide(asyncio.Protocol):
             return
         except BaseException as exc:  # noqa: BLE001 - every failure closes the client and is counted
             reason, detail = _connect_failure(exc)
-            log.warning("connection %d from %s: cannot reach upstream %s: %s", self.conn.id, self.conn.client,
-                        hostport(*target), detail)
+            log.warning(
+                "connection %d from %s: cannot reach upstream %s: %s",
+                self.conn.id,
+                self.conn.client,
+                hostport(*target),
+                detail,
+            )
             proxy.bus.upstream_error(UpstreamConnectError(self.conn, reason, detail, monotonic_ns()))
             self.close()
             return
@@ -200,8 +221,14 @@ class ClientSide(asyncio.Protocol):
         self._decode_error("reply", reason, detail, fatal)
 
     def _decode_error(self, direction: str, reason: str, detail: str, fatal: bool) -> None:
-        log.debug("connection %d: %s decode error %s: %s%s", self.conn.id, direction, reason, detail,
-                  " (observation of this direction stopped)" if fatal else "")
+        log.debug(
+            "connection %d: %s decode error %s: %s%s",
+            self.conn.id,
+            direction,
+            reason,
+            detail,
+            " (observation of this direction stopped)" if fatal else "",
+        )
         self.proxy.bus.decode_error(DecodeErrorEvent(self.conn, direction, reason, detail, monotonic_ns(), fatal))
 
     # ---- teardown ----
@@ -213,8 +240,7 @@ class ClientSide(asyncio.Protocol):
             return True
         if self.requests.stopped or self.replies.stopped:
             return False  # unknown: wait for the drain deadline
-        return (self.tracker.in_flight == 0 and not self.requests.mid_message
-                and not self.replies.mid_message)
+        return self.tracker.in_flight == 0 and not self.requests.mid_message and not self.replies.mid_message
 
     def close_if_idle(self) -> None:
         if not self.closed and self.idle:
@@ -284,7 +310,7 @@ class UpstreamSide(asyncio.Protocol):
             client.close()
         return True
 
-    def connection_lost(self, exc: Optional[BaseException]) -> None:
+    def connection_lost(self, exc: BaseException | None) -> None:
         self.client.close()
 
     def pause_writing(self) -> None:  # the server reads requests slower than the client sends them
@@ -301,7 +327,6 @@ def _nodelay(transport: Any) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
             pass
-
 
 
 def _connect_failure(exc: BaseException) -> tuple[str, str]:
@@ -358,27 +383,40 @@ class Proxy:
                 try:
                     await loop.getaddrinfo(spec.upstream_host, spec.upstream_port, type=socket.SOCK_STREAM)
                 except socket.gaierror as exc:
-                    raise StartupError(f"cannot resolve upstream host {spec.upstream_host!r} in --proxy "
-                                       f"{spec.text} ({exc.strerror}): check the name or use an IP address") from None
+                    raise StartupError(
+                        f"cannot resolve upstream host {spec.upstream_host!r} in --proxy "
+                        f"{spec.text} ({exc.strerror}): check the name or use an IP address"
+                    ) from None
             try:
-                server = await loop.create_server(lambda spec=spec: ClientSide(self, spec),
-                                                  hosts if len(hosts) > 1 else hosts[0], spec.listen_port,
-                                                  reuse_address=True, backlog=1024)
+                server = await loop.create_server(
+                    lambda spec=spec: ClientSide(self, spec),
+                    hosts if len(hosts) > 1 else hosts[0],
+                    spec.listen_port,
+                    reuse_address=True,
+                    backlog=1024,
+                )
             except OSError as exc:
                 await self.close_listeners()
                 if exc.errno == errno.EADDRINUSE:
-                    raise StartupError(f"cannot listen on {hostport(host, spec.listen_port)} for --proxy "
-                                       f"{spec.text}: the port is already in use; stop the other process or "
-                                       "choose another port") from None
-                raise StartupError(f"cannot listen on {hostport(host, spec.listen_port)} for --proxy "
-                                   f"{spec.text}: {exc.strerror}; check --listen-host") from None
+                    raise StartupError(
+                        f"cannot listen on {hostport(host, spec.listen_port)} for --proxy "
+                        f"{spec.text}: the port is already in use; stop the other process or "
+                        "choose another port"
+                    ) from None
+                raise StartupError(
+                    f"cannot listen on {hostport(host, spec.listen_port)} for --proxy "
+                    f"{spec.text}: {exc.strerror}; check --listen-host"
+                ) from None
             self.servers.append((spec, server))
             for sock in server.sockets:
                 addr = sock.getsockname()
                 self._own_addresses.add((addr[0], addr[1]))
         for spec, server in self.servers:
-            target = "original destination (transparent)" if spec.transparent else \
-                hostport(spec.upstream_host, spec.upstream_port)
+            target = (
+                "original destination (transparent)"
+                if spec.transparent
+                else hostport(spec.upstream_host, spec.upstream_port)
+            )
             log.info("listening on %s -> %s", hostport(host, server.sockets[0].getsockname()[1]), target)
         self.ready = True
 
@@ -391,8 +429,9 @@ class Proxy:
             return False
         if (dst[0], dst[1]) in self._own_addresses:
             return True
-        return any(host in ("0.0.0.0", "::") for host, port in self._own_addresses if port == dst[1]) and \
-            _is_local_address(dst[0])
+        return any(
+            host in ("0.0.0.0", "::") for host, port in self._own_addresses if port == dst[1]
+        ) and _is_local_address(dst[0])
 
     async def close_listeners(self) -> None:
         for _, server in self.servers:
@@ -400,7 +439,7 @@ class Proxy:
         for _, server in self.servers:
             try:
                 await asyncio.wait_for(server.wait_closed(), 1)
-            except (asyncio.TimeoutError, Exception):  # noqa: BLE001 - wait_closed also waits for connections
+            except (TimeoutError, Exception):  # noqa: BLE001 - wait_closed also waits for connections
                 pass
 
     async def drain(self, seconds: float) -> bool:
@@ -421,8 +460,7 @@ class Proxy:
                 c.close_if_idle()
         clean = not self.connections
         if not clean:
-            log.warning("drain deadline passed with %d connection(s) still busy; closing them",
-                        len(self.connections))
+            log.warning("drain deadline passed with %d connection(s) still busy; closing them", len(self.connections))
         for c in list(self.connections):
             c.close()
         await asyncio.sleep(0)  # let transports flush and report connection_lost
@@ -443,7 +481,7 @@ def _is_local_address(host: str) -> bool:
         return False
 
 
-async def serve(config: Config, on_started: Optional[Callable[[Proxy], Any]] = None) -> int:
+async def serve(config: Config, on_started: Callable[[Proxy], Any] | None = None) -> int:
     """Run until SIGTERM/SIGINT, then drain; the exit code. on_started(proxy) runs once listening."""
     from prometheus_client import CollectorRegistry, disable_created_metrics
 
@@ -478,8 +516,10 @@ async def serve(config: Config, on_started: Optional[Callable[[Proxy], Any]] = N
 
     if admin_server is not None:
         admin_port = admin_server.sockets[0].getsockname()[1]
-        log.info("admin endpoint on %s (/metrics, /healthz, /readyz)",
-                 ", ".join(f"http://{hostport(h, admin_port)}" for h in config.admin_host))
+        log.info(
+            "admin endpoint on %s (/metrics, /healthz, /readyz)",
+            ", ".join(f"http://{hostport(h, admin_port)}" for h in config.admin_host),
+        )
     if on_started is not None:
         on_started(proxy)
     stop = asyncio.Event()
@@ -489,8 +529,7 @@ async def serve(config: Config, on_started: Optional[Callable[[Proxy], Any]] = N
         nonlocal signals_seen
         signals_seen += 1
         if signals_seen == 1:
-            log.info("%s received: draining for up to %gs (send it again to exit now)", signame,
-                     config.drain_seconds)
+            log.info("%s received: draining for up to %gs (send it again to exit now)", signame, config.drain_seconds)
             stop.set()
         else:
             log.warning("%s received again: exiting now", signame)

@@ -17,7 +17,7 @@ MalformedContext; a comment that names none gives None.
 from __future__ import annotations
 
 import re
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 from urllib.parse import unquote
 
 from mongoproxy.errors import MalformedContext
@@ -80,7 +80,7 @@ def parse_traceparent(value: str) -> TraceContext:
     return TraceContext(trace_id, span_id, bool(int(flags_hex, 16) & 1))
 
 
-def parse_tracestate(value: Optional[str]) -> tuple[tuple[str, str], ...]:
+def parse_tracestate(value: str | None) -> tuple[tuple[str, str], ...]:
     """Parse a W3C tracestate value into (key, value) members; () when absent or malformed (the spec says discard)."""
     if not value:
         return ()
@@ -128,13 +128,18 @@ def parse_uber_trace_id(value: str) -> TraceContext:
     return TraceContext(trace_id, span_id, bool(flags & 0b11), (), "jaeger")
 
 
-def from_comment(comment: Optional[str]) -> Optional[TraceContext]:
+def from_comment(comment: str | None) -> TraceContext | None:
     """The context a string comment carries, None when it carries none; MalformedContext when it names a bad one."""
     if not comment:
         return None
     # Cheapest first: a bare traceparent is the commonest form, and most comments carry no marker at all.
-    if comment[2:3] == "-" and 55 <= len(comment) and comment[35:36] == "-" and comment[52:53] == "-" and (
-            len(comment) == 55 or comment[55:56] in "- \t\r\n"):
+    if (
+        comment[2:3] == "-"
+        and 55 <= len(comment)
+        and comment[35:36] == "-"
+        and comment[52:53] == "-"
+        and (len(comment) == 55 or comment[55:56] in "- \t\r\n")
+    ):
         return parse_traceparent(comment)
     low = comment.lower()
     if "traceparent" in low:
@@ -159,7 +164,7 @@ def from_comment(comment: Optional[str]) -> Optional[TraceContext]:
     return None
 
 
-def from_document(traceparent: Optional[str], tracestate: Optional[str] = None) -> Optional[TraceContext]:
+def from_document(traceparent: str | None, tracestate: str | None = None) -> TraceContext | None:
     """The context of a document comment's traceparent/tracestate fields; None when it has no traceparent."""
     if traceparent is None:
         return None

@@ -13,19 +13,21 @@ Replies are matched to requests by responseTo. Invariants:
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 from mongoproxy import wire
 from mongoproxy.events import CommandEvent, Connection, SinkBus
 
 # Commands whose first value, when a string, names a collection. Others
 # (usersInfo: "name", getLog: "global", ...) would leak non-collection values.
-COLLECTION_COMMANDS = frozenset("""
+COLLECTION_COMMANDS = frozenset(
+    """
     find insert update delete aggregate count distinct findAndModify findandmodify getMore create drop
     createIndexes dropIndexes listIndexes collMod killCursors mapReduce validate compact collStats reIndex
     geoNear geoSearch planCacheClear planCacheClearFilters planCacheListFilters planCacheSetFilter analyze
     createSearchIndexes dropSearchIndex updateSearchIndex listSearchIndexes cleanupOrphaned
-    """.split())
+    """.split()
+)
 
 HELLO_COMMANDS = frozenset(("hello", "isMaster", "ismaster"))
 
@@ -133,8 +135,12 @@ class Tracker:
         elif msg.op_code == _OP_MSG:
             more = bool(r.flags & _MORE_TO_COME)
         else:  # a legacy exhaust query: OP_REPLYs keep coming while the cursor is open
-            more = msg.op_code == _OP_REPLY and bool(r.cursor_id) and p.msg.op_code == wire.OP_QUERY and \
-                bool(p.msg.flags & QUERY_EXHAUST)
+            more = (
+                msg.op_code == _OP_REPLY
+                and bool(r.cursor_id)
+                and p.msg.op_code == wire.OP_QUERY
+                and bool(p.msg.flags & QUERY_EXHAUST)
+            )
         exhaust = self.exhaust
         if p.last_reply_id:
             exhaust.pop(p.last_reply_id, None)
@@ -157,17 +163,43 @@ class Tracker:
             event.awaitable = req is not None and bool(req.flags & wire.EXHAUST_ALLOWED)
         self.bus.command(event)
 
-    def _event(self, p: _Pending, reply: Optional[wire.Message] = None) -> CommandEvent:
+    def _event(self, p: _Pending, reply: wire.Message | None = None) -> CommandEvent:
         req = p.msg
         if reply is None:
-            return CommandEvent(self.conn, p.op, p.database, p.collection, req.request_id, req.wire_op_code,
-                                req.length, req.first_ns, req.last_ns, req.result, decode_error=req.error)
+            return CommandEvent(
+                self.conn,
+                p.op,
+                p.database,
+                p.collection,
+                req.request_id,
+                req.wire_op_code,
+                req.length,
+                req.first_ns,
+                req.last_ns,
+                req.result,
+                decode_error=req.error,
+            )
         r = reply.result
         # Positional arguments, in CommandEvent's field order (events.py).
-        event = CommandEvent(self.conn, p.op, p.database, p.collection, req.request_id, req.wire_op_code,
-                             req.length, req.first_ns, req.last_ns, req.result, reply.wire_op_code, reply.length,
-                             reply.first_ns, reply.last_ns, r, reply.request_id,
-                             decode_error=req.error or reply.error)
+        event = CommandEvent(
+            self.conn,
+            p.op,
+            p.database,
+            p.collection,
+            req.request_id,
+            req.wire_op_code,
+            req.length,
+            req.first_ns,
+            req.last_ns,
+            req.result,
+            reply.wire_op_code,
+            reply.length,
+            reply.first_ns,
+            reply.last_ns,
+            r,
+            reply.request_id,
+            decode_error=req.error or reply.error,
+        )
         if r is None:
             return event
         op = p.op

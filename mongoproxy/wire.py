@@ -14,13 +14,16 @@ from __future__ import annotations
 
 import struct
 import zlib
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 from mongoproxy.errors import DecodeError
 
 try:
     from mongoproxy._bson_parser import (
         DECODE_REASONS as SCANNER_REASONS,
+    )
+    from mongoproxy._bson_parser import (
         OP_COMMAND,
         OP_COMMANDREPLY,
         OP_DELETE,
@@ -43,9 +46,17 @@ OP_COMPRESSED = 2012  # unwrapped here; the scanner never sees it
 
 # Every DecodeError reason the framing adds to the scanner's (metric label values; server.py adds
 # "truncated" for a message cut by the connection's close, which the scanner already names).
-FRAMING_REASONS = ("bad_message_length", "message_too_large", "unknown_opcode", "unknown_compressor",
-                   "compressor_unavailable", "decompress_failed", "bad_uncompressed_size", "checksum_mismatch",
-                   "internal_error")
+FRAMING_REASONS = (
+    "bad_message_length",
+    "message_too_large",
+    "unknown_opcode",
+    "unknown_compressor",
+    "compressor_unavailable",
+    "decompress_failed",
+    "bad_uncompressed_size",
+    "checksum_mismatch",
+    "internal_error",
+)
 DECODE_REASONS = tuple(dict.fromkeys(SCANNER_REASONS + FRAMING_REASONS))
 
 OP_NAMES = {
@@ -85,8 +96,18 @@ _HEADER, _BODY, _SKIP, _CPREFIX, _CBODY, _DEAD = range(6)
 class Message:
     """One observed message: header fields, timing, size and what the scanner extracted."""
 
-    __slots__ = ("request_id", "response_to", "op_code", "wire_op_code", "length", "first_ns", "last_ns",
-                 "result", "compressor", "error")
+    __slots__ = (
+        "request_id",
+        "response_to",
+        "op_code",
+        "wire_op_code",
+        "length",
+        "first_ns",
+        "last_ns",
+        "result",
+        "compressor",
+        "error",
+    )
 
     def __init__(self, length: int, request_id: int, response_to: int, op_code: int, first_ns: int) -> None:
         self.length = length
@@ -97,7 +118,7 @@ class Message:
         self.first_ns = first_ns
         self.last_ns = first_ns
         self.result: Any = None  # ScanResult, None when the body could not be scanned
-        self.compressor: Optional[int] = None
+        self.compressor: int | None = None
         self.error = ""  # DecodeError reason
 
     @property
@@ -125,21 +146,28 @@ class _Inflater:
         self._kind = compressor_id
         self._limit = limit
         self._emit = emit
-        self._pending: Optional[bytearray] = None
+        self._pending: bytearray | None = None
         if compressor_id == 2:
             self._obj = zlib.decompressobj()
         elif compressor_id == 3:
             try:
                 import zstandard
             except ImportError:
-                raise DecodeError("compressor_unavailable", "zstd needs the zstandard package (a mongoproxy dependency): `pip install zstandard`")
-            self._obj = zstandard.ZstdDecompressor().stream_writer(_Emitter(emit), write_size=_INFLATE_SLICE,
-                                                                  closefd=False)
+                raise DecodeError(
+                    "compressor_unavailable",
+                    "zstd needs the zstandard package (a mongoproxy dependency): `pip install zstandard`",
+                ) from None
+            self._obj = zstandard.ZstdDecompressor().stream_writer(
+                _Emitter(emit), write_size=_INFLATE_SLICE, closefd=False
+            )
         elif compressor_id == 1:
             try:
                 import cramjam  # noqa: F401
             except ImportError:
-                raise DecodeError("compressor_unavailable", "snappy needs the cramjam package (a mongoproxy dependency): `pip install cramjam`")
+                raise DecodeError(
+                    "compressor_unavailable",
+                    "snappy needs the cramjam package (a mongoproxy dependency): `pip install cramjam`",
+                ) from None
             self._pending = bytearray()
             self._obj = None
         elif compressor_id == 0:
@@ -207,8 +235,7 @@ def checksum_function() -> Callable[[int, bytes], int]:
     except ImportError:
         from mongoproxy.errors import ConfigError
 
-        raise ConfigError("--verify-checksums needs the CRC-32C library: pip install 'mongoproxy[checksums]'") \
-            from None
+        raise ConfigError("--verify-checksums needs the CRC-32C library: pip install 'mongoproxy[checksums]'") from None
     return google_crc32c.extend
 
 
@@ -239,15 +266,15 @@ class FrameScanner:
         self.messages = 0
         self._state = _HEADER
         self._buf = bytearray()  # a partial header or OP_COMPRESSED prefix
-        self._msg: Optional[Message] = None
+        self._msg: Message | None = None
         self._remaining = 0  # wire body bytes still to come for the current message
         self._first_ns = 0
-        self._inflater: Optional[_Inflater] = None
+        self._inflater: _Inflater | None = None
         self._inflated = 0
         self._inflated_limit = 0
         # A scanner error inside a compressed body waits for the body's end: a wrong uncompressedSize
         # (found only there, or as soon as output passes it) is the reason then, whatever the chunking.
-        self._scan_error: Optional[DecodeError] = None
+        self._scan_error: DecodeError | None = None
         # CRC-32C over an uncompressed OP_MSG: header and body up to its last 4 bytes.
         self._crc_extend = checksum_function() if verify_checksums else None
         self._fast = self._crc_extend is None  # feed()'s fast path does not checksum
@@ -275,8 +302,9 @@ class FrameScanner:
                 scanner = self.scanner
                 while n - pos >= HEADER_SIZE:
                     length, request_id, response_to, op_code = _unpack_header(data, pos)
-                    if not (HEADER_SIZE < length <= n - pos and op_code in BODY_OPS
-                            and length <= self.max_message_bytes):
+                    if not (
+                        HEADER_SIZE < length <= n - pos and op_code in BODY_OPS and length <= self.max_message_bytes
+                    ):
                         break
                     msg = Message(length, request_id, response_to, op_code, now_ns)
                     scanner.reset(op_code, self.is_reply, length - HEADER_SIZE, self.render, self.render_limit)
@@ -438,18 +466,24 @@ class FrameScanner:
             if state == _CBODY:
                 self._inflater.finish()
                 if self._inflated != self._inflated_limit:
-                    raise DecodeError("bad_uncompressed_size",
-                                      f"uncompressedSize {self._inflated_limit}, got {self._inflated}")
+                    raise DecodeError(
+                        "bad_uncompressed_size", f"uncompressedSize {self._inflated_limit}, got {self._inflated}"
+                    )
                 if self._scan_error is not None:
                     raise self._scan_error
             if state in (_BODY, _CBODY):
                 if not self.scanner.done:
                     raise DecodeError("truncated", "message ended inside its body")
                 msg.result = result = self.scanner.result()
-                if self._crc_extend is not None and state == _BODY and result.checksum is not None and \
-                        result.checksum != self._crc:
-                    raise DecodeError("checksum_mismatch",
-                                      f"CRC-32C {self._crc:#010x}, message says {result.checksum:#010x}")
+                if (
+                    self._crc_extend is not None
+                    and state == _BODY
+                    and result.checksum is not None
+                    and result.checksum != self._crc
+                ):
+                    raise DecodeError(
+                        "checksum_mismatch", f"CRC-32C {self._crc:#010x}, message says {result.checksum:#010x}"
+                    )
             elif state == _CPREFIX:
                 raise DecodeError("truncated", "OP_COMPRESSED ended inside its prefix")
         except DecodeError as exc:

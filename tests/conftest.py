@@ -54,6 +54,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
 
 # ---------------------------------------------------------------- SecantusDB
 
+
 @pytest.fixture(scope="session")
 def secantus():
     """One SecantusDB (`--storage-path :memory:`) for the whole session; use `db_name` to keep tests apart."""
@@ -92,6 +93,7 @@ def db_name(request: pytest.FixtureRequest) -> str:
 
 # ---------------------------------------------------------------- scripted servers
 
+
 @pytest.fixture
 def scripted_server():
     """Factory: scripted_server(handler, host="127.0.0.1", loop_kind="asyncio") -> started ScriptedServer.
@@ -117,6 +119,7 @@ def scripted_server():
 
 
 # ---------------------------------------------------------------- event loops
+
 
 @pytest.fixture(params=LOOP_KINDS)
 def loop_kind(request: pytest.FixtureRequest) -> str:

@@ -31,7 +31,7 @@ import socket
 import struct
 import threading
 import time
-from typing import Any, Optional
+from typing import Any
 
 from mongoproxy import __version__, redact
 from mongoproxy.config import Option, non_negative_float
@@ -58,8 +58,22 @@ _DROP = "\0drop"  # request-tracking value: the request was filtered out, so is 
 _HEADER = struct.Struct("<iiii")
 _MORE_TO_COME = 2
 
-_SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
-               "ki": 1024, "kib": 1024, "mi": 1024**2, "mib": 1024**2, "gi": 1024**3, "gib": 1024**3}
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "kb": 1000,
+    "m": 1000**2,
+    "mb": 1000**2,
+    "g": 1000**3,
+    "gb": 1000**3,
+    "ki": 1024,
+    "kib": 1024,
+    "mi": 1024**2,
+    "mib": 1024**2,
+    "gi": 1024**3,
+    "gib": 1024**3,
+}
 
 
 def parse_size(flag: str):
@@ -68,7 +82,7 @@ def parse_size(flag: str):
     def parse(value: Any) -> int:
         text = str(value).strip().lower().replace("_", "")
         digits = text.rstrip("abcdefghijklmnopqrstuvwxyz")
-        unit = text[len(digits):].strip()
+        unit = text[len(digits) :].strip()
         try:
             number = float(digits)
         except ValueError:
@@ -84,23 +98,64 @@ def parse_size(flag: str):
 
 
 OPTIONS: list[Option] = [
-    Option("record", ("--record",), "record the traffic as pcapng files in this directory (created if missing); "
-           "replay them with `mongoproxy replay`, open them with Wireshark", str, None, metavar="DIR", group=G),
-    Option("record_max_bytes", ("--record-max-bytes",), "start a new file once a file reaches this size, e.g. "
-           "500MB", parse_size("--record-max-bytes"), DEFAULT_MAX_BYTES, metavar="N", group=G),
-    Option("record_rotate_seconds", ("--record-rotate-seconds",), "start a new file once a file is this old; "
-           "0 rotates by size only", non_negative_float("--record-rotate-seconds"), DEFAULT_ROTATE_SECONDS,
-           metavar="S", group=G),
-    Option("record_ns", ("--record-ns",), "record only commands on these namespaces (db.collection, db.* or db, "
-           "comma-separated) and their replies; handshake and auth are always kept", ns_list_parser("--record-ns"), (),
-           metavar="NS", group=G),
-    Option("record_redact", ("--record-redact",), "in the recording only, replace literal values by keyed "
-           "hashes of the same type and size (equal values stay equal); the forwarded bytes are untouched",
-           switch=True, default=False, group=G),
-    Option("record_queue_bytes", ("--record-queue-bytes",), "memory the recording queue may hold; when the "
-           "writer falls further behind, whole connections stop being recorded (counted in "
-           "mongoproxy_capture_dropped_total)", parse_size("--record-queue-bytes"), DEFAULT_QUEUE_BYTES,
-           metavar="N", group=G),
+    Option(
+        "record",
+        ("--record",),
+        "record the traffic as pcapng files in this directory (created if missing); "
+        "replay them with `mongoproxy replay`, open them with Wireshark",
+        str,
+        None,
+        metavar="DIR",
+        group=G,
+    ),
+    Option(
+        "record_max_bytes",
+        ("--record-max-bytes",),
+        "start a new file once a file reaches this size, e.g. 500MB",
+        parse_size("--record-max-bytes"),
+        DEFAULT_MAX_BYTES,
+        metavar="N",
+        group=G,
+    ),
+    Option(
+        "record_rotate_seconds",
+        ("--record-rotate-seconds",),
+        "start a new file once a file is this old; 0 rotates by size only",
+        non_negative_float("--record-rotate-seconds"),
+        DEFAULT_ROTATE_SECONDS,
+        metavar="S",
+        group=G,
+    ),
+    Option(
+        "record_ns",
+        ("--record-ns",),
+        "record only commands on these namespaces (db.collection, db.* or db, "
+        "comma-separated) and their replies; handshake and auth are always kept",
+        ns_list_parser("--record-ns"),
+        (),
+        metavar="NS",
+        group=G,
+    ),
+    Option(
+        "record_redact",
+        ("--record-redact",),
+        "in the recording only, replace literal values by keyed "
+        "hashes of the same type and size (equal values stay equal); the forwarded bytes are untouched",
+        switch=True,
+        default=False,
+        group=G,
+    ),
+    Option(
+        "record_queue_bytes",
+        ("--record-queue-bytes",),
+        "memory the recording queue may hold; when the "
+        "writer falls further behind, whole connections stop being recorded (counted in "
+        "mongoproxy_capture_dropped_total)",
+        parse_size("--record-queue-bytes"),
+        DEFAULT_QUEUE_BYTES,
+        metavar="N",
+        group=G,
+    ),
 ]
 
 
@@ -111,20 +166,32 @@ class _Paused(OSError):
 class _Conn:
     """One connection's recording state. `recording` is the only field both threads write (to False only)."""
 
-    __slots__ = ("conn", "recording", "done", "flow", "framers", "established", "comment_pending", "file_seq",
-                 "requests", "app", "driver", "server_ip")
+    __slots__ = (
+        "conn",
+        "recording",
+        "done",
+        "flow",
+        "framers",
+        "established",
+        "comment_pending",
+        "file_seq",
+        "requests",
+        "app",
+        "driver",
+        "server_ip",
+    )
 
     def __init__(self, conn: Any) -> None:
         self.conn = conn
         self.recording = True  # the event loop enqueues its data while True
         self.done = False  # writer: the flow is closed in the file; later items are ignored
-        self.flow: Optional[TcpFlow] = None
+        self.flow: TcpFlow | None = None
         self.framers: tuple = ()
         self.established = False
         self.comment_pending = [True, True]  # [server->client, client->server] first data segment
         self.file_seq = 0
         self.requests: dict[int, tuple[str, int]] = {}  # request id -> (command, original request id)
-        self.app: Optional[str] = None
+        self.app: str | None = None
         self.driver = ""
         self.server_ip = ""
 
@@ -144,7 +211,7 @@ class _Framer:
 
     __slots__ = ("sink", "c", "is_reply", "raw", "cur", "cur_len", "msg_len", "state", "header")
 
-    def __init__(self, sink: "CaptureSink", c: _Conn, is_reply: bool) -> None:
+    def __init__(self, sink: CaptureSink, c: _Conn, is_reply: bool) -> None:
         self.sink = sink
         self.c = c
         self.is_reply = is_reply
@@ -214,13 +281,13 @@ class _Framer:
         got = 0
         for obj, s, e, _ in self.cur:
             take = min(e - s, limit - got)
-            parts.append(obj[s:s + take])
+            parts.append(obj[s : s + take])
             got += take
             if got >= limit:
                 break
         return b"".join(parts)
 
-    def _decide(self) -> Optional[int]:
+    def _decide(self) -> int | None:
         sink = self.sink
         if sink.hold_all:
             return _HOLD
@@ -243,14 +310,19 @@ class _Framer:
             result = self.sink.process(self.c, self.is_reply, msg)
         except (DecodeError, struct.error, IndexError, ValueError) as exc:
             # A message that cannot be checked for secrets is not recorded.
-            self.sink._once("held", "recording: a message on connection %d could not be parsed and is left out "
-                            "(further ones are left out silently): %r", self.c.conn.id, exc)
+            self.sink._once(
+                "held",
+                "recording: a message on connection %d could not be parsed and is left out "
+                "(further ones are left out silently): %r",
+                self.c.conn.id,
+                exc,
+            )
             result = None
         if result is None:
             return
         if len(result) == len(msg):
             at = 0
-            for obj, s, e, ts in pieces:
+            for _obj, s, e, ts in pieces:
                 _append(out, result, at, at + (e - s), ts)
                 at += e - s
         else:
@@ -273,11 +345,19 @@ class CaptureSink:
 
     name = "capture"
 
-    def __init__(self, directory: str, max_bytes: int = DEFAULT_MAX_BYTES,
-                 rotate_seconds: float = DEFAULT_ROTATE_SECONDS, namespaces: tuple[str, ...] = (),
-                 pseudonymise: bool = False, queue_bytes: int = DEFAULT_QUEUE_BYTES, registry: Any = None,
-                 max_message_bytes: int = 48_000_000, logger: Optional[logging.Logger] = None,
-                 start: bool = True) -> None:
+    def __init__(
+        self,
+        directory: str,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        rotate_seconds: float = DEFAULT_ROTATE_SECONDS,
+        namespaces: tuple[str, ...] = (),
+        pseudonymise: bool = False,
+        queue_bytes: int = DEFAULT_QUEUE_BYTES,
+        registry: Any = None,
+        max_message_bytes: int = 48_000_000,
+        logger: logging.Logger | None = None,
+        start: bool = True,
+    ) -> None:
         self.directory = directory
         self.max_bytes = max_bytes
         self.rotate_ns = int(rotate_seconds * 1e9)
@@ -302,7 +382,7 @@ class CaptureSink:
         self._fail_until_ns = 0
         # Writer side.
         self._active: dict[int, _Conn] = {}
-        self._writer: Optional[PcapngWriter] = None
+        self._writer: PcapngWriter | None = None
         self._file: Any = None
         self._part_path = ""
         self._path = ""
@@ -327,10 +407,12 @@ class CaptureSink:
             return
         from prometheus_client import Counter, Gauge
 
-        self._m_dropped = Counter("mongoproxy_capture_dropped", "Connections not recorded, or cut short, because "
-                                  "the recorder fell behind or the disk failed", registry=registry)
-        self._m_bytes = Counter("mongoproxy_capture_bytes", "Payload bytes written to recordings",
-                                registry=registry)
+        self._m_dropped = Counter(
+            "mongoproxy_capture_dropped",
+            "Connections not recorded, or cut short, because the recorder fell behind or the disk failed",
+            registry=registry,
+        )
+        self._m_bytes = Counter("mongoproxy_capture_bytes", "Payload bytes written to recordings", registry=registry)
         self._m_files = Counter("mongoproxy_capture_files", "Recording files completed", registry=registry)
         queued = Gauge("mongoproxy_capture_queue_bytes", "Bytes waiting in the recording queue", registry=registry)
         queued.set_function(lambda: max(0, self._enqueued - self._dequeued))
@@ -408,8 +490,11 @@ class CaptureSink:
             self._thread.start()
         self._thread.join(timeout)
         if self._thread.is_alive():
-            self._log.warning("recording writer still busy after %gs at exit; %s is left unfinished", timeout,
-                              self._part_path or "the current file")
+            self._log.warning(
+                "recording writer still busy after %gs at exit; %s is left unfinished",
+                timeout,
+                self._part_path or "the current file",
+            )
 
     # ---- writer thread ----
 
@@ -431,8 +516,13 @@ class CaptureSink:
             except OSError as exc:
                 self._disk_failed(exc)
             except Exception as exc:  # noqa: BLE001 - a writer bug cuts one connection, never the thread
-                self._once("bug", "recording failed for connection %d (it is cut short; further failures are "
-                           "only counted): %r", item[1].conn.id, exc, exc_info=exc)
+                self._once(
+                    "bug",
+                    "recording failed for connection %d (it is cut short; further failures are only counted): %r",
+                    item[1].conn.id,
+                    exc,
+                    exc_info=exc,
+                )
                 self._writer_cut(item[1])
             finally:
                 if item[0] == DATA:
@@ -484,15 +574,21 @@ class CaptureSink:
         elif kind == CLOSE:
             self._close_flow(c, item[2], "")
         elif kind == CUT:
-            self._close_flow(c, item[2], f"mongoproxy: recording of connection {c.conn.id} stops here: the "
-                             f"recorder fell behind (queue over {self.queue_limit} bytes); the connection went on "
-                             "but the rest of it is not recorded", cut=True)
+            self._close_flow(
+                c,
+                item[2],
+                f"mongoproxy: recording of connection {c.conn.id} stops here: the "
+                f"recorder fell behind (queue over {self.queue_limit} bytes); the connection went on "
+                "but the rest of it is not recorded",
+                cut=True,
+            )
         elif kind == UPSTREAM_ERROR:
             _, _, ts, reason, detail = item
             if not c.established and c.flow is not None:
-                (p_ts, parts), = c.flow.refuse(ts)
-                self._write_packet(c, p_ts, parts,
-                                   f"mongoproxy: upstream {c.conn.server} unreachable ({reason}): {detail}")
+                ((p_ts, parts),) = c.flow.refuse(ts)
+                self._write_packet(
+                    c, p_ts, parts, f"mongoproxy: upstream {c.conn.server} unreachable ({reason}): {detail}"
+                )
                 c.established = True
             self._active.pop(c.conn.id, None)
             c.done = True
@@ -505,9 +601,8 @@ class CaptureSink:
         self._active[conn.id] = c
         via = f"listener port {conn.listen_port}" + (", transparent" if conn.transparent else "")
         resolved = f" ({conn.upstream_host} resolved to {c.server_ip})" if c.server_ip != conn.upstream_host else ""
-        comment = (f"mongoproxy connection {conn.id}: client {conn.client} -> server {conn.server}{resolved} via "
-                   f"{via}")
-        (p_ts, parts), = c.flow.syn(ts)
+        comment = f"mongoproxy connection {conn.id}: client {conn.client} -> server {conn.server}{resolved} via {via}"
+        ((p_ts, parts),) = c.flow.syn(ts)
         self._write_packet(c, p_ts, parts, comment, fresh=True)
         self._stats("connections")
 
@@ -555,8 +650,12 @@ class CaptureSink:
                 self._m_dropped.inc()
         try:
             if not c.done and self._writer is not None:
-                self._close_flow(c, time.monotonic_ns(), f"mongoproxy: recording of connection {c.conn.id} "
-                                 "stops here after an internal error", cut=True)
+                self._close_flow(
+                    c,
+                    time.monotonic_ns(),
+                    f"mongoproxy: recording of connection {c.conn.id} stops here after an internal error",
+                    cut=True,
+                )
         except Exception:  # noqa: BLE001
             pass
         c.done = True
@@ -590,12 +689,15 @@ class CaptureSink:
 
     # ---- messages (called by framers for held messages) ----
 
-    def process(self, c: _Conn, is_reply: bool, msg: bytes) -> Optional[bytes]:
+    def process(self, c: _Conn, is_reply: bool, msg: bytes) -> bytes | None:
         """A held message as it is to be recorded, or None to leave it out."""
         _, request_id, response_to, op_code = _HEADER.unpack_from(msg)
         plain = redact.uncompressed(msg) if op_code == redact.OP_COMPRESSED else msg
-        flags = struct.unpack_from("<I", plain, 16)[0] if len(plain) >= 20 and \
-            _HEADER.unpack_from(plain)[3] == redact.OP_MSG else 0
+        flags = (
+            struct.unpack_from("<I", plain, 16)[0]
+            if len(plain) >= 20 and _HEADER.unpack_from(plain)[3] == redact.OP_MSG
+            else 0
+        )
         if is_reply:
             entry = c.requests.get(response_to)
             if entry is None:
@@ -613,8 +715,11 @@ class CaptureSink:
                 return None
         else:
             command, database, collection = self._attribute(plain)
-            if self._ns_match is not None and command not in redact.SENSITIVE_COMMANDS and \
-                    not self._ns_match(database, collection):
+            if (
+                self._ns_match is not None
+                and command not in redact.SENSITIVE_COMMANDS
+                and not self._ns_match(database, collection)
+            ):
                 if not flags & _MORE_TO_COME:
                     c.track(request_id, _DROP, request_id)
                 return None
@@ -662,8 +767,10 @@ class CaptureSink:
         elif c.file_seq != self._file_seq:
             c.file_seq = self._file_seq
             self._stats("continued")
-            note = (f"mongoproxy connection {c.conn.id} ({c.conn.client} -> {c.conn.server}) continues from the "
-                    f"previous file")
+            note = (
+                f"mongoproxy connection {c.conn.id} ({c.conn.client} -> {c.conn.server}) continues from the "
+                f"previous file"
+            )
             app = self._app_comment(c).split(": ", 1)[1]
             comment = f"{note}; {app}" + (f"; {comment}" if comment else "")
         self._writer.write_packet(wall_ns(ts), parts, comment)
@@ -677,22 +784,28 @@ class CaptureSink:
         if self._fail_until_ns and time.monotonic_ns() < self._fail_until_ns:
             raise _Paused("recording is paused after a disk failure")
         self._file_seq += 1
-        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+        stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%S.%fZ")
         name = f"mongoproxy-{stamp}-p{os.getpid()}-{self._file_seq:04d}.pcapng"
         self._path = os.path.join(self.directory, name)
         self._part_path = self._path + ".part"
         f = open(self._part_path, "xb", buffering=1 << 20)
-        comment = (f"mongoproxy {__version__} recording. Each proxied connection is a TCP flow between the real "
-                   "client and server addresses; segments are synthesized from the forwarded bytes at the time the "
-                   "proxy forwarded them. Secrets (SCRAM payloads, passwords) are blanked"
-                   + ("; literal values are pseudonymised (--record-redact)" if self.pseudonymise else "")
-                   + (f"; only namespaces {','.join(self.namespaces)} (--record-ns)" if self.namespaces else "")
-                   + ". See docs/capture-replay.md.")
+        comment = (
+            f"mongoproxy {__version__} recording. Each proxied connection is a TCP flow between the real "
+            "client and server addresses; segments are synthesized from the forwarded bytes at the time the "
+            "proxy forwarded them. Secrets (SCRAM payloads, passwords) are blanked"
+            + ("; literal values are pseudonymised (--record-redact)" if self.pseudonymise else "")
+            + (f"; only namespaces {','.join(self.namespaces)} (--record-ns)" if self.namespaces else "")
+            + ". See docs/capture-replay.md."
+        )
         try:
-            self._writer = PcapngWriter(f, comment=comment, application=f"mongoproxy {__version__}",
-                                        interface_name="mongoproxy",
-                                        interface_description="connections through mongoproxy, client <-> upstream",
-                                        summary_space=SUMMARY_SPACE)
+            self._writer = PcapngWriter(
+                f,
+                comment=comment,
+                application=f"mongoproxy {__version__}",
+                interface_name="mongoproxy",
+                interface_description="connections through mongoproxy, client <-> upstream",
+                summary_space=SUMMARY_SPACE,
+            )
         except BaseException:
             f.close()
             raise
@@ -705,12 +818,16 @@ class CaptureSink:
         st = self._file_stats
         drops = self.dropped - self._drops_reported  # since the previous file was finished
         self._drops_reported += drops
-        text = (f"mongoproxy summary: {w.packets} packets; {st.get('connections', 0)} connection(s) started in this "
-                f"file, {st.get('continued', 0)} continued from the previous one. ")
+        text = (
+            f"mongoproxy summary: {w.packets} packets; {st.get('connections', 0)} connection(s) started in this "
+            f"file, {st.get('continued', 0)} continued from the previous one. "
+        )
         if drops:
-            text += (f"{drops} connection(s) were not recorded or were cut short while this file was written, because "
-                     f"the recorder fell behind (queue limit {self.queue_limit} bytes) or the disk failed; a cut "
-                     "connection ends with a comment saying so. No recorded connection has a hole.")
+            text += (
+                f"{drops} connection(s) were not recorded or were cut short while this file was written, because "
+                f"the recorder fell behind (queue limit {self.queue_limit} bytes) or the disk failed; a cut "
+                "connection ends with a comment saying so. No recorded connection has a hole."
+            )
         else:
             text += "No connection was dropped."
         return text
@@ -736,9 +853,13 @@ class CaptureSink:
         self._log.info("recording %s finished (%d packets, %d bytes)", self._path, w.packets, w.bytes_written)
 
     def _disk_failed(self, exc: OSError) -> None:
-        self._log.error("recording to %s failed (%s): recording pauses for %gs; the connections being recorded "
-                        "are cut short and counted in mongoproxy_capture_dropped_total", self.directory,
-                        exc.strerror or exc, DISK_RETRY_SECONDS)
+        self._log.error(
+            "recording to %s failed (%s): recording pauses for %gs; the connections being recorded "
+            "are cut short and counted in mongoproxy_capture_dropped_total",
+            self.directory,
+            exc.strerror or exc,
+            DISK_RETRY_SECONDS,
+        )
         self._fail_until_ns = time.monotonic_ns() + int(DISK_RETRY_SECONDS * 1e9)
         for c in list(self._active.values()):
             c.done = True
@@ -757,7 +878,7 @@ class CaptureSink:
             self._log.error("the unfinished recording %s is left as it is", self._part_path)
 
 
-def create(config: Any, ctx: Any) -> Optional[CaptureSink]:
+def create(config: Any, ctx: Any) -> CaptureSink | None:
     """A CaptureSink when --record DIR is given; ConfigError when the directory cannot be used."""
     directory = getattr(config, "record", None)
     if not directory:
@@ -772,14 +893,22 @@ def create(config: Any, ctx: Any) -> Optional[CaptureSink]:
     try:
         os.makedirs(directory, exist_ok=True)
     except OSError as exc:
-        raise ConfigError(f"--record {directory}: cannot create the directory ({exc.strerror}); create it or choose "
-                          "another path") from None
+        raise ConfigError(
+            f"--record {directory}: cannot create the directory ({exc.strerror}); create it or choose another path"
+        ) from None
     if not os.access(directory, os.W_OK | os.X_OK):
-        raise ConfigError(f"--record {directory}: the directory is not writable; fix its permissions or choose "
-                          "another path")
+        raise ConfigError(
+            f"--record {directory}: the directory is not writable; fix its permissions or choose another path"
+        )
     logger = getattr(ctx, "logger", None)
-    return CaptureSink(directory, max_bytes=config.record_max_bytes, rotate_seconds=config.record_rotate_seconds,
-                       namespaces=tuple(config.record_ns or ()), pseudonymise=bool(config.record_redact),
-                       queue_bytes=config.record_queue_bytes, registry=getattr(ctx, "registry", None),
-                       max_message_bytes=getattr(config, "max_message_bytes", 48_000_000),
-                       logger=logger.getChild("capture") if logger is not None else None)
+    return CaptureSink(
+        directory,
+        max_bytes=config.record_max_bytes,
+        rotate_seconds=config.record_rotate_seconds,
+        namespaces=tuple(config.record_ns or ()),
+        pseudonymise=bool(config.record_redact),
+        queue_bytes=config.record_queue_bytes,
+        registry=getattr(ctx, "registry", None),
+        max_message_bytes=getattr(config, "max_message_bytes", 48_000_000),
+        logger=logger.getChild("capture") if logger is not None else None,
+    )

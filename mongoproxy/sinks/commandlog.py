@@ -16,7 +16,8 @@ import os
 import sys
 import threading
 import time
-from typing import Any, Iterable, Optional, TextIO
+from collections.abc import Iterable
+from typing import Any, TextIO
 
 from mongoproxy import querylog
 from mongoproxy.config import Option, non_negative_float
@@ -60,32 +61,95 @@ def parse_ops(value: Any) -> tuple[str, ...]:
 
 G = "command log"
 OPTIONS: list[Option] = [
-    Option("log_commands", ("--log-commands",), "log one line per command (to stderr unless --log-file)",
-           switch=True, default=False, group=G),
-    Option("log_mongo_messages", ("--log-mongo-messages",), "same as --log-commands (the Rust mongoproxy's name)",
-           switch=True, default=False, group=G),
-    Option("log_format", ("--log-format",), "command log format: text or json (one JSON object per line, see "
-           "docs/command-log.md)", parse_format, "text", metavar="FORMAT", group=G),
-    Option("log_file", ("--log-file",), "append the command log to this file instead of stderr (implies "
-           "--log-commands)", str, None, metavar="PATH", group=G),
-    Option("slow_ms", ("--slow-ms",), "log only commands that took at least this many milliseconds (implies "
-           "--log-commands)", non_negative_float("--slow-ms"), None, metavar="MS", group=G),
-    Option("log_ops", ("--log-ops",), "log only these commands, comma-separated (e.g. find,update); !name "
-           "excludes one (e.g. !hello,!ping)", parse_ops, (), metavar="OPS", group=G),
-    Option("log_ns", ("--log-ns",), "log only these namespaces, comma-separated: db.collection, db.* or db",
-           ns_list_parser("--log-ns"), (), metavar="NS", group=G),
-    Option("log_query", ("--log-query",), "add each command's body with every literal replaced by ? and a "
-           "shape hash (implies --log-commands)", switch=True, default=False, group=G),
-    Option("no_redact", ("--no-redact",), "with --log-query, show literal values (credentials are still hidden)",
-           switch=True, default=False, group=G),
+    Option(
+        "log_commands",
+        ("--log-commands",),
+        "log one line per command (to stderr unless --log-file)",
+        switch=True,
+        default=False,
+        group=G,
+    ),
+    Option(
+        "log_mongo_messages",
+        ("--log-mongo-messages",),
+        "same as --log-commands (the Rust mongoproxy's name)",
+        switch=True,
+        default=False,
+        group=G,
+    ),
+    Option(
+        "log_format",
+        ("--log-format",),
+        "command log format: text or json (one JSON object per line, see docs/command-log.md)",
+        parse_format,
+        "text",
+        metavar="FORMAT",
+        group=G,
+    ),
+    Option(
+        "log_file",
+        ("--log-file",),
+        "append the command log to this file instead of stderr (implies --log-commands)",
+        str,
+        None,
+        metavar="PATH",
+        group=G,
+    ),
+    Option(
+        "slow_ms",
+        ("--slow-ms",),
+        "log only commands that took at least this many milliseconds (implies --log-commands)",
+        non_negative_float("--slow-ms"),
+        None,
+        metavar="MS",
+        group=G,
+    ),
+    Option(
+        "log_ops",
+        ("--log-ops",),
+        "log only these commands, comma-separated (e.g. find,update); !name excludes one (e.g. !hello,!ping)",
+        parse_ops,
+        (),
+        metavar="OPS",
+        group=G,
+    ),
+    Option(
+        "log_ns",
+        ("--log-ns",),
+        "log only these namespaces, comma-separated: db.collection, db.* or db",
+        ns_list_parser("--log-ns"),
+        (),
+        metavar="NS",
+        group=G,
+    ),
+    Option(
+        "log_query",
+        ("--log-query",),
+        "add each command's body with every literal replaced by ? and a shape hash (implies --log-commands)",
+        switch=True,
+        default=False,
+        group=G,
+    ),
+    Option(
+        "no_redact",
+        ("--no-redact",),
+        "with --log-query, show literal values (credentials are still hidden)",
+        switch=True,
+        default=False,
+        group=G,
+    ),
 ]
 
 
 def enabled(config: Any) -> bool:
     """Whether the config asks for a command log."""
-    return bool(getattr(config, "log_commands", False) or getattr(config, "log_mongo_messages", False)
-                or getattr(config, "log_file", None) or getattr(config, "slow_ms", None) is not None
-                or getattr(config, "log_query", False))
+    return bool(
+        getattr(config, "log_commands", False)
+        or getattr(config, "log_mongo_messages", False)
+        or getattr(config, "log_file", None)
+        or getattr(config, "slow_ms", None) is not None
+        or getattr(config, "log_query", False)
+    )
 
 
 def render_mode(config: Any) -> int:
@@ -107,10 +171,20 @@ class CommandLogSink:
 
     name = "commandlog"
 
-    def __init__(self, stream: TextIO, fmt: str = "text", slow_ms: Optional[float] = None,
-                 ops: Iterable[str] = (), namespaces: Iterable[str] = (), log_query: bool = False,
-                 show_values: bool = False, color: Optional[bool] = None, queue_size: int = QUEUE_SIZE,
-                 owns_stream: bool = False, logger: Optional[logging.Logger] = None) -> None:
+    def __init__(
+        self,
+        stream: TextIO,
+        fmt: str = "text",
+        slow_ms: float | None = None,
+        ops: Iterable[str] = (),
+        namespaces: Iterable[str] = (),
+        log_query: bool = False,
+        show_values: bool = False,
+        color: bool | None = None,
+        queue_size: int = QUEUE_SIZE,
+        owns_stream: bool = False,
+        logger: logging.Logger | None = None,
+    ) -> None:
         self.stream = stream
         self.fmt = fmt
         self.slow_ms = slow_ms
@@ -210,8 +284,7 @@ class CommandLogSink:
     def _warn(self, what: str, exc: BaseException) -> None:
         if not self._warned:
             self._warned = True
-            self._log.error("%s (further failures are only counted in mongoproxy_events_dropped_total): %s",
-                            what, exc)
+            self._log.error("%s (further failures are only counted in mongoproxy_events_dropped_total): %s", what, exc)
 
     # ---- formatting (writer thread) ----
 
@@ -221,7 +294,7 @@ class CommandLogSink:
             return json.dumps(self.record(event), separators=(",", ":"), ensure_ascii=False) + "\n"
         return self.text(event) + "\n"
 
-    def _query(self, event: Any) -> tuple[Optional[str], Optional[str]]:
+    def _query(self, event: Any) -> tuple[str | None, str | None]:
         if not self.log_query:
             return None, None
         rendered = getattr(event.request, "query_shape", None) if event.request is not None else None
@@ -261,18 +334,21 @@ class CommandLogSink:
             "reply_bytes": event.reply_size if has_reply else None,
             "ok": event.ok,
             "code": event.code,
-            "code_name": (querylog.code_name(event.code_name, event.code) if event.code is not None
-                          else event.code_name or None),
+            "code_name": (
+                querylog.code_name(event.code_name, event.code) if event.code is not None else event.code_name or None
+            ),
             "errmsg": self._errmsg(event) or None,
             "write_errors": (reply.write_errors or 0) if reply is not None else None,
             "write_error_code": wcode,
             "write_error_code_name": querylog.code_name(reply.write_error_code_name, wcode)
-            if reply is not None and wcode is not None else None,
-            "write_concern_error_code": getattr(reply, "write_concern_error_code", None)
-            if reply is not None else None,
-            "write_concern_error_code_name": querylog.code_name(reply.write_concern_error_code_name,
-                                                                reply.write_concern_error_code)
-            if reply is not None and reply.write_concern_error_code is not None else None,
+            if reply is not None and wcode is not None
+            else None,
+            "write_concern_error_code": getattr(reply, "write_concern_error_code", None) if reply is not None else None,
+            "write_concern_error_code_name": querylog.code_name(
+                reply.write_concern_error_code_name, reply.write_concern_error_code
+            )
+            if reply is not None and reply.write_concern_error_code is not None
+            else None,
             "failed": bool(event.failed),
             "cursor_id": event.cursor_id,
             "comment": (getattr(event.request, "comment", None) if event.request is not None else None),
@@ -288,8 +364,13 @@ class CommandLogSink:
         conn = event.connection
         has_reply = bool(event.reply_last_ns)
         duration = event.duration_ns
-        parts = [_iso(event.request_first_ns, 3), conn.client, "app=" + _word(conn.app_name), _ns(event) or "-",
-                 event.op]
+        parts = [
+            _iso(event.request_first_ns, 3),
+            conn.client,
+            "app=" + _word(conn.app_name),
+            _ns(event) or "-",
+            event.op,
+        ]
         parts.append(f"{duration / 1e6:.2f}ms" if has_reply else "-")
         if event.documents_returned is not None:
             parts.append(f"returned={event.documents_returned}")
@@ -328,15 +409,17 @@ class CommandLogSink:
         reply = event.reply
         if reply is not None and reply.write_errors:
             n = reply.write_errors
-            out.append(_code(reply.write_error_code, reply.write_error_code_name) +
-                       f": {n} write error{'s' * (n != 1)}")
+            out.append(
+                _code(reply.write_error_code, reply.write_error_code_name) + f": {n} write error{'s' * (n != 1)}"
+            )
         if reply is not None and reply.write_concern_error_code is not None:
-            out.append(_code(reply.write_concern_error_code, reply.write_concern_error_code_name) +
-                       ": write concern error")
+            out.append(
+                _code(reply.write_concern_error_code, reply.write_concern_error_code_name) + ": write concern error"
+            )
         return "; ".join(out) if out else "ok"
 
 
-def _code(code: Optional[int], name: Optional[str]) -> str:
+def _code(code: int | None, name: str | None) -> str:
     if code is None:
         return name or "error"
     return f"{code} {querylog.code_name(name, code)}"
@@ -365,23 +448,29 @@ def open_log_file(path: str) -> TextIO:
     """Open PATH for appending, or raise the one-line ConfigError naming the fix."""
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
-        raise ConfigError(f"--log-file {path}: directory {directory} does not exist; create it or choose "
-                          "another path")
+        raise ConfigError(f"--log-file {path}: directory {directory} does not exist; create it or choose another path")
     if os.path.isdir(path):
-        raise ConfigError(f"--log-file {path} is a directory; give a file path, e.g. {os.path.join(path, 'commands.log')}")
+        raise ConfigError(
+            f"--log-file {path} is a directory; give a file path, e.g. {os.path.join(path, 'commands.log')}"
+        )
     try:
         return open(path, "a", encoding="utf-8", errors="replace", buffering=1 << 16)
     except OSError as exc:
-        raise ConfigError(f"--log-file {path}: cannot open for writing ({exc.strerror}); check its permissions "
-                          "or choose another path") from None
+        raise ConfigError(
+            f"--log-file {path}: cannot open for writing ({exc.strerror}); check its permissions or choose another path"
+        ) from None
 
 
-def create(config: Any, ctx: Any) -> Optional[CommandLogSink]:
+def create(config: Any, ctx: Any) -> CommandLogSink | None:
     """The command log when any of --log-commands/--log-file/--slow-ms/--log-query asks for it."""
     logger = getattr(ctx, "logger", None) or logging.getLogger("mongoproxy")
     if not enabled(config):
-        for dest, flag, default in (("log_format", "--log-format", "text"), ("log_ops", "--log-ops", ()),
-                                    ("log_ns", "--log-ns", ()), ("no_redact", "--no-redact", False)):
+        for dest, flag, default in (
+            ("log_format", "--log-format", "text"),
+            ("log_ops", "--log-ops", ()),
+            ("log_ns", "--log-ns", ()),
+            ("no_redact", "--no-redact", False),
+        ):
             if getattr(config, dest, default) not in (default, None):
                 logger.warning("%s has no effect without --log-commands", flag)
         return None
@@ -392,7 +481,14 @@ def create(config: Any, ctx: Any) -> Optional[CommandLogSink]:
         stream, owns = open_log_file(path), True
     else:
         stream, owns = sys.stderr, False
-    return CommandLogSink(stream, fmt=getattr(config, "log_format", "text"), slow_ms=getattr(config, "slow_ms", None),
-                          ops=getattr(config, "log_ops", ()), namespaces=getattr(config, "log_ns", ()),
-                          log_query=bool(getattr(config, "log_query", False)),
-                          show_values=bool(getattr(config, "no_redact", False)), owns_stream=owns, logger=logger)
+    return CommandLogSink(
+        stream,
+        fmt=getattr(config, "log_format", "text"),
+        slow_ms=getattr(config, "slow_ms", None),
+        ops=getattr(config, "log_ops", ()),
+        namespaces=getattr(config, "log_ns", ()),
+        log_query=bool(getattr(config, "log_query", False)),
+        show_values=bool(getattr(config, "no_redact", False)),
+        owns_stream=owns,
+        logger=logger,
+    )

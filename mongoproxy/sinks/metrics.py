@@ -14,7 +14,8 @@ from __future__ import annotations
 import math
 import threading
 from bisect import bisect_left
-from typing import Any, Iterable, Optional
+from collections.abc import Iterable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
@@ -23,8 +24,8 @@ from prometheus_client.utils import floatToGoString
 from mongoproxy.config import Option, positive_int
 from mongoproxy.errors import ConfigError
 from mongoproxy.events import UPSTREAM_ERROR_REASONS
-from mongoproxy.wire import DECODE_REASONS
 from mongoproxy.querylog import code_name
+from mongoproxy.wire import DECODE_REASONS
 
 # Label name -> expression over the event `e` and its connection `c`; the key builder is compiled from these.
 LABEL_SOURCES = {
@@ -40,8 +41,26 @@ VALID_LABELS = tuple(LABEL_SOURCES)
 DEFAULT_LABELS = ("op", "db", "collection", "app", "server", "replicaset")
 OTHER = "_other"
 
-DEFAULT_LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
-                           1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+DEFAULT_LATENCY_BUCKETS = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+)
 DOCUMENT_BUCKETS = (0, 1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 100000)
 # 64 B to 16 MiB by powers of 4, then the largest message a server accepts.
 SIZE_BUCKETS = (64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216, 48000000)
@@ -60,8 +79,9 @@ def parse_metric_labels(value: Any) -> tuple[str, ...]:
         raise ConfigError(f"--metric-labels is empty: give a comma-separated subset of {valid}")
     unknown = [n for n in names if n not in LABEL_SOURCES]
     if unknown:
-        raise ConfigError(f"--metric-labels: unknown label {', '.join(map(repr, unknown))}: "
-                          f"use a comma-separated subset of {valid}")
+        raise ConfigError(
+            f"--metric-labels: unknown label {', '.join(map(repr, unknown))}: use a comma-separated subset of {valid}"
+        )
     return tuple(n for n in VALID_LABELS if n in names)
 
 
@@ -79,22 +99,45 @@ def parse_latency_buckets(value: Any) -> tuple[float, ...]:
         except ValueError:
             raise ConfigError(f"--latency-buckets: {r!r} is not a number of seconds ({example})") from None
         if not (x > 0 and math.isfinite(x)):
-            raise ConfigError(f"--latency-buckets: {r!r} must be a positive finite number of seconds "
-                              f"(+Inf is always added), {example}")
+            raise ConfigError(
+                f"--latency-buckets: {r!r} must be a positive finite number of seconds "
+                f"(+Inf is always added), {example}"
+            )
         bounds.add(x)
     return tuple(sorted(bounds))
 
 
 OPTIONS: list[Option] = [
-    Option("metric_labels", ("--metric-labels",), "labels of the per-command metrics, a comma-separated subset of "
-           + ",".join(VALID_LABELS) + " (client is the client host; beware its cardinality)",
-           parse_metric_labels, DEFAULT_LABELS, metavar="LABELS", group="metrics"),
-    Option("max_label_values", ("--max-label-values",), "distinct values kept per label; later values become "
-           f"{OTHER} and are counted in mongoproxy_label_overflow_total", positive_int("--max-label-values"), 1000,
-           metavar="N", group="metrics"),
-    Option("latency_buckets", ("--latency-buckets",), "upper bounds in seconds of the latency histogram buckets, "
-           "comma-separated", parse_latency_buckets, DEFAULT_LATENCY_BUCKETS, metavar="SECONDS,...",
-           group="metrics"),
+    Option(
+        "metric_labels",
+        ("--metric-labels",),
+        "labels of the per-command metrics, a comma-separated subset of "
+        + ",".join(VALID_LABELS)
+        + " (client is the client host; beware its cardinality)",
+        parse_metric_labels,
+        DEFAULT_LABELS,
+        metavar="LABELS",
+        group="metrics",
+    ),
+    Option(
+        "max_label_values",
+        ("--max-label-values",),
+        "distinct values kept per label; later values become "
+        f"{OTHER} and are counted in mongoproxy_label_overflow_total",
+        positive_int("--max-label-values"),
+        1000,
+        metavar="N",
+        group="metrics",
+    ),
+    Option(
+        "latency_buckets",
+        ("--latency-buckets",),
+        "upper bounds in seconds of the latency histogram buckets, comma-separated",
+        parse_latency_buckets,
+        DEFAULT_LATENCY_BUCKETS,
+        metavar="SECONDS,...",
+        group="metrics",
+    ),
 ]
 
 
@@ -118,12 +161,28 @@ class _Series:
 
 # (metric name, help, _Series counts attribute, sum attribute, bucket-bounds key)
 _HISTOGRAMS = (
-    ("mongoproxy_response_latency_seconds", "Time from a request's first byte to its reply's last byte.",
-     "lat", "lat_sum", "latency"),
-    ("mongoproxy_documents_returned", "Documents in a reply's cursor firstBatch/nextBatch.", "ret", "ret_sum",
-     "documents"),
-    ("mongoproxy_documents_changed", "Documents written: n for insert/delete, nModified plus upserts for update, "
-     "lastErrorObject.n for findAndModify.", "chg", "chg_sum", "documents"),
+    (
+        "mongoproxy_response_latency_seconds",
+        "Time from a request's first byte to its reply's last byte.",
+        "lat",
+        "lat_sum",
+        "latency",
+    ),
+    (
+        "mongoproxy_documents_returned",
+        "Documents in a reply's cursor firstBatch/nextBatch.",
+        "ret",
+        "ret_sum",
+        "documents",
+    ),
+    (
+        "mongoproxy_documents_changed",
+        "Documents written: n for insert/delete, nModified plus upserts for update, "
+        "lastErrorObject.n for findAndModify.",
+        "chg",
+        "chg_sum",
+        "documents",
+    ),
     ("mongoproxy_request_size_bytes", "Size of a request message, header included.", "req", "req_sum", "size"),
     ("mongoproxy_response_size_bytes", "Size of a reply message, header included.", "rsp", "rsp_sum", "size"),
 )
@@ -167,9 +226,15 @@ class MetricsSink:
 
     name = "metrics"
 
-    def __init__(self, registry: CollectorRegistry, version: str = "", mode: str = "",
-                 labels: Iterable[str] = DEFAULT_LABELS, max_label_values: int = 1000,
-                 latency_buckets: Iterable[float] = DEFAULT_LATENCY_BUCKETS) -> None:
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        version: str = "",
+        mode: str = "",
+        labels: Iterable[str] = DEFAULT_LABELS,
+        max_label_values: int = 1000,
+        latency_buckets: Iterable[float] = DEFAULT_LATENCY_BUCKETS,
+    ) -> None:
         self.labels = tuple(labels)
         if not self.labels or any(n not in LABEL_SOURCES for n in self.labels):
             parse_metric_labels(",".join(self.labels))  # raises the one-line ConfigError
@@ -188,40 +253,68 @@ class MetricsSink:
         self._bus: Any = None
 
         r = registry
-        self._overflow = Counter("mongoproxy_label_overflow", "Observations whose label value was replaced by "
-                                 f"{OTHER} because the label reached --max-label-values.", ["label"], registry=r)
+        self._overflow = Counter(
+            "mongoproxy_label_overflow",
+            f"Observations whose label value was replaced by {OTHER} because the label reached --max-label-values.",
+            ["label"],
+            registry=r,
+        )
         self._capper = _LabelCap(max_label_values, self._overflow)
         info = Gauge("mongoproxy_info", "Always 1; the proxy's version and mode.", ["version", "mode"], registry=r)
         info.labels(version, mode).set(1)
-        self._established = Counter("mongoproxy_client_connections_established",
-                                    "Client connections accepted and paired with an upstream.", registry=r)
-        self._disconnections = Counter("mongoproxy_client_disconnections", "Client connections closed.",
-                                       registry=r)
-        self._decode_errors = Counter("mongoproxy_decode_errors", "Traffic that could not be observed (it was "
-                                      "still forwarded unchanged).", ["direction", "reason"], registry=r)
-        self._upstream_errors = Counter("mongoproxy_upstream_connect_errors", "Failed connections to an upstream "
-                                        "server.", ["reason"], registry=r)
+        self._established = Counter(
+            "mongoproxy_client_connections_established",
+            "Client connections accepted and paired with an upstream.",
+            registry=r,
+        )
+        self._disconnections = Counter("mongoproxy_client_disconnections", "Client connections closed.", registry=r)
+        self._decode_errors = Counter(
+            "mongoproxy_decode_errors",
+            "Traffic that could not be observed (it was still forwarded unchanged).",
+            ["direction", "reason"],
+            registry=r,
+        )
+        self._upstream_errors = Counter(
+            "mongoproxy_upstream_connect_errors", "Failed connections to an upstream server.", ["reason"], registry=r
+        )
         # Every known reason exists from the first scrape, at 0, so rate() and alerts see it.
         for direction in ("request", "reply"):
             for reason in DECODE_REASONS:
                 self._decode_errors.labels(direction, reason)
         for reason in UPSTREAM_ERROR_REASONS:
             self._upstream_errors.labels(reason)
-        self._unmatched = Counter("mongoproxy_unmatched_replies", "Replies whose responseTo matched no pending "
-                                  "request.", registry=r)
-        self._requests_dropped = Counter("mongoproxy_requests_dropped", "Requests evicted from a full pending "
-                                         "table (--max-pending-requests) before their reply came.", registry=r)
-        self._compression = Counter("mongoproxy_connections_compression", "Client connections by the compressor "
-                                    "their handshake negotiated (\"none\" when none), counted once per connection "
-                                    "at its first hello/isMaster reply.", ["compressor"], registry=r)
+        self._unmatched = Counter(
+            "mongoproxy_unmatched_replies", "Replies whose responseTo matched no pending request.", registry=r
+        )
+        self._requests_dropped = Counter(
+            "mongoproxy_requests_dropped",
+            "Requests evicted from a full pending table (--max-pending-requests) before their reply came.",
+            registry=r,
+        )
+        self._compression = Counter(
+            "mongoproxy_connections_compression",
+            "Client connections by the compressor "
+            'their handshake negotiated ("none" when none), counted once per connection '
+            "at its first hello/isMaster reply.",
+            ["compressor"],
+            registry=r,
+        )
         self._compression_counted: set[int] = set()  # ids of open connections already counted
         self._error_labels = tuple(n for n in ("op", "db", "collection") if n in self.labels) + ("code_name",)
-        self._command_errors = Counter("mongoproxy_command_errors", "Commands that failed: ok:0 replies, write "
-                                       "errors and write-concern errors.", list(self._error_labels), registry=r)
+        self._command_errors = Counter(
+            "mongoproxy_command_errors",
+            "Commands that failed: ok:0 replies, write errors and write-concern errors.",
+            list(self._error_labels),
+            registry=r,
+        )
         self._error_children: dict[tuple, Any] = {}
         connect_labels = ["server"] if "server" in self.labels else []
-        self._connect_time = _Histogram("mongoproxy_server_connect_time_seconds", "Time the upstream TCP connect "
-                                        "took.", connect_labels, self.latency_buckets)
+        self._connect_time = _Histogram(
+            "mongoproxy_server_connect_time_seconds",
+            "Time the upstream TCP connect took.",
+            connect_labels,
+            self.latency_buckets,
+        )
         self._connect_children: dict[tuple, list] = {}
         self._decode_children: dict[tuple, Any] = {}
         self._upstream_children: dict[str, Any] = {}
@@ -404,20 +497,26 @@ class MetricsSink:
         yield GaugeMetricFamily("mongoproxy_connections_active", "Client connections open now.", value=len(live))
         received = self._closed_bytes_in + sum(c.bytes_from_client for c in live)
         sent = self._closed_bytes_out + sum(c.bytes_from_server for c in live)
-        yield CounterMetricFamily("mongoproxy_client_bytes_received", "Bytes received from clients (and forwarded "
-                                  "upstream).", value=received)
-        yield CounterMetricFamily("mongoproxy_client_bytes_sent", "Bytes sent to clients (received from "
-                                  "upstream).", value=sent)
+        yield CounterMetricFamily(
+            "mongoproxy_client_bytes_received", "Bytes received from clients (and forwarded upstream).", value=received
+        )
+        yield CounterMetricFamily(
+            "mongoproxy_client_bytes_sent", "Bytes sent to clients (received from upstream).", value=sent
+        )
 
-        dropped = CounterMetricFamily("mongoproxy_events_dropped", "Events a sink dropped because its queue was "
-                                      "full.", labels=["sink"])
+        dropped = CounterMetricFamily(
+            "mongoproxy_events_dropped", "Events a sink dropped because its queue was full.", labels=["sink"]
+        )
         for sink in list(self._watched_sinks):
             n = getattr(sink, "dropped", None)
             if isinstance(n, int) and not isinstance(n, bool):
                 dropped.add_metric([getattr(sink, "name", type(sink).__name__)], n)
         yield dropped
-        errors = CounterMetricFamily("mongoproxy_sink_errors", "Exceptions raised by a sink's hooks (contained, "
-                                     "logged once per sink).", labels=["sink"])
+        errors = CounterMetricFamily(
+            "mongoproxy_sink_errors",
+            "Exceptions raised by a sink's hooks (contained, logged once per sink).",
+            labels=["sink"],
+        )
         if self._bus is not None:
             for sink_name, n in list(self._bus.errors.items()):
                 errors.add_metric([sink_name], n)
@@ -478,13 +577,17 @@ class _Collector:
 
 def create(config: Any, ctx: Any) -> MetricsSink:
     """The metrics sink is always on: it is what /metrics serves."""
-    return MetricsSink(ctx.registry, version=ctx.version, mode=ctx.mode,
-                       labels=getattr(config, "metric_labels", DEFAULT_LABELS),
-                       max_label_values=getattr(config, "max_label_values", 1000),
-                       latency_buckets=getattr(config, "latency_buckets", DEFAULT_LATENCY_BUCKETS))
+    return MetricsSink(
+        ctx.registry,
+        version=ctx.version,
+        mode=ctx.mode,
+        labels=getattr(config, "metric_labels", DEFAULT_LABELS),
+        max_label_values=getattr(config, "max_label_values", 1000),
+        latency_buckets=getattr(config, "latency_buckets", DEFAULT_LATENCY_BUCKETS),
+    )
 
 
-def find(sinks: Iterable[Any]) -> Optional[MetricsSink]:
+def find(sinks: Iterable[Any]) -> MetricsSink | None:
     """The MetricsSink among `sinks`, if any (for wiring watch_sinks/watch_bus)."""
     for s in sinks:
         if isinstance(s, MetricsSink):

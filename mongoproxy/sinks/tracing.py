@@ -31,7 +31,8 @@ import sys
 import threading
 import time
 from collections import OrderedDict
-from typing import Any, Mapping, Optional
+from collections.abc import Mapping
+from typing import Any
 from urllib.parse import urlsplit
 
 from mongoproxy import tracecontext
@@ -55,10 +56,22 @@ CLOSE_TIMEOUT_SECONDS = 3.0  # flush budget at shutdown; an unreachable collecto
 
 # Commands that never start a trace by ratio sampling: connection handshake/monitoring and the
 # sensitive commands the MongoDB drivers' own tracing leaves out.
-UNSAMPLED_COMMANDS = frozenset({
-    "hello", "isMaster", "ismaster", "saslStart", "saslContinue", "authenticate", "getnonce", "createUser",
-    "updateUser", "copydbgetnonce", "copydbsaslstart", "copydb",
-})
+UNSAMPLED_COMMANDS = frozenset(
+    {
+        "hello",
+        "isMaster",
+        "ismaster",
+        "saslStart",
+        "saslContinue",
+        "authenticate",
+        "getnonce",
+        "createUser",
+        "updateUser",
+        "copydbgetnonce",
+        "copydbsaslstart",
+        "copydb",
+    }
+)
 _CURSOR_OPS = frozenset({"getMore", "killCursors"})
 _LEGACY_CURSOR_OP_CODES = (2005, 2007)  # OP_GET_MORE, OP_KILL_CURSORS
 _KILL = frozenset({"killCursors"})
@@ -112,8 +125,9 @@ def parse_ratio(value: str) -> float:
     except ValueError:
         x = math.nan
     if not 0.0 <= x <= 1.0:  # also rejects nan
-        raise ConfigError(f"--trace-sample-ratio {value!r} is not valid: give a number from 0 to 1, "
-                          f"e.g. 0.01 to trace 1% of commands")
+        raise ConfigError(
+            f"--trace-sample-ratio {value!r} is not valid: give a number from 0 to 1, e.g. 0.01 to trace 1% of commands"
+        )
     return x
 
 
@@ -125,28 +139,71 @@ def _parse_name(value: str) -> str:
 
 
 OPTIONS: list[Option] = [
-    Option("otlp_endpoint", ("--otlp-endpoint",), "OTLP collector URL for spans, e.g. http://otel-collector:4318 "
-           "(/v1/traces is added when the URL has no path); default: $OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, "
-           "$OTEL_EXPORTER_OTLP_ENDPOINT", parse_endpoint, None, metavar="URL", group="tracing"),
-    Option("otlp_protocol", ("--otlp-protocol",), "http/protobuf or grpc (grpc needs " + GRPC_EXTRA + "); "
-           "default: $OTEL_EXPORTER_OTLP_TRACES_PROTOCOL, $OTEL_EXPORTER_OTLP_PROTOCOL, else http/protobuf",
-           parse_protocol, None, metavar="PROTOCOL", group="tracing"),
-    Option("service_name", ("--service-name",), "service.name of the spans; default: $OTEL_SERVICE_NAME, "
-           "else mongoproxy", _parse_name, None, metavar="NAME", group="tracing"),
-    Option("trace_sample_ratio", ("--trace-sample-ratio",), "fraction (0 to 1) of commands without a trace "
-           "context in their comment that start a new trace; commands with one follow its sampled flag",
-           parse_ratio, 0.0, metavar="R", group="tracing"),
-    Option("trace_console", ("--trace-console",), "also print every span on stdout, one JSON object per line "
-           "(local debugging)", parse_bool, False, switch=True, group="tracing"),
-    Option("trace_query", ("--trace-query",), "add db.query.text to spans: the command with every literal "
-           "replaced by ?", parse_bool, False, switch=True, group="tracing"),
+    Option(
+        "otlp_endpoint",
+        ("--otlp-endpoint",),
+        "OTLP collector URL for spans, e.g. http://otel-collector:4318 "
+        "(/v1/traces is added when the URL has no path); default: $OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, "
+        "$OTEL_EXPORTER_OTLP_ENDPOINT",
+        parse_endpoint,
+        None,
+        metavar="URL",
+        group="tracing",
+    ),
+    Option(
+        "otlp_protocol",
+        ("--otlp-protocol",),
+        "http/protobuf or grpc (grpc needs " + GRPC_EXTRA + "); "
+        "default: $OTEL_EXPORTER_OTLP_TRACES_PROTOCOL, $OTEL_EXPORTER_OTLP_PROTOCOL, else http/protobuf",
+        parse_protocol,
+        None,
+        metavar="PROTOCOL",
+        group="tracing",
+    ),
+    Option(
+        "service_name",
+        ("--service-name",),
+        "service.name of the spans; default: $OTEL_SERVICE_NAME, else mongoproxy",
+        _parse_name,
+        None,
+        metavar="NAME",
+        group="tracing",
+    ),
+    Option(
+        "trace_sample_ratio",
+        ("--trace-sample-ratio",),
+        "fraction (0 to 1) of commands without a trace "
+        "context in their comment that start a new trace; commands with one follow its sampled flag",
+        parse_ratio,
+        0.0,
+        metavar="R",
+        group="tracing",
+    ),
+    Option(
+        "trace_console",
+        ("--trace-console",),
+        "also print every span on stdout, one JSON object per line (local debugging)",
+        parse_bool,
+        False,
+        switch=True,
+        group="tracing",
+    ),
+    Option(
+        "trace_query",
+        ("--trace-query",),
+        "add db.query.text to spans: the command with every literal replaced by ?",
+        parse_bool,
+        False,
+        switch=True,
+        group="tracing",
+    ),
 ]
 
 
 # ---- endpoint and environment resolution (pure) ----
 
 
-def resolve_endpoint(flag_value: Optional[str], protocol: str, environ: Mapping[str, str]) -> tuple[Optional[str], str]:
+def resolve_endpoint(flag_value: str | None, protocol: str, environ: Mapping[str, str]) -> tuple[str | None, str]:
     """(URL to export to or None when nothing is configured, where it came from).
 
     Precedence: --otlp-endpoint, OTEL_EXPORTER_OTLP_TRACES_ENDPOINT (used as is),
@@ -171,7 +228,7 @@ def resolve_endpoint(flag_value: Optional[str], protocol: str, environ: Mapping[
     return None, ""
 
 
-def resolve_protocol(flag_value: Optional[str], environ: Mapping[str, str]) -> str:
+def resolve_protocol(flag_value: str | None, environ: Mapping[str, str]) -> str:
     """--otlp-protocol, else OTEL_EXPORTER_OTLP_TRACES_PROTOCOL / OTEL_EXPORTER_OTLP_PROTOCOL, else http/protobuf."""
     if flag_value:
         return flag_value
@@ -185,7 +242,7 @@ def resolve_protocol(flag_value: Optional[str], environ: Mapping[str, str]) -> s
     return HTTP_PROTOBUF
 
 
-def resolve_service_name(flag_value: Optional[str], environ: Mapping[str, str]) -> Optional[str]:
+def resolve_service_name(flag_value: str | None, environ: Mapping[str, str]) -> str | None:
     """--service-name, else OTEL_SERVICE_NAME, else None (then OTEL_RESOURCE_ATTRIBUTES or "mongoproxy")."""
     if flag_value:
         return flag_value
@@ -203,8 +260,15 @@ class _Export:
     `taken` in the export thread) and never offers a span that would not fit.
     """
 
-    def __init__(self, sink: "TracingSink", label: str, exporter: Any, max_queue_size: int,
-                 schedule_delay_millis: Optional[float], max_export_batch_size: Optional[int]) -> None:
+    def __init__(
+        self,
+        sink: TracingSink,
+        label: str,
+        exporter: Any,
+        max_queue_size: int,
+        schedule_delay_millis: float | None,
+        max_export_batch_size: int | None,
+    ) -> None:
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
         self.sink = sink
@@ -220,9 +284,12 @@ class _Export:
         # The SDK refuses a batch larger than the queue; a small queue means small batches.
         batch = min(max_export_batch_size or 512, max_queue_size)
         try:
-            self.processor = BatchSpanProcessor(self, max_queue_size=max_queue_size,
-                                                schedule_delay_millis=schedule_delay_millis or 5000,
-                                                max_export_batch_size=batch)
+            self.processor = BatchSpanProcessor(
+                self,
+                max_queue_size=max_queue_size,
+                schedule_delay_millis=schedule_delay_millis or 5000,
+                max_export_batch_size=batch,
+            )
         except ValueError as exc:
             raise ConfigError(f"span batch settings are invalid: {exc} (check OTEL_BSP_* variables)") from None
 
@@ -315,15 +382,15 @@ class TracingSink:
         trace_query: bool = False,
         resource: Any = None,
         version: str = "",
-        logger: Optional[logging.Logger] = None,
+        logger: logging.Logger | None = None,
         destination: str = "",
         max_queue_size: int = 2048,
-        schedule_delay_millis: Optional[float] = None,
-        max_export_batch_size: Optional[int] = None,
+        schedule_delay_millis: float | None = None,
+        max_export_batch_size: int | None = None,
         cursor_map_size: int = CURSOR_MAP_SIZE,
         cursor_ttl_seconds: float = CURSOR_TTL_SECONDS,
         close_timeout_seconds: float = CLOSE_TIMEOUT_SECONDS,
-        rng: Optional[random.Random] = None,
+        rng: random.Random | None = None,
     ) -> None:
         try:
             from opentelemetry.sdk.resources import Resource
@@ -366,8 +433,10 @@ class TracingSink:
         self._failing = False
         self._closed = False
         _EXPORT_LOG.install()
-        self._exports = [_Export(self, label, exp, max_queue_size, schedule_delay_millis, max_export_batch_size)
-                         for label, exp in exporters]
+        self._exports = [
+            _Export(self, label, exp, max_queue_size, schedule_delay_millis, max_export_batch_size)
+            for label, exp in exporters
+        ]
 
     # ---- counters ----
 
@@ -418,22 +487,30 @@ class TracingSink:
                 trace_id = ctx.trace_id
                 state = self._TraceState(list(ctx.tracestate)) if ctx.tracestate else self._EMPTY_STATE
                 parent = self._SpanContext(trace_id, ctx.span_id, True, self._SAMPLED, state)
-            elif self.sample_ratio > 0.0 and op not in UNSAMPLED_COMMANDS and (
-                    self.sample_ratio >= 1.0 or self._random() < self.sample_ratio):
+            elif (
+                self.sample_ratio > 0.0
+                and op not in UNSAMPLED_COMMANDS
+                and (self.sample_ratio >= 1.0 or self._random() < self.sample_ratio)
+            ):
                 trace_id = self._bits(128) or 1
             else:
                 if not cursor_op:
                     self._remember_cursor(event, None, None, False)
                 return
-        span_ctx = self._SpanContext(trace_id, self._bits(64) or 1, False, self._SAMPLED,
-                                     parent.trace_state if parent is not None else self._EMPTY_STATE)
+        span_ctx = self._SpanContext(
+            trace_id,
+            self._bits(64) or 1,
+            False,
+            self._SAMPLED,
+            parent.trace_state if parent is not None else self._EMPTY_STATE,
+        )
         self._emit(event, op, span_ctx, parent, links, request_cursor)
         if not cursor_op:
             self._remember_cursor(event, parent, span_ctx, True)
 
     # ---- context and cursors ----
 
-    def _context_of(self, req: Any, event: CommandEvent) -> Optional[tracecontext.TraceContext]:
+    def _context_of(self, req: Any, event: CommandEvent) -> tracecontext.TraceContext | None:
         try:
             tp = req.comment_traceparent
             if tp is not None:
@@ -443,11 +520,17 @@ class TracingSink:
                 return tracecontext.from_comment(comment)
         except tracecontext.MalformedContext as exc:
             self.malformed += 1
-            self._log.debug("ignoring the trace context in the comment of %s on %s.%s from %s: %s", event.op,
-                            event.database, event.collection, event.connection.client, exc)
+            self._log.debug(
+                "ignoring the trace context in the comment of %s on %s.%s from %s: %s",
+                event.op,
+                event.database,
+                event.collection,
+                event.connection.client,
+                exc,
+            )
         return None
 
-    def _cursor_lookup(self, key: tuple, event: CommandEvent) -> Optional["_Cursor"]:
+    def _cursor_lookup(self, key: tuple, event: CommandEvent) -> _Cursor | None:
         entry = self._cursors.get(key)
         if entry is None:
             return None
@@ -514,8 +597,9 @@ class TracingSink:
             }
         return base
 
-    def _emit(self, event: CommandEvent, op: str, span_ctx: Any, parent: Any, links: tuple,
-              request_cursor: Optional[int]) -> None:
+    def _emit(
+        self, event: CommandEvent, op: str, span_ctx: Any, parent: Any, links: tuple, request_cursor: int | None
+    ) -> None:
         collection = event.collection
         name = f"{op} {collection}" if collection else (op or "unknown")
         attrs = self._base_attributes(event.connection).copy()
@@ -547,10 +631,19 @@ class TracingSink:
             if text:
                 attrs["db.query.text"] = text
         end_ns = event.reply_last_ns or event.request_last_ns  # no reply to an unacknowledged write
-        span = self._ReadableSpan(name=name, context=span_ctx, parent=parent, resource=self.resource,
-                                  attributes=attrs, links=links, kind=self._CLIENT, status=status,
-                                  start_time=wall_ns(event.request_first_ns), end_time=wall_ns(end_ns),
-                                  instrumentation_scope=self.scope)
+        span = self._ReadableSpan(
+            name=name,
+            context=span_ctx,
+            parent=parent,
+            resource=self.resource,
+            attributes=attrs,
+            links=links,
+            kind=self._CLIENT,
+            status=status,
+            start_time=wall_ns(event.request_first_ns),
+            end_time=wall_ns(end_ns),
+            instrumentation_scope=self.scope,
+        )
         self.spans += 1
         for export in self._exports:
             export.offer(span)
@@ -579,8 +672,12 @@ class TracingSink:
                 return
             self._last_warn = now
         self._failing = True  # the next successful export says so, once
-        self._log.warning("cannot export spans to %s: %s; %d span(s) dropped so far "
-                          "(this warning repeats at most once a minute)", self._where(export), reason, self.dropped)
+        self._log.warning(
+            "cannot export spans to %s: %s; %d span(s) dropped so far (this warning repeats at most once a minute)",
+            self._where(export),
+            reason,
+            self.dropped,
+        )
 
     def _where(self, export: _Export) -> str:
         return self.destination if export.label == "otlp" and self.destination else export.label
@@ -600,8 +697,9 @@ class TracingSink:
         deadline = time.monotonic() + self._close_timeout
         threads = []
         for export in self._exports:
-            t = threading.Thread(target=export.processor.shutdown, name=f"mongoproxy-tracing-close-{export.label}",
-                                 daemon=True)
+            t = threading.Thread(
+                target=export.processor.shutdown, name=f"mongoproxy-tracing-close-{export.label}", daemon=True
+            )
             t.start()
             threads.append((export, t))
         for export, t in threads:
@@ -631,7 +729,7 @@ class _Cursor:
         self.expires_ns = expires_ns
 
 
-def _failure(event: CommandEvent) -> tuple[Optional[int], str]:
+def _failure(event: CommandEvent) -> tuple[int | None, str]:
     """(code, codeName) of a failure: the command error, else the first write error, else the write concern error."""
     if event.code is not None or event.code_name:
         return event.code, event.code_name
@@ -757,8 +855,13 @@ def _encode_span(span: Any) -> bytes:
     ctx = span.context
     parent = span.parent
     flags = _FLAGS_HAS_IS_REMOTE
-    parts = [b"\x0a\x10", ctx.trace_id.to_bytes(16, "big"), b"\x12\x08", ctx.span_id.to_bytes(8, "big"),
-             _trace_state(ctx.trace_state)]
+    parts = [
+        b"\x0a\x10",
+        ctx.trace_id.to_bytes(16, "big"),
+        b"\x12\x08",
+        ctx.span_id.to_bytes(8, "big"),
+        _trace_state(ctx.trace_state),
+    ]
     if parent:
         parts.append(b"\x22\x08" + parent.span_id.to_bytes(8, "big"))
         if parent.is_remote:
@@ -785,8 +888,11 @@ def _encode_span(span: Any) -> bytes:
         if span.dropped_events:
             parts.append(b"\x60" + _varint(span.dropped_events))
     for event in events:
-        body = (b"\x09" + _pack_q(event.timestamp) if event.timestamp else b"") + (
-            _ld(b"\x12", event.name.encode()) if event.name else b"") + _attributes(b"\x1a", event.attributes)
+        body = (
+            (b"\x09" + _pack_q(event.timestamp) if event.timestamp else b"")
+            + (_ld(b"\x12", event.name.encode()) if event.name else b"")
+            + _attributes(b"\x1a", event.attributes)
+        )
         if event.dropped_attributes:
             body += b"\x20" + _varint(event.dropped_attributes)
         parts.append(_ld(b"\x5a", body))
@@ -798,8 +904,13 @@ def _encode_span(span: Any) -> bytes:
     for link in links:
         lc = link.context
         link_flags = _FLAGS_HAS_IS_REMOTE | (_FLAGS_IS_REMOTE if lc.is_remote else 0)
-        body = b"\x0a\x10" + lc.trace_id.to_bytes(16, "big") + b"\x12\x08" + lc.span_id.to_bytes(8, "big") + \
-            _attributes(b"\x22", link.attributes)
+        body = (
+            b"\x0a\x10"
+            + lc.trace_id.to_bytes(16, "big")
+            + b"\x12\x08"
+            + lc.span_id.to_bytes(8, "big")
+            + _attributes(b"\x22", link.attributes)
+        )
         if link.dropped_attributes:
             body += b"\x28" + _varint(link.dropped_attributes)
         parts.append(_ld(b"\x6a", body + b"\x35" + _pack_i(link_flags)))
@@ -836,9 +947,11 @@ def encode_spans(spans: Any) -> bytes:
             if scope is None:
                 scope_body = b""
             else:
-                scope_body = (_ld(b"\x0a", scope.name.encode()) if scope.name else b"") + (
-                    _ld(b"\x12", scope.version.encode()) if scope.version else b"") + _attributes(
-                    b"\x1a", scope.attributes)
+                scope_body = (
+                    (_ld(b"\x0a", scope.name.encode()) if scope.name else b"")
+                    + (_ld(b"\x12", scope.version.encode()) if scope.version else b"")
+                    + _attributes(b"\x1a", scope.attributes)
+                )
             body = _ld(b"\x0a", scope_body) + b"".join(encoded)
             if scope is not None and scope.schema_url:
                 body += _ld(b"\x1a", scope.schema_url.encode())
@@ -888,7 +1001,7 @@ def _one_line_json(span: Any) -> str:
     return span.to_json(indent=None) + os.linesep
 
 
-def create(config: Any, ctx: Any) -> Optional[TracingSink]:
+def create(config: Any, ctx: Any) -> TracingSink | None:
     """A TracingSink when tracing can produce spans (a ratio above 0, an OTLP endpoint, or --trace-console)."""
     environ: Mapping[str, str] = ctx.extra.get("environ", os.environ)
     log = ctx.logger.getChild("tracing") if ctx.logger is not None else logging.getLogger("mongoproxy.tracing")
@@ -907,8 +1020,9 @@ def create(config: Any, ctx: Any) -> Optional[TracingSink]:
         from opentelemetry.sdk.resources import Resource
         from opentelemetry.sdk.trace.export import ConsoleSpanExporter
     except ImportError as exc:
-        raise ConfigError(f"tracing needs the OpenTelemetry SDK, which is not installed ({exc.name} is missing): "
-                          f"{TRACING_EXTRA}") from None
+        raise ConfigError(
+            f"tracing needs the OpenTelemetry SDK, which is not installed ({exc.name} is missing): {TRACING_EXTRA}"
+        ) from None
     exporters: list[tuple[str, Any]] = []
     destination = ""
     if use_otlp:
@@ -918,8 +1032,9 @@ def create(config: Any, ctx: Any) -> Optional[TracingSink]:
         exporters.append(("otlp", _otlp_exporter(protocol, endpoint)))
         destination = endpoint
     if console:
-        exporters.append(("console", ConsoleSpanExporter(out=ctx.extra.get("console_out", sys.stdout),
-                                                         formatter=_one_line_json)))
+        exporters.append(
+            ("console", ConsoleSpanExporter(out=ctx.extra.get("console_out", sys.stdout), formatter=_one_line_json))
+        )
     attributes: dict[str, Any] = {"service.version": ctx.version}
     service = resolve_service_name(config.service_name, environ)
     if service:
@@ -949,9 +1064,13 @@ def create(config: Any, ctx: Any) -> Optional[TracingSink]:
         parts.append(f"OTLP {protocol} to {destination} (from {endpoint_source})")
     if console:
         parts.append("stdout")
-    log.info("exporting spans as service %r by %s; commands with a trace context in their comment follow "
-             "its sampled flag, others start a trace with probability %g", resource.attributes.get("service.name"),
-             " and ".join(parts), ratio)
+    log.info(
+        "exporting spans as service %r by %s; commands with a trace context in their comment follow "
+        "its sampled flag, others start a trace with probability %g",
+        resource.attributes.get("service.name"),
+        " and ".join(parts),
+        ratio,
+    )
     return sink
 
 
@@ -960,14 +1079,17 @@ def _otlp_exporter(protocol: str, endpoint: str) -> Any:
         try:
             from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcSpanExporter
         except ImportError:
-            raise ConfigError(f"OTLP over grpc needs the grpc exporter, which is not installed: {GRPC_EXTRA} "
-                              f"(or use --otlp-protocol http/protobuf)") from None
+            raise ConfigError(
+                f"OTLP over grpc needs the grpc exporter, which is not installed: {GRPC_EXTRA} "
+                f"(or use --otlp-protocol http/protobuf)"
+            ) from None
         return GrpcSpanExporter(endpoint=endpoint, insecure=urlsplit(endpoint).scheme == "http")
     try:
         return _fast_otlp_exporter(endpoint)
     except ImportError as exc:
-        raise ConfigError(f"OTLP export needs the OTLP/HTTP exporter, which is not installed ({exc.name} is "
-                          f"missing): {TRACING_EXTRA}") from None
+        raise ConfigError(
+            f"OTLP export needs the OTLP/HTTP exporter, which is not installed ({exc.name} is missing): {TRACING_EXTRA}"
+        ) from None
 
 
 def _env_int(environ: Mapping[str, str], name: str, default: int) -> int:

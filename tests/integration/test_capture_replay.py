@@ -116,14 +116,21 @@ def test_read_only_replay_sends_no_writes(recording, secantus):
     directory, db_name = recording
     with secantus.client() as client:
         before, counters = snapshot(client, db_name), opcounters(client)
-        done = replay(directory, "--target", secantus.uri, "--read-only", "--max-speed", "--report",
-                      ARTIFACTS / "read-only.json")
+        done = replay(
+            directory, "--target", secantus.uri, "--read-only", "--max-speed", "--report", ARTIFACTS / "read-only.json"
+        )
         assert done.returncode == 0, done.stderr
         assert snapshot(client, db_name) == before
         assert opcounters(client) == counters
     report = json.loads((ARTIFACTS / "read-only.json").read_text())
-    assert {row["op"] for row in report["by_op"]} <= {"find", "getMore", "killCursors", "count", "aggregate",
-                                                      "distinct"}
+    assert {row["op"] for row in report["by_op"]} <= {
+        "find",
+        "getMore",
+        "killCursors",
+        "count",
+        "aggregate",
+        "distinct",
+    }
     assert {row["op"] for row in report["by_op"]} >= {"find", "getMore", "aggregate", "distinct"}
     assert report["skipped"]["filtered"] >= 7 and report["new_errors"] == []
 
@@ -142,8 +149,15 @@ def test_unreachable_target_is_retried_then_one_clear_line(recording):
     directory, _ = recording
     port = free_port("127.0.0.1")
     started = time.monotonic()
-    done = replay(directory, "--target", f"mongodb://127.0.0.1:{port}/?directConnection=true",
-                  "--connect-retries", "2", "--connect-timeout", "0.3")
+    done = replay(
+        directory,
+        "--target",
+        f"mongodb://127.0.0.1:{port}/?directConnection=true",
+        "--connect-retries",
+        "2",
+        "--connect-timeout",
+        "0.3",
+    )
     assert done.returncode == 2
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith(f"mongoproxy: error: cannot reach the target mongodb://127.0.0.1:{port}/")
@@ -171,15 +185,27 @@ def test_auth_is_recorded_blanked_and_replay_uses_the_targets_credentials(tmp_pa
         [name] = os.listdir(directory)
         data = (directory / name).read_bytes()
         assert b"n=alice" not in data and b"alice-secret-pw" not in data  # SCRAM client messages are blanked
-        done = replay(directory, "--target", f"mongodb://bob:bob-other-pw@127.0.0.1:{port}/?directConnection=true",
-                      "--read-only", "--max-speed", "--report", tmp_path / "r.json")
+        done = replay(
+            directory,
+            "--target",
+            f"mongodb://bob:bob-other-pw@127.0.0.1:{port}/?directConnection=true",
+            "--read-only",
+            "--max-speed",
+            "--report",
+            tmp_path / "r.json",
+        )
         assert done.returncode == 0, done.stderr
         report = json.loads((tmp_path / "r.json").read_text())
         assert report["new_errors"] == [] and report["count_differences_total"] == 0
         assert report["skipped"]["auth"] >= 1 and report["skipped"]["handshake"] >= 1
         assert sum(row["count"] for row in report["by_op"] if row["op"] in ("find", "getMore")) == 5
-        refused = replay(directory, "--target", f"mongodb://bob:wrong@127.0.0.1:{port}/?directConnection=true",
-                         "--connect-retries", "1")
+        refused = replay(
+            directory,
+            "--target",
+            f"mongodb://bob:wrong@127.0.0.1:{port}/?directConnection=true",
+            "--connect-retries",
+            "1",
+        )
         assert refused.returncode == 2 and "refused the URI's credentials" in refused.stderr
         assert "wrong" not in refused.stderr  # the password is not echoed
     finally:

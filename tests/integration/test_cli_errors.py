@@ -10,8 +10,14 @@ from tests.support.ports import free_port
 
 
 def mongoproxy(*args, env=None, timeout=30):
-    return subprocess.run([sys.executable, "-m", "mongoproxy", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env, stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        [sys.executable, "-m", "mongoproxy", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        stdin=subprocess.DEVNULL,
+    )
 
 
 def one_line_error(res, needle):
@@ -23,12 +29,15 @@ def one_line_error(res, needle):
     return lines[0]
 
 
-@pytest.mark.parametrize("spec,needle", [
-    ("27113:localhost", "use PORT (transparent mode) or PORT:HOST:PORT"),
-    ("nope", "malformed"),
-    ("27113:::1:27017", "put an IPv6 address in brackets"),
-    ("99999", "out of range"),
-])
+@pytest.mark.parametrize(
+    "spec,needle",
+    [
+        ("27113:localhost", "use PORT (transparent mode) or PORT:HOST:PORT"),
+        ("nope", "malformed"),
+        ("27113:::1:27017", "put an IPv6 address in brackets"),
+        ("99999", "out of range"),
+    ],
+)
 def test_malformed_spec(spec, needle):
     one_line_error(mongoproxy("run", "--proxy", spec), needle)
 
@@ -42,8 +51,9 @@ def test_port_in_use():
         s.bind(("127.0.0.1", 0))
         s.listen()
         port = s.getsockname()[1]
-        line = one_line_error(mongoproxy("run", "--proxy", f"{port}:127.0.0.1:27017", "--admin-port", "0"),
-                              "already in use")
+        line = one_line_error(
+            mongoproxy("run", "--proxy", f"{port}:127.0.0.1:27017", "--admin-port", "0"), "already in use"
+        )
     assert str(port) in line
 
 
@@ -52,24 +62,30 @@ def test_admin_port_in_use():
         s.bind(("127.0.0.1", 0))
         s.listen()
         admin = s.getsockname()[1]
-        one_line_error(mongoproxy("run", "--proxy", f"{free_port()}:127.0.0.1:27017", "--admin-port", str(admin)),
-                       "choose another --admin-port")
+        one_line_error(
+            mongoproxy("run", "--proxy", f"{free_port()}:127.0.0.1:27017", "--admin-port", str(admin)),
+            "choose another --admin-port",
+        )
 
 
 def test_unresolvable_host():
-    one_line_error(mongoproxy("run", "--proxy", f"{free_port()}:no-such-host.invalid:27017", "--admin-port", "0"),
-                   "cannot resolve upstream host 'no-such-host.invalid'")
+    one_line_error(
+        mongoproxy("run", "--proxy", f"{free_port()}:no-such-host.invalid:27017", "--admin-port", "0"),
+        "cannot resolve upstream host 'no-such-host.invalid'",
+    )
 
 
 def test_duplicate_listen_port():
     port = free_port()
-    one_line_error(mongoproxy("run", "--proxy", f"{port}:a:1", "--proxy", f"{port}:b:2"),
-                   f"listen port {port} is used by both")
+    one_line_error(
+        mongoproxy("run", "--proxy", f"{port}:a:1", "--proxy", f"{port}:b:2"), f"listen port {port} is used by both"
+    )
 
 
 def test_no_listener_and_bad_env():
     one_line_error(mongoproxy("run"), "no listener")
     import os
+
     env = dict(os.environ, MONGOPROXY_DRAIN_SECONDS="soon")
     one_line_error(mongoproxy("run", "--proxy", "27113:a:1", env=env), "MONGOPROXY_DRAIN_SECONDS")
 
@@ -81,9 +97,19 @@ def test_unknown_flag():
 def test_help_documents_every_core_flag():
     res = mongoproxy("run", "--help")
     assert res.returncode == 0
-    for flag in ("--proxy", "--listen-host", "--admin-host", "--admin-port", "--drain-seconds",
-                 "--max-message-bytes", "--connect-timeout", "--verify-checksums", "--log-commands",
-                 "--metric-labels", "--latency-buckets"):
+    for flag in (
+        "--proxy",
+        "--listen-host",
+        "--admin-host",
+        "--admin-port",
+        "--drain-seconds",
+        "--max-message-bytes",
+        "--connect-timeout",
+        "--verify-checksums",
+        "--log-commands",
+        "--metric-labels",
+        "--latency-buckets",
+    ):
         assert flag in res.stdout, flag
     assert "MONGOPROXY_DRAIN_SECONDS" in res.stdout
 
@@ -93,5 +119,15 @@ def test_second_listener_port_in_use_with_admin_on():
         s.bind(("127.0.0.1", 0))
         s.listen()
         port = s.getsockname()[1]
-        one_line_error(mongoproxy("run", "--proxy", f"{free_port()}:127.0.0.1:1", "--proxy",
-                                  f"{port}:127.0.0.1:1", "--admin-port", str(free_port())), "already in use")
+        one_line_error(
+            mongoproxy(
+                "run",
+                "--proxy",
+                f"{free_port()}:127.0.0.1:1",
+                "--proxy",
+                f"{port}:127.0.0.1:1",
+                "--admin-port",
+                str(free_port()),
+            ),
+            "already in use",
+        )

@@ -16,15 +16,27 @@ from tests.support.scripted_server import ScriptedServer
 def start_proxy(upstream_port: int, *extra: str):
     port, admin = free_port(), free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mongoproxy", "run", "--proxy", f"{port}:127.0.0.1:{upstream_port}",
-         "--admin-port", str(admin), *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        [
+            sys.executable,
+            "-m",
+            "mongoproxy",
+            "run",
+            "--proxy",
+            f"{port}:127.0.0.1:{upstream_port}",
+            "--admin-port",
+            str(admin),
+            *extra,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+    )
     try:
         wait_for_port("127.0.0.1", admin, 20)
         wait_for_port("127.0.0.1", port, 20)
     except Exception:
         proc.kill()
-        raise AssertionError(proc.communicate()[0].decode())
+        raise AssertionError(proc.communicate()[0].decode()) from None
     return proc, port, admin
 
 

@@ -129,7 +129,7 @@ def test_slow_reader_keeps_buffers_bounded(loop_kind):
                 sent += len(block)
                 try:
                     await asyncio.wait_for(writer.drain(), 0.5)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     server_blocked.set()  # the proxy stopped reading: backpressure reached the server
                     await writer.drain()
             writer.close()

@@ -23,22 +23,29 @@ def request_stream(rng: random.Random) -> tuple[bytes, list[int]]:
     for i, size in enumerate(PAYLOAD_SIZES):
         rid = 1000 + i
         ids.append(rid)
-        msgs.append(op_msg(rid, 0, {"insert": "blobs", "$db": "fwd", "documents": [{"_id": i, "b": rng.randbytes(size)}]}))
+        msgs.append(
+            op_msg(rid, 0, {"insert": "blobs", "$db": "fwd", "documents": [{"_id": i, "b": rng.randbytes(size)}]})
+        )
     return b"".join(msgs), ids
 
 
 def reply_messages(rng: random.Random, ids: list[int]) -> list[bytes]:
     sizes = list(reversed(PAYLOAD_SIZES))
-    return [op_msg(5000 + i, rid, {"cursor": {"id": 0, "ns": "fwd.blobs", "firstBatch": [{"b": rng.randbytes(sizes[i])}]},
-                                   "ok": 1.0})
-            for i, rid in enumerate(ids)]
+    return [
+        op_msg(
+            5000 + i,
+            rid,
+            {"cursor": {"id": 0, "ns": "fwd.blobs", "firstBatch": [{"b": rng.randbytes(sizes[i])}]}, "ok": 1.0},
+        )
+        for i, rid in enumerate(ids)
+    ]
 
 
 async def write_randomly(writer: asyncio.StreamWriter, data: bytes, rng: random.Random, eof: bool = True) -> None:
     pos = 0
     while pos < len(data):
         n = rng.choice((1, 3, 16, 17, 100, 4096, 65536, 300_000))
-        writer.write(data[pos:pos + n])
+        writer.write(data[pos : pos + n])
         pos += n
         if rng.random() < 0.3:
             await writer.drain()

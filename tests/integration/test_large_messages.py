@@ -61,8 +61,9 @@ class LargeServer:
     """Answers `find` on `big` with a prepared large reply, inserts with their document count, the rest with ok."""
 
     def __init__(self) -> None:
-        self.big_reply = wire.encode_op_msg({"cursor": {"id": bson.Int64(0), "ns": "big.reply",
-                                                        "firstBatch": big_docs(4, DOC)}, "ok": 1.0})
+        self.big_reply = wire.encode_op_msg(
+            {"cursor": {"id": bson.Int64(0), "ns": "big.reply", "firstBatch": big_docs(4, DOC)}, "ok": 1.0}
+        )
         self.inserted: list[tuple[str, int, int]] = []  # (collection, documents, message bytes)
 
     async def __call__(self, conn) -> None:
@@ -73,8 +74,14 @@ class LargeServer:
             m = wire.decode_message(raw)
             name = m.command_name or ""
             if name in ("hello", "ismaster", "isMaster"):
-                doc = {"isWritablePrimary": True, "maxWireVersion": 21, "maxMessageSizeBytes": 48_000_000,
-                       "maxBsonObjectSize": 16 * 1024 * 1024, "maxWriteBatchSize": 100_000, "ok": 1.0}
+                doc = {
+                    "isWritablePrimary": True,
+                    "maxWireVersion": 21,
+                    "maxMessageSizeBytes": 48_000_000,
+                    "maxBsonObjectSize": 16 * 1024 * 1024,
+                    "maxWriteBatchSize": 100_000,
+                    "ok": 1.0,
+                }
             elif name == "insert":
                 n = len(m.msg.sequence("documents") or m.msg.body.get("documents", []))
                 self.inserted.append((m.doc["insert"], n, len(raw)))
@@ -89,8 +96,7 @@ class LargeServer:
                 doc = {"ok": 1.0}
             if not m.more_to_come:
                 raw_reply = wire.encode_op_msg(doc, response_to=m.request_id)
-                await conn.send_and_drain(wire.compress_message(raw_reply, m.compressor) if m.compressor else
-                                          raw_reply)
+                await conn.send_and_drain(wire.compress_message(raw_reply, m.compressor) if m.compressor else raw_reply)
 
 
 def roundtrip(sock: socket.socket, request: bytes) -> int:
@@ -114,12 +120,18 @@ def roundtrip(sock: socket.socket, request: bytes) -> int:
 def warm_up(sock: socket.socket) -> None:
     """Every code path once: small and 1 MB messages both ways, each compressor."""
     for size in (100, 100_000, 1 * MB):
-        roundtrip(sock, wire.encode_op_msg({"insert": "warm", "$db": "big"},
-                                           sequences=[("documents", big_docs(1, size))]))
+        roundtrip(
+            sock, wire.encode_op_msg({"insert": "warm", "$db": "big"}, sequences=[("documents", big_docs(1, size))])
+        )
         roundtrip(sock, wire.encode_op_msg({"find": "warm", "filter": {}, "pad": "x" * size, "$db": "big"}))
     for comp in ("zlib", "zstd", "snappy"):
-        roundtrip(sock, wire.compress_message(wire.encode_op_msg(
-            {"insert": "warm", "$db": "big"}, sequences=[("documents", big_docs(1, MB, b"w"))]), comp))
+        roundtrip(
+            sock,
+            wire.compress_message(
+                wire.encode_op_msg({"insert": "warm", "$db": "big"}, sequences=[("documents", big_docs(1, MB, b"w"))]),
+                comp,
+            ),
+        )
 
 
 def test_large_messages_keep_the_proxy_process_memory_flat():
@@ -133,34 +145,43 @@ def test_large_messages_keep_the_proxy_process_memory_flat():
         figures.append((label, nbytes, base, peak, peak - base))
 
     big_insert = wire.encode_op_msg({"insert": "docs", "$db": "big"}, sequences=[("documents", big_docs(4, DOC))])
-    zeros = wire.encode_op_msg({"insert": "zeros", "$db": "big"},
-                               sequences=[("documents", big_docs(4, DOC, b"\x00"))])
+    zeros = wire.encode_op_msg({"insert": "zeros", "$db": "big"}, sequences=[("documents", big_docs(4, DOC, b"\x00"))])
     compressed = {c: wire.compress_message(zeros, c) for c in ("zlib", "zstd", "snappy")}
     with ScriptedServer(server) as srv, run_proxy_process([], upstream=srv.address) as p:
         with socket.create_connection(p.address, timeout=60) as sock:
             warm_up(sock)
             time.sleep(0.2)
-            measure("40 MB reply", p.pid,
-                    lambda: roundtrip(sock, wire.encode_op_msg({"find": "big", "filter": {}, "$db": "big"})))
+            measure(
+                "40 MB reply",
+                p.pid,
+                lambda: roundtrip(sock, wire.encode_op_msg({"find": "big", "filter": {}, "$db": "big"})),
+            )
             measure("40 MB insert", p.pid, lambda: (roundtrip(sock, big_insert), len(big_insert))[1])
             for comp, raw in compressed.items():
-                measure(f"40 MB insert, {comp} ({len(raw):,} B on the wire)", p.pid,
-                        lambda raw=raw: (roundtrip(sock, raw), len(zeros))[1])
+                measure(
+                    f"40 MB insert, {comp} ({len(raw):,} B on the wire)",
+                    p.pid,
+                    lambda raw=raw: (roundtrip(sock, raw), len(zeros))[1],
+                )
         with MongoClient(p.uri, serverSelectionTimeoutMS=5000) as client:
             client.admin.command("ping")
             docs = big_docs(5000, 10_000)  # ~50 MB: the driver cuts a batch just under 48,000,000 bytes
-            measure("insert_many, 50 MB (largest batch, kind-1)", p.pid,
-                    lambda: (client.big.many.insert_many(docs),
-                             max(b for c, _, b in server.inserted if c == "many"))[1])
+            measure(
+                "insert_many, 50 MB (largest batch, kind-1)",
+                p.pid,
+                lambda: (client.big.many.insert_many(docs), max(b for c, _, b in server.inserted if c == "many"))[1],
+            )
         metrics = p.metrics_text()
 
     print("\nproxy process RSS rise per message (baseline VmRSS after warm-up, peak VmHWM after the message):")
     for label, nbytes, base, peak, rise in figures:
-        print(f"  {label:48} {nbytes / MB:6.1f} MB message: VmRSS {base / MB:6.1f} MB -> VmHWM {peak / MB:6.1f} MB, "
-              f"rise {rise / MB:5.2f} MB")
+        print(
+            f"  {label:48} {nbytes / MB:6.1f} MB message: VmRSS {base / MB:6.1f} MB -> VmHWM {peak / MB:6.1f} MB, "
+            f"rise {rise / MB:5.2f} MB"
+        )
     batches = [(n, b) for c, n, b in server.inserted if c == "many"]
     assert sum(n for n, _ in batches) == 5000 and max(b for _, b in batches) > 47 * MB  # one ~48 MB batch + the rest
-    for label, nbytes, base, peak, rise in figures:
+    for label, nbytes, _base, _peak, rise in figures:
         if "snappy" in label:
             # Snappy's block format does not stream: the body is buffered and inflated whole (documented).
             assert rise < nbytes + len(compressed["snappy"]) + LIMIT, label

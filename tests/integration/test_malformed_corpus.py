@@ -12,7 +12,6 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import pytest
 
@@ -80,8 +79,16 @@ def test_corpus_matches_its_generator_and_readme():
     undocumented = [p.name for p in FILES if f"`{p.name}`" not in readme]
     assert undocumented == []
     # Every category of bad input the issue lists is in the corpus.
-    assert {"truncated", "message_too_large", "bad_message_length", "bad_length", "invalid_utf8",
-            "bad_uncompressed_size", "unknown_compressor", "unknown_opcode"} <= {c.reason for c in CASES}
+    assert {
+        "truncated",
+        "message_too_large",
+        "bad_message_length",
+        "bad_length",
+        "invalid_utf8",
+        "bad_uncompressed_size",
+        "unknown_compressor",
+        "unknown_opcode",
+    } <= {c.reason for c in CASES}
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.path.name for c in CASES])
@@ -97,11 +104,15 @@ def test_scanner_reason_does_not_depend_on_chunking(case):
         splits.append(sizes)
     for sizes in splits:
         errors, messages = [], []
-        scanner = mwire.FrameScanner(case.direction == "reply", messages.append,
-                                     lambda r, d, f: errors.append((r, f)), verify_checksums=True)
+        scanner = mwire.FrameScanner(
+            case.direction == "reply",
+            messages.append,
+            lambda r, d, f: errors.append((r, f)),  # noqa: B023 - called within this iteration
+            verify_checksums=True,
+        )
         pos = 0
         for n in sizes:
-            scanner.feed(data[pos:pos + n], pos)
+            scanner.feed(data[pos : pos + n], pos)
             pos += n
         if case.at_eof:
             assert errors == [] and scanner.mid_message, sizes
@@ -112,11 +123,12 @@ def test_scanner_reason_does_not_depend_on_chunking(case):
 
 # ---------------------------------------------------------------- through the proxy process
 
+
 class Script:
     """What the scripted server does on its next connection (the tests run one connection at a time)."""
 
-    case: Optional[Case] = None
-    received: Optional[asyncio.Future] = None
+    case: Case | None = None
+    received: asyncio.Future | None = None
 
 
 async def _read_to_eof(conn) -> bytes:
@@ -187,8 +199,9 @@ class Metrics:
         self.samples = [s for f in text_string_to_metric_families(p.metrics_text()) for s in f.samples]
 
     def get(self, name: str, **labels: str) -> float:
-        return sum(s.value for s in self.samples
-                   if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+        return sum(
+            s.value for s in self.samples if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+        )
 
 
 def _wait_idle(p, closes: float) -> Metrics:
@@ -234,8 +247,9 @@ def test_forwarded_unchanged_counted_and_never_stalls(corpus_proxy, case):
 
     after = _wait_idle(p, closes)
     errors = "mongoproxy_decode_errors_total"
-    delta = after.get(errors, direction=case.direction, reason=case.reason) - \
-        before.get(errors, direction=case.direction, reason=case.reason)
+    delta = after.get(errors, direction=case.direction, reason=case.reason) - before.get(
+        errors, direction=case.direction, reason=case.reason
+    )
     total = after.get(errors) - before.get(errors)
     assert (delta, total) == (1, 1), f"{case.reason}: +{delta}, all reasons +{total}"
     lat = "mongoproxy_response_latency_seconds_count"

@@ -38,8 +38,9 @@ class Scrape:
 
     def get(self, name: str, **labels: str):
         """Sum of matching samples, None when there is none."""
-        values = [s.value for s in self.samples
-                  if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())]
+        values = [
+            s.value for s in self.samples if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+        ]
         return sum(values) if values else None
 
     def label_values(self, name: str, label: str) -> set:
@@ -69,6 +70,7 @@ def set_name(secantus_client) -> str:
 
 # ---------------------------------------------------------------- exact counts
 
+
 def test_exact_counts_for_a_known_workload(secantus, secantus_client, db_name):
     N, K, M, U = 5, 6, 7, 3
     with run_proxy_process(["--log-commands"], upstream=secantus.address) as p:
@@ -88,8 +90,12 @@ def test_exact_counts_for_a_known_workload(secantus, secantus_client, db_name):
         s = wait_for(p, lambda s: s.get("mongoproxy_connections_active") == 0)
         stderr = p.stderr_text()
 
-    base = {"db": db_name, "app": "obs-exact", "server": f"127.0.0.1:{secantus.port}",
-            "replicaset": set_name(secantus_client)}
+    base = {
+        "db": db_name,
+        "app": "obs-exact",
+        "server": f"127.0.0.1:{secantus.port}",
+        "replicaset": set_name(secantus_client),
+    }
     people, scan = dict(base, collection="people"), dict(base, collection="scan")
     lat = "mongoproxy_response_latency_seconds_count"
     getmores = math.ceil((M - 2) / 2)
@@ -115,12 +121,16 @@ def test_exact_counts_for_a_known_workload(secantus, secantus_client, db_name):
     assert s.get(lat, db=db_name) == 2 + N + 1 + 1 + 1 + getmores
     assert s.label_values(lat, "collection") >= {"", "people", "scan"}
     for op in ("insert", "find", "getMore", "update"):
-        assert s.get("mongoproxy_request_size_bytes_count", op=op, db=db_name) == \
-            s.get(lat, op=op, db=db_name) == s.get("mongoproxy_response_size_bytes_count", op=op, db=db_name)
+        assert (
+            s.get("mongoproxy_request_size_bytes_count", op=op, db=db_name)
+            == s.get(lat, op=op, db=db_name)
+            == s.get("mongoproxy_response_size_bytes_count", op=op, db=db_name)
+        )
         assert s.get("mongoproxy_request_size_bytes_sum", op=op, db=db_name) > 0
         for coll in ("people", "scan"):
-            assert s.get("mongoproxy_response_latency_seconds_bucket", op=op, collection=coll, db=db_name,
-                         le="+Inf") == s.get(lat, op=op, collection=coll, db=db_name)
+            assert s.get(
+                "mongoproxy_response_latency_seconds_bucket", op=op, collection=coll, db=db_name, le="+Inf"
+            ) == s.get(lat, op=op, collection=coll, db=db_name)
 
     errors = "mongoproxy_command_errors_total"
     assert s.get(errors, op="insert", db=db_name, collection="people", code_name="DuplicateKey") == 1
@@ -128,8 +138,9 @@ def test_exact_counts_for_a_known_workload(secantus, secantus_client, db_name):
     assert s.get("mongoproxy_decode_errors_total") == 0  # every known reason is there, at 0
     assert s.get("mongoproxy_unmatched_replies_total") == 0
     assert s.get("mongoproxy_requests_dropped_total") == 0
-    assert s.get("mongoproxy_client_connections_established_total") == \
-        s.get("mongoproxy_client_disconnections_total") >= 1
+    assert (
+        s.get("mongoproxy_client_connections_established_total") == s.get("mongoproxy_client_disconnections_total") >= 1
+    )
     assert s.get("mongoproxy_info", mode="static") == 1
 
     # the text log, one line per command
@@ -161,6 +172,7 @@ def test_label_cap_puts_overflow_in_other(secantus, db_name):
 
 # ---------------------------------------------------------------- connection-level counters
 
+
 def test_connection_bytes_and_decode_errors_are_exact(secantus):
     with run_proxy_process([], upstream=secantus.address) as p:
         request = wire.encode_op_msg({"ping": 1, "$db": "admin"})
@@ -189,8 +201,12 @@ def test_connection_bytes_and_decode_errors_are_exact(secantus):
                     pass
             except OSError:
                 pass
-        s = wait_for(p, lambda s: s.get("mongoproxy_connections_active") == 0 and
-                     s.get("mongoproxy_client_disconnections_total") == 2)
+        s = wait_for(
+            p,
+            lambda s: (
+                s.get("mongoproxy_connections_active") == 0 and s.get("mongoproxy_client_disconnections_total") == 2
+            ),
+        )
         assert s.get("mongoproxy_decode_errors_total", direction="request") == 1
         assert s.get("mongoproxy_client_bytes_received_total") == len(request) + len(junk)
 
@@ -292,8 +308,9 @@ def test_json_log_validates_and_redacts_unless_asked(secantus, db_name, tmp_path
     runs = {}
     for mode, extra in (("redacted", []), ("values", ["--no-redact"])):
         log = tmp_path / f"{mode}.jsonl"
-        with run_proxy_process(["--log-query", *extra, "--log-format", "json", "--log-file", str(log)],
-                               upstream=secantus.address) as p:
+        with run_proxy_process(
+            ["--log-query", *extra, "--log-format", "json", "--log-file", str(log)], upstream=secantus.address
+        ) as p:
             _secret_workload(p, f"{db_name}_{mode[0]}")
             stderr = p.stderr_text()
         records = _read_json_log(log)  # every line validates against docs/command-log.schema.json
@@ -334,12 +351,16 @@ def test_text_log_without_query_never_shows_values(secantus, db_name):
 
 # ---------------------------------------------------------------- bad input
 
-@pytest.mark.parametrize("flags, needle", [
-    (["--log-file", "/nonexistent-mongoproxy-dir/commands.log"], "/nonexistent-mongoproxy-dir does not exist"),
-    (["--metric-labels", "op,ip"], "op,db,collection,app,server,replicaset,client"),
-    (["--latency-buckets", ","], "--latency-buckets is empty"),
-    (["--log-format", "yaml"], "use text or json"),
-])
+
+@pytest.mark.parametrize(
+    "flags, needle",
+    [
+        (["--log-file", "/nonexistent-mongoproxy-dir/commands.log"], "/nonexistent-mongoproxy-dir does not exist"),
+        (["--metric-labels", "op,ip"], "op,db,collection,app,server,replicaset,client"),
+        (["--latency-buckets", ","], "--latency-buckets is empty"),
+        (["--log-format", "yaml"], "use text or json"),
+    ],
+)
 def test_bad_flags_get_one_line_at_start_up(flags, needle):
     upstream = free_port()
     result = run_proxy_cli(["run", "--proxy", f"{free_port()}:127.0.0.1:{upstream}", "--admin-port", "0", *flags])

@@ -12,7 +12,7 @@ import socket
 import threading
 import time
 from collections import Counter
-from typing import Any, Optional
+from typing import Any
 
 import bson
 import pytest
@@ -33,6 +33,7 @@ HANDSHAKE = frozenset(("hello", "isMaster", "ismaster"))
 
 
 # ---------------------------------------------------------------- helpers
+
 
 class Tap:
     """A recording TCP relay: every connection's bytes in each direction, as they passed."""
@@ -83,7 +84,7 @@ class Tap:
         for _ in range(n):
             assert self.done.acquire(timeout=timeout), "a relayed connection did not finish"
 
-    def __enter__(self) -> "Tap":
+    def __enter__(self) -> Tap:
         self.server.start()
         return self
 
@@ -94,8 +95,12 @@ class Tap:
 def metric_values(registry: CollectorRegistry, name: str) -> dict[tuple, float]:
     """{sorted label items: value} of every sample called `name`."""
     text = generate_latest(registry).decode()
-    return {tuple(sorted(s.labels.items())): s.value for f in text_string_to_metric_families(text)
-            for s in f.samples if s.name == name}
+    return {
+        tuple(sorted(s.labels.items())): s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+        if s.name == name
+    }
 
 
 def metric(registry: CollectorRegistry, name: str, **labels: str) -> float:
@@ -110,14 +115,18 @@ def proxy_with_metrics(upstream_port: int, **flags: str) -> tuple[ProxyThread, C
 
 def tracker_state(proxy: ProxyThread) -> list[tuple[int, int]]:
     """(pending, exhaust) table sizes of each open connection, read on the proxy's loop."""
-    return proxy.call(lambda: [(len(c.tracker.pending), len(c.tracker.exhaust))
-                               for c in proxy.proxy.connections if c.tracker is not None])
+    return proxy.call(
+        lambda: [
+            (len(c.tracker.pending), len(c.tracker.exhaust)) for c in proxy.proxy.connections if c.tracker is not None
+        ]
+    )
 
 
 def pending_ops(proxy: ProxyThread) -> list[str]:
     """The ops of every request still waiting for a reply, over all open connections."""
-    return proxy.call(lambda: [p.op for c in proxy.proxy.connections if c.tracker is not None
-                               for p in c.tracker.pending.values()])
+    return proxy.call(
+        lambda: [p.op for c in proxy.proxy.connections if c.tracker is not None for p in c.tracker.pending.values()]
+    )
 
 
 def uri(port: int, **opts: Any) -> str:
@@ -127,12 +136,13 @@ def uri(port: int, **opts: Any) -> str:
 
 # ---------------------------------------------------------------- OP_COMPRESSED from pymongo
 
+
 class RecordingHandler(MongoHandler):
     """MongoHandler that logs what it decoded itself (name, collection, request id, compressor) and answers writes."""
 
     def __init__(self, **kw: Any) -> None:
         super().__init__(**kw)
-        self.log: list[tuple[str, Optional[str], int, Optional[str]]] = []
+        self.log: list[tuple[str, str | None, int, str | None]] = []
         self.commands.update({"insert": self._write, "update": self._write, "delete": self._write})
 
     @staticmethod
@@ -184,8 +194,9 @@ def test_pymongo_compression_is_observed_inside_and_forwarded_byte_for_byte(comp
     assert sum(len(s["down"]) for s in client_tap.streams) == sum(c.bytes_from_server for c in sink.closed)
 
     # pymongo really compressed: the server decoded every non-handshake request as compressed.
-    assert Counter(comp for name, _, _, comp in handler.log if name.lower() not in wire.UNCOMPRESSED_COMMANDS) == \
-        Counter({compressor: len([x for x in handler.log if x[0].lower() not in wire.UNCOMPRESSED_COMMANDS])})
+    assert Counter(
+        comp for name, _, _, comp in handler.log if name.lower() not in wire.UNCOMPRESSED_COMMANDS
+    ) == Counter({compressor: len([x for x in handler.log if x[0].lower() not in wire.UNCOMPRESSED_COMMANDS])})
     assert handler.negotiated and all(n == [compressor] for n in handler.negotiated)
 
     # Each request the server decoded is an event with the same name and collection, seen through the compression.
@@ -196,8 +207,9 @@ def test_pymongo_compression_is_observed_inside_and_forwarded_byte_for_byte(comp
     for name, coll, rid, comp in handler.log:
         (e,) = by_id[rid]
         assert e.op == name and e.collection == (coll or ""), (e.op, e.collection, name, coll)
-        want_op = mwire.OP_COMPRESSED if comp else mwire.OP_MSG if e.request_op_code != mwire.OP_QUERY \
-            else mwire.OP_QUERY
+        want_op = (
+            mwire.OP_COMPRESSED if comp else mwire.OP_MSG if e.request_op_code != mwire.OP_QUERY else mwire.OP_QUERY
+        )
         assert e.request_op_code == want_op
         assert e.reply is not None and e.ok is True and e.decode_error == ""
         if comp:
@@ -222,6 +234,7 @@ def test_pymongo_compression_is_observed_inside_and_forwarded_byte_for_byte(comp
 
 # ---------------------------------------------------------------- w:0 writes (moreToCome requests)
 
+
 def test_unacknowledged_writes_against_secantus(secantus, db_name):
     proxy, sink, registry = proxy_with_metrics(secantus.port)
     with proxy:
@@ -243,8 +256,12 @@ def test_unacknowledged_writes_against_secantus(secantus, db_name):
 
     # moreToCome requests: one event each, no reply, documents counted from the request.
     w0 = [e for e in sink.commands if e.database == db_name and e.more_to_come_request]
-    assert [(e.op, e.collection, e.request.documents) for e in w0] == \
-        [("insert", "items", 1), ("insert", "items", 10), ("update", "items", 1), ("delete", "items", 1)]
+    assert [(e.op, e.collection, e.request.documents) for e in w0] == [
+        ("insert", "items", 1),
+        ("insert", "items", 10),
+        ("update", "items", 1),
+        ("delete", "items", 1),
+    ]
     for e in w0:
         assert e.request.flags & mwire.MORE_TO_COME and e.request_op_code == mwire.OP_MSG
         assert e.reply is None and e.reply_size == 0 and e.duration_ns == 0 and e.ok is None
@@ -266,14 +283,18 @@ def test_unacknowledged_writes_against_secantus(secantus, db_name):
 
 # ---------------------------------------------------------------- streaming hello (pymongo's monitor, SecantusDB)
 
+
 def test_streaming_hello_from_pymongos_monitor_is_one_event_per_reply(secantus):
     with Tap(secantus.address) as tap:
         proxy, sink, registry = proxy_with_metrics(tap.address[1])
         with proxy:
             with MongoClient(uri(proxy.port), heartbeatFrequencyMS=500, appname="monitor-app") as c:
                 c.admin.command("ping")
-                proxy.wait_until(lambda: max((e.exhaust_index for e in sink.commands), default=0) >= 4, timeout=30,
-                                 what="four streamed hello replies")
+                proxy.wait_until(
+                    lambda: max((e.exhaust_index for e in sink.commands), default=0) >= 4,
+                    timeout=30,
+                    what="four streamed hello replies",
+                )
                 states = tracker_state(proxy)
             n = len(tap.streams)
             tap.wait_closed(n)
@@ -300,7 +321,7 @@ def test_streaming_hello_from_pymongos_monitor_is_one_event_per_reply(secantus):
     # Every reply on the wire is exactly one event. The client's close races with the next streamed reply: the
     # server may have sent one more that the proxy, already closing, never read (and if it read part of it, that
     # part is counted as a truncated reply).
-    assert [e.reply_request_id for e in events] == [r.request_id for r in replies[:len(events)]]
+    assert [e.reply_request_id for e in events] == [r.request_id for r in replies[: len(events)]]
     assert len(replies) - len(events) <= 1
     assert sink.unmatched == [] and sink.dropped == 0
     assert [(d.direction, d.reason) for d in sink.decode_errors] in ([], [("reply", "truncated")])
@@ -310,21 +331,35 @@ def test_streaming_hello_from_pymongos_monitor_is_one_event_per_reply(secantus):
 
 # ---------------------------------------------------------------- exhaust getMore
 
+
 def exhaust_cursor_handler(batches: int, per_batch: int, chain: str) -> MongoHandler:
     cursor_id = bson.Int64(7070)
 
     def find(request, conn):
-        return {"cursor": {"id": cursor_id, "ns": f"shop.{request.doc['find']}",
-                           "firstBatch": [{"_id": i} for i in range(2)]}, "ok": 1.0}
+        return {
+            "cursor": {
+                "id": cursor_id,
+                "ns": f"shop.{request.doc['find']}",
+                "firstBatch": [{"_id": i} for i in range(2)],
+            },
+            "ok": 1.0,
+        }
 
     async def getmore(request, conn):
         assert request.msg.exhaust_allowed, "the driver did not ask for exhaust"
         docs = []
         for b in range(batches):
             last = b == batches - 1
-            docs.append({"cursor": {"id": bson.Int64(0) if last else cursor_id, "ns": "shop.ledger",
-                                    "nextBatch": [{"_id": 2 + b * per_batch + i} for i in range(per_batch)]},
-                         "ok": 1.0})
+            docs.append(
+                {
+                    "cursor": {
+                        "id": bson.Int64(0) if last else cursor_id,
+                        "ns": "shop.ledger",
+                        "nextBatch": [{"_id": 2 + b * per_batch + i} for i in range(per_batch)],
+                    },
+                    "ok": 1.0,
+                }
+            )
         await conn.stream_exhaust(request, docs, chain=chain)
         return None  # everything was sent
 
@@ -367,12 +402,18 @@ def test_exhaust_getmore_both_response_to_conventions(chain):
         with proxy, socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
             sock.sendall(wire.encode_op_msg({"find": "ledger", "$db": "shop"}, request_id=1))
             assert wire.decode_message(wire.recv_message(sock)).doc["cursor"]["id"] == 7070
-            sock.sendall(wire.encode_op_msg({"getMore": bson.Int64(7070), "collection": "ledger", "$db": "shop"},
-                                            flags=wire.EXHAUST_ALLOWED, request_id=2))
+            sock.sendall(
+                wire.encode_op_msg(
+                    {"getMore": bson.Int64(7070), "collection": "ledger", "$db": "shop"},
+                    flags=wire.EXHAUST_ALLOWED,
+                    request_id=2,
+                )
+            )
             replies = [wire.decode_message(wire.recv_message(sock)) for _ in range(batches)]
             assert [r.more_to_come for r in replies] == [True] * (batches - 1) + [False]
-            proxy.wait_until(lambda: len([e for e in sink.commands if e.op == "getMore"]) == batches,
-                             what="every streamed reply")
+            proxy.wait_until(
+                lambda: len([e for e in sink.commands if e.op == "getMore"]) == batches, what="every streamed reply"
+            )
             states = tracker_state(proxy)
     check_exhaust_getmore(sink, batches, per_batch)
     assert states == [(0, 0)]
@@ -392,11 +433,20 @@ async def hello_stream_handler(conn) -> None:
     for i in range(HELLO_STREAM):
         last = i == HELLO_STREAM - 1
         rid = 1_000_000 + i
-        batch.append(wire.encode_op_msg(
-            {"isWritablePrimary": True, "topologyVersion": {"processId": bson.ObjectId(b"0123456789ab"),
-                                                            "counter": bson.Int64(i)},
-             "maxWireVersion": 21, "setName": "rs0", "ok": 1.0},
-            flags=0 if last else wire.MORE_TO_COME, request_id=rid, response_to=rto))
+        batch.append(
+            wire.encode_op_msg(
+                {
+                    "isWritablePrimary": True,
+                    "topologyVersion": {"processId": bson.ObjectId(b"0123456789ab"), "counter": bson.Int64(i)},
+                    "maxWireVersion": 21,
+                    "setName": "rs0",
+                    "ok": 1.0,
+                },
+                flags=0 if last else wire.MORE_TO_COME,
+                request_id=rid,
+                response_to=rto,
+            )
+        )
         if chain == "previous":
             rto = rid
         if len(batch) == 500 or last:
@@ -413,9 +463,19 @@ def test_an_hour_of_streaming_hellos_leaves_nothing_behind():
             socks = []
             for i, chain in enumerate(("previous", "original")):
                 sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=30)
-                sock.sendall(wire.encode_op_msg(
-                    {"hello": 1, "topologyVersion": {"counter": bson.Int64(0)}, "maxAwaitTimeMS": 10_000,
-                     "chain": chain, "$db": "admin"}, flags=wire.EXHAUST_ALLOWED, request_id=10 + i))
+                sock.sendall(
+                    wire.encode_op_msg(
+                        {
+                            "hello": 1,
+                            "topologyVersion": {"counter": bson.Int64(0)},
+                            "maxAwaitTimeMS": 10_000,
+                            "chain": chain,
+                            "$db": "admin",
+                        },
+                        flags=wire.EXHAUST_ALLOWED,
+                        request_id=10 + i,
+                    )
+                )
                 socks.append(sock)
             received = [0, 0]
             while min(received) < HELLO_STREAM:
@@ -451,6 +511,7 @@ def test_an_hour_of_streaming_hellos_leaves_nothing_behind():
 
 # ---------------------------------------------------------------- legacy opcodes
 
+
 async def legacy_handler(conn) -> None:
     """A pre-3.6-style server: OP_QUERY/OP_REPLY, fire-and-forget writes, OP_GET_MORE, OP_COMMAND."""
     while True:
@@ -458,34 +519,55 @@ async def legacy_handler(conn) -> None:
         if m is None:
             return
         if m.op_code == wire.OP_QUERY and m.query.full_collection_name.endswith(".$cmd"):
-            await conn.send_and_drain(wire.encode_op_reply(
-                [{"ismaster": True, "maxWireVersion": 5, "compression": ["zlib"], "ok": 1.0}],
-                response_to=m.request_id, request_id=9000 + m.request_id))
+            await conn.send_and_drain(
+                wire.encode_op_reply(
+                    [{"ismaster": True, "maxWireVersion": 5, "compression": ["zlib"], "ok": 1.0}],
+                    response_to=m.request_id,
+                    request_id=9000 + m.request_id,
+                )
+            )
         elif m.op_code == wire.OP_QUERY:
-            await conn.send_and_drain(wire.encode_op_reply(
-                [{"_id": i} for i in range(3)], response_to=m.request_id, cursor_id=77, request_id=9000 + m.request_id))
+            await conn.send_and_drain(
+                wire.encode_op_reply(
+                    [{"_id": i} for i in range(3)],
+                    response_to=m.request_id,
+                    cursor_id=77,
+                    request_id=9000 + m.request_id,
+                )
+            )
         elif m.op_code == wire.OP_GET_MORE:
-            await conn.send_and_drain(wire.encode_op_reply(
-                [{"_id": 3}, {"_id": 4}], response_to=m.request_id, cursor_id=0, request_id=9000 + m.request_id))
+            await conn.send_and_drain(
+                wire.encode_op_reply(
+                    [{"_id": 3}, {"_id": 4}], response_to=m.request_id, cursor_id=0, request_id=9000 + m.request_id
+                )
+            )
         elif m.op_code == wire.OP_COMMAND:
-            await conn.send_and_drain(wire.encode_op_commandreply(
-                {}, {"ok": 1.0}, response_to=m.request_id, request_id=9000 + m.request_id))
+            await conn.send_and_drain(
+                wire.encode_op_commandreply({}, {"ok": 1.0}, response_to=m.request_id, request_id=9000 + m.request_id)
+            )
         elif m.op_code == wire.OP_MSG:
-            await conn.send_and_drain(wire.encode_op_msg({"ok": 1.0}, response_to=m.request_id,
-                                                         request_id=9000 + m.request_id))
+            await conn.send_and_drain(
+                wire.encode_op_msg({"ok": 1.0}, response_to=m.request_id, request_id=9000 + m.request_id)
+            )
         # OP_INSERT, OP_UPDATE, OP_DELETE, OP_KILL_CURSORS: no reply, as in the legacy protocol
 
 
 def test_legacy_opcodes_are_counted_under_their_own_names_and_matching_stays_intact():
     requests = [
-        wire.encode_op_query({"isMaster": 1, "client": {"application": {"name": "legacy-app"},
-                                                        "driver": {"name": "old-driver", "version": "0.9"}},
-                              "compression": ["zlib"]}, request_id=1),
+        wire.encode_op_query(
+            {
+                "isMaster": 1,
+                "client": {"application": {"name": "legacy-app"}, "driver": {"name": "old-driver", "version": "0.9"}},
+                "compression": ["zlib"],
+            },
+            request_id=1,
+        ),
         wire.encode_op_insert("shop.items", [{"_id": i} for i in range(4)], flags=1, request_id=2),  # ContinueOnError
         wire.encode_op_update("shop.items", {"_id": 1}, {"$set": {"x": 1}}, flags=1 | 2, request_id=3),  # Upsert|Multi
         wire.encode_op_delete("shop.items", {"_id": 2}, flags=1, request_id=4),  # SingleRemove
-        wire.encode_op_query({"x": {"$gt": 0}}, full_collection_name="shop.items", number_to_return=3, flags=4 | 16,
-                             request_id=5),  # SlaveOk | NoCursorTimeout
+        wire.encode_op_query(
+            {"x": {"$gt": 0}}, full_collection_name="shop.items", number_to_return=3, flags=4 | 16, request_id=5
+        ),  # SlaveOk | NoCursorTimeout
         wire.encode_op_get_more("shop.items", 77, number_to_return=2, request_id=6),
         wire.encode_op_kill_cursors([77, 78], request_id=7),
         wire.encode_op_command("shop", "ping", {}, {"ping": 1}, request_id=8),
@@ -525,8 +607,12 @@ def test_legacy_opcodes_are_counted_under_their_own_names_and_matching_stays_int
     assert ev[7].request.cursor_id == 77
     assert all(ev[r].ok is True for r in (1, 5, 6, 9))  # 8: the codec writes 3.2-style OP_COMMANDREPLY (no outcome)
     conn = ev[1].connection
-    assert (conn.app_name, conn.driver_name, conn.driver_version, conn.compression) == \
-        ("legacy-app", "old-driver", "0.9", "zlib")
+    assert (conn.app_name, conn.driver_name, conn.driver_version, conn.compression) == (
+        "legacy-app",
+        "old-driver",
+        "0.9",
+        "zlib",
+    )
     assert states == [(0, 0)] and sink.unmatched == [] and sink.decode_errors == []
     # /metrics counts each under its own op name.
     for op in ("op_insert", "op_update", "op_delete", "op_get_more", "op_kill_cursors", "query", "isMaster"):
@@ -539,6 +625,7 @@ def test_legacy_opcodes_are_counted_under_their_own_names_and_matching_stays_int
 
 # ---------------------------------------------------------------- checksumPresent
 
+
 async def checksum_handler(conn) -> None:
     """Replies carry a CRC-32C; the reply to request id 3 carries a wrong one."""
     while True:
@@ -546,8 +633,11 @@ async def checksum_handler(conn) -> None:
         if raw is None:
             return
         m = wire.decode_message(raw, verify_checksum=False)
-        raw = bytearray(wire.encode_op_msg({"ok": 1.0, "n": m.request_id}, checksum=True, response_to=m.request_id,
-                                           request_id=500 + m.request_id))
+        raw = bytearray(
+            wire.encode_op_msg(
+                {"ok": 1.0, "n": m.request_id}, checksum=True, response_to=m.request_id, request_id=500 + m.request_id
+            )
+        )
         if m.request_id == 3:
             raw[-2] ^= 0x55
         await conn.send_and_drain(bytes(raw))
@@ -555,14 +645,22 @@ async def checksum_handler(conn) -> None:
 
 @pytest.mark.parametrize("verify", [False, True])
 def test_checksum_present_is_skipped_or_verified(verify):
-    good = [wire.encode_op_msg({"insert": "c", "$db": "d"}, sequences=[("documents", [{"_id": i}])], checksum=True,
-                               request_id=i) for i in (1, 3, 4)]
-    bad = bytearray(wire.encode_op_msg({"insert": "c", "$db": "d"}, sequences=[("documents", [{"_id": 2}])],
-                                       checksum=True, request_id=2))
+    good = [
+        wire.encode_op_msg(
+            {"insert": "c", "$db": "d"}, sequences=[("documents", [{"_id": i}])], checksum=True, request_id=i
+        )
+        for i in (1, 3, 4)
+    ]
+    bad = bytearray(
+        wire.encode_op_msg(
+            {"insert": "c", "$db": "d"}, sequences=[("documents", [{"_id": 2}])], checksum=True, request_id=2
+        )
+    )
     bad[-1] ^= 0xFF
     sent = good[0] + bytes(bad) + good[1] + good[2]
-    compressed = wire.compress_message(wire.encode_op_msg({"ping": 1, "$db": "admin"}, checksum=True, request_id=5),
-                                       "zlib")
+    compressed = wire.compress_message(
+        wire.encode_op_msg({"ping": 1, "$db": "admin"}, checksum=True, request_id=5), "zlib"
+    )
     flags = {"verify_checksums": "true"} if verify else {}
     with ScriptedServer(checksum_handler) as srv:
         proxy, sink, registry = proxy_with_metrics(srv.port, **flags)
@@ -593,9 +691,15 @@ async def legacy_exhaust_handler(conn) -> None:
     rto = m.request_id
     for i in range(5):
         rid = 700 + i
-        await conn.send_and_drain(wire.encode_op_reply([{"_id": 2 * i}, {"_id": 2 * i + 1}], response_to=rto,
-                                                       cursor_id=0 if i == 4 else 4242, starting_from=2 * i,
-                                                       request_id=rid))
+        await conn.send_and_drain(
+            wire.encode_op_reply(
+                [{"_id": 2 * i}, {"_id": 2 * i + 1}],
+                response_to=rto,
+                cursor_id=0 if i == 4 else 4242,
+                starting_from=2 * i,
+                request_id=rid,
+            )
+        )
         if chain == "previous":
             rto = rid
     m = await conn.read_message(timeout=10)  # then an ordinary round trip on the same connection
@@ -608,8 +712,11 @@ def test_legacy_exhaust_query_streams_op_replies(chain):
     with ScriptedServer(legacy_exhaust_handler) as srv:
         proxy, sink, registry = proxy_with_metrics(srv.port)
         with proxy, socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
-            sock.sendall(wire.encode_op_query({"chain": chain}, full_collection_name="shop.oplog", flags=1 << 6,
-                                              number_to_return=0, request_id=1))
+            sock.sendall(
+                wire.encode_op_query(
+                    {"chain": chain}, full_collection_name="shop.oplog", flags=1 << 6, number_to_return=0, request_id=1
+                )
+            )
             replies = [wire.decode_message(wire.recv_message(sock)) for _ in range(5)]
             assert [r.reply.cursor_id for r in replies] == [4242] * 4 + [0]
             sock.sendall(wire.encode_op_msg({"ping": 1, "$db": "admin"}, request_id=2))
@@ -617,8 +724,9 @@ def test_legacy_exhaust_query_streams_op_replies(chain):
             proxy.wait_until(lambda: len(sink.commands) == 6, what="six events")
             states = tracker_state(proxy)
     queries = [e for e in sink.commands if e.op == "query"]
-    assert [(e.exhaust_index, e.documents_returned, e.cursor_id) for e in queries] == \
-        [(i, 2, 0 if i == 4 else 4242) for i in range(5)]
+    assert [(e.exhaust_index, e.documents_returned, e.cursor_id) for e in queries] == [
+        (i, 2, 0 if i == 4 else 4242) for i in range(5)
+    ]
     assert all(e.request_id == 1 and e.collection == "oplog" and e.reply_op_code == mwire.OP_REPLY for e in queries)
     assert [e.reply_request_id for e in queries] == [700, 701, 702, 703, 704]
     assert sink.unmatched == [] and metric(registry, "mongoproxy_unmatched_replies_total") == 0

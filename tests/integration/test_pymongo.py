@@ -51,8 +51,21 @@ def check_events(commands, db_name):
     """The events of one workload run, in order, carry the right op, db, collection, counts and outcome."""
     ev = [e for e in commands if e.database == db_name]
     ops = [e.op for e in ev]
-    assert ops == ["insert", "insert", "find", "find", "getMore", "getMore", "getMore", "getMore", "getMore",
-                   "update", "aggregate", "delete", "insert"], ops
+    assert ops == [
+        "insert",
+        "insert",
+        "find",
+        "find",
+        "getMore",
+        "getMore",
+        "getMore",
+        "getMore",
+        "getMore",
+        "update",
+        "aggregate",
+        "delete",
+        "insert",
+    ], ops
     assert all(e.collection == "items" for e in ev), [(e.op, e.collection) for e in ev]
     ins1, ins_many, find_one, find = ev[0], ev[1], ev[2], ev[3]
     assert ins1.documents_changed == 1 and ins1.request.documents == 1
@@ -88,8 +101,9 @@ def test_sync_pymongo_through_proxy(secantus, loop_kind):
     with ProxyThread(secantus.port, loop_kind=loop_kind) as proxy:
         with MongoClient(f"mongodb://127.0.0.1:{proxy.port}/?directConnection=true", appname="itest") as client:
             got = workload(client[proxied_db])
-        proxy.wait_until(lambda: len([e for e in proxy.sink.commands if e.database == proxied_db]) >= 13,
-                         what="13 workload events")
+        proxy.wait_until(
+            lambda: len([e for e in proxy.sink.commands if e.database == proxied_db]) >= 13, what="13 workload events"
+        )
         assert got == expected
         check_events(list(proxy.sink.commands), proxied_db)
         assert proxy.sink.decode_errors == [] and proxy.sink.unmatched == []

@@ -23,6 +23,7 @@ COMPRESSORS = ["noop", "snappy", "zlib", "zstd"]
 
 # ---------------------------------------------------------------- SecantusDB
 
+
 def test_secantus_answers_ping_insert_and_id_find(secantus_client, db_name):
     assert secantus_client.admin.command("ping")["ok"] == 1
     coll = secantus_client[db_name].items
@@ -38,6 +39,7 @@ def test_db_name_is_unique_per_test(db_name, secantus_client):
 
 
 # ---------------------------------------------------------------- scripted server
+
 
 @pytest.mark.parametrize("compressor", [None, "zlib", "snappy"])
 def test_scripted_server_speaks_to_pymongo(scripted_server, loop_kind, compressor):
@@ -182,6 +184,7 @@ def test_prepare_args_fills_ports():
 
 # ---------------------------------------------------------------- wire codec vs pymongo's bson
 
+
 def test_crc32c_known_values():
     assert wire.crc32c(b"") == 0
     assert wire.crc32c(b"123456789") == 0xE3069283
@@ -192,8 +195,14 @@ def test_op_msg_roundtrip_with_sequences_and_checksum():
     body = {"insert": "c", "ordered": True, "$db": "d", "lsid": {"id": bson.Binary(b"\x01" * 16, 4)}}
     docs = [{"_id": i, "v": "x" * i} for i in range(5)]
     for checksum in (False, True):
-        raw = wire.encode_op_msg(body, sequences=[("documents", docs)], checksum=checksum, request_id=42,
-                                 response_to=7, flags=wire.EXHAUST_ALLOWED)
+        raw = wire.encode_op_msg(
+            body,
+            sequences=[("documents", docs)],
+            checksum=checksum,
+            request_id=42,
+            response_to=7,
+            flags=wire.EXHAUST_ALLOWED,
+        )
         assert struct.unpack_from("<iiii", raw) == (len(raw), 42, 7, wire.OP_MSG)
         m = wire.decode_message(raw)
         assert (m.request_id, m.response_to, m.op_code, m.compressor) == (42, 7, wire.OP_MSG, None)
@@ -202,7 +211,7 @@ def test_op_msg_roundtrip_with_sequences_and_checksum():
         assert m.msg.exhaust_allowed and not m.more_to_come
         assert (m.msg.checksum is not None) == checksum
         # Layout check independent of the decoder: kind 0 sits right after flagBits.
-        assert raw[20] == 0 and raw[21:21 + len(bson.encode(body))] == bson.encode(body)
+        assert raw[20] == 0 and raw[21 : 21 + len(bson.encode(body))] == bson.encode(body)
     corrupt = bytearray(wire.encode_op_msg({"ping": 1}, checksum=True))
     corrupt[-6] ^= 0xFF
     with pytest.raises(wire.WireFormatError, match="checksum"):
@@ -230,7 +239,7 @@ def test_legacy_opcodes_roundtrip():
         (wire.encode_op_insert("d.c", [{"a": 1}, {"b": 2}], flags=1), {"documents": [{"a": 1}, {"b": 2}]}),
         (wire.encode_op_update("d.c", {"a": 1}, {"$set": {"b": 2}}), {"update": {"$set": {"b": 2}}}),
         (wire.encode_op_delete("d.c", {"a": 1}, flags=1), {"selector": {"a": 1}, "flags": 1}),
-        (wire.encode_op_get_more("d.c", 2 ** 40, number_to_return=5), {"cursor_id": 2 ** 40}),
+        (wire.encode_op_get_more("d.c", 2**40, number_to_return=5), {"cursor_id": 2**40}),
         (wire.encode_op_kill_cursors([1, 2, 3]), {"cursor_ids": [1, 2, 3]}),
         (wire.encode_op_command("d", "ping", {}, {"ping": 1}, [{"x": 1}]), {"command_name": "ping"}),
         (wire.encode_op_commandreply({}, {"ok": 1}, [], response_to=3), {"command_reply": {"ok": 1}}),
@@ -245,16 +254,21 @@ def test_legacy_opcodes_roundtrip():
 @pytest.mark.parametrize("compressor", COMPRESSORS)
 def test_op_compressed_roundtrip(compressor):
     big = {"find": "c", "filter": {"s": "abc" * 5000}, "$db": "d"}
-    for original in (wire.encode_op_msg(big, request_id=5, response_to=1),
-                     wire.encode_op_query({"isMaster": 1}, request_id=6),
-                     wire.encode_op_reply([{"ok": 1.0}], response_to=6, request_id=7)):
+    for original in (
+        wire.encode_op_msg(big, request_id=5, response_to=1),
+        wire.encode_op_query({"isMaster": 1}, request_id=6),
+        wire.encode_op_reply([{"ok": 1.0}], response_to=6, request_id=7),
+    ):
         packed = wire.compress_message(original, compressor)
         length, rid, rto, op = struct.unpack_from("<iiii", packed)
         assert (length, op) == (len(packed), wire.OP_COMPRESSED)
         assert (rid, rto) == struct.unpack_from("<ii", original, 4)
         orig_op, size, cid = struct.unpack_from("<iiB", packed, 16)
-        assert (orig_op, size, cid) == (struct.unpack_from("<i", original, 12)[0], len(original) - 16,
-                                        wire.COMPRESSOR_IDS[compressor])
+        assert (orig_op, size, cid) == (
+            struct.unpack_from("<i", original, 12)[0],
+            len(original) - 16,
+            wire.COMPRESSOR_IDS[compressor],
+        )
         assert wire.decompress_message(packed) == original
         m = wire.decode_message(packed)
         assert m.compressor == compressor and m.payload == original[16:] and m.raw == packed
@@ -265,10 +279,10 @@ def test_op_compressed_roundtrip(compressor):
 def test_malformed_messages_raise_wire_format_error():
     good = wire.encode_op_msg({"ping": 1, "$db": "a"})
     bad = [
-        good[:-1],                                                        # length mismatch
+        good[:-1],  # length mismatch
         struct.pack("<i", len(good)) + good[4:12] + struct.pack("<i", 9999) + good[16:],  # unknown opcode
-        good[:20] + b"\x02" + good[21:],                                  # unknown section kind
-        good[:16] + b"\x00\x00\x00\x00",                                  # no kind-0 section (length fixed below)
+        good[:20] + b"\x02" + good[21:],  # unknown section kind
+        good[:16] + b"\x00\x00\x00\x00",  # no kind-0 section (length fixed below)
     ]
     bad[-1] = struct.pack("<i", 20) + bad[-1][4:]
     for raw in bad:
@@ -286,7 +300,7 @@ def test_split_and_stream_readers(arun):
     async def read_all():
         reader = asyncio.StreamReader()
         for i in range(0, len(stream), 7):
-            reader.feed_data(stream[i:i + 7])
+            reader.feed_data(stream[i : i + 7])
         reader.feed_eof()
         out = []
         while (m := await wire.read_message(reader)) is not None:
@@ -311,6 +325,7 @@ def test_canned_document_has_exact_size():
 
 # ---------------------------------------------------------------- system requirements
 
+
 def test_require_tool_skips_or_fails_by_env(monkeypatch):
     from tests.support.system import require_tool
 
@@ -331,9 +346,20 @@ def test_node_modules_mongosh_runs():
     from tests.support.system import require_node_modules
 
     mods = require_node_modules()
-    out = subprocess.run([mods.mongosh, "--nodb", "--quiet", "--eval", "print(6 * 7)"], capture_output=True,
-                         text=True, timeout=60, stdin=subprocess.DEVNULL)
+    out = subprocess.run(
+        [mods.mongosh, "--nodb", "--quiet", "--eval", "print(6 * 7)"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
     assert out.returncode == 0 and out.stdout.strip() == "42", out.stderr
-    out = subprocess.run([mods.node, "-e", "console.log(typeof require('mongodb').MongoClient)"],
-                         capture_output=True, text=True, timeout=60, env=mods.env(), cwd="/")
+    out = subprocess.run(
+        [mods.node, "-e", "console.log(typeof require('mongodb').MongoClient)"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=mods.env(),
+        cwd="/",
+    )
     assert out.stdout.strip() == "function", out.stderr

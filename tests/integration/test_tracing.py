@@ -45,8 +45,11 @@ def receiver():
 @pytest.fixture(scope="module")
 def proxy(secantus, receiver):
     """A proxy exporting to the receiver, sample ratio 0 (only commands with a context are traced)."""
-    with run_proxy_process(["--otlp-endpoint", receiver.endpoint, "--service-name", "orders-proxy"],
-                           env=FAST_EXPORT, upstream=secantus.address) as p:
+    with run_proxy_process(
+        ["--otlp-endpoint", receiver.endpoint, "--service-name", "orders-proxy"],
+        env=FAST_EXPORT,
+        upstream=secantus.address,
+    ) as p:
         yield p
 
 
@@ -63,8 +66,7 @@ def client(proxy):
 def test_find_with_traceparent_yields_a_child_span_with_every_attribute(proxy, receiver, secantus, client, db_name):
     client[db_name].people.insert_many([{"_id": i, "name": f"p{i}"} for i in range(3)])
     trace, parent, tp = new_context()
-    find = wire.encode_op_msg({"find": "people", "filter": {"_id": {"$in": [0, 1, 2]}}, "comment": tp,
-                               "$db": db_name})
+    find = wire.encode_op_msg({"find": "people", "filter": {"_id": {"$in": [0, 1, 2]}}, "comment": tp, "$db": db_name})
     before = time.time_ns()
     with socket.create_connection(proxy.address, timeout=10) as sock:
         sock.sendall(find)
@@ -212,8 +214,7 @@ def test_trace_query_adds_the_command_with_every_literal_replaced(secantus, db_n
         c = p.client()
         try:
             trace, parent, tp = new_context()
-            c[db_name].people.find_one({"email": "ann@example.com", "age": {"$gt": 41}, "tags": ["vip", 7]},
-                                       comment=tp)
+            c[db_name].people.find_one({"email": "ann@example.com", "age": {"$gt": 41}, "tags": ["vip", 7]}, comment=tp)
         finally:
             c.close()
         deadline = time.monotonic() + 20
@@ -249,8 +250,9 @@ def test_no_context_and_ratio_zero_yields_no_span(receiver, client, db_name):
 
 
 def test_ratio_one_traces_every_command(secantus, receiver, db_name):
-    with run_proxy_process(["--otlp-endpoint", receiver.endpoint, "--trace-sample-ratio", "1"], env=FAST_EXPORT,
-                           upstream=secantus.address) as p:
+    with run_proxy_process(
+        ["--otlp-endpoint", receiver.endpoint, "--trace-sample-ratio", "1"], env=FAST_EXPORT, upstream=secantus.address
+    ) as p:
         c = p.client()
         try:
             coll = c[db_name].everything
@@ -278,8 +280,9 @@ def test_collector_down_mid_run_does_not_disturb_traffic_and_drops_are_counted(s
     rx = OTLPReceiver().start()
     env = {**FAST_EXPORT, "OTEL_BSP_MAX_QUEUE_SIZE": "40", "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT": "1"}
     try:
-        with run_proxy_process(["--otlp-endpoint", rx.endpoint, "--trace-sample-ratio", "1"], env=env,
-                               upstream=secantus.address) as p:
+        with run_proxy_process(
+            ["--otlp-endpoint", rx.endpoint, "--trace-sample-ratio", "1"], env=env, upstream=secantus.address
+        ) as p:
             c = p.client()
             try:
                 coll = c[db_name].load
@@ -375,11 +378,14 @@ def test_trace_console_prints_spans_on_stdout(secantus, db_name):
         assert span["name"] == "find things" and span["parent_id"] == f"0x{parent}"
 
 
-@pytest.mark.parametrize("args, fix", [
-    (["--trace-sample-ratio", "1.5"], "give a number from 0 to 1"),
-    (["--otlp-endpoint", "collector:4318"], "give e.g. http://otel-collector:4318"),
-    (["--otlp-protocol", "thrift"], "use http/protobuf or grpc"),
-])
+@pytest.mark.parametrize(
+    "args, fix",
+    [
+        (["--trace-sample-ratio", "1.5"], "give a number from 0 to 1"),
+        (["--otlp-endpoint", "collector:4318"], "give e.g. http://otel-collector:4318"),
+        (["--otlp-protocol", "thrift"], "use http/protobuf or grpc"),
+    ],
+)
 def test_bad_tracing_flags_get_one_line_naming_the_fix(args, fix):
     r = run_proxy_cli(["run", "--proxy", "27999:localhost:27017", "--admin-port", "0", *args])
     assert r.returncode == 2
@@ -388,8 +394,10 @@ def test_bad_tracing_flags_get_one_line_naming_the_fix(args, fix):
 
 
 def test_bad_otel_endpoint_variable_gets_one_line(secantus):
-    r = run_proxy_cli(["run", "--proxy", f"0:127.0.0.1:{secantus.port}", "--admin-port", "0"],
-                      env={"OTEL_EXPORTER_OTLP_ENDPOINT": "localhost:4318"})
+    r = run_proxy_cli(
+        ["run", "--proxy", f"0:127.0.0.1:{secantus.port}", "--admin-port", "0"],
+        env={"OTEL_EXPORTER_OTLP_ENDPOINT": "localhost:4318"},
+    )
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("mongoproxy: error: OTEL_EXPORTER_OTLP_ENDPOINT:"), r.stderr

@@ -33,21 +33,31 @@ def _find() -> bytearray:
     return bytearray(bson.encode({"find": "orders", "filter": {"_id": 7}, "$db": "shop"}))
 
 
-def _compressed(inner: bytes, compressor: str, size_delta: int = 0, compressor_id: int | None = None,
-                original_op: int | None = None, corrupt_at: int | None = None) -> bytes:
+def _compressed(
+    inner: bytes,
+    compressor: str,
+    size_delta: int = 0,
+    compressor_id: int | None = None,
+    original_op: int | None = None,
+    corrupt_at: int | None = None,
+) -> bytes:
     length, rid, rto, op = struct.unpack_from("<iiii", inner)
     body = inner[16:]
     payload = bytearray(tw.compress_bytes(body, compressor))
     if corrupt_at is not None:
-        payload[corrupt_at:corrupt_at + 4] = b"\xde\xad\xbe\xef"
-    prefix = struct.pack("<iiB", op if original_op is None else original_op, len(body) + size_delta,
-                         tw.COMPRESSOR_IDS[compressor] if compressor_id is None else compressor_id)
+        payload[corrupt_at : corrupt_at + 4] = b"\xde\xad\xbe\xef"
+    prefix = struct.pack(
+        "<iiB",
+        op if original_op is None else original_op,
+        len(body) + size_delta,
+        tw.COMPRESSOR_IDS[compressor] if compressor_id is None else compressor_id,
+    )
     return tw.encode_message(tw.OP_COMPRESSED, prefix + bytes(payload), rid, rto)
 
 
 def _patch(doc: bytearray, needle: bytes, offset: int, new: bytes) -> bytearray:
     i = doc.index(needle) + offset
-    doc[i:i + len(new)] = new
+    doc[i : i + len(new)] = new
     return doc
 
 
@@ -59,7 +69,7 @@ def build() -> dict[str, bytes]:
 
     # ---- framing: truncated streams and impossible lengths
     c["request.truncated.partial-header-at-eof.bin"] = ping + struct.pack("<iiii", 60, RID + 1, 0, tw.OP_MSG)[:10]
-    c["request.truncated.partial-body-at-eof.bin"] = find[:len(find) - 9]
+    c["request.truncated.partial-body-at-eof.bin"] = find[: len(find) - 9]
     c["request.message_too_large.over-maximum.bin"] = struct.pack("<iiii", 48_000_001, RID, 0, tw.OP_MSG) + b"\x00" * 64
     c["request.message_too_large.int32-max.bin"] = struct.pack("<iiii", 0x7FFFFFFF, RID, 0, tw.OP_MSG) + b"\x00" * 64
     c["request.bad_message_length.negative.bin"] = struct.pack("<iiii", -1, RID, 0, tw.OP_MSG) + find[16:]
@@ -77,12 +87,15 @@ def build() -> dict[str, bytes]:
     doc = _find()
     doc[0:4] = struct.pack("<i", 3)
     c["request.bad_length.document-length-3.bin"] = _op_msg(_kind0(bytes(doc)))
-    c["request.bad_length.string-length-past-document.bin"] = _op_msg(_kind0(bytes(
-        _patch(_find(), b"orders", -4, struct.pack("<i", 1000)))))
-    c["request.string_not_terminated.string-length-zero.bin"] = _op_msg(_kind0(bytes(
-        _patch(_find(), b"orders", -4, struct.pack("<i", 0)))))
-    c["request.string_not_terminated.string-without-nul.bin"] = _op_msg(_kind0(bytes(
-        _patch(_find(), b"orders", 6, b"X"))))
+    c["request.bad_length.string-length-past-document.bin"] = _op_msg(
+        _kind0(bytes(_patch(_find(), b"orders", -4, struct.pack("<i", 1000))))
+    )
+    c["request.string_not_terminated.string-length-zero.bin"] = _op_msg(
+        _kind0(bytes(_patch(_find(), b"orders", -4, struct.pack("<i", 0))))
+    )
+    c["request.string_not_terminated.string-without-nul.bin"] = _op_msg(
+        _kind0(bytes(_patch(_find(), b"orders", 6, b"X")))
+    )
     doc = _find()
     doc[-1] = 1
     c["request.missing_terminator.document-without-trailing-nul.bin"] = _op_msg(_kind0(bytes(doc)))
@@ -92,12 +105,17 @@ def build() -> dict[str, bytes]:
     c["request.bad_section_kind.section-kind-5.bin"] = _op_msg(struct.pack("<I", 0) + b"\x05" + bytes(_find()))
     seq = b"documents\x00" + bson.encode({"a": 1})
     c["request.bad_length.kind1-size-past-message.bin"] = _op_msg(
-        _kind0(bson.encode({"insert": "orders", "$db": "shop"})) + b"\x01" + struct.pack("<i", 500) + seq)
+        _kind0(bson.encode({"insert": "orders", "$db": "shop"})) + b"\x01" + struct.pack("<i", 500) + seq
+    )
     seq_doc = bytearray(bson.encode({"a": 1}))
     seq_doc[0:4] = struct.pack("<i", 40)
     c["request.bad_length.kind1-document-length.bin"] = _op_msg(
-        _kind0(bson.encode({"insert": "orders", "$db": "shop"})) + b"\x01"
-        + struct.pack("<i", 4 + 10 + len(seq_doc)) + b"documents\x00" + bytes(seq_doc))
+        _kind0(bson.encode({"insert": "orders", "$db": "shop"}))
+        + b"\x01"
+        + struct.pack("<i", 4 + 10 + len(seq_doc))
+        + b"documents\x00"
+        + bytes(seq_doc)
+    )
     killc = struct.pack("<ii", 0, -5) + struct.pack("<q", 1)
     c["request.bad_length.op-kill-cursors-negative-count.bin"] = tw.encode_message(tw.OP_KILL_CURSORS, killc, RID)
     q = tw.encode_op_query({"isMaster": 1}, fields={"a": 1}, request_id=RID) + b"\x01\x02\x03"
@@ -141,14 +159,20 @@ def build() -> dict[str, bytes]:
     r = tw.encode_op_msg({"ok": 0.0, "errmsg": "b\u00e9d", "code": 2}, response_to=RID, request_id=503)
     c["reply.invalid_utf8.errmsg.bin"] = r.replace(b"b\xc3\xa9d", b"b\xff\xa9d")
     c["reply.invalid_utf8.cursor-ns.bin"] = tw.encode_op_msg(
-        {"cursor": {"id": bson.Int64(0), "ns": "shop.\u00e9", "firstBatch": []}, "ok": 1.0}, response_to=RID,
-        request_id=504).replace(b"shop.\xc3\xa9", b"shop.\xff\xa9")
+        {"cursor": {"id": bson.Int64(0), "ns": "shop.\u00e9", "firstBatch": []}, "ok": 1.0},
+        response_to=RID,
+        request_id=504,
+    ).replace(b"shop.\xc3\xa9", b"shop.\xff\xa9")
     c["reply.bad_message_length.negative.bin"] = struct.pack("<iiii", -100, 505, RID, tw.OP_MSG) + b"\x00" * 20
     c["reply.bad_uncompressed_size.zlib-size-too-large.bin"] = _compressed(
-        tw.encode_op_msg({"ok": 1.0}, response_to=RID, request_id=506), "zlib", size_delta=+1)
-    reply = tw.encode_op_msg({"cursor": {"id": bson.Int64(0), "ns": "shop.orders", "firstBatch": [{"_id": 7}]},
-                              "ok": 1.0}, response_to=RID, request_id=507)
-    c["reply.truncated.partial-reply-at-eof.bin"] = reply[:len(reply) // 2]
+        tw.encode_op_msg({"ok": 1.0}, response_to=RID, request_id=506), "zlib", size_delta=+1
+    )
+    reply = tw.encode_op_msg(
+        {"cursor": {"id": bson.Int64(0), "ns": "shop.orders", "firstBatch": [{"_id": 7}]}, "ok": 1.0},
+        response_to=RID,
+        request_id=507,
+    )
+    c["reply.truncated.partial-reply-at-eof.bin"] = reply[: len(reply) // 2]
     return c
 
 

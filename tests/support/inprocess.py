@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import AsyncIterator, Optional
+from collections.abc import AsyncIterator
 
 from mongoproxy import config as config_mod
 from mongoproxy.events import CollectingSink, SinkBus
@@ -36,8 +36,14 @@ def make_config(*specs: str, **flags: str) -> config_mod.Config:
 
 
 @contextlib.asynccontextmanager
-async def running_proxy(upstream_port: Optional[int] = None, *, specs: tuple = (), sinks: Optional[list] = None,
-                        upstream_host: str = "127.0.0.1", **flags: str) -> AsyncIterator[Proxy]:
+async def running_proxy(
+    upstream_port: int | None = None,
+    *,
+    specs: tuple = (),
+    sinks: list | None = None,
+    upstream_host: str = "127.0.0.1",
+    **flags: str,
+) -> AsyncIterator[Proxy]:
     """Start a Proxy on a free port in front of upstream_host:upstream_port; drains on exit."""
     specs = specs or (f"0:{upstream_host}:{upstream_port}",)
     cfg = make_config(*specs, **flags)
@@ -55,8 +61,16 @@ async def running_proxy(upstream_port: Optional[int] = None, *, specs: tuple = (
 class ProxyThread:
     """The proxy on its own event loop in a background thread, for synchronous clients."""
 
-    def __init__(self, upstream_port: Optional[int] = None, *, loop_kind: str = "uvloop", specs: tuple = (),
-                 sinks: Optional[list] = None, upstream_host: str = "127.0.0.1", **flags: str) -> None:
+    def __init__(
+        self,
+        upstream_port: int | None = None,
+        *,
+        loop_kind: str = "uvloop",
+        specs: tuple = (),
+        sinks: list | None = None,
+        upstream_host: str = "127.0.0.1",
+        **flags: str,
+    ) -> None:
         import threading
 
         self.sink = CollectingSink()
@@ -64,10 +78,10 @@ class ProxyThread:
         self._args = (upstream_port, specs, upstream_host, flags)
         self._kind = loop_kind
         self._ready = threading.Event()
-        self._stop: Optional[asyncio.Event] = None
-        self.loop: Optional[asyncio.AbstractEventLoop] = None
-        self.proxy: Optional[Proxy] = None
-        self._error: Optional[BaseException] = None
+        self._stop: asyncio.Event | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.proxy: Proxy | None = None
+        self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._main, name="proxy-thread", daemon=True)
 
     @property
@@ -82,8 +96,9 @@ class ProxyThread:
         self.loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
         try:
-            async with running_proxy(upstream_port, specs=specs, sinks=self.sinks, upstream_host=host,
-                                     **flags) as proxy:
+            async with running_proxy(
+                upstream_port, specs=specs, sinks=self.sinks, upstream_host=host, **flags
+            ) as proxy:
                 self.proxy = proxy
                 self._ready.set()
                 await self._stop.wait()
@@ -116,7 +131,7 @@ class ProxyThread:
                 raise AssertionError(f"timed out waiting for {what}")
             time.sleep(0.01)
 
-    def __enter__(self) -> "ProxyThread":
+    def __enter__(self) -> ProxyThread:
         self._thread.start()
         self._ready.wait(30)
         if self._error is not None:

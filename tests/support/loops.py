@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from typing import Any, Awaitable, Callable, Union
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 LOOP_KINDS = ("asyncio", "uvloop")
 
@@ -20,8 +21,9 @@ def loop_factory(loop_kind: str) -> Callable[[], asyncio.AbstractEventLoop]:
     raise ValueError(f"unknown loop kind {loop_kind!r}; expected one of {LOOP_KINDS}")
 
 
-def run_async(coro: Union[Awaitable[Any], Callable[[], Awaitable[Any]]], loop_kind: str = "asyncio",
-              timeout: float = 60.0) -> Any:
+def run_async(
+    coro: Awaitable[Any] | Callable[[], Awaitable[Any]], loop_kind: str = "asyncio", timeout: float = 60.0
+) -> Any:
     """Run a coroutine (or a no-argument coroutine function) to completion on a fresh loop of `loop_kind`.
 
     `timeout` bounds the whole run so a hung test fails with TimeoutError instead of stalling the suite.

@@ -16,9 +16,10 @@ import json
 import threading
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable, Optional
+from typing import Any
 
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
@@ -79,32 +80,39 @@ def decode_request(body: bytes) -> list[ReceivedSpan]:
         resource = {kv.key: any_value(kv.value) for kv in rs.resource.attributes}
         for ss in rs.scope_spans:
             for s in ss.spans:
-                out.append(ReceivedSpan(
-                    trace_id=s.trace_id.hex(),
-                    span_id=s.span_id.hex(),
-                    parent_span_id=s.parent_span_id.hex(),
-                    name=s.name,
-                    kind=Span.SpanKind.Name(s.kind).removeprefix("SPAN_KIND_"),
-                    start_ns=s.start_time_unix_nano,
-                    end_ns=s.end_time_unix_nano,
-                    attributes={kv.key: any_value(kv.value) for kv in s.attributes},
-                    status_code=Status.StatusCode.Name(s.status.code).removeprefix("STATUS_CODE_"),
-                    status_message=s.status.message,
-                    trace_state=s.trace_state,
-                    flags=s.flags,
-                    links=[{"trace_id": ln.trace_id.hex(), "span_id": ln.span_id.hex()} for ln in s.links],
-                    resource=resource,
-                    scope_name=ss.scope.name,
-                    scope_version=ss.scope.version,
-                ))
+                out.append(
+                    ReceivedSpan(
+                        trace_id=s.trace_id.hex(),
+                        span_id=s.span_id.hex(),
+                        parent_span_id=s.parent_span_id.hex(),
+                        name=s.name,
+                        kind=Span.SpanKind.Name(s.kind).removeprefix("SPAN_KIND_"),
+                        start_ns=s.start_time_unix_nano,
+                        end_ns=s.end_time_unix_nano,
+                        attributes={kv.key: any_value(kv.value) for kv in s.attributes},
+                        status_code=Status.StatusCode.Name(s.status.code).removeprefix("STATUS_CODE_"),
+                        status_message=s.status.message,
+                        trace_state=s.trace_state,
+                        flags=s.flags,
+                        links=[{"trace_id": ln.trace_id.hex(), "span_id": ln.span_id.hex()} for ln in s.links],
+                        resource=resource,
+                        scope_name=ss.scope.name,
+                        scope_version=ss.scope.version,
+                    )
+                )
     return out
 
 
 class OTLPReceiver:
     """A threaded OTLP/HTTP receiver on host:port (0 picks a free port, kept across stop/restart)."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0,
-                 on_span: Optional[Callable[[ReceivedSpan], None]] = None, keep: bool = True) -> None:
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        on_span: Callable[[ReceivedSpan], None] | None = None,
+        keep: bool = True,
+    ) -> None:
         self.host = host
         self.keep = keep  # False: count requests and spans, keep none (long benchmark runs)
         self.port = port
@@ -116,11 +124,11 @@ class OTLPReceiver:
         self.last_error = ""
         self.status = 200  # answer every export with this status (e.g. 503 to play a failing collector)
         self._cond = threading.Condition()
-        self._server: Optional[ThreadingHTTPServer] = None
-        self._thread: Optional[threading.Thread] = None
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
 
     # ---- lifecycle
-    def start(self) -> "OTLPReceiver":
+    def start(self) -> OTLPReceiver:
         """Listen and serve in a background thread."""
         receiver = self
 
@@ -171,8 +179,9 @@ class OTLPReceiver:
 
         self._server = Server((self.host, self.port), Handler)
         self.port = self._server.server_address[1]
-        self._thread = threading.Thread(target=self._server.serve_forever, name=f"otlp-receiver-{self.port}",
-                                        daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name=f"otlp-receiver-{self.port}", daemon=True
+        )
         self._thread.start()
         return self
 
@@ -184,12 +193,12 @@ class OTLPReceiver:
             self._thread.join(5)
             self._server = None
 
-    def restart(self) -> "OTLPReceiver":
+    def restart(self) -> OTLPReceiver:
         """Listen again on the same port."""
         self.stop()
         return self.start()
 
-    def __enter__(self) -> "OTLPReceiver":
+    def __enter__(self) -> OTLPReceiver:
         return self.start() if self._server is None else self
 
     def __exit__(self, *exc: Any) -> None:
@@ -222,8 +231,9 @@ class OTLPReceiver:
         with self._cond:
             return [s for s in self.spans if predicate(s)]
 
-    def wait_for(self, predicate: Callable[[ReceivedSpan], bool], count: int = 1,
-                 timeout: float = 20.0) -> list[ReceivedSpan]:
+    def wait_for(
+        self, predicate: Callable[[ReceivedSpan], bool], count: int = 1, timeout: float = 20.0
+    ) -> list[ReceivedSpan]:
         """Block until at least `count` received spans satisfy predicate; AssertionError after timeout."""
         deadline = time.monotonic() + timeout
         with self._cond:
@@ -234,9 +244,11 @@ class OTLPReceiver:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     bad = f"{self.bad_requests} undecodable" + (f": {self.last_error}" if self.last_error else "")
-                    raise AssertionError(f"OTLP receiver: {len(found)} of {count} expected span(s) after {timeout}s "
-                                         f"({len(self.spans)} span(s) received in all, {self.requests} request(s), "
-                                         f"{bad})")
+                    raise AssertionError(
+                        f"OTLP receiver: {len(found)} of {count} expected span(s) after {timeout}s "
+                        f"({len(self.spans)} span(s) received in all, {self.requests} request(s), "
+                        f"{bad})"
+                    )
                 self._cond.wait(left)
 
     def trace(self, trace_id: str, count: int = 1, timeout: float = 20.0) -> list[ReceivedSpan]:
@@ -244,7 +256,7 @@ class OTLPReceiver:
         return self.wait_for(lambda s: s.trace_id == trace_id, count, timeout)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     """Run a receiver in the foreground, printing each span as one JSON line."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1")

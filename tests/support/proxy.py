@@ -11,7 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Iterator, Mapping, Optional, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 from .ports import free_port
 from .system import REPO_ROOT
@@ -36,7 +36,7 @@ def _flag_value(args: Sequence[str], flag: str) -> list[str]:
     return out
 
 
-def proxy_env(env: Optional[Mapping[str, str]] = None) -> dict[str, str]:
+def proxy_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
     """os.environ without inherited MONGOPROXY_* settings, plus `env`, unbuffered output."""
     out = {k: v for k, v in os.environ.items() if not k.startswith("MONGOPROXY_")}
     out["PYTHONUNBUFFERED"] = "1"
@@ -59,7 +59,7 @@ class ProxyProcess:
         self._dir = tempfile.mkdtemp(prefix="mongoproxy-test-")
         self.stdout_path = os.path.join(self._dir, "stdout.txt")
         self.stderr_path = os.path.join(self._dir, "stderr.txt")
-        self.proc: Optional[subprocess.Popen] = None
+        self.proc: subprocess.Popen | None = None
         self.waited = False
 
     @property
@@ -91,12 +91,13 @@ class ProxyProcess:
         kwargs.setdefault("serverSelectionTimeoutMS", 5000)
         return pymongo.MongoClient(self.uri, **kwargs)
 
-    def start(self) -> "ProxyProcess":
+    def start(self) -> ProxyProcess:
         """Spawn the process (does not wait for readiness)."""
         cmd = [sys.executable, "-m", "mongoproxy", "run", *self.args]
         with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
-            self.proc = subprocess.Popen(cmd, stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=self.env,
-                                         cwd=self.cwd)
+            self.proc = subprocess.Popen(
+                cmd, stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=self.env, cwd=self.cwd
+            )
         return self
 
     # ---- output
@@ -127,7 +128,7 @@ class ProxyProcess:
         assert status == 200, f"/metrics answered {status}: {body[:500]}"
         return body
 
-    def metric(self, name: str, **labels: str) -> Optional[float]:
+    def metric(self, name: str, **labels: str) -> float | None:
         """Value of the sample `name` whose labels include `labels` (summed over matches); None if absent."""
         from prometheus_client.parser import text_string_to_metric_families
 
@@ -146,8 +147,10 @@ class ProxyProcess:
             rc = self.proc.poll()
             if rc is not None:
                 self.waited = True
-                raise AssertionError(f"mongoproxy exited with {rc} before /readyz answered 200\n"
-                                     f"args: {self.args}\nstderr:\n{self.stderr_text()[-STDERR_TAIL:]}")
+                raise AssertionError(
+                    f"mongoproxy exited with {rc} before /readyz answered 200\n"
+                    f"args: {self.args}\nstderr:\n{self.stderr_text()[-STDERR_TAIL:]}"
+                )
             try:
                 status, body = self.admin_get("/readyz", timeout=1.0)
                 if status == 200:
@@ -156,8 +159,10 @@ class ProxyProcess:
             except OSError as exc:
                 last = repr(exc)
             if time.monotonic() > deadline:
-                raise AssertionError(f"mongoproxy /readyz not 200 after {timeout}s (last: {last})\n"
-                                     f"args: {self.args}\nstderr:\n{self.stderr_text()[-STDERR_TAIL:]}")
+                raise AssertionError(
+                    f"mongoproxy /readyz not 200 after {timeout}s (last: {last})\n"
+                    f"args: {self.args}\nstderr:\n{self.stderr_text()[-STDERR_TAIL:]}"
+                )
             time.sleep(0.03)
 
     # ---- process control
@@ -165,13 +170,13 @@ class ProxyProcess:
         """Send `sig` to the proxy."""
         self.proc.send_signal(sig)
 
-    def wait(self, timeout: Optional[float] = 30.0) -> int:
+    def wait(self, timeout: float | None = 30.0) -> int:
         """Wait for exit and return the exit code (subprocess.TimeoutExpired after `timeout`)."""
         rc = self.proc.wait(timeout)
         self.waited = True
         return rc
 
-    def poll(self) -> Optional[int]:
+    def poll(self) -> int | None:
         """Exit code, or None while running."""
         return self.proc.poll()
 
@@ -191,7 +196,7 @@ class ProxyProcess:
         shutil.rmtree(self._dir, ignore_errors=True)
 
 
-def prepare_args(args: Sequence[str], upstream: Optional[tuple[str, int]] = None) -> list[str]:
+def prepare_args(args: Sequence[str], upstream: tuple[str, int] | None = None) -> list[str]:
     """Fill `{port}`/`{admin_port}` placeholders, add `--proxy {port}:UPSTREAM` and a free `--admin-port` if absent."""
     args = [str(a) for a in args]
     if upstream is not None and not _flag_value(args, "--proxy"):
@@ -211,10 +216,17 @@ def prepare_args(args: Sequence[str], upstream: Optional[tuple[str, int]] = None
 
 
 @contextlib.contextmanager
-def run_proxy_process(args: Sequence[str] = (), env: Optional[Mapping[str, str]] = None, *,
-                      upstream: Optional[tuple[str, int]] = None, ready: bool = True, ready_timeout: float = 20.0,
-                      stop_timeout: float = 30.0, check_exit: bool = True,
-                      cwd: Optional[str] = None) -> Iterator[ProxyProcess]:
+def run_proxy_process(
+    args: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
+    *,
+    upstream: tuple[str, int] | None = None,
+    ready: bool = True,
+    ready_timeout: float = 20.0,
+    stop_timeout: float = 30.0,
+    check_exit: bool = True,
+    cwd: str | None = None,
+) -> Iterator[ProxyProcess]:
     """Start `python -m mongoproxy run ARGS`, wait for /readyz 200, yield it; SIGTERM (then kill) on exit.
 
     - `{port}` in an argument becomes a free port; `upstream=(host, port)` adds `--proxy {port}:host:port`
@@ -246,15 +258,25 @@ def run_proxy_process(args: Sequence[str] = (), env: Optional[Mapping[str, str]]
             if died_early:
                 raise AssertionError(f"mongoproxy exited with {rc} during the test\nstderr:\n{text[-STDERR_TAIL:]}")
             if killed:
-                raise AssertionError(f"mongoproxy ignored SIGTERM for {stop_timeout}s and was killed\n"
-                                     f"stderr:\n{text[-STDERR_TAIL:]}")
+                raise AssertionError(
+                    f"mongoproxy ignored SIGTERM for {stop_timeout}s and was killed\nstderr:\n{text[-STDERR_TAIL:]}"
+                )
             if rc != 0:
-                raise AssertionError(f"mongoproxy exited with {rc} after SIGTERM (expected 0)\n"
-                                     f"stderr:\n{text[-STDERR_TAIL:]}")
+                raise AssertionError(
+                    f"mongoproxy exited with {rc} after SIGTERM (expected 0)\nstderr:\n{text[-STDERR_TAIL:]}"
+                )
 
 
-def run_proxy_cli(args: Sequence[str], env: Optional[Mapping[str, str]] = None, timeout: float = 30.0,
-                  cwd: Optional[str] = None) -> subprocess.CompletedProcess:
+def run_proxy_cli(
+    args: Sequence[str], env: Mapping[str, str] | None = None, timeout: float = 30.0, cwd: str | None = None
+) -> subprocess.CompletedProcess:
     """Run `python -m mongoproxy ARGS` to completion (for --help and one-line error tests); text output."""
-    return subprocess.run([sys.executable, "-m", "mongoproxy", *map(str, args)], capture_output=True, text=True,
-                          env=proxy_env(env), cwd=cwd or str(REPO_ROOT), timeout=timeout, stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        [sys.executable, "-m", "mongoproxy", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=proxy_env(env),
+        cwd=cwd or str(REPO_ROOT),
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )

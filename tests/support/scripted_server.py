@@ -14,7 +14,8 @@ import socket
 import struct
 import threading
 from collections import Counter
-from typing import Any, Awaitable, Callable, Optional, Sequence, Union
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 import bson
 from bson.raw_bson import RawBSONDocument
@@ -31,8 +32,9 @@ _DISCONNECTS = (ConnectionError, asyncio.IncompleteReadError, EOFError, BrokenPi
 class ScriptedConnection:
     """One accepted connection as seen by a handler."""
 
-    def __init__(self, server: "ScriptedServer", reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                 index: int) -> None:
+    def __init__(
+        self, server: ScriptedServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, index: int
+    ) -> None:
         self.server = server
         self.reader = reader
         self.writer = writer
@@ -45,7 +47,7 @@ class ScriptedConnection:
         self.closed = False
 
     # ---- reading
-    async def read_raw_message(self, timeout: Optional[float] = None) -> Optional[bytes]:
+    async def read_raw_message(self, timeout: float | None = None) -> bytes | None:
         """Next whole message as bytes; None on EOF at a message boundary."""
         raw = await asyncio.wait_for(wire.read_message(self.reader), timeout)
         if raw is not None:
@@ -53,7 +55,7 @@ class ScriptedConnection:
             self.messages_received += 1
         return raw
 
-    async def read_message(self, timeout: Optional[float] = None) -> Optional[Message]:
+    async def read_message(self, timeout: float | None = None) -> Message | None:
         """Next message decoded by tests.support.wire (OP_COMPRESSED unwrapped); None on EOF."""
         raw = await self.read_raw_message(timeout)
         return None if raw is None else wire.decode_message(raw)
@@ -87,15 +89,23 @@ class ScriptedConnection:
         for n in sizes:
             if pos >= len(data):
                 break
-            await self.send_and_drain(data[pos:pos + n])
+            await self.send_and_drain(data[pos : pos + n])
             pos += n
             if delay:
                 await asyncio.sleep(delay)
         if pos < len(data):
             await self.send_and_drain(data[pos:])
 
-    def encode_reply(self, request: Message, doc: wire.Doc, *, flags: int = 0, compress: Union[str, None] = "auto",
-                     checksum: bool = False, response_to: Optional[int] = None) -> bytes:
+    def encode_reply(
+        self,
+        request: Message,
+        doc: wire.Doc,
+        *,
+        flags: int = 0,
+        compress: str | None = "auto",
+        checksum: bool = False,
+        response_to: int | None = None,
+    ) -> bytes:
         """The reply to `request` as bytes: OP_REPLY for OP_QUERY, else OP_MSG; compressed like the request when 'auto'."""
         rto = request.request_id if response_to is None else response_to
         if request.op_code == wire.OP_QUERY:
@@ -113,8 +123,15 @@ class ScriptedConnection:
         await self.send_and_drain(raw)
         return raw
 
-    async def stream_exhaust(self, request: Message, docs: Sequence[wire.Doc], *, chain: str = "previous",
-                             delay: float = 0.0, compress: Union[str, None] = "auto") -> list[bytes]:
+    async def stream_exhaust(
+        self,
+        request: Message,
+        docs: Sequence[wire.Doc],
+        *,
+        chain: str = "previous",
+        delay: float = 0.0,
+        compress: str | None = "auto",
+    ) -> list[bytes]:
         """Send len(docs) replies to one request, all but the last flagged moreToCome.
 
         chain="previous": each reply's responseTo is the previous reply's requestID (the spec);
@@ -176,8 +193,15 @@ def _new_loop(loop_kind: str) -> asyncio.AbstractEventLoop:
 class ScriptedServer:
     """A TCP server running `handler(conn)` per connection; errors raised by handlers fail stop()."""
 
-    def __init__(self, handler: Handler, host: str = "127.0.0.1", port: int = 0, *, loop_kind: str = "asyncio",
-                 backlog: int = 128) -> None:
+    def __init__(
+        self,
+        handler: Handler,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        loop_kind: str = "asyncio",
+        backlog: int = 128,
+    ) -> None:
         self.handler = handler
         self.host = host
         self.port = port
@@ -185,10 +209,10 @@ class ScriptedServer:
         self.backlog = backlog
         self.connections: list[ScriptedConnection] = []
         self.errors: list[BaseException] = []
-        self.loop: Optional[asyncio.AbstractEventLoop] = None
-        self._server: Optional[asyncio.AbstractServer] = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._server: asyncio.AbstractServer | None = None
         self._tasks: set[asyncio.Task] = set()
-        self._thread: Optional[threading.Thread] = None
+        self._thread: threading.Thread | None = None
         self._accepted = threading.Condition()
 
     @property
@@ -208,7 +232,7 @@ class ScriptedServer:
         return len(self.connections)
 
     # ---- lifecycle on the current loop
-    async def astart(self) -> "ScriptedServer":
+    async def astart(self) -> ScriptedServer:
         """Start listening on the running loop."""
         self.loop = asyncio.get_running_loop()
         self._server = await asyncio.start_server(self._on_connect, self.host, self.port, backlog=self.backlog)
@@ -265,7 +289,7 @@ class ScriptedServer:
                     writer.close()
 
     # ---- lifecycle in a background thread
-    def start(self, timeout: float = 10.0) -> "ScriptedServer":
+    def start(self, timeout: float = 10.0) -> ScriptedServer:
         """Run on a new event loop in a daemon thread; returns once listening."""
         ready = threading.Event()
         failure: list[BaseException] = []
@@ -297,6 +321,7 @@ class ScriptedServer:
 
     def call(self, fn: Callable[..., Any], *args: Any, timeout: float = 10.0) -> Any:
         """Run fn(*args) (a plain function or a coroutine function) on the server's loop from another thread."""
+
         async def wrapper():
             res = fn(*args)
             if asyncio.iscoroutine(res):
@@ -329,7 +354,7 @@ class ScriptedServer:
         if self.errors:
             raise AssertionError(f"scripted server handler failed: {self.errors[0]!r}") from self.errors[0]
 
-    def __enter__(self) -> "ScriptedServer":
+    def __enter__(self) -> ScriptedServer:
         return self.start()
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -359,9 +384,17 @@ class MongoHandler:
     - `delay`: seconds to wait before each non-handshake reply.
     """
 
-    def __init__(self, *, reply_size: int = 0, compressors: Sequence[str] = (), max_wire_version: int = 25,
-                 set_name: Optional[str] = None, commands: Optional[dict[str, Callable]] = None,
-                 delay: float = 0.0, hello_extra: Optional[dict] = None) -> None:
+    def __init__(
+        self,
+        *,
+        reply_size: int = 0,
+        compressors: Sequence[str] = (),
+        max_wire_version: int = 25,
+        set_name: str | None = None,
+        commands: dict[str, Callable] | None = None,
+        delay: float = 0.0,
+        hello_extra: dict | None = None,
+    ) -> None:
         self.reply_size = reply_size
         self.compressors = tuple(compressors)
         self.max_wire_version = max_wire_version
@@ -384,7 +417,7 @@ class MongoHandler:
             "maxBsonObjectSize": 16 * 1024 * 1024,
             "maxMessageSizeBytes": 48_000_000,
             "maxWriteBatchSize": 100_000,
-            "localTime": datetime.datetime.now(datetime.timezone.utc),
+            "localTime": datetime.datetime.now(datetime.UTC),
             "logicalSessionTimeoutMinutes": 30,
             "connectionId": conn.index + 1,
             "minWireVersion": 0,
@@ -394,8 +427,12 @@ class MongoHandler:
         if cmd.get("helloOk"):
             reply["helloOk"] = True
         if self.set_name:
-            reply.update(setName=self.set_name, hosts=[f"{conn.sockname[0]}:{conn.sockname[1]}"],
-                         me=f"{conn.sockname[0]}:{conn.sockname[1]}", secondary=False)
+            reply.update(
+                setName=self.set_name,
+                hosts=[f"{conn.sockname[0]}:{conn.sockname[1]}"],
+                me=f"{conn.sockname[0]}:{conn.sockname[1]}",
+                secondary=False,
+            )
         offered = cmd.get("compression")
         if offered is not None:
             accepted = [c for c in offered if c in self.compressors]
@@ -414,11 +451,12 @@ class MongoHandler:
         raw = self._canned.get(key)
         if raw is None:
             batch = [RawBSONDocument(canned_document(self.reply_size))] if self.reply_size else []
-            raw = self._canned[key] = bson.encode({"cursor": {"firstBatch": batch, "id": bson.Int64(0), "ns": ns},
-                                                   "ok": 1.0})
+            raw = self._canned[key] = bson.encode(
+                {"cursor": {"firstBatch": batch, "id": bson.Int64(0), "ns": ns}, "ok": 1.0}
+            )
         return raw
 
-    async def respond(self, request: Message, conn: ScriptedConnection) -> Optional[wire.Doc]:
+    async def respond(self, request: Message, conn: ScriptedConnection) -> wire.Doc | None:
         """The reply document for `request` (None: send nothing)."""
         name = (request.command_name or "").lower()
         self.seen[name] += 1
@@ -433,8 +471,7 @@ class MongoHandler:
         if name in ("ping", "endsessions", "killcursors", "aborttransaction", "committransaction"):
             return {"ok": 1.0}
         if name == "buildinfo":
-            return {"version": "8.0.0", "versionArray": [8, 0, 0, 0], "maxBsonObjectSize": 16 * 1024 * 1024,
-                    "ok": 1.0}
+            return {"version": "8.0.0", "versionArray": [8, 0, 0, 0], "maxBsonObjectSize": 16 * 1024 * 1024, "ok": 1.0}
         return self.canned_reply(request)
 
     async def __call__(self, conn: ScriptedConnection) -> None:

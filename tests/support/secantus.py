@@ -8,7 +8,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Optional
 
 from .ports import free_port
 
@@ -16,11 +15,11 @@ from .ports import free_port
 class SecantusServer:
     """One SecantusDB subprocess; start() waits for `ping`, stop() sends SIGTERM then kills."""
 
-    def __init__(self, host: str = "127.0.0.1", port: Optional[int] = None, extra_args: tuple[str, ...] = ()) -> None:
+    def __init__(self, host: str = "127.0.0.1", port: int | None = None, extra_args: tuple[str, ...] = ()) -> None:
         self.host = host
         self.port = port or free_port(host)
         self.extra_args = tuple(extra_args)
-        self.proc: Optional[subprocess.Popen] = None
+        self.proc: subprocess.Popen | None = None
         self._tmpdir = tempfile.TemporaryDirectory(prefix="secantus-")
         self.log_path = os.path.join(self._tmpdir.name, "secantus.log")
 
@@ -51,17 +50,32 @@ class SecantusServer:
         kwargs.setdefault("serverSelectionTimeoutMS", 5000)
         return pymongo.MongoClient(self.host, self.port, **kwargs)
 
-    def start(self, timeout: float = 30.0) -> "SecantusServer":
+    def start(self, timeout: float = 30.0) -> SecantusServer:
         """Start the process and wait until it answers ping; RuntimeError with its log otherwise."""
         # An empty --config disables auto-discovery of a stray ./secantusd.toml.
         config = os.path.join(self._tmpdir.name, "secantusd.toml")
         open(config, "w").close()
-        cmd = [sys.executable, "-m", "secantus", "--config", config, "--host", self.host, "--port", str(self.port),
-               "--storage-path", ":memory:", "--cache-size", "128M", *self.extra_args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "secantus",
+            "--config",
+            config,
+            "--host",
+            self.host,
+            "--port",
+            str(self.port),
+            "--storage-path",
+            ":memory:",
+            "--cache-size",
+            "128M",
+            *self.extra_args,
+        ]
         log = open(self.log_path, "wb")
         try:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         cwd=self._tmpdir.name)
+            self.proc = subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=self._tmpdir.name
+            )
         finally:
             log.close()
         self._wait_ready(timeout)
@@ -74,21 +88,25 @@ class SecantusServer:
         deadline = time.monotonic() + timeout
         while True:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"SecantusDB exited with {self.proc.returncode} before answering ping; "
-                                   f"log:\n{self.log_text()}")
+                raise RuntimeError(
+                    f"SecantusDB exited with {self.proc.returncode} before answering ping; log:\n{self.log_text()}"
+                )
             try:
-                with pymongo.MongoClient(self.host, self.port, directConnection=True,
-                                         serverSelectionTimeoutMS=300, connectTimeoutMS=300) as c:
+                with pymongo.MongoClient(
+                    self.host, self.port, directConnection=True, serverSelectionTimeoutMS=300, connectTimeoutMS=300
+                ) as c:
                     c.admin.command("ping")
                 return
             except PyMongoError:
                 if time.monotonic() > deadline:
                     self.stop()
-                    raise RuntimeError(f"SecantusDB on {self.host}:{self.port} did not answer ping within "
-                                       f"{timeout}s; log:\n{self.log_text()}")
+                    raise RuntimeError(
+                        f"SecantusDB on {self.host}:{self.port} did not answer ping within "
+                        f"{timeout}s; log:\n{self.log_text()}"
+                    ) from None
                 time.sleep(0.05)
 
-    def stop(self, timeout: float = 10.0) -> Optional[int]:
+    def stop(self, timeout: float = 10.0) -> int | None:
         """SIGTERM, then SIGKILL after `timeout`; returns the exit code."""
         proc, self.proc = self.proc, None
         rc = None
@@ -108,7 +126,7 @@ class SecantusServer:
         self.stop()
         self._tmpdir.cleanup()
 
-    def __enter__(self) -> "SecantusServer":
+    def __enter__(self) -> SecantusServer:
         return self.start() if self.proc is None else self
 
     def __exit__(self, *exc) -> None:

@@ -7,7 +7,7 @@ import shutil
 import socket
 import subprocess
 from pathlib import Path
-from typing import NoReturn, Optional
+from typing import NoReturn
 
 import pytest
 
@@ -44,7 +44,7 @@ def unavailable(reason: str) -> NoReturn:
     pytest.skip(reason)
 
 
-def require_tool(name: str, reason: Optional[str] = None) -> str:
+def require_tool(name: str, reason: str | None = None) -> str:
     """Absolute path of executable `name`, or skip/fail naming how to install it."""
     path = shutil.which(name) or next(
         (p for p in (f"/usr/sbin/{name}", f"/sbin/{name}", f"/usr/local/sbin/{name}") if os.access(p, os.X_OK)),
@@ -58,7 +58,7 @@ def require_tool(name: str, reason: Optional[str] = None) -> str:
     unavailable(reason)
 
 
-def require_root(reason: Optional[str] = None) -> None:
+def require_root(reason: str | None = None) -> None:
     """Skip/fail unless running as root (uid 0)."""
     if os.geteuid() != 0:
         unavailable(reason or "needs root (uid 0): run the test suite as root, e.g. via .ci/run")
@@ -71,8 +71,10 @@ def require_netns() -> str:
     name = f"mpx-probe-{os.getpid()}"
     made = subprocess.run([ip, "netns", "add", name], capture_output=True, text=True)
     if made.returncode != 0:
-        unavailable(f"cannot create a network namespace ({made.stderr.strip() or 'ip netns add failed'}): "
-                    "run privileged (CAP_SYS_ADMIN, CAP_NET_ADMIN)")
+        unavailable(
+            f"cannot create a network namespace ({made.stderr.strip() or 'ip netns add failed'}): "
+            "run privileged (CAP_SYS_ADMIN, CAP_NET_ADMIN)"
+        )
     subprocess.run([ip, "netns", "delete", name], capture_output=True)
     return ip
 

@@ -11,8 +11,9 @@ import itertools
 import socket
 import struct
 import zlib
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Optional, Sequence, Union
+from typing import Any
 
 import bson
 
@@ -29,9 +30,17 @@ OP_COMPRESSED = 2012
 OP_MSG = 2013
 
 OP_NAMES = {
-    OP_REPLY: "OP_REPLY", OP_UPDATE: "OP_UPDATE", OP_INSERT: "OP_INSERT", OP_QUERY: "OP_QUERY",
-    OP_GET_MORE: "OP_GET_MORE", OP_DELETE: "OP_DELETE", OP_KILL_CURSORS: "OP_KILL_CURSORS",
-    OP_COMMAND: "OP_COMMAND", OP_COMMANDREPLY: "OP_COMMANDREPLY", OP_COMPRESSED: "OP_COMPRESSED", OP_MSG: "OP_MSG",
+    OP_REPLY: "OP_REPLY",
+    OP_UPDATE: "OP_UPDATE",
+    OP_INSERT: "OP_INSERT",
+    OP_QUERY: "OP_QUERY",
+    OP_GET_MORE: "OP_GET_MORE",
+    OP_DELETE: "OP_DELETE",
+    OP_KILL_CURSORS: "OP_KILL_CURSORS",
+    OP_COMMAND: "OP_COMMAND",
+    OP_COMMANDREPLY: "OP_COMMANDREPLY",
+    OP_COMPRESSED: "OP_COMPRESSED",
+    OP_MSG: "OP_MSG",
 }
 
 # OP_MSG flagBits
@@ -48,16 +57,27 @@ COMPRESSOR_IDS = {"noop": 0, "snappy": 1, "zlib": 2, "zstd": 3}
 COMPRESSOR_NAMES = {v: k for k, v in COMPRESSOR_IDS.items()}
 
 # Commands whose messages are never compressed (compression spec).
-UNCOMPRESSED_COMMANDS = frozenset({
-    "hello", "ismaster", "saslstart", "saslcontinue", "getnonce", "authenticate", "createuser", "updateuser",
-    "copydbsaslstart", "copydbgetnonce", "copydb",
-})
+UNCOMPRESSED_COMMANDS = frozenset(
+    {
+        "hello",
+        "ismaster",
+        "saslstart",
+        "saslcontinue",
+        "getnonce",
+        "authenticate",
+        "createuser",
+        "updateuser",
+        "copydbsaslstart",
+        "copydbgetnonce",
+        "copydb",
+    }
+)
 
 HEADER = struct.Struct("<iiii")
 HEADER_SIZE = 16
 DEFAULT_MAX_MESSAGE = 48_000_000
 
-Doc = Union[Mapping[str, Any], bytes]
+Doc = Mapping[str, Any] | bytes
 
 
 class WireFormatError(ValueError):
@@ -73,6 +93,7 @@ def next_request_id() -> int:
 
 
 # ---------------------------------------------------------------- CRC-32C (Castagnoli), pure Python
+
 
 def _crc32c_table() -> list[int]:
     table = []
@@ -97,6 +118,7 @@ def crc32c(data: bytes, crc: int = 0) -> int:
 
 
 # ---------------------------------------------------------------- BSON helpers
+
 
 def encode_doc(doc: Doc) -> bytes:
     """BSON bytes of a mapping (pymongo's encoder), or `doc` itself when already bytes."""
@@ -126,7 +148,7 @@ class _Reader:
     def take(self, n: int) -> bytes:
         if n < 0 or self.pos + n > len(self.data):
             raise WireFormatError(f"{self.what}: need {n} bytes at offset {self.pos}, have {self.remaining()}")
-        out = self.data[self.pos:self.pos + n]
+        out = self.data[self.pos : self.pos + n]
         self.pos += n
         return out
 
@@ -143,7 +165,7 @@ class _Reader:
         end = self.data.find(b"\x00", self.pos)
         if end < 0:
             raise WireFormatError(f"{self.what}: cstring without NUL at offset {self.pos}")
-        s = self.data[self.pos:end].decode("utf-8")
+        s = self.data[self.pos : end].decode("utf-8")
         self.pos = end + 1
         return s
 
@@ -171,6 +193,7 @@ class _Reader:
 
 # ---------------------------------------------------------------- decoded bodies
 
+
 @dataclass
 class OpMsg:
     """OP_MSG body: flagBits, the kind-0 document, kind-1 sequences, the checksum if present."""
@@ -178,7 +201,7 @@ class OpMsg:
     flags: int
     body: dict
     sequences: list[tuple[str, list[dict]]] = field(default_factory=list)
-    checksum: Optional[int] = None
+    checksum: int | None = None
 
     @property
     def more_to_come(self) -> bool:
@@ -190,7 +213,7 @@ class OpMsg:
         """exhaustAllowed flag bit."""
         return bool(self.flags & EXHAUST_ALLOWED)
 
-    def sequence(self, identifier: str) -> Optional[list[dict]]:
+    def sequence(self, identifier: str) -> list[dict] | None:
         """Documents of the kind-1 section named `identifier`, or None."""
         for ident, docs in self.sequences:
             if ident == identifier:
@@ -207,7 +230,7 @@ class OpQuery:
     number_to_skip: int
     number_to_return: int
     query: dict
-    fields: Optional[dict] = None
+    fields: dict | None = None
 
     @property
     def database(self) -> str:
@@ -243,11 +266,11 @@ class Message:
     op_code: int
     payload: bytes  # the body after the 16-byte header (decompressed)
     raw: bytes  # the bytes exactly as they travelled
-    compressor: Optional[str] = None
-    msg: Optional[OpMsg] = None
-    query: Optional[OpQuery] = None
-    reply: Optional[OpReply] = None
-    legacy: Optional[LegacyOp] = None
+    compressor: str | None = None
+    msg: OpMsg | None = None
+    query: OpQuery | None = None
+    reply: OpReply | None = None
+    legacy: LegacyOp | None = None
 
     @property
     def op_name(self) -> str:
@@ -255,7 +278,7 @@ class Message:
         return OP_NAMES.get(self.op_code, f"OP_{self.op_code}")
 
     @property
-    def doc(self) -> Optional[dict]:
+    def doc(self) -> dict | None:
         """The command or reply document: OP_MSG kind 0, OP_QUERY query, first OP_REPLY document."""
         if self.msg is not None:
             return self.msg.body
@@ -270,7 +293,7 @@ class Message:
         return None
 
     @property
-    def command_name(self) -> Optional[str]:
+    def command_name(self) -> str | None:
         """First key of the command document (OP_MSG/OP_QUERY), if any."""
         d = self.doc if self.reply is None else None
         return next(iter(d), None) if d else None
@@ -294,7 +317,8 @@ class Message:
 
 # ---------------------------------------------------------------- encoders
 
-def encode_message(op_code: int, payload: bytes, request_id: Optional[int] = None, response_to: int = 0) -> bytes:
+
+def encode_message(op_code: int, payload: bytes, request_id: int | None = None, response_to: int = 0) -> bytes:
     """Header + payload."""
     rid = next_request_id() if request_id is None else request_id
     return HEADER.pack(HEADER_SIZE + len(payload), rid, response_to, op_code) + payload
@@ -309,8 +333,15 @@ def op_msg_payload(body: Doc, sequences: Iterable[tuple[str, Sequence[Doc]]] = (
     return b"".join(parts)
 
 
-def encode_op_msg(body: Doc, *, sequences: Iterable[tuple[str, Sequence[Doc]]] = (), flags: int = 0,
-                  checksum: bool = False, request_id: Optional[int] = None, response_to: int = 0) -> bytes:
+def encode_op_msg(
+    body: Doc,
+    *,
+    sequences: Iterable[tuple[str, Sequence[Doc]]] = (),
+    flags: int = 0,
+    checksum: bool = False,
+    request_id: int | None = None,
+    response_to: int = 0,
+) -> bytes:
     """A whole OP_MSG; `checksum=True` sets checksumPresent and appends the CRC-32C."""
     if checksum:
         flags |= CHECKSUM_PRESENT
@@ -322,75 +353,122 @@ def encode_op_msg(body: Doc, *, sequences: Iterable[tuple[str, Sequence[Doc]]] =
     return head + payload + struct.pack("<I", crc32c(head + payload))
 
 
-def encode_op_query(query: Doc, *, full_collection_name: str = "admin.$cmd", flags: int = 0, number_to_skip: int = 0,
-                    number_to_return: int = -1, fields: Optional[Doc] = None, request_id: Optional[int] = None) -> bytes:
+def encode_op_query(
+    query: Doc,
+    *,
+    full_collection_name: str = "admin.$cmd",
+    flags: int = 0,
+    number_to_skip: int = 0,
+    number_to_return: int = -1,
+    fields: Doc | None = None,
+    request_id: int | None = None,
+) -> bytes:
     """A whole legacy OP_QUERY (the driver handshake's form by default)."""
-    payload = (struct.pack("<i", flags) + _cstring(full_collection_name)
-               + struct.pack("<ii", number_to_skip, number_to_return) + encode_doc(query)
-               + (encode_doc(fields) if fields is not None else b""))
+    payload = (
+        struct.pack("<i", flags)
+        + _cstring(full_collection_name)
+        + struct.pack("<ii", number_to_skip, number_to_return)
+        + encode_doc(query)
+        + (encode_doc(fields) if fields is not None else b"")
+    )
     return encode_message(OP_QUERY, payload, request_id)
 
 
-def encode_op_reply(documents: Sequence[Doc], *, response_to: int, cursor_id: int = 0, starting_from: int = 0,
-                    flags: int = REPLY_AWAIT_CAPABLE, request_id: Optional[int] = None) -> bytes:
+def encode_op_reply(
+    documents: Sequence[Doc],
+    *,
+    response_to: int,
+    cursor_id: int = 0,
+    starting_from: int = 0,
+    flags: int = REPLY_AWAIT_CAPABLE,
+    request_id: int | None = None,
+) -> bytes:
     """A whole legacy OP_REPLY."""
     payload = struct.pack("<iqii", flags, cursor_id, starting_from, len(documents)) + b"".join(
-        encode_doc(d) for d in documents)
+        encode_doc(d) for d in documents
+    )
     return encode_message(OP_REPLY, payload, request_id, response_to)
 
 
-def encode_op_insert(full_collection_name: str, documents: Sequence[Doc], *, flags: int = 0,
-                     request_id: Optional[int] = None) -> bytes:
+def encode_op_insert(
+    full_collection_name: str, documents: Sequence[Doc], *, flags: int = 0, request_id: int | None = None
+) -> bytes:
     """A whole legacy OP_INSERT."""
     payload = struct.pack("<i", flags) + _cstring(full_collection_name) + b"".join(encode_doc(d) for d in documents)
     return encode_message(OP_INSERT, payload, request_id)
 
 
-def encode_op_update(full_collection_name: str, selector: Doc, update: Doc, *, flags: int = 0,
-                     request_id: Optional[int] = None) -> bytes:
+def encode_op_update(
+    full_collection_name: str, selector: Doc, update: Doc, *, flags: int = 0, request_id: int | None = None
+) -> bytes:
     """A whole legacy OP_UPDATE."""
-    payload = (b"\x00\x00\x00\x00" + _cstring(full_collection_name) + struct.pack("<i", flags)
-               + encode_doc(selector) + encode_doc(update))
+    payload = (
+        b"\x00\x00\x00\x00"
+        + _cstring(full_collection_name)
+        + struct.pack("<i", flags)
+        + encode_doc(selector)
+        + encode_doc(update)
+    )
     return encode_message(OP_UPDATE, payload, request_id)
 
 
-def encode_op_delete(full_collection_name: str, selector: Doc, *, flags: int = 0,
-                     request_id: Optional[int] = None) -> bytes:
+def encode_op_delete(
+    full_collection_name: str, selector: Doc, *, flags: int = 0, request_id: int | None = None
+) -> bytes:
     """A whole legacy OP_DELETE."""
     payload = b"\x00\x00\x00\x00" + _cstring(full_collection_name) + struct.pack("<i", flags) + encode_doc(selector)
     return encode_message(OP_DELETE, payload, request_id)
 
 
-def encode_op_get_more(full_collection_name: str, cursor_id: int, *, number_to_return: int = 0,
-                       request_id: Optional[int] = None) -> bytes:
+def encode_op_get_more(
+    full_collection_name: str, cursor_id: int, *, number_to_return: int = 0, request_id: int | None = None
+) -> bytes:
     """A whole legacy OP_GET_MORE."""
-    payload = (b"\x00\x00\x00\x00" + _cstring(full_collection_name)
-               + struct.pack("<iq", number_to_return, cursor_id))
+    payload = b"\x00\x00\x00\x00" + _cstring(full_collection_name) + struct.pack("<iq", number_to_return, cursor_id)
     return encode_message(OP_GET_MORE, payload, request_id)
 
 
-def encode_op_kill_cursors(cursor_ids: Sequence[int], *, request_id: Optional[int] = None) -> bytes:
+def encode_op_kill_cursors(cursor_ids: Sequence[int], *, request_id: int | None = None) -> bytes:
     """A whole legacy OP_KILL_CURSORS."""
     payload = struct.pack("<ii", 0, len(cursor_ids)) + b"".join(struct.pack("<q", c) for c in cursor_ids)
     return encode_message(OP_KILL_CURSORS, payload, request_id)
 
 
-def encode_op_command(database: str, command_name: str, metadata: Doc, command_args: Doc,
-                      input_docs: Sequence[Doc] = (), *, request_id: Optional[int] = None) -> bytes:
+def encode_op_command(
+    database: str,
+    command_name: str,
+    metadata: Doc,
+    command_args: Doc,
+    input_docs: Sequence[Doc] = (),
+    *,
+    request_id: int | None = None,
+) -> bytes:
     """A whole removed OP_COMMAND."""
-    payload = (_cstring(database) + _cstring(command_name) + encode_doc(metadata) + encode_doc(command_args)
-               + b"".join(encode_doc(d) for d in input_docs))
+    payload = (
+        _cstring(database)
+        + _cstring(command_name)
+        + encode_doc(metadata)
+        + encode_doc(command_args)
+        + b"".join(encode_doc(d) for d in input_docs)
+    )
     return encode_message(OP_COMMAND, payload, request_id)
 
 
-def encode_op_commandreply(metadata: Doc, command_reply: Doc, output_docs: Sequence[Doc] = (), *,
-                           response_to: int, request_id: Optional[int] = None) -> bytes:
+def encode_op_commandreply(
+    metadata: Doc,
+    command_reply: Doc,
+    output_docs: Sequence[Doc] = (),
+    *,
+    response_to: int,
+    request_id: int | None = None,
+) -> bytes:
     """A whole removed OP_COMMANDREPLY."""
     payload = encode_doc(metadata) + encode_doc(command_reply) + b"".join(encode_doc(d) for d in output_docs)
     return encode_message(OP_COMMANDREPLY, payload, request_id, response_to)
 
 
 # ---------------------------------------------------------------- compression
+
 
 def _zstd():
     """A module with compress/decompress for zstd: zstandard, stdlib compression.zstd or backports.zstd."""
@@ -425,7 +503,7 @@ def _snappy():
     return (lambda b: bytes(cramjam.snappy.compress_raw(b))), (lambda b: bytes(cramjam.snappy.decompress_raw(b)))
 
 
-def compress_bytes(data: bytes, compressor: str, level: Optional[int] = None) -> bytes:
+def compress_bytes(data: bytes, compressor: str, level: int | None = None) -> bytes:
     """Compress `data` the way drivers do for `compressor` (noop, snappy, zlib, zstd)."""
     if compressor == "noop":
         return bytes(data)
@@ -457,7 +535,7 @@ def decompress_bytes(data: bytes, compressor: str) -> bytes:
     raise ValueError(f"unknown compressor {compressor!r}")
 
 
-def compress_message(raw: bytes, compressor: str = "zlib", level: Optional[int] = None) -> bytes:
+def compress_message(raw: bytes, compressor: str = "zlib", level: int | None = None) -> bytes:
     """Wrap a whole message in OP_COMPRESSED, keeping its requestID and responseTo."""
     length, rid, rto, op = HEADER.unpack_from(raw)
     body = raw[HEADER_SIZE:length]
@@ -476,13 +554,14 @@ def decompress_message(raw: bytes) -> bytes:
     cid = r.take(1)[0]
     if cid not in COMPRESSOR_NAMES:
         raise WireFormatError(f"OP_COMPRESSED: unknown compressorId {cid}")
-    body = decompress_bytes(r.data[r.pos:], COMPRESSOR_NAMES[cid])
+    body = decompress_bytes(r.data[r.pos :], COMPRESSOR_NAMES[cid])
     if len(body) != size:
         raise WireFormatError(f"OP_COMPRESSED: uncompressedSize {size} but got {len(body)} bytes")
     return HEADER.pack(HEADER_SIZE + size, rid, rto, original_op) + body
 
 
 # ---------------------------------------------------------------- decoders
+
 
 def decode_op_msg(payload: bytes, header: bytes = b"", *, verify_checksum: bool = True) -> OpMsg:
     """Decode an OP_MSG payload; `header` is needed to verify a checksum."""
@@ -591,7 +670,7 @@ def decode_legacy(op_code: int, payload: bytes) -> LegacyOp:
     return LegacyOp(op_code, f)
 
 
-def message_length(buf: bytes, max_size: int = DEFAULT_MAX_MESSAGE) -> Optional[int]:
+def message_length(buf: bytes, max_size: int = DEFAULT_MAX_MESSAGE) -> int | None:
     """messageLength of the message starting `buf`, or None if fewer than 4 bytes; WireFormatError if impossible."""
     if len(buf) < 4:
         return None
@@ -636,16 +715,17 @@ def split_messages(data: bytes, max_size: int = DEFAULT_MAX_MESSAGE) -> tuple[li
     out = []
     pos = 0
     while True:
-        n = message_length(data[pos:pos + 4], max_size)
+        n = message_length(data[pos : pos + 4], max_size)
         if n is None or pos + n > len(data):
             return out, bytes(data[pos:])
-        out.append(bytes(data[pos:pos + n]))
+        out.append(bytes(data[pos : pos + n]))
         pos += n
 
 
 # ---------------------------------------------------------------- reading from streams
 
-async def read_message(reader: asyncio.StreamReader, max_size: int = DEFAULT_MAX_MESSAGE) -> Optional[bytes]:
+
+async def read_message(reader: asyncio.StreamReader, max_size: int = DEFAULT_MAX_MESSAGE) -> bytes | None:
     """Next whole message from an asyncio stream; None on EOF at a message boundary.
 
     EOF inside a message raises asyncio.IncompleteReadError.
@@ -660,7 +740,7 @@ async def read_message(reader: asyncio.StreamReader, max_size: int = DEFAULT_MAX
     return head + await reader.readexactly(n - 4)
 
 
-def _recv_exactly(sock: socket.socket, n: int, allow_eof: bool) -> Optional[bytes]:
+def _recv_exactly(sock: socket.socket, n: int, allow_eof: bool) -> bytes | None:
     buf = bytearray()
     while len(buf) < n:
         chunk = sock.recv(min(n - len(buf), 1 << 20))
@@ -672,7 +752,7 @@ def _recv_exactly(sock: socket.socket, n: int, allow_eof: bool) -> Optional[byte
     return bytes(buf)
 
 
-def recv_message(sock: socket.socket, max_size: int = DEFAULT_MAX_MESSAGE) -> Optional[bytes]:
+def recv_message(sock: socket.socket, max_size: int = DEFAULT_MAX_MESSAGE) -> bytes | None:
     """Next whole message from a blocking socket; None on EOF at a message boundary, EOFError inside one."""
     head = _recv_exactly(sock, 4, allow_eof=True)
     if head is None:

@@ -18,8 +18,20 @@ PI_WARN = 0x00600000  # Wireshark expert severities: comment 0x001, chat 0x002, 
 
 
 def tshark_fields(tshark: str, path: str, port: int, *fields: str, display_filter: str = "") -> list[list[str]]:
-    cmd = [tshark, "-r", path, "-n", "-d", f"tcp.port=={port},mongo", "-T", "fields", "-E", "occurrence=f",
-           "-E", "separator=\t"]
+    cmd = [
+        tshark,
+        "-r",
+        path,
+        "-n",
+        "-d",
+        f"tcp.port=={port},mongo",
+        "-T",
+        "fields",
+        "-E",
+        "occurrence=f",
+        "-E",
+        "separator=\t",
+    ]
     if display_filter:
         cmd += ["-Y", display_filter]
     for f in fields:
@@ -44,18 +56,28 @@ def test_tshark_decodes_every_recorded_command_as_mongo(secantus, tmp_path):
     assert len(expected) >= 20
     decoded = {}
     for src_port, request_id, response_to, opcode, first_element in tshark_fields(
-            tshark, path, port, "tcp.srcport", "mongo.request_id", "mongo.response_to", "mongo.opcode",
-            "mongo.element.name", display_filter="mongo"):
+        tshark,
+        path,
+        port,
+        "tcp.srcport",
+        "mongo.request_id",
+        "mongo.response_to",
+        "mongo.opcode",
+        "mongo.element.name",
+        display_filter="mongo",
+    ):
         if int(response_to, 16) == 0:
             decoded[(int(src_port), int(request_id, 16))] = (int(opcode), first_element)
     missing = {k: v for k, v in expected.items() if k not in decoded}
     assert not missing, f"requests tshark did not decode as mongo: {missing}"
     for key, op in expected.items():
-        assert decoded[key] == (2013, op) or (op.lower() in ("hello", "ismaster") and decoded[key][1].lower() in
-                                              ("hello", "ismaster")), (key, op, decoded[key])
+        assert decoded[key] == (2013, op) or (
+            op.lower() in ("hello", "ismaster") and decoded[key][1].lower() in ("hello", "ismaster")
+        ), (key, op, decoded[key])
     # No malformed packets, and TCP analysis finds nothing to warn about (no lost, out-of-order or unseen segments).
-    for frame, severities, malformed in tshark_fields(tshark, path, port, "frame.number", "_ws.expert.severity",
-                                                      "_ws.malformed"):
+    for frame, severities, malformed in tshark_fields(
+        tshark, path, port, "frame.number", "_ws.expert.severity", "_ws.malformed"
+    ):
         assert not malformed, f"frame {frame} is malformed"
         for s in filter(None, severities.split(",")):
             assert int(s) < PI_WARN, f"frame {frame} has an expert warning or error"
@@ -100,10 +122,26 @@ def test_tcpdump_capture_of_direct_traffic_replays_the_same_way(tmp_path):
     pcap = tmp_path / "direct.pcap"
     with SecantusServer() as source:
         # --immediate-mode: without it packets still in the kernel's ring block are lost at SIGINT.
-        proc = subprocess.Popen([tcpdump, "-i", "lo", "-n", "-U", "--immediate-mode", "-s", "0", "-Z", "root",
-                                 "-w", str(pcap),
-                                 f"tcp port {source.port}"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                text=True)
+        proc = subprocess.Popen(
+            [
+                tcpdump,
+                "-i",
+                "lo",
+                "-n",
+                "-U",
+                "--immediate-mode",
+                "-s",
+                "0",
+                "-Z",
+                "root",
+                "-w",
+                str(pcap),
+                f"tcp port {source.port}",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         err = StderrLines(proc.stderr)
         try:
             err.wait_for("listening on", 20)
@@ -115,8 +153,10 @@ def test_tcpdump_capture_of_direct_traffic_replays_the_same_way(tmp_path):
         stats = err.text()
         assert "\n0 packets dropped by kernel" in stats, stats
         with SecantusServer() as target:
-            done = run_proxy_cli(["replay", str(pcap), "--target", target.uri, "--max-speed", "--report",
-                                  str(tmp_path / "r.json")], timeout=120)
+            done = run_proxy_cli(
+                ["replay", str(pcap), "--target", target.uri, "--max-speed", "--report", str(tmp_path / "r.json")],
+                timeout=120,
+            )
             assert done.returncode == 0, done.stderr
             with source.client() as s, target.client() as t:
                 assert snapshot(t, db_name) == snapshot(s, db_name)

@@ -114,13 +114,24 @@ class Namespace:
 
     def cmd(self, *argv: str, uid: int | None = None) -> list[str]:
         # The interpreter may live under a root-only home: a non-root uid keeps only the right to read files.
-        drop = [] if uid is None else ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups",
-                                       "--inh-caps=+dac_read_search", "--ambient-caps=+dac_read_search"]
+        drop = (
+            []
+            if uid is None
+            else [
+                "setpriv",
+                f"--reuid={uid}",
+                f"--regid={uid}",
+                "--clear-groups",
+                "--inh-caps=+dac_read_search",
+                "--ambient-caps=+dac_read_search",
+            ]
+        )
         return [self.ip, "netns", "exec", self.name, *drop, *argv]
 
-    def run(self, *argv: str, uid: int | None = None, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
-        result = subprocess.run(self.cmd(*argv, uid=uid), capture_output=True, text=True, timeout=timeout,
-                                cwd=ROOT)
+    def run(
+        self, *argv: str, uid: int | None = None, check: bool = True, timeout: float = 60
+    ) -> subprocess.CompletedProcess:
+        result = subprocess.run(self.cmd(*argv, uid=uid), capture_output=True, text=True, timeout=timeout, cwd=ROOT)
         if check and result.returncode != 0:
             raise AssertionError(f"{' '.join(argv)} exited {result.returncode}: {result.stderr.strip()}")
         return result
@@ -153,11 +164,16 @@ def netns(family):
         for argv in (["link", "set", "lo", "up"], ["addr", "add", f"{SERVER_ADDR}/32", "dev", "lo"]):
             subprocess.run([ip, "-n", name, *argv], check=True, capture_output=True)
         if family == "dual-stack":
-            added = subprocess.run([ip, "-n", name, "addr", "add", f"{SERVER_ADDR6}/128", "dev", "lo", "nodad"],
-                                   capture_output=True, text=True)
+            added = subprocess.run(
+                [ip, "-n", name, "addr", "add", f"{SERVER_ADDR6}/128", "dev", "lo", "nodad"],
+                capture_output=True,
+                text=True,
+            )
             if added.returncode != 0:
-                unavailable(f"no IPv6 in network namespaces ({added.stderr.strip()}): enable IPv6 "
-                            "(sysctl net.ipv6.conf.default.disable_ipv6=0)")
+                unavailable(
+                    f"no IPv6 in network namespaces ({added.stderr.strip()}): enable IPv6 "
+                    "(sysctl net.ipv6.conf.default.disable_ipv6=0)"
+                )
         yield Namespace(ip, name)
     finally:
         subprocess.run([ip, "netns", "delete", name], capture_output=True)
@@ -168,8 +184,9 @@ def nat_rules(ns: Namespace, tools: tuple[str, ...] = ("iptables", "ip6tables"))
     return "".join(f"# {tool}\n" + ns.run(tool, "-w", "10", "-t", "nat", "-S").stdout for tool in tools)
 
 
-def wait_until(predicate, what: str, timeout: float = 30.0, proc: subprocess.Popen | None = None,
-               log: Path | None = None):
+def wait_until(
+    predicate, what: str, timeout: float = 30.0, proc: subprocess.Popen | None = None, log: Path | None = None
+):
     def detail() -> str:
         return f"; its log:\n{log.read_text()}" if log is not None and log.exists() else ""
 
@@ -232,22 +249,32 @@ def test_sidecar_in_a_network_namespace(netns, family, tmp_path):
     note("iptables -t nat -S (and ip6tables) after two runs", rules_once)
 
     server_log = tmp_path / "server.jsonl"
-    server = subprocess.Popen(ns.cmd(sys.executable, "-c", SERVER, str(ROOT), str(MONGO_PORT), str(server_log),
-                                     *addresses),
-                              stdout=subprocess.PIPE, stderr=open(tmp_path / "server.err", "w"), text=True, cwd=ROOT)
+    server = subprocess.Popen(
+        ns.cmd(sys.executable, "-c", SERVER, str(ROOT), str(MONGO_PORT), str(server_log), *addresses),
+        stdout=subprocess.PIPE,
+        stderr=open(tmp_path / "server.err", "w"),
+        text=True,
+        cwd=ROOT,
+    )
     proxy_err = tmp_path / "proxy.err"
     proxy = None
     try:
         assert server.stdout.readline().strip() == "listening", (tmp_path / "server.err").read_text()
-        proxy = subprocess.Popen(ns.cmd(sys.executable, "-m", "mongoproxy", *sidecar_args, uid=opts.proxy_uid),
-                                 stdout=subprocess.DEVNULL, stderr=open(proxy_err, "w"), cwd=ROOT)
+        proxy = subprocess.Popen(
+            ns.cmd(sys.executable, "-m", "mongoproxy", *sidecar_args, uid=opts.proxy_uid),
+            stdout=subprocess.DEVNULL,
+            stderr=open(proxy_err, "w"),
+            cwd=ROOT,
+        )
         # With --ipv6 the admin endpoint listens on 0.0.0.0 and :: (both families).
         admin = f"http://127.0.0.1:{opts.admin_port}"
         if opts.ipv6:
-            wait_until(lambda: ns.http_get(f"http://[::1]:{opts.admin_port}/readyz")[0] == 200,
-                       "the sidecar's /readyz over IPv6", proc=proxy)
-        wait_until(lambda: ns.http_get(f"{admin}/readyz")[0] == 200, "the sidecar's /readyz", proc=proxy,
-                   log=proxy_err)
+            wait_until(
+                lambda: ns.http_get(f"http://[::1]:{opts.admin_port}/readyz")[0] == 200,
+                "the sidecar's /readyz over IPv6",
+                proc=proxy,
+            )
+        wait_until(lambda: ns.http_get(f"{admin}/readyz")[0] == 200, "the sidecar's /readyz", proc=proxy, log=proxy_err)
 
         # The app, under an ordinary uid, connects to the real server address.
         app = ns.run(sys.executable, "-c", APP, str(MONGO_PORT), *addresses, uid=APP_UID, timeout=60)
@@ -255,12 +282,18 @@ def test_sidecar_in_a_network_namespace(netns, family, tmp_path):
         assert result == {"uid": APP_UID, **{a: {"ping": 1.0, "servedBy": f"scripted-mongo@{a}"} for a in addresses}}
         note("app (uid %d) -> %s" % (APP_UID, ", ".join(f"{a} port {MONGO_PORT}" for a in addresses)), app.stdout)
 
-        wait_until(lambda: ns.http_get(f"{admin}/metrics")[1].count('op="find"') >= len(addresses),
-                   "the finds in /metrics", timeout=10, log=proxy_err)
+        wait_until(
+            lambda: ns.http_get(f"{admin}/metrics")[1].count('op="find"') >= len(addresses),
+            "the finds in /metrics",
+            timeout=10,
+            log=proxy_err,
+        )
         status, metrics = ns.http_get(f"{admin}/metrics")
         assert status == 200
-        counters = {tool: ns.run(tool, "-w", "10", "-t", "nat", "-L", "MONGOPROXY_OUTPUT", "-n", "-v", "-x").stdout
-                    for tool in tools}
+        counters = {
+            tool: ns.run(tool, "-w", "10", "-t", "nat", "-L", "MONGOPROXY_OUTPUT", "-n", "-v", "-x").stdout
+            for tool in tools
+        }
         seen_with_rules = len(server_log.read_text().splitlines())
 
         # Uninstall is clean, and twice is harmless; then the same app reaches the server directly.
@@ -281,13 +314,20 @@ def test_sidecar_in_a_network_namespace(netns, family, tmp_path):
     command_lines = [json.loads(line) for line in proxy_log.splitlines() if line.startswith("{")]
     for tool, text in counters.items():
         note(f"{tool} -t nat -L MONGOPROXY_OUTPUT -n -v -x", text)
-    note("what the server saw with the rules in place (peer uid per request)",
-         "\n".join(json.dumps(e) for e in events))
+    note("what the server saw with the rules in place (peer uid per request)", "\n".join(json.dumps(e) for e in events))
     note("what the server saw after --uninstall", "\n".join(json.dumps(e) for e in after_uninstall))
     note("proxy log", proxy_log)
-    note("proxy /metrics (mongoproxy_ samples with data)",
-         "\n".join(line for line in metrics.splitlines() if line.startswith("mongoproxy_")
-                   and not line.endswith(" 0.0") and "_bucket{" not in line and "_created" not in line))
+    note(
+        "proxy /metrics (mongoproxy_ samples with data)",
+        "\n".join(
+            line
+            for line in metrics.splitlines()
+            if line.startswith("mongoproxy_")
+            and not line.endswith(" 0.0")
+            and "_bucket{" not in line
+            and "_created" not in line
+        ),
+    )
     text = "\n".join(report)
     (tmp_path / "netns-test.log").write_text(text)
     print(text)

@@ -16,16 +16,33 @@ JS = Path(__file__).parent / "js"
 
 
 def node_workload(mods, port, db):
-    res = subprocess.run([mods.node, str(JS / "workload.js"), f"mongodb://127.0.0.1:{port}/", db],
-                         capture_output=True, text=True, timeout=120, env=mods.env())
+    res = subprocess.run(
+        [mods.node, str(JS / "workload.js"), f"mongodb://127.0.0.1:{port}/", db],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=mods.env(),
+    )
     assert res.returncode == 0, res.stderr
     return res.stdout.splitlines()
 
 
 def shell_workload(mods, port, db):
-    res = subprocess.run([mods.mongosh, "--quiet", f"mongodb://127.0.0.1:{port}/?directConnection=true",
-                          "--eval", f"const DB_NAME = {db!r};", "--file", str(JS / "shell.js")],
-                         capture_output=True, text=True, timeout=180, env=mods.env())
+    res = subprocess.run(
+        [
+            mods.mongosh,
+            "--quiet",
+            f"mongodb://127.0.0.1:{port}/?directConnection=true",
+            "--eval",
+            f"const DB_NAME = {db!r};",
+            "--file",
+            str(JS / "shell.js"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=mods.env(),
+    )
     assert res.returncode == 0, res.stdout + res.stderr
     return [line for line in res.stdout.splitlines() if line.startswith("[")]
 
@@ -65,8 +82,9 @@ def test_node_driver_through_proxy(secantus):
 
 def test_mongosh_through_proxy(secantus):
     mods = require_node_modules()
-    version = subprocess.run([mods.mongosh, "--version"], capture_output=True, text=True, timeout=60,
-                             env=mods.env()).stdout.strip()
+    version = subprocess.run(
+        [mods.mongosh, "--version"], capture_output=True, text=True, timeout=60, env=mods.env()
+    ).stdout.strip()
     stamp = time.monotonic_ns()
     direct = shell_workload(mods, secantus.port, f"sh_direct_{stamp}")
     with ProxyThread(secantus.port) as proxy:

@@ -33,8 +33,9 @@ def _wait(what: str, fn, proc: subprocess.Popen, log_path, timeout: float = 90.0
     last = None
     while True:
         if proc.poll() is not None:
-            raise AssertionError(f"prometheus exited with {proc.returncode} while waiting for {what}:\n"
-                                 f"{log_path.read_text()[-4000:]}")
+            raise AssertionError(
+                f"prometheus exited with {proc.returncode} while waiting for {what}:\n{log_path.read_text()[-4000:]}"
+            )
         try:
             last = fn()
             if last:
@@ -42,8 +43,9 @@ def _wait(what: str, fn, proc: subprocess.Popen, log_path, timeout: float = 90.0
         except (OSError, ValueError) as exc:
             last = repr(exc)
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what} (last: {last!r}); prometheus log:\n"
-                                 f"{log_path.read_text()[-4000:]}")
+            raise AssertionError(
+                f"timed out waiting for {what} (last: {last!r}); prometheus log:\n{log_path.read_text()[-4000:]}"
+            )
         time.sleep(0.25)
 
 
@@ -66,14 +68,26 @@ def test_prometheus_sees_the_workload(secantus, db_name, tmp_path):
         config.write_text(
             "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
             "scrape_configs:\n  - job_name: mongoproxy\n    scrape_interval: 1s\n    static_configs:\n"
-            f"      - targets: ['127.0.0.1:{p.admin_port}']\n")
+            f"      - targets: ['127.0.0.1:{p.admin_port}']\n"
+        )
         log_path = tmp_path / "prometheus.log"
         with open(log_path, "wb") as log:
-            proc = subprocess.Popen([prometheus, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'data'}",
-                                     f"--web.listen-address=127.0.0.1:{web_port}", "--log.level=warn"],
-                                    stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=tmp_path)
+            proc = subprocess.Popen(
+                [
+                    prometheus,
+                    f"--config.file={config}",
+                    f"--storage.tsdb.path={tmp_path / 'data'}",
+                    f"--web.listen-address=127.0.0.1:{web_port}",
+                    "--log.level=warn",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                cwd=tmp_path,
+            )
         base = f"http://127.0.0.1:{web_port}"
         try:
+
             def ready():
                 with urllib.request.urlopen(f"{base}/-/ready", timeout=2) as r:
                     return r.status == 200

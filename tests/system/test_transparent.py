@@ -43,8 +43,15 @@ def in_ns(ns, *cmd):
 
 def as_proxy_user(*cmd):
     # The interpreter may live under a root-only home: keep only the right to traverse directories.
-    return ["setpriv", f"--reuid={PROXY_UID}", f"--regid={PROXY_UID}", "--clear-groups",
-            "--inh-caps=+dac_read_search", "--ambient-caps=+dac_read_search", *cmd]
+    return [
+        "setpriv",
+        f"--reuid={PROXY_UID}",
+        f"--regid={PROXY_UID}",
+        "--clear-groups",
+        "--inh-caps=+dac_read_search",
+        "--ambient-caps=+dac_read_search",
+        *cmd,
+    ]
 
 
 def wait_port_in_ns(ns, host, port, timeout=30):
@@ -52,8 +59,7 @@ def wait_port_in_ns(ns, host, port, timeout=30):
     probe = f"import socket; socket.create_connection(({host!r}, {port}), timeout=0.5).close()"
     while time.monotonic() < deadline:
         # Probing as the proxy's uid bypasses the REDIRECT rule, so the probe reaches the real port.
-        if subprocess.run(in_ns(ns, *as_proxy_user(sys.executable, "-c", probe)),
-                          capture_output=True).returncode == 0:
+        if subprocess.run(in_ns(ns, *as_proxy_user(sys.executable, "-c", probe)), capture_output=True).returncode == 0:
             return
         time.sleep(0.2)
     raise AssertionError(f"{host}:{port} did not open in {ns}")
@@ -86,38 +92,92 @@ except ConnectionResetError:
 def test_transparent_mode_ipv4_and_ipv6(netns, tmp_path):
     ns = netns
     server_log = open(tmp_path / "server.log", "w")
-    servers = [subprocess.Popen(in_ns(ns, sys.executable, "-m", "secantus", "--host", host, "--port", "27017",
-                                      "--storage-path", ":memory:"),
-                                stdout=server_log, stderr=subprocess.STDOUT, cwd=tmp_path)
-               for host in (SERVER_V4, SERVER_V6)]
+    servers = [
+        subprocess.Popen(
+            in_ns(
+                ns, sys.executable, "-m", "secantus", "--host", host, "--port", "27017", "--storage-path", ":memory:"
+            ),
+            stdout=server_log,
+            stderr=subprocess.STDOUT,
+            cwd=tmp_path,
+        )
+        for host in (SERVER_V4, SERVER_V6)
+    ]
     rules = []
     for tool, dst in (("iptables", SERVER_V4), ("ip6tables", SERVER_V6)):
-        rule = ["-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-d", dst, "--dport", "27017", "-m", "owner", "!",
-                "--uid-owner", str(PROXY_UID), "-j", "REDIRECT", "--to-ports", "27111"]
+        rule = [
+            "-t",
+            "nat",
+            "-A",
+            "OUTPUT",
+            "-p",
+            "tcp",
+            "-d",
+            dst,
+            "--dport",
+            "27017",
+            "-m",
+            "owner",
+            "!",
+            "--uid-owner",
+            str(PROXY_UID),
+            "-j",
+            "REDIRECT",
+            "--to-ports",
+            "27111",
+        ]
         sh(*in_ns(ns, tool, *rule))
         rules.append(f"{tool} {' '.join(rule)}")
     proxy_log = tmp_path / "proxy.log"
     proxy = subprocess.Popen(
-        in_ns(ns, *as_proxy_user(sys.executable, "-m", "mongoproxy", "run", "--proxy", "27111",
-                                 "--listen-host", "127.0.0.1,::1", "--admin-port", "9898",
-                                 "--log-commands", "--log-format", "json")),
-        stdout=subprocess.DEVNULL, stderr=open(proxy_log, "w"), cwd=os.path.dirname(os.path.dirname(
-            os.path.dirname(os.path.abspath(__file__)))))
+        in_ns(
+            ns,
+            *as_proxy_user(
+                sys.executable,
+                "-m",
+                "mongoproxy",
+                "run",
+                "--proxy",
+                "27111",
+                "--listen-host",
+                "127.0.0.1,::1",
+                "--admin-port",
+                "9898",
+                "--log-commands",
+                "--log-format",
+                "json",
+            ),
+        ),
+        stdout=subprocess.DEVNULL,
+        stderr=open(proxy_log, "w"),
+        cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+    )
     try:
         wait_port_in_ns(ns, SERVER_V4, 27017)
         wait_port_in_ns(ns, SERVER_V6, 27017)
         wait_port_in_ns(ns, "127.0.0.1", 9898)
         # The server is reached through the redirect only once both are up.
-        client = subprocess.run(in_ns(ns, sys.executable, "-c", CLIENT, SERVER_V4, f"[{SERVER_V6}]"),
-                                capture_output=True, text=True, timeout=120)
+        client = subprocess.run(
+            in_ns(ns, sys.executable, "-c", CLIENT, SERVER_V4, f"[{SERVER_V6}]"),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert client.returncode == 0, client.stderr + proxy_log.read_text()
         assert json.loads(client.stdout) == {SERVER_V4: 1, f"[{SERVER_V6}]": 1}
         looper = subprocess.run(in_ns(ns, sys.executable, "-c", LOOPER), capture_output=True, text=True, timeout=30)
         assert looper.stdout.strip() == "closed", looper.stdout + looper.stderr  # refused, not looped
-        metrics = subprocess.run(in_ns(ns, sys.executable, "-c",
-                                       "import urllib.request;print(urllib.request.urlopen("
-                                       "'http://127.0.0.1:9898/metrics').read().decode())"),
-                                 capture_output=True, text=True, timeout=30).stdout
+        metrics = subprocess.run(
+            in_ns(
+                ns,
+                sys.executable,
+                "-c",
+                "import urllib.request;print(urllib.request.urlopen('http://127.0.0.1:9898/metrics').read().decode())",
+            ),
+            capture_output=True,
+            text=True,
+            timeout=30,
+        ).stdout
     finally:
         proxy.terminate()
         proxy.wait(20)
@@ -133,5 +193,4 @@ def test_transparent_mode_ipv4_and_ipv6(netns, tmp_path):
     assert all(line.get("app") == "sidecar-app" for line in inserts)
     assert "refusing to connect to myself" in log_text
     assert 'mongoproxy_upstream_connect_errors_total{reason="loop"} 1.0' in metrics
-    print("\n".join(["iptables rules:", *rules, "proxy log (commands):",
-                     *[json.dumps(line) for line in inserts]]))
+    print("\n".join(["iptables rules:", *rules, "proxy log (commands):", *[json.dumps(line) for line in inserts]]))

@@ -23,8 +23,8 @@ import time
 import xml.etree.ElementTree as ET
 from collections import Counter, defaultdict
 from dataclasses import dataclass
-from typing import Optional
 
+import pymongo.errors
 import pytest
 from pymongo import MongoClient, WriteConcern
 
@@ -53,26 +53,36 @@ class Pdu:
     opcode: int
     request_id: int
     response_to: int
-    original_opcode: Optional[int] = None
-    compressor: Optional[int] = None
+    original_opcode: int | None = None
+    compressor: int | None = None
     decoded: bool = True  # False when tshark could not inflate the body
-    command: Optional[str] = None
-    first_value: Optional[str] = None  # the command's first value when a string
-    getmore_collection: Optional[str] = None
-    namespace: Optional[str] = None  # legacy fullCollectionName
+    command: str | None = None
+    first_value: str | None = None  # the command's first value when a string
+    getmore_collection: str | None = None
+    namespace: str | None = None  # legacy fullCollectionName
 
     def key(self) -> tuple:
         """Everything but the TCP stream: equal on both sides of the proxy."""
-        return (self.to_server, self.opcode, self.request_id, self.response_to, self.original_opcode,
-                self.compressor, self.decoded, self.command, self.first_value, self.getmore_collection,
-                self.namespace)
+        return (
+            self.to_server,
+            self.opcode,
+            self.request_id,
+            self.response_to,
+            self.original_opcode,
+            self.compressor,
+            self.decoded,
+            self.command,
+            self.first_value,
+            self.getmore_collection,
+            self.namespace,
+        )
 
 
-def _field(elem: ET.Element, name: str) -> Optional[ET.Element]:
+def _field(elem: ET.Element, name: str) -> ET.Element | None:
     return elem.find(f".//field[@name='{name}']")
 
 
-def _first_element(doc: Optional[ET.Element]) -> tuple[Optional[str], Optional[str], dict]:
+def _first_element(doc: ET.Element | None) -> tuple[str | None, str | None, dict]:
     """(first key, its value when a string, {top-level key: string value}) of a dissected BSON document."""
     if doc is None:
         return None, None, {}
@@ -105,14 +115,21 @@ def parse_pdml(path: str, server_ports: set[int]) -> list[Pdu]:
         src, dst = int(_field(tcp, "tcp.srcport").get("show")), int(_field(tcp, "tcp.dstport").get("show"))
         to_server = dst in server_ports
         for proto in pkt.findall("proto[@name='mongo']"):
-            def get(name: str, proto: ET.Element = proto) -> Optional[str]:
+
+            def get(name: str, proto: ET.Element = proto) -> str | None:
                 f = proto.find(f"field[@name='{name}']")
                 return f.get("show") if f is not None else None
 
             opcode = int(get("mongo.opcode"))
-            info = dict(stream=stream, to_server=to_server, client_port=src if to_server else dst,
-                        server_port=dst if to_server else src, opcode=opcode,
-                        request_id=int(get("mongo.request_id"), 16), response_to=int(get("mongo.response_to"), 16))
+            info = dict(
+                stream=stream,
+                to_server=to_server,
+                client_port=src if to_server else dst,
+                server_port=dst if to_server else src,
+                opcode=opcode,
+                request_id=int(get("mongo.request_id"), 16),
+                response_to=int(get("mongo.response_to"), 16),
+            )
             body_opcode = opcode
             comp = proto.find("field[@name='mongo.compression']")
             if comp is not None:
@@ -128,8 +145,11 @@ def parse_pdml(path: str, server_ports: set[int]) -> list[Pdu]:
                         body = section.find("field[@name='mongo.msg.sections.section.body']")
                         break
                 name, value, strings = _first_element(body)
-                info.update(command=name, first_value=value,
-                            getmore_collection=strings.get("collection") if name == "getMore" else None)
+                info.update(
+                    command=name,
+                    first_value=value,
+                    getmore_collection=strings.get("collection") if name == "getMore" else None,
+                )
             elif body_opcode == mwire.OP_QUERY:
                 info["namespace"] = get("mongo.full_collection_name")
                 if info["namespace"].endswith(".$cmd"):
@@ -158,8 +178,11 @@ class Capture:
         expr = " or ".join(f"tcp port {p}" for p in [*ports, self.sentinel_port])
         # No --immediate-mode: libpcap then uses fixed slots of the snapshot length (only 8 in the default 2 MB
         # buffer) and drops under load. Packets reach the file in blocks instead; the sentinel says when.
-        self.proc = subprocess.Popen([require_tool("tcpdump"), "-i", "lo", "-U", "-B", "32768", "-s", "0",
-                                      "-w", path, expr], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.proc = subprocess.Popen(
+            [require_tool("tcpdump"), "-i", "lo", "-U", "-B", "32768", "-s", "0", "-w", path, expr],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         line = self.proc.stderr.readline().decode()
         if "listening on" not in line:
             self.proc.kill()
@@ -195,7 +218,7 @@ def workload(ports: list[int], secantus_db: str) -> None:
         db.items.update_many({"k": 1}, {"$set": {"seen": True}})
         db.items.delete_one({"_id": 8})
         assert len(list(db.items.aggregate([{"$group": {"_id": "$k"}}]))) == 3
-        with pytest.raises(Exception):
+        with pytest.raises(pymongo.errors.DuplicateKeyError):
             db.items.insert_one({"_id": 1})
         db.get_collection("logs", write_concern=WriteConcern(w=0)).insert_one({"m": 1})
         db.command("ping")
@@ -219,8 +242,12 @@ def workload(ports: list[int], secantus_db: str) -> None:
         ]
         for r in requests:
             sock.sendall(r)
-            if wire.decode_message(r).op_code not in (wire.OP_INSERT, wire.OP_UPDATE, wire.OP_DELETE,
-                                                      wire.OP_KILL_CURSORS):
+            if wire.decode_message(r).op_code not in (
+                wire.OP_INSERT,
+                wire.OP_UPDATE,
+                wire.OP_DELETE,
+                wire.OP_KILL_CURSORS,
+            ):
                 assert wire.recv_message(sock) is not None
 
 
@@ -228,9 +255,11 @@ def test_tshark_and_the_proxy_agree_on_every_message(tmp_path):
     tshark = require_tool("tshark")
     require_tool("tcpdump")
     require_root("capturing on the loopback interface needs root (CAP_NET_RAW): run the suite as root")
-    with SecantusServer() as secantus, \
-            ScriptedServer(MongoHandler(compressors=("zlib", "snappy", "zstd"))) as compressing, \
-            ScriptedServer(legacy_handler) as legacy:
+    with (
+        SecantusServer() as secantus,
+        ScriptedServer(MongoHandler(compressors=("zlib", "snappy", "zstd"))) as compressing,
+        ScriptedServer(legacy_handler) as legacy,
+    ):
         upstreams = [secantus.port, compressing.port, legacy.port]
         specs = tuple(f"0:127.0.0.1:{p}" for p in upstreams)
         with ProxyThread(specs=specs) as proxy:
@@ -246,8 +275,13 @@ def test_tshark_and_the_proxy_agree_on_every_message(tmp_path):
     pdml = tmp_path / "capture.pdml"
     decode_as = [a for p in ports + upstreams for a in ("-d", f"tcp.port=={p},mongo")]
     with open(pdml, "wb") as out:
-        subprocess.run([tshark, "-r", capture.path, *decode_as, "-Y", "mongo", "-T", "pdml"], stdout=out,
-                       stderr=subprocess.PIPE, check=True, timeout=120)
+        subprocess.run(
+            [tshark, "-r", capture.path, *decode_as, "-Y", "mongo", "-T", "pdml"],
+            stdout=out,
+            stderr=subprocess.PIPE,
+            check=True,
+            timeout=120,
+        )
     pdus = parse_pdml(str(pdml), server_ports)
     assert pdus, "tshark decoded no mongo messages"
 
@@ -268,8 +302,8 @@ def test_tshark_and_the_proxy_agree_on_every_message(tmp_path):
     for msgs in client_side.values():
         down = [m.key() for m in msgs]
         up = upstream_by_first[down[0]]
-        assert up[:len(down)] == down
-        extra = up[len(down):]
+        assert up[: len(down)] == down
+        extra = up[len(down) :]
         assert len(extra) <= 1 and all(not key[0] for key in extra), extra  # key[0]: to_server
 
     # 2. Every client-side message is one proxy event, and they agree field by field.
@@ -301,8 +335,7 @@ def test_tshark_and_the_proxy_agree_on_every_message(tmp_path):
                     attributed = raw if raw and m.command in COLLECTION_COMMANDS else ""
                     assert attributed == e.collection, (m, e.collection)
                     checked["command"] += 1
-                if m.namespace is not None and m.opcode != mwire.OP_COMMAND and \
-                        not m.namespace.endswith(".$cmd"):
+                if m.namespace is not None and m.opcode != mwire.OP_COMMAND and not m.namespace.endswith(".$cmd"):
                     assert m.namespace == e.request.namespace
                     db, _, coll = m.namespace.partition(".")
                     assert (db, coll) == (e.database, e.collection)
@@ -316,8 +349,11 @@ def test_tshark_and_the_proxy_agree_on_every_message(tmp_path):
                 e = answered[0]
                 seen_replies.add((conn.id, e.reply_request_id))
                 assert m.opcode == e.reply_op_code
-                previous = [x.reply_request_id & 0xFFFFFFFF for x in evs
-                            if x.request_id == e.request_id and x.exhaust_index == e.exhaust_index - 1]
+                previous = [
+                    x.reply_request_id & 0xFFFFFFFF
+                    for x in evs
+                    if x.request_id == e.request_id and x.exhaust_index == e.exhaust_index - 1
+                ]
                 assert m.response_to == e.request_id & 0xFFFFFFFF or m.response_to in previous, (m, e)
                 if e.exhaust_index:
                     checked["streamed reply"] += 1
@@ -338,10 +374,19 @@ def test_tshark_and_the_proxy_agree_on_every_message(tmp_path):
         assert checked[f"legacy {op}"] == 1, op
     assert checked["OP_COMMAND"] == 1
     kinds = Counter((m.opcode, m.original_opcode) for m in pdus)
-    for op in (mwire.OP_MSG, mwire.OP_QUERY, mwire.OP_REPLY, mwire.OP_INSERT, mwire.OP_UPDATE, mwire.OP_DELETE,
-               mwire.OP_GET_MORE, mwire.OP_KILL_CURSORS, mwire.OP_COMMAND, mwire.OP_COMMANDREPLY):
+    for op in (
+        mwire.OP_MSG,
+        mwire.OP_QUERY,
+        mwire.OP_REPLY,
+        mwire.OP_INSERT,
+        mwire.OP_UPDATE,
+        mwire.OP_DELETE,
+        mwire.OP_GET_MORE,
+        mwire.OP_KILL_CURSORS,
+        mwire.OP_COMMAND,
+        mwire.OP_COMMANDREPLY,
+    ):
         assert kinds[(op, None)] >= 2, mwire.OP_NAMES[op]  # each side of the proxy
     assert {c for (_, c) in [(m.opcode, m.compressor) for m in pdus] if c is not None} == {1, 2, 3}
     unack = [e for e in events if e.more_to_come_request and e.op == "insert"]
     assert len(unack) == 1 and unack[0].collection == "logs"
-

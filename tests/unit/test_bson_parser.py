@@ -28,17 +28,44 @@ def decode(raw: bytes) -> dict:
     """The oracle: pymongo's bson decoder (datetimes kept as milliseconds, so any int64 decodes)."""
     return bson.decode(raw, codec_options=ORACLE_OPTIONS)
 
+
 # Every field the scanner can fill; `documents` and `flags` default to 0, the rest to None.
 RESULT_FIELDS = (
-    "command", "collection", "database", "namespace", "cursor_id", "comment", "comment_traceparent",
-    "comment_tracestate", "app_name", "driver_name", "driver_version", "compression", "ok", "code",
-    "code_name", "errmsg", "cursor_ns", "returned", "n", "n_modified", "upserted", "write_errors",
-    "write_error_code", "write_error_code_name", "write_concern_error_code",
-    "write_concern_error_code_name", "last_error_n", "set_name", "me", "max_wire_version",
+    "command",
+    "collection",
+    "database",
+    "namespace",
+    "cursor_id",
+    "comment",
+    "comment_traceparent",
+    "comment_tracestate",
+    "app_name",
+    "driver_name",
+    "driver_version",
+    "compression",
+    "ok",
+    "code",
+    "code_name",
+    "errmsg",
+    "cursor_ns",
+    "returned",
+    "n",
+    "n_modified",
+    "upserted",
+    "write_errors",
+    "write_error_code",
+    "write_error_code_name",
+    "write_concern_error_code",
+    "write_concern_error_code_name",
+    "last_error_n",
+    "set_name",
+    "me",
+    "max_wire_version",
 )
 
 
 # -- message bodies ------------------------------------------------------------
+
 
 def i32(v: int) -> bytes:
     return struct.pack("<i", v)
@@ -52,8 +79,9 @@ def cstr(s: str | bytes) -> bytes:
     return (s.encode() if isinstance(s, str) else s) + b"\x00"
 
 
-def op_msg(doc: dict | bytes, seqs=(), checksum: bool = False, flags: int = 0, crc: int = 0xDEADBEEF,
-           kind0_at: int = 0) -> bytes:
+def op_msg(
+    doc: dict | bytes, seqs=(), checksum: bool = False, flags: int = 0, crc: int = 0xDEADBEEF, kind0_at: int = 0
+) -> bytes:
     """An OP_MSG body: flagBits, sections (the kind-0 one after `kind0_at` kind-1 sequences), optional CRC."""
     raw = doc if isinstance(doc, bytes) else bson.encode(doc)
     sections = []
@@ -80,8 +108,13 @@ def op_reply(docs: list, cursor_id: int = 0, flags: int = 8, number_returned: in
 
 
 def op_command(db: str, name: str, args: dict, metadata: dict | None = None, inputs=()) -> bytes:
-    return (cstr(db) + cstr(name) + bson.encode(args) + bson.encode(metadata or {})
-            + b"".join(bson.encode(d) for d in inputs))
+    return (
+        cstr(db)
+        + cstr(name)
+        + bson.encode(args)
+        + bson.encode(metadata or {})
+        + b"".join(bson.encode(d) for d in inputs)
+    )
 
 
 def op_commandreply(reply: dict, metadata: dict | None = None, outputs=()) -> bytes:
@@ -89,6 +122,7 @@ def op_commandreply(reply: dict, metadata: dict | None = None, outputs=()) -> by
 
 
 # -- feeding -------------------------------------------------------------------
+
 
 def scan(op: int, is_reply: bool, body: bytes, cuts=(), scanner: bp.BodyScanner | None = None, **kw):
     """Feed body in pieces split at `cuts`; every feed must consume all it is offered."""
@@ -109,7 +143,7 @@ def scan_bytewise(op: int, is_reply: bool, body: bytes, **kw):
     s = bp.BodyScanner()
     s.reset(op, is_reply, len(body), **kw)
     for j in range(len(body)):
-        assert s.feed(body[j:j + 1]) == 1
+        assert s.feed(body[j : j + 1]) == 1
     assert s.done
     return s.result()
 
@@ -150,6 +184,7 @@ def check_chunkings(op: int, is_reply: bool, body: bytes, exp: dict, data=None, 
 
 
 # -- the oracle ----------------------------------------------------------------
+
 
 def cut(s: str) -> str:
     """A captured string: at most MAX bytes, cut at a UTF-8 character boundary."""
@@ -203,8 +238,9 @@ def strlist(v):
     return [cut(x) for x in v if type(x) is str][:16] if isinstance(v, list) else None
 
 
-def expect_request(doc: dict, documents: int = 0, legacy_before: str | None = None,
-                   legacy_after: str | None = None) -> dict:
+def expect_request(
+    doc: dict, documents: int = 0, legacy_before: str | None = None, legacy_after: str | None = None
+) -> dict:
     """What the scanner should extract from a decoded command document.
 
     legacy_before/legacy_after: the first legacy `$comment` of the kind-1 sections before/after it.
@@ -238,8 +274,11 @@ def expect_request(doc: dict, documents: int = 0, legacy_before: str | None = No
         elif k in ("updates", "deletes"):
             found = walk(v, "0.q.$comment")
         elif k == "client":
-            for path, name in (("application.name", "app_name"), ("driver.name", "driver_name"),
-                               ("driver.version", "driver_version")):
+            for path, name in (
+                ("application.name", "app_name"),
+                ("driver.name", "driver_name"),
+                ("driver.version", "driver_version"),
+            ):
                 if text(walk(v, path)) is not None:
                     e[name] = text(walk(v, path))
         elif k == "compression" and isinstance(v, list):
@@ -272,9 +311,12 @@ def sequence_legacy(seqs) -> str | None:
 
 def expect_op_msg_request(raw: bytes, seqs, kind0_at: int = 0) -> dict:
     """The oracle for an OP_MSG request: kind-0 `raw` placed after `kind0_at` of the kind-1 `seqs`."""
-    return expect_request(decode(raw), documents=sum(len(docs) for _, docs in seqs),
-                          legacy_before=sequence_legacy(seqs[:kind0_at]),
-                          legacy_after=sequence_legacy(seqs[kind0_at:]))
+    return expect_request(
+        decode(raw),
+        documents=sum(len(docs) for _, docs in seqs),
+        legacy_before=sequence_legacy(seqs[:kind0_at]),
+        legacy_after=sequence_legacy(seqs[kind0_at:]),
+    )
 
 
 def expect_reply_fields(doc: dict) -> dict:
@@ -283,7 +325,9 @@ def expect_reply_fields(doc: dict) -> dict:
         if k == "ok" and as_float(v) is not None:
             e["ok"] = as_float(v)
         elif k in ("code", "n", "nModified", "maxWireVersion") and as_int(v) is not None:
-            e[{"code": "code", "n": "n", "nModified": "n_modified", "maxWireVersion": "max_wire_version"}[k]] = as_int(v)
+            e[{"code": "code", "n": "n", "nModified": "n_modified", "maxWireVersion": "max_wire_version"}[k]] = as_int(
+                v
+            )
         elif k in ("codeName", "errmsg", "setName", "me") and text(v) is not None:
             e[{"codeName": "code_name", "errmsg": "errmsg", "setName": "set_name", "me": "me"}[k]] = text(v)
         elif k == "cursor" and isinstance(v, dict):
@@ -321,12 +365,52 @@ def expect_reply(doc: dict) -> dict:
 
 # -- strategies ----------------------------------------------------------------
 
-REQUEST_KEYS = {"collection", "$db", "comment", "filter", "q", "query", "pipeline", "documents", "updates",
-                "deletes", "client", "compression", "cursors"}
-REPLY_KEYS = {"ok", "code", "codeName", "errmsg", "cursor", "n", "nModified", "upserted", "writeErrors",
-              "writeConcernError", "lastErrorObject", "setName", "me", "maxWireVersion", "compression"}
-NESTED_KEYS = {"traceparent", "tracestate", "$comment", "$match", "application", "driver", "name", "version",
-               "id", "ns", "firstBatch", "nextBatch"}
+REQUEST_KEYS = {
+    "collection",
+    "$db",
+    "comment",
+    "filter",
+    "q",
+    "query",
+    "pipeline",
+    "documents",
+    "updates",
+    "deletes",
+    "client",
+    "compression",
+    "cursors",
+}
+REPLY_KEYS = {
+    "ok",
+    "code",
+    "codeName",
+    "errmsg",
+    "cursor",
+    "n",
+    "nModified",
+    "upserted",
+    "writeErrors",
+    "writeConcernError",
+    "lastErrorObject",
+    "setName",
+    "me",
+    "maxWireVersion",
+    "compression",
+}
+NESTED_KEYS = {
+    "traceparent",
+    "tracestate",
+    "$comment",
+    "$match",
+    "application",
+    "driver",
+    "name",
+    "version",
+    "id",
+    "ns",
+    "firstBatch",
+    "nextBatch",
+}
 
 chars = st.characters(blacklist_categories=("Cs",))
 key_chars = st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00")
@@ -337,17 +421,26 @@ extra_keys = st.one_of(
     st.text(key_chars, max_size=8),
     st.text(key_chars, min_size=60, max_size=90),  # longer than the key accumulator
 ).filter(lambda k: not k.startswith("$") and k not in REQUEST_KEYS | REPLY_KEYS | NESTED_KEYS)
-int32s = st.integers(-2**31, 2**31 - 1)
-int64s = st.integers(-2**63, 2**63 - 1).map(Int64)
+int32s = st.integers(-(2**31), 2**31 - 1)
+int64s = st.integers(-(2**63), 2**63 - 1).map(Int64)
 scalars = st.one_of(
-    st.none(), st.booleans(), int32s, int64s, st.floats(), strings, st.binary(max_size=40),
+    st.none(),
+    st.booleans(),
+    int32s,
+    int64s,
+    st.floats(),
+    strings,
+    st.binary(max_size=40),
     st.builds(Binary, st.binary(max_size=20), st.sampled_from([0, 3, 4, 5, 0x80])),
     st.builds(ObjectId, st.binary(min_size=12, max_size=12)),
-    st.builds(DatetimeMS, st.integers(-2**62, 2**62)),
+    st.builds(DatetimeMS, st.integers(-(2**62), 2**62)),
     st.builds(Timestamp, st.integers(0, 2**32 - 1), st.integers(0, 2**32 - 1)),
     st.builds(Regex, st.text(key_chars, max_size=8), st.sampled_from(["", "i", "imsx"])),
-    st.builds(Code, short_text), st.builds(Code, short_text, st.dictionaries(st.text(key_chars, max_size=4), int32s, max_size=2)),
-    st.just(MinKey()), st.just(MaxKey()), st.builds(Decimal128, st.sampled_from(["1.5", "-0", "NaN", "1E+300"])),
+    st.builds(Code, short_text),
+    st.builds(Code, short_text, st.dictionaries(st.text(key_chars, max_size=4), int32s, max_size=2)),
+    st.just(MinKey()),
+    st.just(MaxKey()),
+    st.builds(Decimal128, st.sampled_from(["1.5", "-0", "NaN", "1E+300"])),
 )
 values = st.recursive(
     scalars,
@@ -378,8 +471,13 @@ REQUEST_FIELDS = {
     "documents": opt(st.lists(small_docs, max_size=6)),
     "updates": opt(st.lists(opt(fdict(q=opt(filter_docs), u=small_docs)), max_size=4)),
     "deletes": opt(st.lists(opt(fdict(q=opt(filter_docs), limit=int32s)), max_size=4)),
-    "client": opt(fdict(application=opt(fdict(name=opt(strings))),
-                        driver=opt(fdict(name=opt(strings), version=opt(strings))), os=small_docs)),
+    "client": opt(
+        fdict(
+            application=opt(fdict(name=opt(strings))),
+            driver=opt(fdict(name=opt(strings), version=opt(strings))),
+            os=small_docs,
+        )
+    ),
     "compression": opt(st.lists(opt(st.sampled_from(["zstd", "zlib", "snappy", "noop"]) | strings), max_size=20)),
     "cursors": opt(st.lists(opt(int64s | int32s), max_size=3)),
 }
@@ -390,13 +488,15 @@ REPLY_FIELDS = {
     "code": opt(numbers),
     "codeName": opt(strings),
     "errmsg": opt(strings),
-    "cursor": opt(fdict(id=opt(int64s | int32s), ns=opt(strings), firstBatch=opt(batches), nextBatch=opt(batches),
-                        x=values)),
+    "cursor": opt(
+        fdict(id=opt(int64s | int32s), ns=opt(strings), firstBatch=opt(batches), nextBatch=opt(batches), x=values)
+    ),
     "n": opt(numbers),
     "nModified": opt(numbers),
     "upserted": opt(st.lists(fdict(index=int32s, _id=values), max_size=4)),
-    "writeErrors": opt(st.lists(opt(fdict(index=int32s, code=opt(numbers), codeName=opt(strings),
-                                          errmsg=strings)), max_size=4)),
+    "writeErrors": opt(
+        st.lists(opt(fdict(index=int32s, code=opt(numbers), codeName=opt(strings), errmsg=strings)), max_size=4)
+    ),
     "writeConcernError": opt(fdict(code=opt(numbers), codeName=opt(strings), errmsg=strings)),
     "lastErrorObject": opt(fdict(n=opt(numbers), updatedExisting=st.booleans())),
     "setName": opt(strings),
@@ -404,14 +504,34 @@ REPLY_FIELDS = {
     "maxWireVersion": opt(numbers),
     "compression": opt(st.lists(opt(strings), max_size=20)),
 }
-COMMAND_NAMES = ["find", "insert", "update", "delete", "aggregate", "getMore", "killCursors", "hello",
-                 "isMaster", "ping", "count", "distinct", "findAndModify", "createIndexes", "saslStart"]
+COMMAND_NAMES = [
+    "find",
+    "insert",
+    "update",
+    "delete",
+    "aggregate",
+    "getMore",
+    "killCursors",
+    "hello",
+    "isMaster",
+    "ping",
+    "count",
+    "distinct",
+    "findAndModify",
+    "createIndexes",
+    "saslStart",
+]
 
 
 @st.composite
 def command_docs(draw, fields=REQUEST_FIELDS):
-    name = draw(st.one_of(st.sampled_from(COMMAND_NAMES), st.text(key_chars, min_size=1, max_size=10),
-                          st.text(key_chars, min_size=300, max_size=600)))
+    name = draw(
+        st.one_of(
+            st.sampled_from(COMMAND_NAMES),
+            st.text(key_chars, min_size=1, max_size=10),
+            st.text(key_chars, min_size=300, max_size=600),
+        )
+    )
     first = draw(st.one_of(strings, int64s, int32s, values))
     rest = [(k, draw(v)) for k, v in fields.items() if draw(st.booleans())]
     rest += draw(st.lists(st.tuples(extra_keys, values), max_size=4, unique_by=lambda kv: kv[0]))
@@ -445,11 +565,13 @@ seq_idents = st.one_of(
     st.sampled_from(["update", "delete", "Updates", "updatesx", "deletes" + "x" * 70, "", "ops", "q"]),
 )
 sequences = st.lists(st.tuples(seq_idents, st.lists(st.one_of(write_stmts, small_docs), max_size=4)), max_size=3)
-PROPERTY = settings(max_examples=80, deadline=None,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+PROPERTY = settings(
+    max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
+)
 
 
 # -- property tests ------------------------------------------------------------
+
 
 @PROPERTY
 @given(doc=command_docs(), seqs=sequences, checksum=st.booleans(), data=st.data())
@@ -469,15 +591,25 @@ def test_op_msg_request_matches_oracle(doc, seqs, checksum, data):
 short_strings = st.one_of(st.text(chars, max_size=10), st.just("traceparent=00-" + "ab" * 16 + "-" + "cd" * 8 + "-01"))
 trace_doc = fdict(traceparent=opt(short_strings), tracestate=short_strings)
 small_values = st.one_of(st.none(), int32s, short_strings, st.lists(int32s, max_size=2))
-comment_q = permuted(st.fixed_dictionaries({"$comment": st.one_of(short_strings, short_strings, small_values)},
-                                           optional={"_id": int32s, "x": small_values}))
-statement = permuted(st.fixed_dictionaries({"q": st.one_of(comment_q, comment_q, comment_q, small_values)},
-                                           optional={"u": fdict(**{"$set": small_docs}), "limit": st.just(0)}))
-write_seq_docs = st.lists(st.one_of(statement, statement, statement, small_docs.filter(lambda d: len(d) <= 1)),
-                          min_size=1, max_size=3)
+comment_q = permuted(
+    st.fixed_dictionaries(
+        {"$comment": st.one_of(short_strings, short_strings, small_values)}, optional={"_id": int32s, "x": small_values}
+    )
+)
+statement = permuted(
+    st.fixed_dictionaries(
+        {"q": st.one_of(comment_q, comment_q, comment_q, small_values)},
+        optional={"u": fdict(**{"$set": small_docs}), "limit": st.just(0)},
+    )
+)
+write_seq_docs = st.lists(
+    st.one_of(statement, statement, statement, small_docs.filter(lambda d: len(d) <= 1)), min_size=1, max_size=3
+)
 write_sequences = st.lists(
     st.tuples(st.sampled_from(["updates", "updates", "deletes", "deletes", "documents", "Updates"]), write_seq_docs),
-    min_size=1, max_size=3)
+    min_size=1,
+    max_size=3,
+)
 WRITE_COMMAND_FIELDS = {
     "comment": st.one_of(short_strings, short_strings, trace_doc, small_values),
     "$db": short_strings,
@@ -530,8 +662,12 @@ def test_op_reply_matches_oracle(doc, more, cursor_id, data):
 
 
 @PROPERTY
-@given(doc=command_docs(), db=st.text(key_chars, min_size=1, max_size=10).filter(lambda s: "." not in s),
-       selector=st.none() | small_docs, data=st.data())
+@given(
+    doc=command_docs(),
+    db=st.text(key_chars, min_size=1, max_size=10).filter(lambda s: "." not in s),
+    selector=st.none() | small_docs,
+    data=st.data(),
+)
 def test_op_query_command_matches_oracle(doc, db, selector, data):
     raw = bson.encode(doc)
     body = op_query(db + ".$cmd", raw, flags=4, selector=selector)
@@ -569,12 +705,18 @@ def test_op_commandreply_matches_oracle(doc, outputs, data):
 
 # -- examples ------------------------------------------------------------------
 
+
 def pymongo_find() -> dict:
     return {
-        "find": "users", "filter": {"_id": 1}, "limit": 1, "singleBatch": True,
+        "find": "users",
+        "filter": {"_id": 1},
+        "limit": 1,
+        "singleBatch": True,
         "lsid": {"id": Binary(uuid.UUID(int=7).bytes, 4)},
-        "$clusterTime": {"clusterTime": Timestamp(1700000000, 1),
-                         "signature": {"hash": Binary(b"\x00" * 20, 0), "keyId": Int64(0)}},
+        "$clusterTime": {
+            "clusterTime": Timestamp(1700000000, 1),
+            "signature": {"hash": Binary(b"\x00" * 20, 0), "keyId": Int64(0)},
+        },
         "$db": "shop",
     }
 
@@ -585,51 +727,90 @@ def test_find_command():
 
 
 def test_hello_handshake_on_op_query():
-    doc = {"isMaster": 1, "helloOk": True,
-           "client": {"driver": {"name": "PyMongo", "version": "4.20.1"}, "os": {"type": "Linux"},
-                      "platform": "CPython 3.11", "application": {"name": "billing"}},
-           "compression": ["zstd", "snappy", 7, "zlib"]}
+    doc = {
+        "isMaster": 1,
+        "helloOk": True,
+        "client": {
+            "driver": {"name": "PyMongo", "version": "4.20.1"},
+            "os": {"type": "Linux"},
+            "platform": "CPython 3.11",
+            "application": {"name": "billing"},
+        },
+        "compression": ["zstd", "snappy", 7, "zlib"],
+    }
     body = op_query("admin.$cmd", doc, selector={"x": 1})
-    check_chunkings(bp.OP_QUERY, False, body, expected(
-        command="isMaster", database="admin", namespace="admin.$cmd", app_name="billing",
-        driver_name="PyMongo", driver_version="4.20.1", compression=["zstd", "snappy", "zlib"]),
-        every_split_max=400)
+    check_chunkings(
+        bp.OP_QUERY,
+        False,
+        body,
+        expected(
+            command="isMaster",
+            database="admin",
+            namespace="admin.$cmd",
+            app_name="billing",
+            driver_name="PyMongo",
+            driver_version="4.20.1",
+            compression=["zstd", "snappy", "zlib"],
+        ),
+        every_split_max=400,
+    )
 
 
 def test_hello_reply():
-    doc = {"isWritablePrimary": True, "topologyVersion": {"processId": ObjectId(), "counter": Int64(0)},
-           "hosts": ["a:27017", "b:27017"], "setName": "rs0", "me": "a:27017", "maxWireVersion": 21,
-           "compression": ["zstd"], "ok": 1.0}
-    check_chunkings(bp.OP_MSG, True, op_msg(doc, flags=2), expected(
-        set_name="rs0", me="a:27017", max_wire_version=21, compression=["zstd"], ok=1.0), every_split_max=400)
+    doc = {
+        "isWritablePrimary": True,
+        "topologyVersion": {"processId": ObjectId(), "counter": Int64(0)},
+        "hosts": ["a:27017", "b:27017"],
+        "setName": "rs0",
+        "me": "a:27017",
+        "maxWireVersion": 21,
+        "compression": ["zstd"],
+        "ok": 1.0,
+    }
+    check_chunkings(
+        bp.OP_MSG,
+        True,
+        op_msg(doc, flags=2),
+        expected(set_name="rs0", me="a:27017", max_wire_version=21, compression=["zstd"], ok=1.0),
+        every_split_max=400,
+    )
 
 
 def test_get_more_and_kill_cursors():
     gm = op_msg({"getMore": Int64(1234567890123), "collection": "users", "batchSize": 10, "$db": "shop"})
-    check_chunkings(bp.OP_MSG, False, gm, expected(command="getMore", cursor_id=1234567890123,
-                                                  collection="users", database="shop"))
+    check_chunkings(
+        bp.OP_MSG, False, gm, expected(command="getMore", cursor_id=1234567890123, collection="users", database="shop")
+    )
     kc = op_msg({"killCursors": "users", "cursors": [Int64(99), Int64(100)], "$db": "shop"})
-    check_chunkings(bp.OP_MSG, False, kc, expected(command="killCursors", collection="users", cursor_id=99,
-                                                  database="shop"))
+    check_chunkings(
+        bp.OP_MSG, False, kc, expected(command="killCursors", collection="users", cursor_id=99, database="shop")
+    )
     # only getMore's first value is a cursor id
     assert scan(bp.OP_MSG, False, op_msg({"hello": 1, "$db": "admin"})).cursor_id is None
 
 
 def test_insert_counts_kind1_and_inline_documents():
-    body = op_msg({"insert": "users", "ordered": True, "$db": "shop", "documents": [{"a": 1}, {"a": 2}]},
-                  seqs=[("documents", [{"a": i} for i in range(5)]), ("documents", [{}])])
-    check_chunkings(bp.OP_MSG, False, body, expected(command="insert", collection="users", database="shop",
-                                                     documents=8))
+    body = op_msg(
+        {"insert": "users", "ordered": True, "$db": "shop", "documents": [{"a": 1}, {"a": 2}]},
+        seqs=[("documents", [{"a": i} for i in range(5)]), ("documents", [{}])],
+    )
+    check_chunkings(
+        bp.OP_MSG, False, body, expected(command="insert", collection="users", database="shop", documents=8)
+    )
 
 
 def test_comment_forms():
     r = scan(bp.OP_MSG, False, op_msg({"find": "c", "filter": {"$comment": "old"}, "comment": "new"}))
     assert r.comment == "new"
-    r = scan(bp.OP_MSG, False, op_msg({"find": "c", "filter": {"$comment": "old"},
-                                       "comment": {"traceparent": "00-ab-cd-01", "tracestate": "k=v"}}))
+    r = scan(
+        bp.OP_MSG,
+        False,
+        op_msg(
+            {"find": "c", "filter": {"$comment": "old"}, "comment": {"traceparent": "00-ab-cd-01", "tracestate": "k=v"}}
+        ),
+    )
     assert (r.comment, r.comment_traceparent, r.comment_tracestate) == ("old", "00-ab-cd-01", "k=v")
-    r = scan(bp.OP_MSG, False, op_msg({"aggregate": "c", "pipeline": [{"$match": {"$comment": "agg"}}],
-                                       "cursor": {}}))
+    r = scan(bp.OP_MSG, False, op_msg({"aggregate": "c", "pipeline": [{"$match": {"$comment": "agg"}}], "cursor": {}}))
     assert r.comment == "agg"
     r = scan(bp.OP_MSG, False, op_msg({"update": "c", "updates": [{"q": {"$comment": "upd"}, "u": {}}]}))
     assert (r.comment, r.documents) == ("upd", 1)
@@ -648,18 +829,40 @@ TP = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 
 def test_driver_write_sequences_carry_the_legacy_comment():
     lsid = {"id": Binary(uuid.UUID(int=7).bytes, 4)}
-    body = driver_op_msg({"delete": "users", "ordered": True, "lsid": lsid,
-                          "deletes": [{"q": {"age": {"$gt": 3}, "$comment": f"traceparent={TP}"}, "limit": 0}]})
+    body = driver_op_msg(
+        {
+            "delete": "users",
+            "ordered": True,
+            "lsid": lsid,
+            "deletes": [{"q": {"age": {"$gt": 3}, "$comment": f"traceparent={TP}"}, "limit": 0}],
+        }
+    )
     end0 = 5 + int.from_bytes(body[5:9], "little")  # the driver sends kind 0, then the kind-1 `deletes`
-    assert body[4] == 0 and body[end0] == 1 and body[end0 + 5:].startswith(b"deletes\x00")
-    check_chunkings(bp.OP_MSG, False, body, expected(
-        command="delete", collection="users", database="shop", comment=f"traceparent={TP}", documents=1),
-        every_split_max=400)
-    body = driver_op_msg({"update": "users", "ordered": True, "updates": [
-        {"q": {"_id": 1, "$comment": TP}, "u": {"$set": {"a": 1}}, "multi": False, "upsert": False},
-        {"q": {"_id": 2, "$comment": "second"}, "u": {"$set": {"a": 2}}}]})
-    check_chunkings(bp.OP_MSG, False, body, expected(
-        command="update", collection="users", database="shop", comment=TP, documents=2), every_split_max=400)
+    assert body[4] == 0 and body[end0] == 1 and body[end0 + 5 :].startswith(b"deletes\x00")
+    check_chunkings(
+        bp.OP_MSG,
+        False,
+        body,
+        expected(command="delete", collection="users", database="shop", comment=f"traceparent={TP}", documents=1),
+        every_split_max=400,
+    )
+    body = driver_op_msg(
+        {
+            "update": "users",
+            "ordered": True,
+            "updates": [
+                {"q": {"_id": 1, "$comment": TP}, "u": {"$set": {"a": 1}}, "multi": False, "upsert": False},
+                {"q": {"_id": 2, "$comment": "second"}, "u": {"$set": {"a": 2}}},
+            ],
+        }
+    )
+    check_chunkings(
+        bp.OP_MSG,
+        False,
+        body,
+        expected(command="update", collection="users", database="shop", comment=TP, documents=2),
+        every_split_max=400,
+    )
     # an insert's documents are data: never read, even when one looks like a statement
     body = driver_op_msg({"insert": "users", "documents": [{"q": {"$comment": TP}}]})
     assert scan(bp.OP_MSG, False, body).comment is None
@@ -668,8 +871,9 @@ def test_driver_write_sequences_carry_the_legacy_comment():
 def test_write_sequence_comment_precedence():
     deletes = [("deletes", [{"q": {"$comment": "from q"}, "limit": 0}, {"q": {"$comment": "second doc"}}])]
     for kind0_at in (0, 1):
+
         def comment(doc, seqs=deletes):
-            return scan(bp.OP_MSG, False, op_msg(doc, seqs, kind0_at=kind0_at)).comment
+            return scan(bp.OP_MSG, False, op_msg(doc, seqs, kind0_at=kind0_at)).comment  # noqa: B023 - called within this iteration
 
         # a root string comment wins, before or after the sequence
         assert comment({"delete": "c", "comment": "root"}) == "root"
@@ -683,8 +887,11 @@ def test_write_sequence_comment_precedence():
     # the first legacy comment in body order wins
     seqs = [("updates", [{"q": {"$comment": "seq 1"}}]), ("deletes", [{"q": {"$comment": "seq 2"}}])]
     doc = {"update": "c", "filter": {"$comment": "kind 0"}}
-    assert [scan(bp.OP_MSG, False, op_msg(doc, seqs, kind0_at=k)).comment for k in (0, 1, 2)] == \
-        ["kind 0", "seq 1", "seq 1"]
+    assert [scan(bp.OP_MSG, False, op_msg(doc, seqs, kind0_at=k)).comment for k in (0, 1, 2)] == [
+        "kind 0",
+        "seq 1",
+        "seq 1",
+    ]
     # a second kind-1 `updates` section: its first document is read too, but the first found wins
     seqs = [("updates", [{"q": {}}]), ("updates", [{"q": {"$comment": "later"}}])]
     assert scan(bp.OP_MSG, False, op_msg({"update": "c"}, seqs)).comment == "later"
@@ -695,12 +902,12 @@ def test_write_sequence_identifier_split_and_snapshots():
     ident = body.index(b"deletes")
     s = bp.BodyScanner()
     s.reset(bp.OP_MSG, False, len(body))
-    s.feed(body[:ident + 3])  # inside the identifier
+    s.feed(body[: ident + 3])  # inside the identifier
     assert s.result().comment is None
-    s.feed(body[ident + 3:ident + 40])
+    s.feed(body[ident + 3 : ident + 40])
     early = s.result()
     assert (early.comment, early.command) == ("tp", None)  # the kind-0 section has not arrived
-    s.feed(body[ident + 40:])
+    s.feed(body[ident + 40 :])
     assert s.done and (s.result().comment, s.result().command, s.result().database) == ("tp", "delete", "d")
     # a root comment arriving after the sequence still wins
     body = op_msg({"delete": "c", "comment": "root"}, [("deletes", [{"q": {"$comment": "tp"}}])], kind0_at=1)
@@ -708,13 +915,31 @@ def test_write_sequence_identifier_split_and_snapshots():
 
 
 def test_reply_errors_and_writes():
-    doc = {"n": 1, "nModified": 0, "upserted": [{"index": 0, "_id": 5}],
-           "writeErrors": [{"index": 1, "code": 11000, "codeName": "DuplicateKey", "errmsg": "E11000"}],
-           "writeConcernError": {"code": 64, "codeName": "WriteConcernFailed", "errmsg": "timeout"},
-           "ok": 1}
-    check_chunkings(bp.OP_MSG, True, op_msg(doc), expected(
-        n=1, n_modified=0, upserted=1, write_errors=1, write_error_code=11000, write_error_code_name="DuplicateKey",
-        write_concern_error_code=64, write_concern_error_code_name="WriteConcernFailed", ok=1.0), every_split_max=300)
+    doc = {
+        "n": 1,
+        "nModified": 0,
+        "upserted": [{"index": 0, "_id": 5}],
+        "writeErrors": [{"index": 1, "code": 11000, "codeName": "DuplicateKey", "errmsg": "E11000"}],
+        "writeConcernError": {"code": 64, "codeName": "WriteConcernFailed", "errmsg": "timeout"},
+        "ok": 1,
+    }
+    check_chunkings(
+        bp.OP_MSG,
+        True,
+        op_msg(doc),
+        expected(
+            n=1,
+            n_modified=0,
+            upserted=1,
+            write_errors=1,
+            write_error_code=11000,
+            write_error_code_name="DuplicateKey",
+            write_concern_error_code=64,
+            write_concern_error_code_name="WriteConcernFailed",
+            ok=1.0,
+        ),
+        every_split_max=300,
+    )
     err = {"ok": 0.0, "errmsg": "ns does not exist", "code": 26, "codeName": "NamespaceNotFound"}
     r = scan(bp.OP_MSG, True, op_msg(err))
     assert (r.ok, r.code, r.code_name, r.errmsg) == (0.0, 26, "NamespaceNotFound", "ns does not exist")
@@ -746,12 +971,12 @@ def test_op_reply_rules():
 def test_legacy_write_ops():
     docs = b"".join(bson.encode({"i": i}) for i in range(3))
     body = i32(1) + cstr("shop.users") + docs
-    check_chunkings(bp.OP_INSERT, False, body, expected(namespace="shop.users", database="shop",
-                                                        collection="users", documents=3))
+    check_chunkings(
+        bp.OP_INSERT, False, body, expected(namespace="shop.users", database="shop", collection="users", documents=3)
+    )
     assert scan(bp.OP_INSERT, False, body).flags == 1
     body = i32(0) + cstr("shop.users") + i32(2) + bson.encode({"a": 1}) + bson.encode({"$set": {"b": 2}})
-    check_chunkings(bp.OP_UPDATE, False, body, expected(namespace="shop.users", database="shop",
-                                                        collection="users"))
+    check_chunkings(bp.OP_UPDATE, False, body, expected(namespace="shop.users", database="shop", collection="users"))
     assert scan(bp.OP_UPDATE, False, body).flags == 2
     body = i32(0) + cstr("shop.a.b") + i32(1) + bson.encode({"a": 1})
     check_chunkings(bp.OP_DELETE, False, body, expected(namespace="shop.a.b", database="shop", collection="a.b"))
@@ -759,8 +984,9 @@ def test_legacy_write_ops():
 
 def test_legacy_get_more_and_kill_cursors():
     body = i32(0) + cstr("shop.users") + i32(100) + i64(-5)
-    check_chunkings(bp.OP_GET_MORE, False, body, expected(namespace="shop.users", database="shop",
-                                                          collection="users", cursor_id=-5))
+    check_chunkings(
+        bp.OP_GET_MORE, False, body, expected(namespace="shop.users", database="shop", collection="users", cursor_id=-5)
+    )
     body = i32(0) + i32(3) + i64(11) + i64(12) + i64(13)
     check_chunkings(bp.OP_KILL_CURSORS, False, body, expected(cursor_id=11))
     check_chunkings(bp.OP_KILL_CURSORS, False, i32(0) + i32(0), expected())
@@ -794,8 +1020,19 @@ def test_long_keys_do_not_match_and_command_name_is_cut():
 
 def test_unusual_types_are_skipped():
     # DBPointer (0x0C), undefined (0x06) and symbol (0x0E) cannot be produced by bson.encode.
-    elems = (b"\x0cptr\x00" + i32(2) + b"a\x00" + b"\x01" * 12 + b"\x06und\x00" + b"\x0esym\x00" + i32(2) + b"s\x00"
-             + b"\x02$db\x00" + i32(3) + b"db\x00")
+    elems = (
+        b"\x0cptr\x00"
+        + i32(2)
+        + b"a\x00"
+        + b"\x01" * 12
+        + b"\x06und\x00"
+        + b"\x0esym\x00"
+        + i32(2)
+        + b"s\x00"
+        + b"\x02$db\x00"
+        + i32(3)
+        + b"db\x00"
+    )
     doc = b"\x02find\x00" + i32(2) + b"c\x00" + elems
     raw = i32(len(doc) + 5) + doc + b"\x00"
     assert decode(raw)["$db"] == "db"  # the oracle agrees it is valid BSON

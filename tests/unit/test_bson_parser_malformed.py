@@ -12,7 +12,16 @@ from hypothesis import strategies as st
 from mongoproxy import _bson_parser as bp
 from mongoproxy.errors import DecodeError
 from tests.unit.test_bson_parser import (
-    command_docs, cstr, i32, i64, op_msg, op_query, op_reply, pymongo_find, reply_docs, sequences,
+    command_docs,
+    cstr,
+    i32,
+    i64,
+    op_msg,
+    op_query,
+    op_reply,
+    pymongo_find,
+    reply_docs,
+    sequences,
 )
 
 
@@ -65,6 +74,7 @@ FIND = b"\x02find\x00" + i32(2) + b"c\x00"
 
 # -- documents -----------------------------------------------------------------
 
+
 def test_document_length_below_five():
     assert everywhere(bp.OP_MSG, False, msg(i32(4) + b"\x00")) == "bad_length"
     assert everywhere(bp.OP_MSG, False, msg(i32(-1) + b"\x00")) == "bad_length"
@@ -112,8 +122,7 @@ def test_strings():
     # a string running past its document
     assert everywhere(bp.OP_MSG, False, msg(doc(FIND + b"\x02x\x00" + i32(40) + b"ab\x00"))) == "bad_length"
     # DBPointer: its 12 trailing bytes must fit too
-    assert everywhere(bp.OP_MSG, False, msg(doc(FIND + b"\x0cp\x00" + i32(2) + b"a\x00" + b"\x00" * 6))) \
-        == "bad_length"
+    assert everywhere(bp.OP_MSG, False, msg(doc(FIND + b"\x0cp\x00" + i32(2) + b"a\x00" + b"\x00" * 6))) == "bad_length"
 
 
 def test_keys_and_cstrings_must_end_inside_their_container():
@@ -149,25 +158,22 @@ def test_invalid_utf8_in_captured_strings_only():
     assert outcome(bp.OP_MSG, False, msg(doc(FIND + b"\x02x" + bad + b"\x00" + i32(3) + bad + b"\x00")))[0] == "ok"
     # a captured string cut at 512 bytes is only checked up to the cut
     long = b"a" * 600 + bad
-    assert outcome(bp.OP_MSG, False, msg(doc(FIND + b"\x02$db\x00" + i32(len(long) + 1) + long + b"\x00")))[0] \
-        == "ok"
+    assert outcome(bp.OP_MSG, False, msg(doc(FIND + b"\x02$db\x00" + i32(len(long) + 1) + long + b"\x00")))[0] == "ok"
 
 
 # -- message layouts -----------------------------------------------------------
+
 
 def test_op_msg_sections():
     body = op_msg({"insert": "c"}) + b"\x02" + i32(5)
     assert everywhere(bp.OP_MSG, False, body) == "bad_section_kind"
     seq = cstr("documents") + bson.encode({"a": 1})
-    assert everywhere(bp.OP_MSG, False, op_msg({"insert": "c"}) + b"\x01" + i32(len(seq) + 40) + seq) \
-        == "bad_length"
+    assert everywhere(bp.OP_MSG, False, op_msg({"insert": "c"}) + b"\x01" + i32(len(seq) + 40) + seq) == "bad_length"
     assert everywhere(bp.OP_MSG, False, op_msg({"insert": "c"}) + b"\x01" + i32(3) + seq) == "bad_length"
     # the section size cuts a document in two
-    assert everywhere(bp.OP_MSG, False, op_msg({"insert": "c"}) + b"\x01" + i32(len(seq) + 2) + seq) \
-        == "bad_length"
+    assert everywhere(bp.OP_MSG, False, op_msg({"insert": "c"}) + b"\x01" + i32(len(seq) + 2) + seq) == "bad_length"
     # identifier without NUL inside the section
-    assert everywhere(bp.OP_MSG, False, op_msg({"insert": "c"}) + b"\x01" + i32(8) + b"docu") \
-        == "string_not_terminated"
+    assert everywhere(bp.OP_MSG, False, op_msg({"insert": "c"}) + b"\x01" + i32(8) + b"docu") == "string_not_terminated"
     # a kind-1 size that does not fit
     assert everywhere(bp.OP_MSG, False, op_msg({"insert": "c"}) + b"\x01" + b"\x10\x00") == "truncated"
 
@@ -186,8 +192,12 @@ def test_write_sequence_first_document_is_validated_where_it_is_read():
     assert everywhere(bp.OP_MSG, False, head + seq("updates", bad_utf8)) == "invalid_utf8"
     assert everywhere(bp.OP_MSG, False, seq("deletes", q_too_long) + head) == "bad_length"
     # only the first document of an `updates`/`deletes` sequence is read; the rest are skipped by length
-    for body in (head + seq("documents", bad_type), head + seq("deletes", good, bad_type, bad_utf8),
-                 head + seq("deletesx", bad_utf8), head + seq("Updates", bad_utf8)):
+    for body in (
+        head + seq("documents", bad_type),
+        head + seq("deletes", good, bad_type, bad_utf8),
+        head + seq("deletesx", bad_utf8),
+        head + seq("Updates", bad_utf8),
+    ):
         assert outcome(bp.OP_MSG, False, body)[0] == "ok"
         assert outcome(bp.OP_MSG, False, body, cuts=range(len(body)))[0] == "ok"
     # a reply's kind-1 documents are never read
@@ -247,6 +257,7 @@ def test_unknown_opcode_and_error_state():
 
 # -- mutations of valid bodies -------------------------------------------------
 
+
 def mutate(data, body: bytes) -> bytes:
     b = bytearray(body)
     for _ in range(data.draw(st.integers(1, 3), label="mutations")):
@@ -256,11 +267,16 @@ def mutate(data, body: bytes) -> bytes:
             b[at] = data.draw(st.integers(0, 255))
         elif kind == "int32" and len(b) >= 4:
             at = min(at, len(b) - 4)
-            v = data.draw(st.one_of(st.integers(-2**31, 2**31 - 1), st.integers(-8, 8),
-                                    st.just(int.from_bytes(b[at:at + 4], "little", signed=True) + 1)))
-            b[at:at + 4] = struct.pack("<i", v)
+            v = data.draw(
+                st.one_of(
+                    st.integers(-(2**31), 2**31 - 1),
+                    st.integers(-8, 8),
+                    st.just(int.from_bytes(b[at : at + 4], "little", signed=True) + 1),
+                )
+            )
+            b[at : at + 4] = struct.pack("<i", v)
         elif kind == "delete":
-            del b[at:at + data.draw(st.integers(1, 8))]
+            del b[at : at + data.draw(st.integers(1, 8))]
         elif kind == "insert":
             b[at:at] = data.draw(st.binary(min_size=1, max_size=8))
         else:
@@ -268,10 +284,23 @@ def mutate(data, body: bytes) -> bytes:
     return bytes(b)
 
 
-MUTATIONS = settings(max_examples=250, deadline=None,
-                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-OPS = st.sampled_from([bp.OP_MSG, bp.OP_QUERY, bp.OP_REPLY, bp.OP_INSERT, bp.OP_UPDATE, bp.OP_DELETE,
-                       bp.OP_GET_MORE, bp.OP_KILL_CURSORS, bp.OP_COMMAND, bp.OP_COMMANDREPLY])
+MUTATIONS = settings(
+    max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
+)
+OPS = st.sampled_from(
+    [
+        bp.OP_MSG,
+        bp.OP_QUERY,
+        bp.OP_REPLY,
+        bp.OP_INSERT,
+        bp.OP_UPDATE,
+        bp.OP_DELETE,
+        bp.OP_GET_MORE,
+        bp.OP_KILL_CURSORS,
+        bp.OP_COMMAND,
+        bp.OP_COMMANDREPLY,
+    ]
+)
 
 
 @st.composite

@@ -13,7 +13,18 @@ from hypothesis import strategies as st
 
 from mongoproxy import _bson_parser as bp
 from tests.unit.test_bson_parser import (
-    PROPERTY, command_docs, cstr, decode, fields, i32, i64, key_chars, op_msg, op_query, op_reply, reply_docs,
+    PROPERTY,
+    command_docs,
+    cstr,
+    decode,
+    fields,
+    i32,
+    i64,
+    key_chars,
+    op_msg,
+    op_query,
+    op_reply,
+    reply_docs,
     scan,
 )
 
@@ -27,13 +38,19 @@ def shape(op: int, is_reply: bool, body: bytes, mode: int, cuts=(), **kw) -> str
 # JSON-compatible documents: RENDER_VALUES must round-trip through json.loads.
 json_keys = st.text(key_chars, max_size=8).filter(lambda k: k not in SECRET_KEYS and not k.startswith("$"))
 json_scalars = st.one_of(
-    st.none(), st.booleans(), st.integers(-2**31, 2**31 - 1), st.integers(-2**63, 2**63 - 1).map(Int64),
-    st.floats(allow_nan=False, allow_infinity=False), st.text(st.characters(blacklist_categories=("Cs",)), max_size=30),
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**31), 2**31 - 1),
+    st.integers(-(2**63), 2**63 - 1).map(Int64),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.text(st.characters(blacklist_categories=("Cs",)), max_size=30),
     st.text(st.characters(blacklist_categories=("Cs",)), min_size=30, max_size=150),  # often > 128 bytes
 )
 json_values = st.recursive(
-    json_scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(json_keys, inner, max_size=4),
-    max_leaves=12)
+    json_scalars,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(json_keys, inner, max_size=4),
+    max_leaves=12,
+)
 
 
 @st.composite
@@ -67,12 +84,14 @@ def cut_strings(v):
 
 def redact(doc: dict) -> dict:
     """The RENDER_REDACTED oracle: every literal is "?" except the namespace strings."""
+
     def hide(v):
         if isinstance(v, dict):
             return {k: hide(x) for k, x in v.items()}
         if isinstance(v, list):
             return [hide(x) for x in v]
         return "?"
+
     out = {}
     for i, (k, v) in enumerate(doc.items()):
         shown = type(v) is str and (i == 0 or k in ("$db", "collection"))
@@ -102,8 +121,13 @@ def test_redacted_render_keeps_keys_and_nesting_only(doc, data):
 
 
 @PROPERTY
-@given(doc=command_docs(), reply=reply_docs(), mode=st.sampled_from([bp.RENDER_REDACTED, bp.RENDER_VALUES]),
-       limit=st.sampled_from([16, 100, 4096]), data=st.data())
+@given(
+    doc=command_docs(),
+    reply=reply_docs(),
+    mode=st.sampled_from([bp.RENDER_REDACTED, bp.RENDER_VALUES]),
+    limit=st.sampled_from([16, 100, 4096]),
+    data=st.data(),
+)
 def test_rendering_never_changes_extraction_and_is_chunking_invariant(doc, reply, mode, limit, data):
     for is_reply, d in ((False, doc), (True, reply)):
         body = op_msg(d)
@@ -122,9 +146,15 @@ def test_rendering_never_changes_extraction_and_is_chunking_invariant(doc, reply
 # -- secrets ---------------------------------------------------------------------
 
 MARK = "S3CRET-c0ffee"
-secret_values = st.sampled_from([
-    MARK, {"inner": MARK}, [MARK, {"x": MARK}], Binary(MARK.encode()), {"payload": MARK},
-])
+secret_values = st.sampled_from(
+    [
+        MARK,
+        {"inner": MARK},
+        [MARK, {"x": MARK}],
+        Binary(MARK.encode()),
+        {"payload": MARK},
+    ]
+)
 
 
 @st.composite
@@ -140,8 +170,12 @@ def secret_commands(draw):
     if case == 3:
         return {draw(st.sampled_from(["createUser", "updateUser"])): "bob", "pwd": v, "roles": [], "$db": "admin"}
     if case == 4:
-        return {"hello": 1, "speculativeAuthenticate": {"saslStart": 1, "payload": v, "db": "admin"},
-                "client": {"application": {"name": "app"}}, "$db": "admin"}
+        return {
+            "hello": 1,
+            "speculativeAuthenticate": {"saslStart": 1, "payload": v, "db": "admin"},
+            "client": {"application": {"name": "app"}},
+            "$db": "admin",
+        }
     return {"$query": {"authenticate": 1, "user": v}, "$readPreference": {"mode": "primary"}}
 
 
@@ -160,8 +194,12 @@ def test_secrets_never_rendered(doc, mode, data):
 
 
 def test_secret_examples():
-    text = shape(bp.OP_MSG, False, op_msg({"saslStart": 1, "mechanism": "PLAIN", "payload": Binary(b"\0u\0pw"),
-                                           "$db": "$external"}), bp.RENDER_VALUES)
+    text = shape(
+        bp.OP_MSG,
+        False,
+        op_msg({"saslStart": 1, "mechanism": "PLAIN", "payload": Binary(b"\0u\0pw"), "$db": "$external"}),
+        bp.RENDER_VALUES,
+    )
     assert text == '{"saslStart":1,"mechanism":"PLAIN","payload":"?","$db":"$external"}'
     text = shape(bp.OP_MSG, False, op_msg({"authenticate": 1, "user": "u", "$db": "admin"}), bp.RENDER_VALUES)
     assert text == '{"authenticate":"?","user":"?","$db":"?"}'
@@ -176,29 +214,61 @@ def test_secret_examples():
 
 # -- examples --------------------------------------------------------------------
 
+
 def test_redacted_example():
     doc = {"find": "users", "filter": {"email": "a@b.c", "age": {"$gt": 21}}, "$db": "shop"}
-    assert shape(bp.OP_MSG, False, op_msg(doc), bp.RENDER_REDACTED) == \
-        '{"find":"users","filter":{"email":"?","age":{"$gt":"?"}},"$db":"shop"}'
+    assert (
+        shape(bp.OP_MSG, False, op_msg(doc), bp.RENDER_REDACTED)
+        == '{"find":"users","filter":{"email":"?","age":{"$gt":"?"}},"$db":"shop"}'
+    )
 
 
 def test_values_of_every_type():
-    doc = {"find": "c", "filter": {
-        "s": 'q"b\\s\n', "i": 7, "l": Int64(-2**62), "d": 0.1, "t": True, "n": None,
-        "o": ObjectId("65f1a2b3c4d5e6f708192a3b"), "re": Regex("^a", "i"), "ts": Timestamp(5, 6),
-        "b": Binary(b"abc", 0), "a": [1, [2, {}]], "e": {}}}
+    doc = {
+        "find": "c",
+        "filter": {
+            "s": 'q"b\\s\n',
+            "i": 7,
+            "l": Int64(-(2**62)),
+            "d": 0.1,
+            "t": True,
+            "n": None,
+            "o": ObjectId("65f1a2b3c4d5e6f708192a3b"),
+            "re": Regex("^a", "i"),
+            "ts": Timestamp(5, 6),
+            "b": Binary(b"abc", 0),
+            "a": [1, [2, {}]],
+            "e": {},
+        },
+    }
     text = shape(bp.OP_MSG, False, op_msg(doc), bp.RENDER_VALUES)
     assert text == (
         '{"find":"c","filter":{"s":"q\\"b\\\\s\\u000a","i":7,"l":-4611686018427387904,"d":0.1,"t":true,'
         '"n":null,"o":{"$oid":"65f1a2b3c4d5e6f708192a3b"},"re":"/^a/i","ts":{"$timestamp":{"t":5,"i":6}},'
-        '"b":"<binary 3>","a":[1,[2,{}]],"e":{}}}')
+        '"b":"<binary 3>","a":[1,[2,{}]],"e":{}}}'
+    )
     assert json.loads(text)["filter"]["s"] == 'q"b\\s\n'
     # datetime, undefined, DBPointer, symbol: hand-made elements
-    elems = (b"\x02find\x00" + i32(2) + b"c\x00" + b"\x09dt\x00" + i64(1700000000000) + b"\x06u\x00"
-             + b"\x0cp\x00" + i32(2) + b"a\x00" + b"\x01" * 12 + b"\x0esym\x00" + i32(2) + b"s\x00")
+    elems = (
+        b"\x02find\x00"
+        + i32(2)
+        + b"c\x00"
+        + b"\x09dt\x00"
+        + i64(1700000000000)
+        + b"\x06u\x00"
+        + b"\x0cp\x00"
+        + i32(2)
+        + b"a\x00"
+        + b"\x01" * 12
+        + b"\x0esym\x00"
+        + i32(2)
+        + b"s\x00"
+    )
     raw = i32(len(elems) + 5) + elems + b"\x00"
-    assert shape(bp.OP_MSG, False, op_msg(raw), bp.RENDER_VALUES) == \
-        '{"find":"c","dt":{"$date":1700000000000},"u":{"$undefined":true},"p":"<dbpointer>","sym":"s"}'
+    assert (
+        shape(bp.OP_MSG, False, op_msg(raw), bp.RENDER_VALUES)
+        == '{"find":"c","dt":{"$date":1700000000000},"u":{"$undefined":true},"p":"<dbpointer>","sym":"s"}'
+    )
 
 
 def test_long_strings_are_cut_at_a_character_boundary():
@@ -230,8 +300,12 @@ def test_depth_is_bounded():
 
 
 def test_legacy_bodies_render_their_command_document():
-    text = shape(bp.OP_QUERY, False, op_query("admin.$cmd", {"isMaster": 1, "client": {"driver": {"name": "x"}}}),
-                 bp.RENDER_REDACTED)
+    text = shape(
+        bp.OP_QUERY,
+        False,
+        op_query("admin.$cmd", {"isMaster": 1, "client": {"driver": {"name": "x"}}}),
+        bp.RENDER_REDACTED,
+    )
     assert text == '{"isMaster":"?","client":{"driver":{"name":"?"}}}'
     text = shape(bp.OP_REPLY, True, op_reply([{"ok": 1.0, "n": 2}, {"ignored": 1}]), bp.RENDER_VALUES)
     assert text == '{"ok":1,"n":2}'

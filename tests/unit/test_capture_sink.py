@@ -34,29 +34,48 @@ def op_msg(request_id: int, response_to: int, doc: dict, seqs=(), flags: int = 0
 
 
 def hello(rid: int = 1, app: str = "orders-api") -> bytes:
-    return op_msg(rid, 0, {"hello": 1, "client": {"application": {"name": app},
-                                                  "driver": {"name": "PyMongo", "version": "4.20"}},
-                           "speculativeAuthenticate": {"saslStart": 1, "mechanism": "SCRAM-SHA-256",
-                                                       "payload": SECRET, "db": "admin"},
-                           "$db": "admin"})
+    return op_msg(
+        rid,
+        0,
+        {
+            "hello": 1,
+            "client": {"application": {"name": app}, "driver": {"name": "PyMongo", "version": "4.20"}},
+            "speculativeAuthenticate": {"saslStart": 1, "mechanism": "SCRAM-SHA-256", "payload": SECRET, "db": "admin"},
+            "$db": "admin",
+        },
+    )
 
 
 def hello_reply(rid: int, to: int) -> bytes:
-    return op_msg(rid, to, {"isWritablePrimary": True, "maxWireVersion": 21,
-                            "speculativeAuthenticate": {"conversationId": 1, "done": False, "payload": SECRET},
-                            "ok": 1.0})
+    return op_msg(
+        rid,
+        to,
+        {
+            "isWritablePrimary": True,
+            "maxWireVersion": 21,
+            "speculativeAuthenticate": {"conversationId": 1, "done": False, "payload": SECRET},
+            "ok": 1.0,
+        },
+    )
 
 
 def conn(cid: int = 1, client=("10.0.0.5", 51000), server=("10.0.0.9", 27017)) -> Connection:
-    return Connection(id=cid, client_host=client[0], client_port=client[1], upstream_host=server[0],
-                      upstream_port=server[1], listen_port=27111, opened_ns=time.monotonic_ns())
+    return Connection(
+        id=cid,
+        client_host=client[0],
+        client_port=client[1],
+        upstream_host=server[0],
+        upstream_port=server[1],
+        listen_port=27111,
+        opened_ns=time.monotonic_ns(),
+    )
 
 
 def chunks(data: bytes, rng: random.Random, max_size: int = 50):
     pos = 0
     while pos < len(data):
         n = rng.randint(1, max_size)
-        yield data[pos:pos + n]
+        yield data[pos : pos + n]
         pos += n
 
 
@@ -90,7 +109,7 @@ def epb_comments(path: str) -> list[tuple[int, str]]:
     index = 0
     while pos < len(data):
         block_type, length = struct.unpack_from("<II", data, pos)
-        block = data[pos:pos + length]
+        block = data[pos : pos + length]
         if block_type in (6, 0x0A0D0D0A):
             if block_type == 6:
                 caplen = struct.unpack_from("<I", block, 20)[0]
@@ -102,7 +121,7 @@ def epb_comments(path: str) -> list[tuple[int, str]]:
                 if code == 0:
                     break
                 if code == 1:
-                    out.append((index if block_type == 6 else -1, block[opt + 4:opt + 4 + olen].decode().rstrip()))
+                    out.append((index if block_type == 6 else -1, block[opt + 4 : opt + 4 + olen].decode().rstrip()))
                 opt += 4 + olen + (-olen % 4)
             if block_type == 6:
                 index += 1
@@ -114,16 +133,21 @@ def test_flow_is_byte_exact_with_real_addresses_and_times(tmp_path):
     rng = random.Random(1)
     sink = new_sink(tmp_path)
     c = conn()
-    requests = [hello(1), op_msg(2, 0, {"find": "orders", "filter": {"x": 1}, "$db": "shop"}),
-                op_msg(3, 0, {"insert": "orders", "$db": "shop"}, [("documents", [{"_id": i} for i in range(50)])])]
-    replies = [hello_reply(101, 1), op_msg(102, 2, {"cursor": {"firstBatch": [{"x": 1}] * 3, "id": 0,
-                                                               "ns": "shop.orders"}, "ok": 1.0}),
-               op_msg(103, 3, {"n": 50, "ok": 1.0})]
+    requests = [
+        hello(1),
+        op_msg(2, 0, {"find": "orders", "filter": {"x": 1}, "$db": "shop"}),
+        op_msg(3, 0, {"insert": "orders", "$db": "shop"}, [("documents", [{"_id": i} for i in range(50)])]),
+    ]
+    replies = [
+        hello_reply(101, 1),
+        op_msg(102, 2, {"cursor": {"firstBatch": [{"x": 1}] * 3, "id": 0, "ns": "shop.orders"}, "ok": 1.0}),
+        op_msg(103, 3, {"n": 50, "ok": 1.0}),
+    ]
     sink.on_connection_open(c)
     t = time.monotonic_ns()
     first_chunk_ts = {}
     for req, rep in zip(requests, replies):
-        for i, part in enumerate(chunks(req, rng)):
+        for _i, part in enumerate(chunks(req, rng)):
             t += 1000
             first_chunk_ts.setdefault(req, t)
             sink.on_data(c, True, part, t)
@@ -143,8 +167,9 @@ def test_flow_is_byte_exact_with_real_addresses_and_times(tmp_path):
     sent = stream(flow, flow.client)
     blank_hello = redact.Rewriter().message(bytearray(requests[0]), False, "hello")
     assert sent == bytes(blank_hello) + b"".join(requests[1:]) + pipelined
-    assert stream(flow, flow.server) == bytes(redact.Rewriter().message(bytearray(replies[0]), True, "hello")) + \
-        b"".join(replies[1:])
+    assert stream(flow, flow.server) == bytes(
+        redact.Rewriter().message(bytearray(replies[0]), True, "hello")
+    ) + b"".join(replies[1:])
     msgs = flow.halves[flow.client].messages
     for req, m in zip(requests[1:], msgs[1:]):
         assert m.first_ns == wall_ns(first_chunk_ts[req])  # nanosecond timestamps survive
@@ -167,8 +192,11 @@ def test_first_segments_carry_the_app_name(tmp_path):
     packet_comments = [text for i, text in got if i >= 0]
     assert packet_comments[0].startswith("mongoproxy connection 1: client 10.0.0.5:51000 -> server 10.0.0.9:27017")
     app = 'mongoproxy connection 1: app "billing job", driver PyMongo 4.20'
-    assert packet_comments[1:] == [app, app,  # the first data segment of each direction
-                                   "mongoproxy: the recording stopped while connection 1 was open"]
+    assert packet_comments[1:] == [
+        app,
+        app,  # the first data segment of each direction
+        "mongoproxy: the recording stopped while connection 1 was open",
+    ]
     section = [text for i, text in got if i < 0]
     assert "No connection was dropped" in section[1]
 
@@ -179,7 +207,8 @@ def test_secrets_are_blanked_even_when_chunked(tmp_path):
     sink.on_connection_open(c)
     t = time.monotonic_ns()
     exchange = [
-        (True, hello(1)), (False, hello_reply(50, 1)),
+        (True, hello(1)),
+        (False, hello_reply(50, 1)),
         (True, op_msg(2, 0, {"saslStart": 1, "mechanism": "SCRAM-SHA-256", "payload": SECRET, "$db": "admin"})),
         (False, op_msg(51, 2, {"conversationId": 1, "done": False, "payload": SECRET, "ok": 1.0})),
         (True, op_msg(3, 0, {"saslContinue": 1, "conversationId": 1, "payload": SECRET, "$db": "admin"})),
@@ -282,8 +311,9 @@ def test_rotation_by_size_keeps_connections_whole_across_files(tmp_path):
         m = op_msg(i + 1, 0, {"find": "c", "filter": {"_id": i}, "$db": "d"})
         sent += m
         sink.on_data(c, True, m, t + i)
-        sink.on_data(c, False, op_msg(1000 + i, i + 1, {"cursor": {"firstBatch": [], "id": 0, "ns": "d.c"},
-                                                         "ok": 1.0}), t + i)
+        sink.on_data(
+            c, False, op_msg(1000 + i, i + 1, {"cursor": {"firstBatch": [], "id": 0, "ns": "d.c"}, "ok": 1.0}), t + i
+        )
     sink.close()
     files = finished_files(tmp_path)
     assert len(files) >= 3 and all(os.path.getsize(f) < 4000 + 400 for f in files[:-1])
@@ -314,16 +344,38 @@ def test_record_redact_pseudonymises_consistently(tmp_path):
     sink = new_sink(tmp_path, pseudonymise=True)
     c = conn()
     oid = ObjectId()
-    when = datetime.datetime(1985, 5, 17, tzinfo=datetime.timezone.utc)
-    doc = {"_id": oid, "name": "alice", "n": 42, "big": 2**40, "score": 3.5, "born": when, "vip": True,
-           "tags": ["red", "blue"], "nested": {"name": "alice"}, "nothing": None}
+    when = datetime.datetime(1985, 5, 17, tzinfo=datetime.UTC)
+    doc = {
+        "_id": oid,
+        "name": "alice",
+        "n": 42,
+        "big": 2**40,
+        "score": 3.5,
+        "born": when,
+        "vip": True,
+        "tags": ["red", "blue"],
+        "nested": {"name": "alice"},
+        "nothing": None,
+    }
     lsid = {"id": bson.Binary(os.urandom(16), 4)}
     msgs = [
-        (True, op_msg(1, 0, {"insert": "people", "ordered": True, "lsid": lsid, "$db": "crm"},
-                      [("documents", [doc])])),
+        (True, op_msg(1, 0, {"insert": "people", "ordered": True, "lsid": lsid, "$db": "crm"}, [("documents", [doc])])),
         (False, op_msg(101, 1, {"n": 1, "ok": 1.0})),
-        (True, op_msg(2, 0, {"find": "people", "filter": {"name": "alice", "age": {"$gt": 30}},
-                             "projection": {"name": 1}, "limit": 5, "lsid": lsid, "$db": "crm"})),
+        (
+            True,
+            op_msg(
+                2,
+                0,
+                {
+                    "find": "people",
+                    "filter": {"name": "alice", "age": {"$gt": 30}},
+                    "projection": {"name": 1},
+                    "limit": 5,
+                    "lsid": lsid,
+                    "$db": "crm",
+                },
+            ),
+        ),
         (False, op_msg(102, 2, {"cursor": {"firstBatch": [doc], "id": 0, "ns": "crm.people"}, "ok": 1.0})),
     ]
     sink.on_connection_open(c)
@@ -337,10 +389,10 @@ def test_record_redact_pseudonymises_consistently(tmp_path):
     req = flow.halves[flow.client].messages
     rep = flow.halves[flow.server].messages
     assert [len(m.data) for m in req] == [len(m) for f, m in msgs if f]
-    insert_body = bson.decode(req[0].data[21:21 + struct.unpack_from("<i", req[0].data, 21)[0]])
+    insert_body = bson.decode(req[0].data[21 : 21 + struct.unpack_from("<i", req[0].data, 21)[0]])
     assert insert_body == {"insert": "people", "ordered": True, "lsid": lsid, "$db": "crm"}  # kept verbatim
-    seq = req[0].data[21 + struct.unpack_from("<i", req[0].data, 21)[0]:]
-    stored = bson.decode(seq[1 + 4 + len(b"documents\0"):])
+    seq = req[0].data[21 + struct.unpack_from("<i", req[0].data, 21)[0] :]
+    stored = bson.decode(seq[1 + 4 + len(b"documents\0") :])
     find = bson.decode(req[1].data[21:])
     batch = bson.decode(rep[1].data[21:])["cursor"]["firstBatch"][0]
     assert stored == batch  # the same value gets the same pseudonym everywhere
@@ -358,9 +410,14 @@ def test_record_ns_keeps_only_matching_commands_and_their_replies(tmp_path):
     c = conn()
     sink.on_connection_open(c)
     t = time.monotonic_ns()
-    exchange = [(1, "admin", {"hello": 1}), (2, "shop", {"find": "orders"}), (3, "shop", {"find": "users"}),
-                (4, "audit", {"insert": "log"}), (5, "other", {"ping": 1}),
-                (6, "shop", {"getMore": bson.Int64(5), "collection": "orders"})]
+    exchange = [
+        (1, "admin", {"hello": 1}),
+        (2, "shop", {"find": "orders"}),
+        (3, "shop", {"find": "users"}),
+        (4, "audit", {"insert": "log"}),
+        (5, "other", {"ping": 1}),
+        (6, "shop", {"getMore": bson.Int64(5), "collection": "orders"}),
+    ]
     for rid, db, body in exchange:
         sink.on_data(c, True, op_msg(rid, 0, dict(body, **{"$db": db})), t)
         sink.on_data(c, False, op_msg(100 + rid, rid, {"ok": 1.0, "marker": rid}), t)
@@ -408,8 +465,9 @@ def test_create_checks_the_directory_and_needs_record(tmp_path):
         capture_mod.create(config_mod.build({"record": str(afile)}, env={}), ctx)
     with pytest.raises(ConfigError, match="not a size"):
         config_mod.build({"record": str(tmp_path), "record_max_bytes": "lots"}, env={})
-    cfg = config_mod.build({"record": str(tmp_path / "new" / "dir"), "record_max_bytes": "10MiB",
-                            "record_ns": "a.b,c.*"}, env={})
+    cfg = config_mod.build(
+        {"record": str(tmp_path / "new" / "dir"), "record_max_bytes": "10MiB", "record_ns": "a.b,c.*"}, env={}
+    )
     sink = capture_mod.create(cfg, ctx)
     try:
         assert os.path.isdir(tmp_path / "new" / "dir")
@@ -422,11 +480,26 @@ def test_create_checks_the_directory_and_needs_record(tmp_path):
 
 
 ALL_TYPES = {
-    "double": 1.25, "string": "héllo", "doc": {"a": 1}, "array": [1, "x", None], "binary": bson.Binary(b"\x01\x02", 0),
-    "uuid": bson.Binary(os.urandom(16), 4), "oid": ObjectId(), "bool": False, "date": datetime.datetime(2020, 1, 1),
-    "null": None, "regex": bson.Regex("^ab+c", "i"), "code": bson.Code("function(){return 1}"),
-    "codews": bson.Code("x", {"y": 2}), "int32": 7, "ts": bson.Timestamp(5, 6), "int64": bson.Int64(9),
-    "dec": bson.Decimal128("1.5"), "min": bson.MinKey(), "max": bson.MaxKey(), "field": "$path",
+    "double": 1.25,
+    "string": "héllo",
+    "doc": {"a": 1},
+    "array": [1, "x", None],
+    "binary": bson.Binary(b"\x01\x02", 0),
+    "uuid": bson.Binary(os.urandom(16), 4),
+    "oid": ObjectId(),
+    "bool": False,
+    "date": datetime.datetime(2020, 1, 1),
+    "null": None,
+    "regex": bson.Regex("^ab+c", "i"),
+    "code": bson.Code("function(){return 1}"),
+    "codews": bson.Code("x", {"y": 2}),
+    "int32": 7,
+    "ts": bson.Timestamp(5, 6),
+    "int64": bson.Int64(9),
+    "dec": bson.Decimal128("1.5"),
+    "min": bson.MinKey(),
+    "max": bson.MaxKey(),
+    "field": "$path",
 }
 
 

@@ -28,24 +28,57 @@ VALIDATOR = jsonschema.Draft202012Validator(SCHEMA)
 
 def scan(**fields):
     """A stand-in for the scanner's ScanResult with the attributes the sink reads."""
-    base = dict(write_errors=None, write_error_code=None, write_error_code_name=None,
-                write_concern_error_code=None, write_concern_error_code_name=None, query_shape=None, comment=None)
+    base = dict(
+        write_errors=None,
+        write_error_code=None,
+        write_error_code_name=None,
+        write_concern_error_code=None,
+        write_concern_error_code_name=None,
+        query_shape=None,
+        comment=None,
+    )
     base.update(fields)
     return SimpleNamespace(**base)
 
 
 def conn(app="shop-api", host="127.0.0.1", port=53412):
-    return Connection(id=3, client_host=host, client_port=port, upstream_host="db1", upstream_port=27017,
-                      app_name=app)
+    return Connection(id=3, client_host=host, client_port=port, upstream_host="db1", upstream_port=27017, app_name=app)
 
 
-def command(op="find", db="shop", coll="users", *, latency_ms=0.84, ok=True, returned=None, changed=None,
-            no_reply=False, request=None, reply=None, code=None, code_name="", errmsg="", c=None, exhaust_index=0,
-            cursor_id=None, decode_error=""):
+def command(
+    op="find",
+    db="shop",
+    coll="users",
+    *,
+    latency_ms=0.84,
+    ok=True,
+    returned=None,
+    changed=None,
+    no_reply=False,
+    request=None,
+    reply=None,
+    code=None,
+    code_name="",
+    errmsg="",
+    c=None,
+    exhaust_index=0,
+    cursor_id=None,
+    decode_error="",
+):
     start = 5_000 * MS
-    e = CommandEvent(connection=c or conn(), op=op, database=db, collection=coll, request_id=11, request_op_code=2013,
-                     request_size=150, request_first_ns=start, request_last_ns=start + 1000,
-                     request=request or scan(), decode_error=decode_error)
+    e = CommandEvent(
+        connection=c or conn(),
+        op=op,
+        database=db,
+        collection=coll,
+        request_id=11,
+        request_op_code=2013,
+        request_size=150,
+        request_first_ns=start,
+        request_last_ns=start + 1000,
+        request=request or scan(),
+        decode_error=decode_error,
+    )
     if no_reply:
         e.more_to_come_request = True
         return e
@@ -79,6 +112,7 @@ def validate(line):
 
 # ---- text ----
 
+
 def test_text_line_fields():
     (line,) = run([command(returned=1, cursor_id=0)])
     assert line.endswith(" 127.0.0.1:53412 app=shop-api shop.users find 0.84ms returned=1 req=150B reply=220B ok")
@@ -87,19 +121,34 @@ def test_text_line_fields():
 
 
 def test_text_outcomes():
-    lines = run([
-        command(op="insert", changed=0, ok=False, code=11000, code_name="DuplicateKey",
-                errmsg="E11000 duplicate key error collection: shop.users index: _id_ dup key: { _id: 1 }"),
-        command(op="insert", changed=2, reply=scan(write_errors=1, write_error_code=11000)),
-        command(op="update", changed=1, reply=scan(write_errors=0, write_concern_error_code=64,
-                                                   write_concern_error_code_name="WriteConcernFailed")),
-        command(op="insert", no_reply=True),
-        command(op="ping", db="admin", coll="", c=conn(app="")),
-        command(op="getMore", returned=2, exhaust_index=2),
-        command(op="find", decode_error="bad_bson"),
-    ])
-    assert lines[0].endswith("insert 0.84ms changed=0 req=150B reply=220B 11000 DuplicateKey: E11000 duplicate key "
-                             "error collection: shop.users index: _id_ dup key: { ? }")
+    lines = run(
+        [
+            command(
+                op="insert",
+                changed=0,
+                ok=False,
+                code=11000,
+                code_name="DuplicateKey",
+                errmsg="E11000 duplicate key error collection: shop.users index: _id_ dup key: { _id: 1 }",
+            ),
+            command(op="insert", changed=2, reply=scan(write_errors=1, write_error_code=11000)),
+            command(
+                op="update",
+                changed=1,
+                reply=scan(
+                    write_errors=0, write_concern_error_code=64, write_concern_error_code_name="WriteConcernFailed"
+                ),
+            ),
+            command(op="insert", no_reply=True),
+            command(op="ping", db="admin", coll="", c=conn(app="")),
+            command(op="getMore", returned=2, exhaust_index=2),
+            command(op="find", decode_error="bad_bson"),
+        ]
+    )
+    assert lines[0].endswith(
+        "insert 0.84ms changed=0 req=150B reply=220B 11000 DuplicateKey: E11000 duplicate key "
+        "error collection: shop.users index: _id_ dup key: { ? }"
+    )
     assert lines[1].endswith("changed=2 req=150B reply=220B 11000 DuplicateKey: 1 write error")
     assert lines[2].endswith("64 WriteConcernFailed: write concern error")
     assert lines[3].endswith("shop.users insert - req=150B reply=- unacknowledged")
@@ -136,8 +185,9 @@ def _tty_lines(events, **kwargs):
 
 def test_colour_on_a_terminal(monkeypatch):
     monkeypatch.delenv("NO_COLOR", raising=False)
-    ok, failed, slow = _tty_lines([command(latency_ms=1), command(ok=False, code=2, code_name="BadValue"),
-                                   command(latency_ms=150)])
+    ok, failed, slow = _tty_lines(
+        [command(latency_ms=1), command(ok=False, code=2, code_name="BadValue"), command(latency_ms=150)]
+    )
     assert "\x1b[" not in ok
     assert failed.startswith("\x1b[31m") and failed.endswith("\x1b[0m")
     assert slow.startswith("\x1b[33m") and slow.endswith("\x1b[0m")
@@ -155,13 +205,19 @@ def test_no_colour_with_NO_COLOR_or_json(monkeypatch):
 
 # ---- JSON ----
 
+
 def test_json_lines_validate_and_carry_every_field():
     events = [
         command(returned=1, cursor_id=0),
         command(op="getMore", returned=2, cursor_id=77, exhaust_index=1),
-        command(op="insert", changed=0, ok=False, code=11000, code_name="DuplicateKey", errmsg="E11000 dup key: { a: 1 }"),
-        command(op="insert", changed=2, reply=scan(write_errors=1, write_error_code=11000,
-                                                   write_error_code_name="DuplicateKey")),
+        command(
+            op="insert", changed=0, ok=False, code=11000, code_name="DuplicateKey", errmsg="E11000 dup key: { a: 1 }"
+        ),
+        command(
+            op="insert",
+            changed=2,
+            reply=scan(write_errors=1, write_error_code=11000, write_error_code_name="DuplicateKey"),
+        ),
         command(op="update", changed=1, reply=scan(write_errors=0, write_concern_error_code=64)),
         command(op="insert", no_reply=True),
         command(op="ping", db="admin", coll="", c=conn(app="", host="::1")),
@@ -170,11 +226,31 @@ def test_json_lines_validate_and_carry_every_field():
     records = [validate(line) for line in run(events, fmt="json")]
     assert len(records) == len(events)
     first = records[0]
-    assert first == {**first, "client": "127.0.0.1:53412", "server": "db1:27017", "app": "shop-api",
-                     "db": "shop", "collection": "users", "ns": "shop.users", "op": "find", "request_id": 11,
-                     "duration_ms": 0.84, "slow": False, "documents_returned": 1, "documents_changed": None,
-                     "request_bytes": 150, "reply_bytes": 220, "ok": True, "code": None, "failed": False,
-                     "cursor_id": 0, "unacknowledged": False, "exhaust": False, "query": None, "shape": None}
+    assert first == {
+        **first,
+        "client": "127.0.0.1:53412",
+        "server": "db1:27017",
+        "app": "shop-api",
+        "db": "shop",
+        "collection": "users",
+        "ns": "shop.users",
+        "op": "find",
+        "request_id": 11,
+        "duration_ms": 0.84,
+        "slow": False,
+        "documents_returned": 1,
+        "documents_changed": None,
+        "request_bytes": 150,
+        "reply_bytes": 220,
+        "ok": True,
+        "code": None,
+        "failed": False,
+        "cursor_id": 0,
+        "unacknowledged": False,
+        "exhaust": False,
+        "query": None,
+        "shape": None,
+    }
     assert records[1]["exhaust"] is True and records[1]["cursor_id"] == 77
     assert records[2]["failed"] is True and records[2]["code_name"] == "DuplicateKey"
     assert records[2]["errmsg"] == "E11000 dup key: { ? }"
@@ -190,13 +266,18 @@ def test_json_lines_validate_and_carry_every_field():
 def test_schema_rejects_what_it_should():
     (line,) = run([command()], fmt="json")
     record = json.loads(line)
-    for broken in ({**record, "extra": 1}, {k: v for k, v in record.items() if k != "op"},
-                   {**record, "duration_ms": "1"}, {**record, "shape": "xyz"}):
+    for broken in (
+        {**record, "extra": 1},
+        {k: v for k, v in record.items() if k != "op"},
+        {**record, "duration_ms": "1"},
+        {**record, "shape": "xyz"},
+    ):
         with pytest.raises(jsonschema.ValidationError):
             VALIDATOR.validate(broken)
 
 
 # ---- filters ----
+
 
 def test_filter_ops_include_and_exclude():
     events = [command(op=op) for op in ("find", "insert", "hello", "isMaster", "update")]
@@ -213,11 +294,18 @@ def test_monitoring_long_polls_only_when_named():
 
 
 def test_filter_namespaces():
-    events = [command(db="shop", coll="users"), command(db="shop", coll="orders"), command(db="audit", coll="x"),
-              command(op="ping", db="admin", coll="")]
+    events = [
+        command(db="shop", coll="users"),
+        command(db="shop", coll="orders"),
+        command(db="audit", coll="x"),
+        command(op="ping", db="admin", coll=""),
+    ]
     assert [line.split()[3] for line in run(events, namespaces=("shop.users",))] == ["shop.users"]
-    assert [line.split()[3] for line in run(events, namespaces=("shop.*", "admin"))] == \
-        ["shop.users", "shop.orders", "admin"]
+    assert [line.split()[3] for line in run(events, namespaces=("shop.*", "admin"))] == [
+        "shop.users",
+        "shop.orders",
+        "admin",
+    ]
     assert [line.split()[3] for line in run(events, namespaces=("audit",))] == ["audit.x"]
 
 
@@ -228,6 +316,7 @@ def test_filter_slow_ms():
 
 
 # ---- the queue and the writer ----
+
 
 def test_full_queue_drops_and_counts_without_blocking():
     r, w = os.pipe()
@@ -264,8 +353,10 @@ def test_write_failure_is_counted_and_logged_once(caplog, tmp_path):
 
 def test_close_writes_everything_queued(tmp_path):
     path = tmp_path / "c.log"
-    sink = commandlog.create(config_mod.build({"log_file": str(path), "log_format": "json"}, env={}),
-                             SinkContext(registry=None, version="x", mode="static"))
+    sink = commandlog.create(
+        config_mod.build({"log_file": str(path), "log_format": "json"}, env={}),
+        SinkContext(registry=None, version="x", mode="static"),
+    )
     for _ in range(2000):
         sink.on_command(command())
     sink.close()
@@ -276,10 +367,14 @@ def test_close_writes_everything_queued(tmp_path):
 
 # ---- --log-query, redaction and shapes ----
 
-FIND_REDACTED = ('{"find":"users","filter":{"email":"?","age":{"$gt":"?"}},"lsid":{"id":"?"},'
-                 '"$clusterTime":{"clusterTime":"?"},"$db":"shop"}')
-FIND_VALUES = ('{"find":"users","filter":{"email":"secret-value-123","age":{"$gt":{"$numberInt":"30"}}},'
-               '"lsid":{"id":{"$binary":{"base64":"AAAA","subType":"04"}}},"$db":"shop"}')
+FIND_REDACTED = (
+    '{"find":"users","filter":{"email":"?","age":{"$gt":"?"}},"lsid":{"id":"?"},'
+    '"$clusterTime":{"clusterTime":"?"},"$db":"shop"}'
+)
+FIND_VALUES = (
+    '{"find":"users","filter":{"email":"secret-value-123","age":{"$gt":{"$numberInt":"30"}}},'
+    '"lsid":{"id":{"$binary":{"base64":"AAAA","subType":"04"}}},"$db":"shop"}'
+)
 
 
 def test_log_query_redacted_drops_envelope_and_adds_shape():
@@ -300,14 +395,36 @@ def test_redaction_holds_even_if_the_rendering_had_values():
 def test_no_redact_shows_values_but_never_secrets():
     events = [
         command(request=scan(query_shape=FIND_VALUES)),
-        command(op="saslStart", db="admin", coll="", request=scan(
-            query_shape='{"saslStart":1,"mechanism":"SCRAM-SHA-256","payload":{"$binary":{"base64":"bj0sbj1hZG1pbixyPXNlY3JldA==","subType":"00"}},"$db":"admin"}')),
-        command(op="saslContinue", db="admin", coll="", request=scan(
-            query_shape='{"saslContinue":1,"conversationId":1,"payload":"c2VjcmV0LXByb29m","$db":"admin"}')),
-        command(op="createUser", db="admin", coll="", request=scan(
-            query_shape='{"createUser":"bob","pwd":"hunter2","roles":["readWrite"],"$db":"admin"}')),
-        command(op="hello", db="admin", coll="", request=scan(
-            query_shape='{"hello":1,"speculativeAuthenticate":{"saslStart":1,"payload":"c2VjcmV0"},"$db":"admin"}')),
+        command(
+            op="saslStart",
+            db="admin",
+            coll="",
+            request=scan(
+                query_shape='{"saslStart":1,"mechanism":"SCRAM-SHA-256","payload":{"$binary":{"base64":"bj0sbj1hZG1pbixyPXNlY3JldA==","subType":"00"}},"$db":"admin"}'
+            ),
+        ),
+        command(
+            op="saslContinue",
+            db="admin",
+            coll="",
+            request=scan(
+                query_shape='{"saslContinue":1,"conversationId":1,"payload":"c2VjcmV0LXByb29m","$db":"admin"}'
+            ),
+        ),
+        command(
+            op="createUser",
+            db="admin",
+            coll="",
+            request=scan(query_shape='{"createUser":"bob","pwd":"hunter2","roles":["readWrite"],"$db":"admin"}'),
+        ),
+        command(
+            op="hello",
+            db="admin",
+            coll="",
+            request=scan(
+                query_shape='{"hello":1,"speculativeAuthenticate":{"saslStart":1,"payload":"c2VjcmV0"},"$db":"admin"}'
+            ),
+        ),
     ]
     lines = run(events, log_query=True, show_values=True)
     assert '"email":"secret-value-123"' in lines[0]
@@ -318,8 +435,12 @@ def test_no_redact_shows_values_but_never_secrets():
 
 
 def test_errmsg_values_shown_only_with_no_redact():
-    e = command(ok=False, code=11000, code_name="DuplicateKey",
-                errmsg='E11000 duplicate key error collection: shop.users index: email_1 dup key: { email: "secret-value-123" }')
+    e = command(
+        ok=False,
+        code=11000,
+        code_name="DuplicateKey",
+        errmsg='E11000 duplicate key error collection: shop.users index: email_1 dup key: { email: "secret-value-123" }',
+    )
     assert "secret-value-123" not in run([e])[0]
     assert "secret-value-123" in run([e], show_values=True, log_query=True)[0]
 
@@ -347,16 +468,33 @@ def test_truncated_rendering_is_still_redacted():
 
 # ---- options and create() ----
 
+
 def test_options_parse():
-    cfg = config_mod.build({"log_format": "JSON", "log_ops": "find, !hello", "log_ns": "shop.users,audit.*",
-                            "slow_ms": "12.5", "log_mongo_messages": True}, env={})
-    assert (cfg.log_format, cfg.log_ops, cfg.log_ns, cfg.slow_ms) == ("json", ("find", "!hello"),
-                                                                      ("shop.users", "audit.*"), 12.5)
+    cfg = config_mod.build(
+        {
+            "log_format": "JSON",
+            "log_ops": "find, !hello",
+            "log_ns": "shop.users,audit.*",
+            "slow_ms": "12.5",
+            "log_mongo_messages": True,
+        },
+        env={},
+    )
+    assert (cfg.log_format, cfg.log_ops, cfg.log_ns, cfg.slow_ms) == (
+        "json",
+        ("find", "!hello"),
+        ("shop.users", "audit.*"),
+        12.5,
+    )
     env = {"MONGOPROXY_LOG_COMMANDS": "true", "MONGOPROXY_LOG_OPS": "find,update", "MONGOPROXY_NO_REDACT": "1"}
     cfg = config_mod.build({}, env=env)
     assert cfg.log_commands and cfg.log_ops == ("find", "update") and cfg.no_redact
-    for flags, needle in (({"log_format": "xml"}, "text or json"), ({"log_ops": "find,!"}, "empty command"),
-                          ({"log_ns": ".users"}, "db.collection"), ({"slow_ms": "-1"}, "--slow-ms")):
+    for flags, needle in (
+        ({"log_format": "xml"}, "text or json"),
+        ({"log_ops": "find,!"}, "empty command"),
+        ({"log_ns": ".users"}, "db.collection"),
+        ({"slow_ms": "-1"}, "--slow-ms"),
+    ):
         with pytest.raises(ConfigError) as exc:
             config_mod.build(flags, env={})
         assert needle in str(exc.value) and "\n" not in str(exc.value)
@@ -374,8 +512,9 @@ def test_create_off_by_default_and_warns_about_idle_flags(caplog):
     assert "--log-ops has no effect without --log-commands" in msgs
 
 
-@pytest.mark.parametrize("flags", [{"log_commands": True}, {"log_mongo_messages": True}, {"slow_ms": "0"},
-                                   {"log_query": True}])
+@pytest.mark.parametrize(
+    "flags", [{"log_commands": True}, {"log_mongo_messages": True}, {"slow_ms": "0"}, {"log_query": True}]
+)
 def test_create_switches_on(flags):
     sink = commandlog.create(config_mod.build(flags, env={}), CTX)
     try:
@@ -394,8 +533,11 @@ def test_render_mode_for_the_tracker():
         from mongoproxy import _bson_parser
     except ImportError:
         return
-    assert (commandlog.RENDER_OFF, commandlog.RENDER_REDACTED, commandlog.RENDER_VALUES) == \
-        (_bson_parser.RENDER_OFF, _bson_parser.RENDER_REDACTED, _bson_parser.RENDER_VALUES)
+    assert (commandlog.RENDER_OFF, commandlog.RENDER_REDACTED, commandlog.RENDER_VALUES) == (
+        _bson_parser.RENDER_OFF,
+        _bson_parser.RENDER_REDACTED,
+        _bson_parser.RENDER_VALUES,
+    )
 
 
 def test_log_file_errors_at_start_up(tmp_path):

@@ -26,20 +26,25 @@ class Proxy:
         self.sink = CollectingSink()
         self.bus = SinkBus([self.metrics, self.sink])
 
-    def connect(self) -> "Conn":
+    def connect(self) -> Conn:
         return Conn(self)
 
     def counts(self) -> dict[str, float]:
         text = generate_latest(self.registry).decode()
-        return {s.labels["compressor"]: s.value for f in text_string_to_metric_families(text) for s in f.samples
-                if s.name == METRIC}
+        return {
+            s.labels["compressor"]: s.value
+            for f in text_string_to_metric_families(text)
+            for s in f.samples
+            if s.name == METRIC
+        }
 
 
 class Conn:
     def __init__(self, proxy: Proxy) -> None:
         self.proxy = proxy
-        self.conn = Connection(id=next(_ids), client_host="127.0.0.1", client_port=40000, upstream_host="db",
-                               upstream_port=27017)
+        self.conn = Connection(
+            id=next(_ids), client_host="127.0.0.1", client_port=40000, upstream_host="db", upstream_port=27017
+        )
         self.tracker = Tracker(self.conn, proxy.bus)
         err = proxy.sink.decode_errors.append
         self.requests = wire.FrameScanner(False, self.tracker.on_request, lambda r, d, f: err(r))
@@ -81,8 +86,14 @@ def test_each_connection_is_counted_once_under_its_negotiated_compressor():
     for i in range(5):
         a.handshake(["zstd", "zlib"], ["zlib"], rid=10 + i)
     a.send(tw.compress_message(tw.encode_op_msg({"find": "c", "$db": "d"}, request_id=30), "zlib"))
-    a.answer(tw.compress_message(tw.encode_op_msg({"cursor": {"id": 0, "ns": "d.c", "firstBatch": []}, "ok": 1},
-                                                  response_to=30, request_id=31), "zlib"))
+    a.answer(
+        tw.compress_message(
+            tw.encode_op_msg(
+                {"cursor": {"id": 0, "ns": "d.c", "firstBatch": []}, "ok": 1}, response_to=30, request_id=31
+            ),
+            "zlib",
+        )
+    )
     assert p.counts() == {"zlib": 1}
 
     b = p.connect()
@@ -106,12 +117,21 @@ def test_streamed_hello_replies_count_the_connection_once():
     p = Proxy()
     a = p.connect()
     a.handshake(["zstd"], ["zstd"])
-    a.send(tw.encode_op_msg({"hello": 1, "topologyVersion": {"counter": 0}, "maxAwaitTimeMS": 10, "$db": "admin"},
-                            flags=tw.EXHAUST_ALLOWED, request_id=100))
+    a.send(
+        tw.encode_op_msg(
+            {"hello": 1, "topologyVersion": {"counter": 0}, "maxAwaitTimeMS": 10, "$db": "admin"},
+            flags=tw.EXHAUST_ALLOWED,
+            request_id=100,
+        )
+    )
     previous = 100
     for i in range(200):
-        raw = tw.encode_op_msg({"isWritablePrimary": True, "compression": ["zstd"], "ok": 1.0},
-                               flags=tw.MORE_TO_COME, request_id=5000 + i, response_to=previous)
+        raw = tw.encode_op_msg(
+            {"isWritablePrimary": True, "compression": ["zstd"], "ok": 1.0},
+            flags=tw.MORE_TO_COME,
+            request_id=5000 + i,
+            response_to=previous,
+        )
         a.answer(raw)
         previous = 5000 + i
     assert len(p.sink.commands) == 201 and p.sink.unmatched == []

@@ -6,31 +6,37 @@ from mongoproxy import config
 from mongoproxy.errors import ConfigError
 
 
-@pytest.mark.parametrize("text,expected", [
-    ("27111", (27111, None, None)),
-    ("27113:localhost:27017", (27113, "localhost", 27017)),
-    ("27113:10.0.0.5:27017", (27113, "10.0.0.5", 27017)),
-    ("27113:[::1]:27017", (27113, "::1", 27017)),
-    ("27113:[2001:db8::7]:27018", (27113, "2001:db8::7", 27018)),
-    ("0:db.example:27017", (0, "db.example", 27017)),
-])
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("27111", (27111, None, None)),
+        ("27113:localhost:27017", (27113, "localhost", 27017)),
+        ("27113:10.0.0.5:27017", (27113, "10.0.0.5", 27017)),
+        ("27113:[::1]:27017", (27113, "::1", 27017)),
+        ("27113:[2001:db8::7]:27018", (27113, "2001:db8::7", 27018)),
+        ("0:db.example:27017", (0, "db.example", 27017)),
+    ],
+)
 def test_proxy_spec_forms(text, expected):
     spec = config.parse_proxy_spec(text)
     assert (spec.listen_port, spec.upstream_host, spec.upstream_port) == expected
     assert spec.transparent == (expected[1] is None)
 
 
-@pytest.mark.parametrize("text,needle", [
-    ("", "empty --proxy"),
-    ("abc", "malformed"),
-    ("27113:localhost", "malformed"),
-    ("27113:::1:27017", "brackets"),
-    ("27113:[::1:27017", "close the IPv6"),
-    ("27113:[nothost]:27017", "not an IPv6"),
-    ("27113:h:port", "not a number"),
-    ("70000", "out of range"),
-    ("27113:h:0", "out of range"),
-])
+@pytest.mark.parametrize(
+    "text,needle",
+    [
+        ("", "empty --proxy"),
+        ("abc", "malformed"),
+        ("27113:localhost", "malformed"),
+        ("27113:::1:27017", "brackets"),
+        ("27113:[::1:27017", "close the IPv6"),
+        ("27113:[nothost]:27017", "not an IPv6"),
+        ("27113:h:port", "not a number"),
+        ("70000", "out of range"),
+        ("27113:h:0", "out of range"),
+    ],
+)
 def test_proxy_spec_errors_name_the_fix(text, needle):
     with pytest.raises(ConfigError) as err:
         config.parse_proxy_spec(text)

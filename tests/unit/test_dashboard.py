@@ -60,25 +60,54 @@ for _family, (_kind, _) in EXPORTED.items():
 
 # ---- a small PromQL reader: enough to find every metric, matcher, grouping and legend label ----
 
-AGGREGATORS = {"sum", "min", "max", "avg", "group", "stddev", "stdvar", "count", "count_values", "bottomk", "topk",
-               "quantile", "limitk", "limit_ratio"}
-KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and", "or", "unless", "offset",
-            "atan2"}
-TOKEN = re.compile(r"""
+AGGREGATORS = {
+    "sum",
+    "min",
+    "max",
+    "avg",
+    "group",
+    "stddev",
+    "stdvar",
+    "count",
+    "count_values",
+    "bottomk",
+    "topk",
+    "quantile",
+    "limitk",
+    "limit_ratio",
+}
+KEYWORDS = {
+    "by",
+    "without",
+    "on",
+    "ignoring",
+    "group_left",
+    "group_right",
+    "bool",
+    "and",
+    "or",
+    "unless",
+    "offset",
+    "atan2",
+}
+TOKEN = re.compile(
+    r"""
     (?P<string>"(?:\\.|[^"\\])*"|'(?:\\.|[^'\\])*'|`[^`]*`)
   | (?P<duration>\[[^\]]*\])
   | (?P<number>\d+(?:\.\d+)?(?:e[+-]?\d+)?)
   | (?P<ident>[A-Za-z_:][A-Za-z0-9_:]*)
   | (?P<op>=~|!~|!=|==|<=|>=|[-+*/%^<>=(){},])
   | (?P<space>\s+)
-""", re.VERBOSE)
+""",
+    re.VERBOSE,
+)
 
 
 def tokens(expr: str) -> list[tuple[str, str]]:
     out, pos = [], 0
     while pos < len(expr):
         m = TOKEN.match(expr, pos)
-        assert m, f"cannot read PromQL at {expr[pos:pos + 20]!r} in {expr!r}"
+        assert m, f"cannot read PromQL at {expr[pos : pos + 20]!r} in {expr!r}"
         pos = m.end()
         if m.lastgroup != "space":
             out.append((m.lastgroup, m.group()))
@@ -126,8 +155,10 @@ def analyse(expr: str) -> tuple[list[tuple[str, set[str]]], set[str]]:
 
 
 def test_reader_finds_names_labels_and_grouping():
-    sel, grouping = analyse('histogram_quantile(0.99, sum by (le, op) (rate(m_bucket{a=~"$x", b!="y"}[5m]))) '
-                            '/ on (op) group_left count(other)')
+    sel, grouping = analyse(
+        'histogram_quantile(0.99, sum by (le, op) (rate(m_bucket{a=~"$x", b!="y"}[5m]))) '
+        "/ on (op) group_left count(other)"
+    )
     assert sel == [("m_bucket", {"a", "b"}), ("other", set())]
     assert grouping == {"le", "op"}
 
@@ -178,10 +209,19 @@ def test_series_table_matches_the_metrics_sink():
 
 def test_required_panels_exist(dashboard):
     titles = [p["title"] for p in all_panels(dashboard)]
-    for needed in ("p50 latency by op", "p99 latency by op", "p50 latency by collection", "p99 latency by collection",
-                   "Command rate by op", "Errors by code", "Documents returned / s by collection",
-                   "Documents changed / s by op", "Client connections by pod", "Decode errors / s",
-                   "Events dropped / s"):
+    for needed in (
+        "p50 latency by op",
+        "p99 latency by op",
+        "p50 latency by collection",
+        "p99 latency by collection",
+        "Command rate by op",
+        "Errors by code",
+        "Documents returned / s by collection",
+        "Documents changed / s by op",
+        "Client connections by pod",
+        "Decode errors / s",
+        "Events dropped / s",
+    ):
         assert needed in titles
     assert len(set(p["id"] for p in all_panels(dashboard))) == len(all_panels(dashboard))
 
@@ -205,10 +245,15 @@ def test_every_query_names_exported_metrics_and_labels(dashboard):
         else:
             assert shown <= available, f"{where}: legend uses {sorted(shown - available)}"
     # The dashboard covers the proxy's main families.
-    for family in ("mongoproxy_response_latency_seconds_bucket", "mongoproxy_command_errors_total",
-                   "mongoproxy_documents_returned_sum", "mongoproxy_documents_changed_sum",
-                   "mongoproxy_connections_active", "mongoproxy_decode_errors_total",
-                   "mongoproxy_events_dropped_total"):
+    for family in (
+        "mongoproxy_response_latency_seconds_bucket",
+        "mongoproxy_command_errors_total",
+        "mongoproxy_documents_returned_sum",
+        "mongoproxy_documents_changed_sum",
+        "mongoproxy_connections_active",
+        "mongoproxy_decode_errors_total",
+        "mongoproxy_events_dropped_total",
+    ):
         assert family in found
 
 

@@ -109,8 +109,9 @@ def parse_dockerfile(text: str) -> tuple[dict[str, str], list[Stage]]:
             continue
         assert stages, f"line {line}: {keyword} before the first FROM"
         resolved = _substitute(rest, stage_args)
-        stages[-1].instructions.append(Instruction(keyword, resolved, line,
-                                                   {k: _substitute(v, stage_args) for k, v in flags.items()}))
+        stages[-1].instructions.append(
+            Instruction(keyword, resolved, line, {k: _substitute(v, stage_args) for k, v in flags.items()})
+        )
     return global_args, stages
 
 
@@ -142,8 +143,9 @@ def test_builder_compiles_the_wheel(builder):
     assert re.fullmatch(r"python:3\.11(-\w+)?", builder.base) and "slim" not in builder.base
     runs = [shlex.split(r.text) for r in builder.all("RUN")]
     # The image carries the tracing extra: a sidecar exports spans without a rebuild.
-    assert any(cmd[:4] == ["python", "-m", "pip", "wheel"] and "--wheel-dir" in cmd and cmd[-1] == ".[tracing]"
-               for cmd in runs), runs
+    assert any(
+        cmd[:4] == ["python", "-m", "pip", "wheel"] and "--wheel-dir" in cmd and cmd[-1] == ".[tracing]" for cmd in runs
+    ), runs
 
 
 def test_builder_copies_what_the_build_needs(builder):
@@ -163,7 +165,7 @@ def test_runtime_is_slim_python_with_iptables(runtime):
     apt = [r for r in runs if "apt-get install" in r]
     assert len(apt) == 1
     words = shlex.split(apt[0].replace("&&", " && "))
-    installed = words[words.index("install") + 1: words.index("&&", words.index("install"))]
+    installed = words[words.index("install") + 1 : words.index("&&", words.index("install"))]
     assert [w for w in installed if not w.startswith("-")] == ["iptables"]
     assert "--no-install-recommends" in installed
     assert "rm -rf /var/lib/apt/lists/*" in apt[0]
@@ -262,20 +264,37 @@ def _patterns() -> list[str]:
 
 def test_dockerignore_keeps_sources_and_drops_the_rest():
     patterns = _patterns()
-    for kept in ("pyproject.toml", "setup.py", "MANIFEST.in", "README.md", "mongoproxy/cli.py",
-                 "mongoproxy/_bson_parser.pyx", "mongoproxy/sinks/metrics.py"):
+    for kept in (
+        "pyproject.toml",
+        "setup.py",
+        "MANIFEST.in",
+        "README.md",
+        "mongoproxy/cli.py",
+        "mongoproxy/_bson_parser.pyx",
+        "mongoproxy/sinks/metrics.py",
+    ):
         assert not excluded(kept, patterns), kept
-    for dropped in (".git/config", "tests/unit/test_inject.py", "node_modules/x/index.js", ".venv/bin/python",
-                    "build/lib/x.py", "mongoproxy/_bson_parser.c",
-                    "mongoproxy/_bson_parser.cpython-311-x86_64-linux-gnu.so",
-                    "mongoproxy/__pycache__/cli.cpython-311.pyc", "deploy/README.md"):
+    for dropped in (
+        ".git/config",
+        "tests/unit/test_inject.py",
+        "node_modules/x/index.js",
+        ".venv/bin/python",
+        "build/lib/x.py",
+        "mongoproxy/_bson_parser.c",
+        "mongoproxy/_bson_parser.cpython-311-x86_64-linux-gnu.so",
+        "mongoproxy/__pycache__/cli.cpython-311.pyc",
+        "deploy/README.md",
+    ):
         assert excluded(dropped, patterns), dropped
 
 
 def test_every_package_source_reaches_the_builder():
     patterns = _patterns()
-    sources = [p.relative_to(ROOT).as_posix() for p in (ROOT / "mongoproxy").rglob("*")
-               if p.is_file() and p.suffix in (".py", ".pyx", ".pxd", ".pyi", ".typed")]
+    sources = [
+        p.relative_to(ROOT).as_posix()
+        for p in (ROOT / "mongoproxy").rglob("*")
+        if p.is_file() and p.suffix in (".py", ".pyx", ".pxd", ".pyi", ".typed")
+    ]
     assert sources
     assert [s for s in sources if excluded(s, patterns)] == []
 
@@ -286,10 +305,14 @@ def test_every_package_source_reaches_the_builder():
 def test_runtime_smoke_step_runs_against_the_checkout(runtime, tmp_path):
     step = next(r.text for r in runtime.all("RUN") if "mongoproxy --version" in r.text)
     shim = tmp_path / "mongoproxy"  # the console script, pointing at this checkout
-    shim.write_text(f"#!/bin/sh\nexec {shlex.quote(sys.executable)} -m mongoproxy \"$@\"\n")
+    shim.write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} -m mongoproxy "$@"\n')
     shim.chmod(shim.stat().st_mode | stat.S_IXUSR)
-    env = dict(os.environ, PATH=f"{tmp_path}{os.pathsep}{os.environ.get('PATH', '')}",
-               PYTHONPATH=str(ROOT), PYTHONDONTWRITEBYTECODE="1")
+    env = dict(
+        os.environ,
+        PATH=f"{tmp_path}{os.pathsep}{os.environ.get('PATH', '')}",
+        PYTHONPATH=str(ROOT),
+        PYTHONDONTWRITEBYTECODE="1",
+    )
     step = step.replace("python -c", f"{shlex.quote(sys.executable)} -c")
     result = subprocess.run(["sh", "-c", step], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr

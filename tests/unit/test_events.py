@@ -6,8 +6,18 @@ from mongoproxy.events import CollectingSink, CommandEvent, Connection, SinkBus,
 
 
 def make_event(conn):
-    return CommandEvent(connection=conn, op="ping", database="admin", collection="", request_id=1,
-                        request_op_code=2013, request_size=40, request_first_ns=1, request_last_ns=2, request=None)
+    return CommandEvent(
+        connection=conn,
+        op="ping",
+        database="admin",
+        collection="",
+        request_id=1,
+        request_op_code=2013,
+        request_size=40,
+        request_first_ns=1,
+        request_last_ns=2,
+        request=None,
+    )
 
 
 class Broken:

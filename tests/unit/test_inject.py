@@ -21,9 +21,22 @@ GOLDEN = Path(__file__).resolve().parent / "golden" / "inject"
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 UPDATE = os.environ.get("MONGOPROXY_UPDATE_GOLDEN") == "1"
 
-CUSTOM = ["--ipv6", "--image", "registry.example/platform/mongoproxy:0.1.0", "--mongo-ports", "27017-27019",
-          "--proxy-port", "15017", "--admin-port", "15020", "--proxy-uid", "4242", "--iptables-backend", "legacy",
-          "--proxy-args=--metric-labels op,db,collection,app --max-label-values 200"]
+CUSTOM = [
+    "--ipv6",
+    "--image",
+    "registry.example/platform/mongoproxy:0.1.0",
+    "--mongo-ports",
+    "27017-27019",
+    "--proxy-port",
+    "15017",
+    "--admin-port",
+    "15020",
+    "--proxy-uid",
+    "4242",
+    "--iptables-backend",
+    "legacy",
+    "--proxy-args=--metric-labels op,db,collection,app --max-label-values 200",
+]
 
 # case -> (input file, extra flags)
 CASES = {
@@ -41,9 +54,16 @@ CASES = {
 }
 
 MODELS = {
-    "Deployment": "V1Deployment", "StatefulSet": "V1StatefulSet", "DaemonSet": "V1DaemonSet",
-    "ReplicaSet": "V1ReplicaSet", "Job": "V1Job", "CronJob": "V1CronJob", "Pod": "V1Pod",
-    "Service": "V1Service", "ConfigMap": "V1ConfigMap", "PodDisruptionBudget": "V1PodDisruptionBudget",
+    "Deployment": "V1Deployment",
+    "StatefulSet": "V1StatefulSet",
+    "DaemonSet": "V1DaemonSet",
+    "ReplicaSet": "V1ReplicaSet",
+    "Job": "V1Job",
+    "CronJob": "V1CronJob",
+    "Pod": "V1Pod",
+    "Service": "V1Service",
+    "ConfigMap": "V1ConfigMap",
+    "PodDisruptionBudget": "V1PodDisruptionBudget",
 }
 
 
@@ -120,9 +140,18 @@ def pod_spec_of(model):
     return t.metadata, t.spec
 
 
-def check_injected_pod(meta, spec, *, legacy: bool, admin_port: int = 9898, proxy_port: int = 27111,
-                       proxy_uid: int = 9999, mongo_ports: str = "27017", ipv6: bool = False,
-                       backend: str = "auto") -> None:
+def check_injected_pod(
+    meta,
+    spec,
+    *,
+    legacy: bool,
+    admin_port: int = 9898,
+    proxy_port: int = 27111,
+    proxy_uid: int = 9999,
+    mongo_ports: str = "27017",
+    ipv6: bool = False,
+    backend: str = "auto",
+) -> None:
     """Every field of the two containers, with the model's types."""
     inits = spec.init_containers or []
     containers = spec.containers
@@ -141,12 +170,23 @@ def check_injected_pod(meta, spec, *, legacy: bool, admin_port: int = 9898, prox
 
     # init container: root, only NET_ADMIN and NET_RAW, read-only root with /run on an emptyDir
     sc = init.security_context
-    assert (sc.run_as_user, sc.run_as_non_root, sc.privileged, sc.allow_privilege_escalation) == (0, False, False, False)
+    assert (sc.run_as_user, sc.run_as_non_root, sc.privileged, sc.allow_privilege_escalation) == (
+        0,
+        False,
+        False,
+        False,
+    )
     assert sc.read_only_root_filesystem is True
     assert sc.capabilities.drop == ["ALL"] and sc.capabilities.add == ["NET_ADMIN", "NET_RAW"]
-    assert init.args == ["init-iptables", "--proxy-port", str(proxy_port), "--mongo-ports", mongo_ports,
-                         "--proxy-uid", str(proxy_uid)] + (["--ipv6"] if ipv6 else []) + (
-                            ["--backend", backend] if backend != "auto" else [])
+    assert init.args == [
+        "init-iptables",
+        "--proxy-port",
+        str(proxy_port),
+        "--mongo-ports",
+        mongo_ports,
+        "--proxy-uid",
+        str(proxy_uid),
+    ] + (["--ipv6"] if ipv6 else []) + (["--backend", backend] if backend != "auto" else [])
     assert [(m.name, m.mount_path) for m in init.volume_mounts] == [(inject.XTABLES_VOLUME, "/run")]
     vol = next(v for v in spec.volumes if v.name == inject.XTABLES_VOLUME)
     assert vol.empty_dir.medium == "Memory"
@@ -168,19 +208,26 @@ def check_injected_pod(meta, spec, *, legacy: bool, admin_port: int = 9898, prox
     prestop = 0
     if sidecar.lifecycle is not None:
         assert legacy, "a native sidecar is stopped after the app and needs no preStop pause"
-        cmd = sidecar.lifecycle.pre_stop._exec.command if hasattr(sidecar.lifecycle.pre_stop, "_exec") \
+        cmd = (
+            sidecar.lifecycle.pre_stop._exec.command
+            if hasattr(sidecar.lifecycle.pre_stop, "_exec")
             else sidecar.lifecycle.pre_stop.exec.command
+        )
         assert cmd[0] == "sleep"
         prestop = int(cmd[1])
     else:
         assert not legacy
     assert 0 < drain and prestop + drain < grace  # fits terminationGracePeriodSeconds
-    for probe, path in ((sidecar.liveness_probe, "/healthz"), (sidecar.readiness_probe, "/readyz"),
-                        (sidecar.startup_probe, "/readyz")):
+    for probe, path in (
+        (sidecar.liveness_probe, "/healthz"),
+        (sidecar.readiness_probe, "/readyz"),
+        (sidecar.startup_probe, "/readyz"),
+    ):
         assert probe.http_get.path == path
         assert probe.http_get.port == admin_port
     assert [(p.name, p.container_port, p.protocol) for p in sidecar.ports] == [
-        (inject.ADMIN_PORT_NAME, admin_port, "TCP")]
+        (inject.ADMIN_PORT_NAME, admin_port, "TCP")
+    ]
     res = sidecar.resources
     assert set(res.requests) == {"cpu", "memory"} and set(res.limits) == {"cpu", "memory"}
     assert all(isinstance(v, str) for v in {**res.requests, **res.limits}.values())
@@ -226,8 +273,14 @@ def test_golden(case, capsys):
             ann = {**(item_in.get("metadata", {}).get("annotations") or {}), **(meta.annotations or {})}
             kwargs = {}
             if custom:
-                kwargs = dict(admin_port=15020, proxy_port=15017, proxy_uid=4242, mongo_ports="27017-27019", ipv6=True,
-                              backend="legacy")
+                kwargs = dict(
+                    admin_port=15020,
+                    proxy_port=15017,
+                    proxy_uid=4242,
+                    mongo_ports="27017-27019",
+                    ipv6=True,
+                    backend="legacy",
+                )
             if inject.ANN_ADMIN_PORT in ann:
                 kwargs["admin_port"] = int(ann[inject.ANN_ADMIN_PORT])
             if inject.ANN_MONGO_PORTS in ann:
@@ -249,8 +302,11 @@ def test_golden_files_have_no_strays():
 def test_comments_and_field_order_are_kept(capsys):
     code, out, _ = run_inject(capsys, str(GOLDEN / "deployment.in.yaml"))
     assert code == 0
-    for comment in ("# Orders service: talks to the orders replica set on 27017.", "# scaled by the HPA",
-                    "# the app itself"):
+    for comment in (
+        "# Orders service: talks to the orders replica set on 27017.",
+        "# scaled by the HPA",
+        "# the app itself",
+    ):
         assert comment in out
     doc = load_all(out)[0]
     assert list(doc) == ["apiVersion", "kind", "metadata", "spec"]
@@ -264,7 +320,7 @@ def test_helm_style_indentation_is_kept(capsys):
     code, out, _ = run_inject(capsys, str(GOLDEN / "statefulset.in.yaml"))
     assert code == 0
     assert "\n      initContainers:\n        - name: mongoproxy-init\n" in out
-    assert '# a second mongos on 27018' in out
+    assert "# a second mongos on 27018" in out
 
 
 def test_opted_out_and_other_kinds_pass_through_byte_for_byte(capsys):
@@ -387,29 +443,35 @@ def test_app_running_as_proxy_uid(capsys, tmp_path):
     assert "the proxy's uid" in line and "--proxy-uid" in line
 
 
-@pytest.mark.parametrize("flags,needle", [
-    (("--proxy-port", "27017"), "choose another --proxy-port"),
-    (("--admin-port", "27111"), "different ports"),
-    (("--mongo-ports", "27017,x"), "not a port or a range"),
-    (("--proxy-uid", "0"), "non-root uid"),
-    (("--proxy-args=--admin-port 1"), "set by mongoproxy inject"),
-    (("--proxy-args=--no-such-flag"), "not a flag of 'mongoproxy run'"),
-    (("--proxy-args=--log-file 'unterminated"), "quote it"),
-    (("--image", "bad image"), "not an image reference"),
-])
+@pytest.mark.parametrize(
+    "flags,needle",
+    [
+        (("--proxy-port", "27017"), "choose another --proxy-port"),
+        (("--admin-port", "27111"), "different ports"),
+        (("--mongo-ports", "27017,x"), "not a port or a range"),
+        (("--proxy-uid", "0"), "non-root uid"),
+        (("--proxy-args=--admin-port 1"), "set by mongoproxy inject"),
+        (("--proxy-args=--no-such-flag"), "not a flag of 'mongoproxy run'"),
+        (("--proxy-args=--log-file 'unterminated"), "quote it"),
+        (("--image", "bad image"), "not an image reference"),
+    ],
+)
 def test_bad_flags(capsys, tmp_path, flags, needle):
     flags = (flags,) if isinstance(flags, str) else flags
     line = _bad(capsys, tmp_path, (GOLDEN / "pod.in.yaml").read_text(), *flags)
     assert needle in line
 
 
-@pytest.mark.parametrize("annotation,needle", [
-    ('mongoproxy.io/inject: "maybe"', 'use "true" or "false"'),
-    ('mongoproxy.io/proxy-port: "http"', "is not a port"),
-    ('mongoproxy.io/mongo-ports: "27111"', "choose another --proxy-port"),
-    ('mongoproxy.io/drain-seconds: "soon"', "whole number"),
-    ('mongoproxy.io/proxy-args: "--proxy 1"', "use --proxy-port instead"),
-])
+@pytest.mark.parametrize(
+    "annotation,needle",
+    [
+        ('mongoproxy.io/inject: "maybe"', 'use "true" or "false"'),
+        ('mongoproxy.io/proxy-port: "http"', "is not a port"),
+        ('mongoproxy.io/mongo-ports: "27111"', "choose another --proxy-port"),
+        ('mongoproxy.io/drain-seconds: "soon"', "whole number"),
+        ('mongoproxy.io/proxy-args: "--proxy 1"', "use --proxy-port instead"),
+    ],
+)
 def test_bad_annotations(capsys, tmp_path, annotation, needle):
     text = (GOLDEN / "pod.in.yaml").read_text().replace("  labels:\n", f"  annotations:\n    {annotation}\n  labels:\n")
     line = _bad(capsys, tmp_path, text)
@@ -440,8 +502,9 @@ def test_deploy_example_is_injects_output(capsys):
     """deploy/examples/app-injected.yaml is exactly what inject makes of app.yaml."""
     code, out, _ = run_inject(capsys, str(DEPLOY / "examples" / "app.yaml"))
     assert code == 0
-    assert out == (DEPLOY / "examples" / "app-injected.yaml").read_text(), \
+    assert out == (DEPLOY / "examples" / "app-injected.yaml").read_text(), (
         "regenerate: mongoproxy inject deploy/examples/app.yaml > deploy/examples/app-injected.yaml"
+    )
     for doc in load_all(out):
         for model in check_with_models(doc):
             if model.kind == "Deployment":
@@ -476,8 +539,9 @@ def test_monitors_select_what_inject_and_the_front_proxy_make():
 
     (servicemonitor,) = load_all((DEPLOY / "monitoring" / "servicemonitor.yaml").read_text())
     assert servicemonitor["kind"] == "ServiceMonitor"
-    service = next(d for d in load_all((DEPLOY / "examples" / "front-proxy.yaml").read_text())
-                   if d["kind"] == "Service")
+    service = next(
+        d for d in load_all((DEPLOY / "examples" / "front-proxy.yaml").read_text()) if d["kind"] == "Service"
+    )
     assert servicemonitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
     assert servicemonitor["spec"]["namespaceSelector"]["matchNames"] == [service["metadata"]["namespace"]]
     (endpoint,) = servicemonitor["spec"]["endpoints"]

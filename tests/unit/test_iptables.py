@@ -19,24 +19,30 @@ def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
     return code, out, err
 
 
-@pytest.mark.parametrize("text,expected", [
-    ("27017", ("27017",)),
-    ("27017,27018", ("27017", "27018")),
-    (" 27017 , 27018 ,27017", ("27017", "27018")),
-    ("27017-27019,28000", ("27017:27019", "28000")),
-    ("27017:27019", ("27017:27019",)),
-])
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("27017", ("27017",)),
+        ("27017,27018", ("27017", "27018")),
+        (" 27017 , 27018 ,27017", ("27017", "27018")),
+        ("27017-27019,28000", ("27017:27019", "28000")),
+        ("27017:27019", ("27017:27019",)),
+    ],
+)
 def test_port_lists(text, expected):
     assert iptables.parse_port_list(text) == expected
 
 
-@pytest.mark.parametrize("text,needle", [
-    ("", "is empty"),
-    ("abc", "not a port or a range"),
-    ("27017,70000", "out of range"),
-    ("27019-27017", "from low to high"),
-    ("0", "out of range"),
-])
+@pytest.mark.parametrize(
+    "text,needle",
+    [
+        ("", "is empty"),
+        ("abc", "not a port or a range"),
+        ("27017,70000", "out of range"),
+        ("27019-27017", "from low to high"),
+        ("0", "out of range"),
+    ],
+)
 def test_port_list_errors_are_one_line(text, needle):
     with pytest.raises(ConfigError) as err:
         iptables.parse_port_list(text)
@@ -103,12 +109,15 @@ def test_proxy_port_inside_mongo_ports_is_refused(capsys):
     assert err.count("\n") == 1 and "choose a proxy port outside" in err
 
 
-@pytest.mark.parametrize("argv,needle", [
-    (["--proxy-uid", "0"], "non-root uid"),
-    (["--proxy-uid", "proxy"], "numeric uid"),
-    (["--mongo-ports", "mongo"], "not a port or a range"),
-    (["--proxy-port", "99999"], "out of range"),
-])
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["--proxy-uid", "0"], "non-root uid"),
+        (["--proxy-uid", "proxy"], "numeric uid"),
+        (["--mongo-ports", "mongo"], "not a port or a range"),
+        (["--proxy-port", "99999"], "out of range"),
+    ],
+)
 def test_bad_flags_get_one_line(capsys, argv, needle):
     code, out, err = run_cli(capsys, *argv, "--dry-run")
     assert code == 2 and out == "" and err.count("\n") == 1 and needle in err
@@ -145,16 +154,20 @@ def test_failing_command_is_reported_with_its_message(tmp_path):
 
 def test_permission_denied_names_net_admin(tmp_path):
     fake = tmp_path / "iptables"
-    fake.write_text("#!/bin/sh\necho 'iptables v1.8.9 (nf_tables): Could not fetch rule set generation id: "
-                    "Permission denied (you must be root)' >&2\nexit 4\n")
+    fake.write_text(
+        "#!/bin/sh\necho 'iptables v1.8.9 (nf_tables): Could not fetch rule set generation id: "
+        "Permission denied (you must be root)' >&2\nexit 4\n"
+    )
     fake.chmod(0o755)
     with pytest.raises(StartupError) as err:
         iptables.Runner().execute(iptables.install_steps(str(fake), iptables.Rules()))
     assert str(err.value) == iptables.NO_NET_ADMIN
 
 
-@pytest.mark.parametrize("capeff,expected", [("0000000000001000", True), ("00000000a80435fb", True),
-                                             ("0000000000000000", False), ("00000000a80425fb", False)])
+@pytest.mark.parametrize(
+    "capeff,expected",
+    [("0000000000001000", True), ("00000000a80435fb", True), ("0000000000000000", False), ("00000000a80425fb", False)],
+)
 def test_net_admin_is_read_from_capeff(tmp_path, capeff, expected):
     """a80425fb is Docker's default set (no NET_ADMIN); a80435fb adds it."""
     status = tmp_path / "status"

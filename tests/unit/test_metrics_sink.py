@@ -13,8 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from mongoproxy import config as config_mod
 from mongoproxy.errors import ConfigError
 from mongoproxy.events import CommandEvent, Connection, DecodeErrorEvent, SinkBus, UpstreamConnectError
-from mongoproxy.sinks import SinkContext, build_sinks
-from mongoproxy.sinks import metrics
+from mongoproxy.sinks import SinkContext, build_sinks, metrics
 from mongoproxy.sinks.metrics import MetricsSink
 
 MS = 1_000_000  # ns
@@ -22,23 +21,62 @@ MS = 1_000_000  # ns
 
 def reply(**fields):
     """A stand-in for the scanner's ScanResult with the attributes the sinks read."""
-    base = dict(write_errors=None, write_error_code=None, write_error_code_name=None,
-                write_concern_error_code=None, write_concern_error_code_name=None, query_shape=None, comment=None)
+    base = dict(
+        write_errors=None,
+        write_error_code=None,
+        write_error_code_name=None,
+        write_concern_error_code=None,
+        write_concern_error_code_name=None,
+        query_shape=None,
+        comment=None,
+    )
     base.update(fields)
     return SimpleNamespace(**base)
 
 
 def conn(cid=1, app="app1", host="10.0.0.5", port=50000, server=("db1", 27017), rs=""):
-    return Connection(id=cid, client_host=host, client_port=port, upstream_host=server[0], upstream_port=server[1],
-                      app_name=app, replica_set=rs)
+    return Connection(
+        id=cid,
+        client_host=host,
+        client_port=port,
+        upstream_host=server[0],
+        upstream_port=server[1],
+        app_name=app,
+        replica_set=rs,
+    )
 
 
-def command(c, op="find", db="shop", coll="users", *, latency_ms=2.0, request_size=120, reply_size=300, ok=True,
-            returned=None, changed=None, no_reply=False, exhaust_index=0, r=None, code=None, code_name="",
-            start_ns=1_000 * MS):
-    e = CommandEvent(connection=c, op=op, database=db, collection=coll, request_id=7, request_op_code=2013,
-                     request_size=request_size, request_first_ns=start_ns, request_last_ns=start_ns + 1000,
-                     request=reply())
+def command(
+    c,
+    op="find",
+    db="shop",
+    coll="users",
+    *,
+    latency_ms=2.0,
+    request_size=120,
+    reply_size=300,
+    ok=True,
+    returned=None,
+    changed=None,
+    no_reply=False,
+    exhaust_index=0,
+    r=None,
+    code=None,
+    code_name="",
+    start_ns=1_000 * MS,
+):
+    e = CommandEvent(
+        connection=c,
+        op=op,
+        database=db,
+        collection=coll,
+        request_id=7,
+        request_op_code=2013,
+        request_size=request_size,
+        request_first_ns=start_ns,
+        request_last_ns=start_ns + 1000,
+        request=reply(),
+    )
     if no_reply:
         e.more_to_come_request = True
         return e
@@ -133,10 +171,8 @@ def test_attribution_labels_come_from_event_and_connection(reg, sink):
     sink.on_command(command(c, op="ping", db="admin", coll=""))
     sink.on_command(command(c, op="getMore", coll="orders", returned=2))
     base = {"app": "billing", "server": "[::1]:27018", "replicaset": "rs0"}
-    assert val(reg, "mongoproxy_response_latency_seconds_count", dict(base, op="ping", db="admin",
-                                                                          collection="")) == 1
-    assert val(reg, "mongoproxy_documents_returned_sum", dict(base, op="getMore", db="shop",
-                                                                collection="orders")) == 2
+    assert val(reg, "mongoproxy_response_latency_seconds_count", dict(base, op="ping", db="admin", collection="")) == 1
+    assert val(reg, "mongoproxy_documents_returned_sum", dict(base, op="getMore", db="shop", collection="orders")) == 2
 
 
 def test_unacknowledged_request_has_no_latency_or_reply(reg, sink):
@@ -178,14 +214,36 @@ def test_command_errors_by_code_name(reg, sink):
     sink.on_command(command(c, ok=False, code=2, code_name="BadValue"))
     sink.on_command(command(c, ok=False, code=12345))  # unknown code without a name: the number
     sink.on_command(command(c, ok=False))
-    sink.on_command(command(c, op="insert", changed=0, r=reply(write_errors=3, write_error_code=11000,
-                                                                 write_error_code_name="DuplicateKey")))
+    sink.on_command(
+        command(
+            c,
+            op="insert",
+            changed=0,
+            r=reply(write_errors=3, write_error_code=11000, write_error_code_name="DuplicateKey"),
+        )
+    )
     sink.on_command(command(c, op="insert", changed=1, r=reply(write_errors=1, write_error_code=121)))
-    sink.on_command(command(c, op="update", changed=1, r=reply(write_concern_error_code=64,
-                                                                 write_concern_error_code_name="WriteConcernFailed")))
-    sink.on_command(command(c, op="delete", changed=0, r=reply(write_errors=1, write_error_code=11000,
-                                                                 write_error_code_name="DuplicateKey",
-                                                                 write_concern_error_code=100)))
+    sink.on_command(
+        command(
+            c,
+            op="update",
+            changed=1,
+            r=reply(write_concern_error_code=64, write_concern_error_code_name="WriteConcernFailed"),
+        )
+    )
+    sink.on_command(
+        command(
+            c,
+            op="delete",
+            changed=0,
+            r=reply(
+                write_errors=1,
+                write_error_code=11000,
+                write_error_code_name="DuplicateKey",
+                write_concern_error_code=100,
+            ),
+        )
+    )
     sink.on_command(command(c, op="insert", changed=1))  # success: nothing counted
     e = {"db": "shop", "collection": "users"}
     name = "mongoproxy_command_errors_total"
@@ -197,8 +255,13 @@ def test_command_errors_by_code_name(reg, sink):
     assert val(reg, name, dict(e, op="update", code_name="WriteConcernFailed")) == 1
     assert val(reg, name, dict(e, op="delete", code_name="DuplicateKey")) == 1
     assert val(reg, name, dict(e, op="delete", code_name="UnsatisfiableWriteConcern")) == 1
-    total = sum(s.value for f in text_string_to_metric_families(generate_latest(reg).decode())
-                if f.name == "mongoproxy_command_errors" for s in f.samples if s.name.endswith("_total"))
+    total = sum(
+        s.value
+        for f in text_string_to_metric_families(generate_latest(reg).decode())
+        if f.name == "mongoproxy_command_errors"
+        for s in f.samples
+        if s.name.endswith("_total")
+    )
     assert total == 9
 
 
@@ -231,16 +294,23 @@ def test_label_cap_sends_overflow_to_other_and_counts_it(reg):
     sink.on_command(command(c, coll="coll9"))  # an overflowed value stays overflowed, and is counted again
     sink.on_command(command(c, coll="coll1"))  # a kept value stays kept
     for i in range(3):
-        assert val(reg, "mongoproxy_response_latency_seconds_count", dict(L, collection=f"coll{i}")) == \
-            (2 if i == 1 else 1)
+        assert val(reg, "mongoproxy_response_latency_seconds_count", dict(L, collection=f"coll{i}")) == (
+            2 if i == 1 else 1
+        )
     assert val(reg, "mongoproxy_response_latency_seconds_count", dict(L, collection="_other")) == 8
     assert val(reg, "mongoproxy_label_overflow_total", {"label": "collection"}) == 8
     assert val(reg, "mongoproxy_label_overflow_total", {"label": "op"}) is None
     assert val(reg, "mongoproxy_response_latency_seconds_count", dict(L, op="ping", collection="")) == 1
     # the error counter shares the cap
     sink.on_command(command(c, coll="coll7", ok=False, code_name="BadValue"))
-    assert val(reg, "mongoproxy_command_errors_total", {"op": "find", "db": "shop", "collection": "_other",
-                                                        "code_name": "BadValue"}) == 1
+    assert (
+        val(
+            reg,
+            "mongoproxy_command_errors_total",
+            {"op": "find", "db": "shop", "collection": "_other", "code_name": "BadValue"},
+        )
+        == 1
+    )
     text = generate_latest(reg).decode()
     assert 'collection="coll5"' not in text
 
@@ -364,6 +434,7 @@ def test_scrape_in_another_thread_while_series_are_added(reg, sink):
 
 # ---- options ----
 
+
 def test_metric_labels_option():
     assert config_mod.build({}, env={}).metric_labels == metrics.DEFAULT_LABELS
     cfg = config_mod.build({"metric_labels": "collection, OP,client"}, env={})
@@ -385,8 +456,15 @@ def test_metric_labels_rejects_unknown_or_empty(raw):
 def test_latency_buckets_option():
     cfg = config_mod.build({"latency_buckets": "1, 0.5,0.001,1"}, env={})
     assert cfg.latency_buckets == (0.001, 0.5, 1.0)
-    for raw, needle in (("", "empty"), (" , ", "empty"), ("0.1,fast", "not a number"), ("0,1", "positive"),
-                        ("-1", "positive"), ("inf", "positive"), ("nan", "positive")):
+    for raw, needle in (
+        ("", "empty"),
+        (" , ", "empty"),
+        ("0.1,fast", "not a number"),
+        ("0,1", "positive"),
+        ("-1", "positive"),
+        ("inf", "positive"),
+        ("nan", "positive"),
+    ):
         with pytest.raises(ConfigError) as exc:
             metrics.parse_latency_buckets(raw)
         assert needle in str(exc.value) and "e.g." in str(exc.value)
@@ -402,8 +480,7 @@ def test_max_label_values_option():
 
 
 def test_create_uses_the_config_and_is_always_on(reg):
-    cfg = config_mod.build({"metric_labels": "op", "latency_buckets": "0.01,0.1", "max_label_values": "2"},
-                           env={})
+    cfg = config_mod.build({"metric_labels": "op", "latency_buckets": "0.01,0.1", "max_label_values": "2"}, env={})
     sinks = build_sinks(cfg, SinkContext(registry=reg, version="1.2.3", mode="transparent"))
     sink = metrics.find(sinks)
     assert sink is not None and sink.labels == ("op",) and sink.latency_buckets == (0.01, 0.1)

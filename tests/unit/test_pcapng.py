@@ -46,7 +46,7 @@ def blocks(path: str):
         block_type, length = struct.unpack_from("<II", data, pos)
         assert length % 4 == 0 and length >= 12
         assert struct.unpack_from("<I", data, pos + length - 4)[0] == length
-        out.append((block_type, data[pos:pos + length]))
+        out.append((block_type, data[pos : pos + length]))
         pos += length
     assert pos == len(data)
     return out
@@ -60,7 +60,7 @@ def comments(block: bytes, options_at: int) -> list[str]:
         if code == 0:
             break
         if code == 1:
-            out.append(block[pos + 4:pos + 4 + length].decode("utf-8"))
+            out.append(block[pos + 4 : pos + 4 + length].decode("utf-8"))
         pos += 4 + length + (-length % 4)
     return out
 
@@ -78,8 +78,12 @@ def test_checksum_sum_matches_rfc1071(n):
 
 def test_section_interface_and_packet_blocks(tmp_path):
     ts = 1_700_000_000_123_456_789
-    path = write(tmp_path, [(ts, b"\x45" + bytes(39), "first"), (ts + 1, [b"\x45" + bytes(19), b"xyz"])],
-                 comment="hello", summary_space=64)
+    path = write(
+        tmp_path,
+        [(ts, b"\x45" + bytes(39), "first"), (ts + 1, [b"\x45" + bytes(19), b"xyz"])],
+        comment="hello",
+        summary_space=64,
+    )
     bl = blocks(path)
     assert [b[0] for b in bl] == [pcapng.BT_SHB, pcapng.BT_IDB, pcapng.BT_EPB, pcapng.BT_EPB]
     shb = bl[0][1]
@@ -94,7 +98,7 @@ def test_section_interface_and_packet_blocks(tmp_path):
     _, _, iface, high, low, caplen, origlen = struct.unpack_from("<IIIIIII", epb)
     assert (iface, (high << 32) | low, caplen, origlen) == (0, ts, 40, 40)
     assert comments(epb, 28 + 40) == ["first"]
-    assert bl[3][1][28:28 + 23] == b"\x45" + bytes(19) + b"xyz"  # parts are written back to back
+    assert bl[3][1][28 : 28 + 23] == b"\x45" + bytes(19) + b"xyz"  # parts are written back to back
     # dpkt and the replay reader agree on every packet and its exact timestamp.
     got = list(iter_packets(path, []))
     assert [(p.ts_ns, p.linktype, len(p.data)) for p in got] == [(ts, 101, 40), (ts + 1, 101, 23)]
@@ -129,8 +133,7 @@ def verify_checksums(packet: bytes) -> None:
     assert reference_checksum(pseudo + tcp) == 0, "TCP checksum"
 
 
-@pytest.mark.parametrize("client,server", [("10.1.2.3", "10.9.8.7"), ("::1", "2001:db8::5"),
-                                           ("127.0.0.1", "::1")])
+@pytest.mark.parametrize("client,server", [("10.1.2.3", "10.9.8.7"), ("::1", "2001:db8::5"), ("127.0.0.1", "::1")])
 def test_tcp_flow_sequence_numbers_checksums_and_segments(client, server):
     flow = TcpFlow(client, 40000, server, 27017, rng=random.Random(7))
     c_isn, s_isn = flow.client_next, flow.server_next
@@ -171,8 +174,8 @@ def test_tcp_flow_sequence_numbers_checksums_and_segments(client, server):
 
 def test_refused_connection_is_a_syn_answered_by_rst():
     flow = TcpFlow("10.0.0.1", 1, "10.0.0.2", 2)
-    (_, syn), = flow.syn(0)
-    (_, rst), = flow.refuse(1)
+    ((_, syn),) = flow.syn(0)
+    ((_, rst),) = flow.refuse(1)
     s = decode_tcp(101, b"".join(syn))
     r = decode_tcp(101, b"".join(rst))
     assert s[6] == 0x02 and r[6] == 0x14 and r[5] == (s[4] + 1) & 0xFFFFFFFF
@@ -183,6 +186,6 @@ def test_refused_connection_is_a_syn_answered_by_rst():
 def test_sequence_numbers_wrap():
     flow = TcpFlow("10.0.0.1", 1, "10.0.0.2", 2)
     flow.client_next = 0xFFFFFFF0
-    (_, parts), = flow.data(True, bytes(32), 0)
+    ((_, parts),) = flow.data(True, bytes(32), 0)
     assert decode_tcp(101, b"".join(bytes(p) for p in parts))[4] == 0xFFFFFFF0
     assert flow.client_next == 0x10

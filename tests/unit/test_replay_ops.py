@@ -51,36 +51,95 @@ def cursor_reply(to: int, cid: int, n: int, first: bool = True, ns: str = "shop.
 
 
 def sample(tmp_path):
-    return workload(tmp_path, [
-        (op_query(1, "admin.$cmd", {"isMaster": 1, "client": {"application": {"name": "shop-web"}}}), reply(1)),
-        (op_msg(2, 0, {"saslStart": 1, "payload": b"x", "$db": "admin"}), reply(2)),
-        (op_msg_seq(3, {"insert": "orders", "lsid": LSID, "txnNumber": Int64(1), "$db": "shop",
-                        "$clusterTime": {"clusterTime": Timestamp(1, 1)}}, "documents", [{"_id": 1}, {"_id": 2}]),
-         reply(3, {"n": 2, "ok": 1.0})),
-        (op_msg(4, 0, {"find": "orders", "filter": {}, "batchSize": 1, "lsid": LSID, "$db": "shop",
-                       "readConcern": {"level": "majority", "afterClusterTime": Timestamp(1, 1)}}),
-         cursor_reply(4, 77, 1)),
-        (op_msg(5, 0, {"getMore": Int64(77), "collection": "orders", "batchSize": 1, "lsid": LSID, "$db": "shop"}),
-         cursor_reply(5, 77, 1, first=False)),
-        (op_msg(6, 0, {"killCursors": "orders", "cursors": [Int64(77)], "lsid": LSID, "$db": "shop"}), reply(6)),
-        (op_msg(7, 0, {"aggregate": "orders", "pipeline": [{"$match": {}}, {"$out": "copy"}], "cursor": {},
-                       "$db": "shop"}), cursor_reply(7, 0, 0)),
-        (op_msg(8, 0, {"count": "users", "$db": "crm"}), reply(8, {"n": 5, "ok": 1.0})),
-        (op_msg(9, 0, {"hello": 1, "topologyVersion": {"counter": Int64(0)}, "$db": "admin"}), reply(9)),
-        (op_msg(10, 0, {"update": "orders", "updates": [{"q": {"_id": 1}, "u": {"$set": {"a": 1}}}], "$db": "shop"},
-                flags=2), None),
-        (op_msg(11, 0, {"endSessions": [LSID], "$db": "admin"}), reply(11)),
-        (legacy_insert(12, "shop.orders", {"_id": 9}), None),
-    ])
+    return workload(
+        tmp_path,
+        [
+            (op_query(1, "admin.$cmd", {"isMaster": 1, "client": {"application": {"name": "shop-web"}}}), reply(1)),
+            (op_msg(2, 0, {"saslStart": 1, "payload": b"x", "$db": "admin"}), reply(2)),
+            (
+                op_msg_seq(
+                    3,
+                    {
+                        "insert": "orders",
+                        "lsid": LSID,
+                        "txnNumber": Int64(1),
+                        "$db": "shop",
+                        "$clusterTime": {"clusterTime": Timestamp(1, 1)},
+                    },
+                    "documents",
+                    [{"_id": 1}, {"_id": 2}],
+                ),
+                reply(3, {"n": 2, "ok": 1.0}),
+            ),
+            (
+                op_msg(
+                    4,
+                    0,
+                    {
+                        "find": "orders",
+                        "filter": {},
+                        "batchSize": 1,
+                        "lsid": LSID,
+                        "$db": "shop",
+                        "readConcern": {"level": "majority", "afterClusterTime": Timestamp(1, 1)},
+                    },
+                ),
+                cursor_reply(4, 77, 1),
+            ),
+            (
+                op_msg(
+                    5, 0, {"getMore": Int64(77), "collection": "orders", "batchSize": 1, "lsid": LSID, "$db": "shop"}
+                ),
+                cursor_reply(5, 77, 1, first=False),
+            ),
+            (op_msg(6, 0, {"killCursors": "orders", "cursors": [Int64(77)], "lsid": LSID, "$db": "shop"}), reply(6)),
+            (
+                op_msg(
+                    7,
+                    0,
+                    {
+                        "aggregate": "orders",
+                        "pipeline": [{"$match": {}}, {"$out": "copy"}],
+                        "cursor": {},
+                        "$db": "shop",
+                    },
+                ),
+                cursor_reply(7, 0, 0),
+            ),
+            (op_msg(8, 0, {"count": "users", "$db": "crm"}), reply(8, {"n": 5, "ok": 1.0})),
+            (op_msg(9, 0, {"hello": 1, "topologyVersion": {"counter": Int64(0)}, "$db": "admin"}), reply(9)),
+            (
+                op_msg(
+                    10,
+                    0,
+                    {"update": "orders", "updates": [{"q": {"_id": 1}, "u": {"$set": {"a": 1}}}], "$db": "shop"},
+                    flags=2,
+                ),
+                None,
+            ),
+            (op_msg(11, 0, {"endSessions": [LSID], "$db": "admin"}), reply(11)),
+            (legacy_insert(12, "shop.orders", {"_id": 9}), None),
+        ],
+    )
 
 
 def test_commands_become_replayable_specs(tmp_path):
     w = sample(tmp_path)
     by_op = {o.op: o for o in w.ops}
     assert [(o.op, o.skip) for o in w.ops] == [
-        ("isMaster", "handshake"), ("saslStart", "auth"), ("insert", ""), ("find", ""), ("getMore", ""),
-        ("killCursors", ""), ("aggregate", ""), ("count", ""), ("hello", "monitoring"), ("update", ""),
-        ("endSessions", "endSessions"), ("opcode 2002", "legacy opcode")]
+        ("isMaster", "handshake"),
+        ("saslStart", "auth"),
+        ("insert", ""),
+        ("find", ""),
+        ("getMore", ""),
+        ("killCursors", ""),
+        ("aggregate", ""),
+        ("count", ""),
+        ("hello", "monitoring"),
+        ("update", ""),
+        ("endSessions", "endSessions"),
+        ("opcode 2002", "legacy opcode"),
+    ]
     assert w.connections[0].app == "shop-web"
     insert = by_op["insert"].spec
     assert list(insert) == ["insert", "txnNumber", "documents"]  # $db, lsid and $clusterTime are not sent as is
@@ -96,8 +155,17 @@ def test_commands_become_replayable_specs(tmp_path):
 
 
 def test_legacy_query_command_is_unwrapped(tmp_path):
-    w = workload(tmp_path, [(op_query(1, "shop.$cmd", {"$query": {"count": "orders"}, "$readPreference":
-                                                       {"mode": "secondaryPreferred"}}), reply(1))])
+    w = workload(
+        tmp_path,
+        [
+            (
+                op_query(
+                    1, "shop.$cmd", {"$query": {"count": "orders"}, "$readPreference": {"mode": "secondaryPreferred"}}
+                ),
+                reply(1),
+            )
+        ],
+    )
     [op] = w.ops
     assert (op.op, op.ns, op.skip) == ("count", "shop.orders", "")
     assert dict(op.spec) == {"count": "orders"}
@@ -109,14 +177,17 @@ def test_read_only_keeps_reads_and_their_cursors(tmp_path):
     assert [o.op for o in w.replayable()] == ["find", "getMore", "killCursors", "count"]
 
 
-@pytest.mark.parametrize("filters,expected", [
-    (Filters(include_ns=("shop.orders",)), ["insert", "find", "getMore", "killCursors", "aggregate", "update"]),
-    (Filters(include_ns=("crm",)), ["count"]),
-    (Filters(include_ns=("crm.*",)), ["count"]),
-    (Filters(exclude_ns=("shop.*",)), ["count"]),
-    (Filters(ops=("find", "getMore")), ["find", "getMore"]),
-    (Filters(ops=("!find",)), ["insert", "aggregate", "count", "update"]),  # its cursor's getMore/killCursors too
-])
+@pytest.mark.parametrize(
+    "filters,expected",
+    [
+        (Filters(include_ns=("shop.orders",)), ["insert", "find", "getMore", "killCursors", "aggregate", "update"]),
+        (Filters(include_ns=("crm",)), ["count"]),
+        (Filters(include_ns=("crm.*",)), ["count"]),
+        (Filters(exclude_ns=("shop.*",)), ["count"]),
+        (Filters(ops=("find", "getMore")), ["find", "getMore"]),
+        (Filters(ops=("!find",)), ["insert", "aggregate", "count", "update"]),  # its cursor's getMore/killCursors too
+    ],
+)
 def test_filters(tmp_path, filters, expected):
     w = sample(tmp_path)
     apply_filters(w, filters)
@@ -126,8 +197,11 @@ def test_filters(tmp_path, filters, expected):
 
 def test_a_filter_matching_nothing_is_an_error(tmp_path):
     w = sample(tmp_path)
-    with pytest.raises(ReplayError, match=r"the filters \(--include-ns nope.x --ops find\) match none of the 7 "
-                                          r"recorded operations; they are aggregate, count, find"):
+    with pytest.raises(
+        ReplayError,
+        match=r"the filters \(--include-ns nope.x --ops find\) match none of the 7 "
+        r"recorded operations; they are aggregate, count, find",
+    ):
         apply_filters(w, Filters(include_ns=("nope.x",), ops=("find",)))
 
 
@@ -149,8 +223,9 @@ def test_report_counts_new_and_gone_errors_and_count_differences(tmp_path):
     apply_filters(w, Filters())
     ops = {o.op: o for o in w.ops}
     for o in w.replayable():
-        o.replayed = Outcome(ok=True, returned=o.recorded.returned if o.recorded else None,
-                             n=o.recorded.n if o.recorded else None)
+        o.replayed = Outcome(
+            ok=True, returned=o.recorded.returned if o.recorded else None, n=o.recorded.n if o.recorded else None
+        )
         o.replayed_ns = 2_000_000
     ops["count"].replayed = Outcome(ok=False, code=26, code_name="NamespaceNotFound", errmsg="ns missing")
     ops["insert"].recorded.write_errors = 1
@@ -163,11 +238,28 @@ def test_report_counts_new_and_gone_errors_and_count_differences(tmp_path):
     report = build_report(w, Run(), Filters(), "mongodb://u:secret@h:1/", 2.0)
     json.dumps(report)
     assert report["target"] == "mongodb://u:***@h:1/"
-    assert report["new_errors"] == [{"op": "count", "ns": "crm.users", "error": "NamespaceNotFound", "code": 26,
-                                     "count": 1, "example": "ns missing"}]
+    assert report["new_errors"] == [
+        {
+            "op": "count",
+            "ns": "crm.users",
+            "error": "NamespaceNotFound",
+            "code": 26,
+            "count": 1,
+            "example": "ns missing",
+        }
+    ]
     assert [e["error"] for e in report["gone_errors"]] == ["DuplicateKey"]
-    assert report["count_differences"] == [{"op": "find", "ns": "shop.orders", "connection": 0, "field": "returned",
-                                            "recorded": 1, "replayed": 0, "at_s": report["count_differences"][0]["at_s"]}]
+    assert report["count_differences"] == [
+        {
+            "op": "find",
+            "ns": "shop.orders",
+            "connection": 0,
+            "field": "returned",
+            "recorded": 1,
+            "replayed": 0,
+            "at_s": report["count_differences"][0]["at_s"],
+        }
+    ]
     find_row = next(r for r in report["by_op"] if r["op"] == "find")
     assert find_row["replayed_ms"] == {"p50": 2.0, "p90": 2.0, "p99": 2.0}
     assert report["replayed"]["max_lag_ms"] == 5.0 and report["replayed"]["ops_per_s"] == 3.5
@@ -210,6 +302,10 @@ def test_dry_run_lists_what_would_be_replayed(tmp_path, capsys):
     assert "would replay 4 operations with --read-only" in out
     report = json.loads((tmp_path / "r.json").read_text())
     assert [(x["op"], x["ns"]) for x in report["would_replay"]] == [
-        ("find", "shop.orders"), ("getMore", "shop.orders"), ("killCursors", "shop.orders"), ("count", "crm.users")]
+        ("find", "shop.orders"),
+        ("getMore", "shop.orders"),
+        ("killCursors", "shop.orders"),
+        ("count", "crm.users"),
+    ]
     assert report["dry_run"] is True and "replayed" not in report
     assert os.path.exists(tmp_path / "r.json")

@@ -36,8 +36,14 @@ class Capture:
 
     def packet(self, from_client: bool, flags: int, payload: bytes = b"", seq=None, ts=None, sll=False) -> None:
         src, dst = (self.client, self.server) if from_client else (self.server, self.client)
-        tcp = dpkt.tcp.TCP(sport=src[1], dport=dst[1], seq=self.next[from_client] if seq is None else seq,
-                           ack=self.next[not from_client], flags=flags, data=payload)
+        tcp = dpkt.tcp.TCP(
+            sport=src[1],
+            dport=dst[1],
+            seq=self.next[from_client] if seq is None else seq,
+            ack=self.next[not from_client],
+            flags=flags,
+            data=payload,
+        )
         tcp.off = 5
         ip = dpkt.ip.IP(src=socket.inet_aton(src[0]), dst=socket.inet_aton(dst[0]), p=6, data=tcp, ttl=64)
         ip.len = 20 + len(bytes(tcp))
@@ -52,7 +58,7 @@ class Capture:
         if seq is None:
             self.next[from_client] = (self.next[from_client] + len(payload) + (1 if flags & 0x03 else 0)) & 0xFFFFFFFF
 
-    def handshake(self) -> "Capture":
+    def handshake(self) -> Capture:
         self.packet(True, dpkt.tcp.TH_SYN)
         self.packet(False, dpkt.tcp.TH_SYN | dpkt.tcp.TH_ACK)
         self.packet(True, dpkt.tcp.TH_ACK)
@@ -166,8 +172,9 @@ def test_capture_started_mid_connection(tmp_path):
     mid_message.send(True, op_msg(3, 0, {"count": "b", "$db": "x"}))
     mid_message.send(False, reply(3))
     w = load([write_pcap_exact(tmp_path / "m.pcap", at_request.frames + mid_message.frames)])
-    assert [(c.label, [o.op for o in c.ops]) for c in w.connections] == [("10.0.0.5:40005 -> 10.0.0.2:27017",
-                                                                           ["count"])]
+    assert [(c.label, [o.op for o in c.ops]) for c in w.connections] == [
+        ("10.0.0.5:40005 -> 10.0.0.2:27017", ["count"])
+    ]
     assert any("10.0.0.6:40006" in x for x in w.warnings)
 
 
@@ -178,8 +185,9 @@ def test_reused_ports_are_two_connections_and_compressed_requests_decode(tmp_pat
     c.handshake()
     plain = op_msg(9, 0, {"insert": "t", "documents": [{"_id": 1}], "$db": "shop"})
     body = zlib.compress(plain[16:])
-    c.send(True, struct.pack("<iiii", 25 + len(body), 9, 0, 2012) + struct.pack("<iiB", 2013, len(plain) - 16, 2)
-           + body)
+    c.send(
+        True, struct.pack("<iiii", 25 + len(body), 9, 0, 2012) + struct.pack("<iiB", 2013, len(plain) - 16, 2) + body
+    )
     c.send(False, reply(9, {"n": 1, "ok": 1.0}))
     w = load([write_pcap_exact(tmp_path / "r.pcap", c.frames)])
     assert [[o.op for o in conn.ops] for conn in w.connections] == [["find"], ["insert"]]
@@ -193,7 +201,7 @@ def test_files_are_read_in_time_order_and_connections_span_them(tmp_path):
     first = list(c.frames)
     c.send(False, reply(1))
     c.send(True, op_msg(2, 0, {"find": "b", "$db": "x"}))
-    second = c.frames[len(first):]
+    second = c.frames[len(first) :]
     # Named so that name order is the wrong order.
     a = write_pcap_exact(tmp_path / "b-first.pcap", first)
     b = write_pcap_exact(tmp_path / "a-second.pcap", second)

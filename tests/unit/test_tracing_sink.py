@@ -22,8 +22,10 @@ from opentelemetry.trace import SpanKind, StatusCode  # noqa: E402
 from mongoproxy import config as config_mod  # noqa: E402
 from mongoproxy.errors import ConfigError  # noqa: E402
 from mongoproxy.events import CommandEvent, Connection, wall_ns  # noqa: E402
-from mongoproxy.sinks import SinkContext  # noqa: E402
-from mongoproxy.sinks import tracing  # noqa: E402
+from mongoproxy.sinks import (
+    SinkContext,  # noqa: E402
+    tracing,  # noqa: E402
+)
 from mongoproxy.sinks.tracing import TracingSink  # noqa: E402
 
 TRACE = 0x4BF92F3577B34DA6A3CE929D0E0E4736
@@ -58,19 +60,52 @@ CONN = connection()
 _clock = [time.monotonic_ns()]
 
 
-def command(op: str = "find", collection: str = "users", database: str = "shop", *, conn: Connection = CONN,
-            comment=None, doc_traceparent=None, doc_tracestate=None, request_cursor=None, cursor_id=None,
-            ok=True, code=None, code_name="", returned=None, query_shape=None, op_code: int = 2013,
-            reply: dict | None = None, no_reply: bool = False) -> CommandEvent:
+def command(
+    op: str = "find",
+    collection: str = "users",
+    database: str = "shop",
+    *,
+    conn: Connection = CONN,
+    comment=None,
+    doc_traceparent=None,
+    doc_tracestate=None,
+    request_cursor=None,
+    cursor_id=None,
+    ok=True,
+    code=None,
+    code_name="",
+    returned=None,
+    query_shape=None,
+    op_code: int = 2013,
+    reply: dict | None = None,
+    no_reply: bool = False,
+) -> CommandEvent:
     """A CommandEvent as the tracker would emit it, 1 ms after the previous one, lasting 250 µs."""
     _clock[0] += 1_000_000
     t0 = _clock[0]
-    req = scan(op_code, command=op, collection=collection or None, database=database, comment=comment,
-               comment_traceparent=doc_traceparent, comment_tracestate=doc_tracestate, cursor_id=request_cursor,
-               query_shape=query_shape)
-    ev = CommandEvent(connection=conn, op=op, database=database, collection=collection, request_id=1,
-                      request_op_code=op_code, request_size=120, request_first_ns=t0, request_last_ns=t0 + 10_000,
-                      request=req)
+    req = scan(
+        op_code,
+        command=op,
+        collection=collection or None,
+        database=database,
+        comment=comment,
+        comment_traceparent=doc_traceparent,
+        comment_tracestate=doc_tracestate,
+        cursor_id=request_cursor,
+        query_shape=query_shape,
+    )
+    ev = CommandEvent(
+        connection=conn,
+        op=op,
+        database=database,
+        collection=collection,
+        request_id=1,
+        request_op_code=op_code,
+        request_size=120,
+        request_first_ns=t0,
+        request_last_ns=t0 + 10_000,
+        request=req,
+    )
     if no_reply:
         ev.more_to_come_request = True
         return ev
@@ -78,8 +113,14 @@ def command(op: str = "find", collection: str = "users", database: str = "shop",
     ev.reply_size = 800
     ev.reply_first_ns = t0 + 200_000
     ev.reply_last_ns = t0 + 250_000
-    ev.reply = scan(ok=1.0 if ok else 0.0, code=code, code_name=code_name or None, returned=returned,
-                    cursor_id=cursor_id, **(reply or {}))
+    ev.reply = scan(
+        ok=1.0 if ok else 0.0,
+        code=code,
+        code_name=code_name or None,
+        returned=returned,
+        cursor_id=cursor_id,
+        **(reply or {}),
+    )
     ev.ok = ok
     ev.code = code
     ev.code_name = code_name
@@ -195,12 +236,17 @@ def test_unacknowledged_write_ends_at_the_requests_last_byte(make):
     assert "mongoproxy.response.size" not in span.attributes
 
 
-@pytest.mark.parametrize("doc, trace_id", [
-    ({"find": "users", "filter": {}, "comment": f"checkout traceparent={TP}"}, TRACE),
-    ({"find": "users", "comment": {"traceparent": TP, "tracestate": "rojo=1"}}, TRACE),
-    ({"find": "users", "filter": {"$comment": "uber-trace-id:a3ce929d0e0e4736:00f067aa0ba902b7:0:1", "x": 1}},
-     0xA3CE929D0E0E4736),
-])
+@pytest.mark.parametrize(
+    "doc, trace_id",
+    [
+        ({"find": "users", "filter": {}, "comment": f"checkout traceparent={TP}"}, TRACE),
+        ({"find": "users", "comment": {"traceparent": TP, "tracestate": "rojo=1"}}, TRACE),
+        (
+            {"find": "users", "filter": {"$comment": "uber-trace-id:a3ce929d0e0e4736:00f067aa0ba902b7:0:1", "x": 1}},
+            0xA3CE929D0E0E4736,
+        ),
+    ],
+)
 def test_context_through_the_real_scanner(make, doc, trace_id):
     import struct
 
@@ -232,8 +278,13 @@ def test_failed_command_has_status_error_and_its_code(make):
 
 def test_write_error_is_a_failure_with_the_first_write_errors_code(make):
     sink, exp = make()
-    sink.on_command(command("insert", comment=TP, reply={"n": 0, "write_errors": 1, "write_error_code": 11000,
-                                                          "write_error_code_name": "DuplicateKey"}))
+    sink.on_command(
+        command(
+            "insert",
+            comment=TP,
+            reply={"n": 0, "write_errors": 1, "write_error_code": 11000, "write_error_code_name": "DuplicateKey"},
+        )
+    )
     [span] = spans_of(sink, exp)
     assert span.status.status_code is StatusCode.ERROR
     assert span.attributes["db.response.status_code"] == "11000"
@@ -454,14 +505,20 @@ class FailingExporter(SpanExporter):
     def export(self, spans):
         self.calls += 1
         logging.getLogger("opentelemetry.exporter.otlp.proto.http.trace_exporter").error(
-            "Failed to export spans batch code: 503, reason: Service Unavailable")
+            "Failed to export spans batch code: 503, reason: Service Unavailable"
+        )
         return SpanExportResult.FAILURE
 
 
 def test_full_queue_drops_and_counts_without_blocking(make, caplog):
     blocking = BlockingExporter()
-    sink, _ = make(exporter=blocking, max_queue_size=4, max_export_batch_size=1, schedule_delay_millis=10,
-                   logger=logging.getLogger("test.tracing"))
+    sink, _ = make(
+        exporter=blocking,
+        max_queue_size=4,
+        max_export_batch_size=1,
+        schedule_delay_millis=10,
+        logger=logging.getLogger("test.tracing"),
+    )
     sink.on_command(command(comment=TP))
     assert blocking.entered.wait(5)  # the export thread holds one span and is stuck
     with caplog.at_level(logging.INFO, logger="test.tracing"):
@@ -477,13 +534,18 @@ def test_full_queue_drops_and_counts_without_blocking(make, caplog):
     assert len(blocking.spans) == 5
     assert sink.dropped == 16
     assert [r.getMessage() for r in caplog.records if "works again" in r.getMessage()] == [
-        "exporting spans to memory works again"]
+        "exporting spans to memory works again"
+    ]
 
 
 def test_failed_exports_are_counted_and_warned_about_once_a_minute(make, caplog):
     failing = FailingExporter()
-    sink, _ = make(exporter=failing, max_export_batch_size=2, logger=logging.getLogger("test.tracing"),
-                   destination="http://collector.invalid:4318/v1/traces")
+    sink, _ = make(
+        exporter=failing,
+        max_export_batch_size=2,
+        logger=logging.getLogger("test.tracing"),
+        destination="http://collector.invalid:4318/v1/traces",
+    )
     sink._exports[0].label = "otlp"
     with caplog.at_level(logging.WARNING):
         for _ in range(3):
@@ -547,8 +609,11 @@ def test_close_gives_up_on_an_unreachable_collector_and_counts_the_loss(make):
     from tests.support.ports import free_port
 
     port = free_port("127.0.0.1")  # nothing listens there
-    sink, _ = make(exporter=OTLPSpanExporter(endpoint=f"http://127.0.0.1:{port}/v1/traces", timeout=30),
-                   schedule_delay_millis=60_000, close_timeout_seconds=0.5)
+    sink, _ = make(
+        exporter=OTLPSpanExporter(endpoint=f"http://127.0.0.1:{port}/v1/traces", timeout=30),
+        schedule_delay_millis=60_000,
+        close_timeout_seconds=0.5,
+    )
     for _ in range(5):
         sink.on_command(command(comment=TP))
     sink.close()
@@ -566,8 +631,13 @@ def ctx(**extra):
     extra.setdefault("environ", {})
     from prometheus_client import CollectorRegistry
 
-    return SinkContext(registry=CollectorRegistry(), version="9.9.9", mode="static",
-                       logger=logging.getLogger("test.mongoproxy"), extra=extra)
+    return SinkContext(
+        registry=CollectorRegistry(),
+        version="9.9.9",
+        mode="static",
+        logger=logging.getLogger("test.mongoproxy"),
+        extra=extra,
+    )
 
 
 @pytest.fixture
@@ -589,8 +659,14 @@ def test_option_dests_and_defaults():
     cfg = build()
     assert cfg.otlp_endpoint is None and cfg.otlp_protocol is None and cfg.service_name is None
     assert cfg.trace_sample_ratio == 0.0 and cfg.trace_console is False and cfg.trace_query is False
-    cfg = build(otlp_endpoint="http://c:4318", otlp_protocol="grpc", service_name="orders",
-                trace_sample_ratio="0.25", trace_console=True, trace_query=True)
+    cfg = build(
+        otlp_endpoint="http://c:4318",
+        otlp_protocol="grpc",
+        service_name="orders",
+        trace_sample_ratio="0.25",
+        trace_console=True,
+        trace_query=True,
+    )
     assert (cfg.otlp_endpoint, cfg.otlp_protocol, cfg.service_name) == ("http://c:4318", "grpc", "orders")
     assert (cfg.trace_sample_ratio, cfg.trace_console, cfg.trace_query) == (0.25, True, True)
     assert build(env={"MONGOPROXY_TRACE_SAMPLE_RATIO": "1"}).trace_sample_ratio == 1.0
@@ -604,8 +680,9 @@ def test_bad_sample_ratio_is_one_line_naming_the_fix(raw):
     assert "\n" not in msg and "--trace-sample-ratio" in msg and "from 0 to 1" in msg
 
 
-@pytest.mark.parametrize("raw", ["collector:4318", "ftp://c:21", "http://", "http://c:99999", "grpc://c:4317",
-                                 "http://c:port"])
+@pytest.mark.parametrize(
+    "raw", ["collector:4318", "ftp://c:21", "http://", "http://c:99999", "grpc://c:4317", "http://c:port"]
+)
 def test_bad_endpoint_is_one_line_naming_the_fix(raw):
     with pytest.raises(ConfigError) as err:
         build(otlp_endpoint=raw)
@@ -646,8 +723,12 @@ def test_endpoint_resolution():
 def test_protocol_resolution():
     assert tracing.resolve_protocol(None, {}) == "http/protobuf"
     assert tracing.resolve_protocol(None, {"OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"}) == "grpc"
-    assert tracing.resolve_protocol(None, {"OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
-                                           "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/protobuf"}) == "http/protobuf"
+    assert (
+        tracing.resolve_protocol(
+            None, {"OTEL_EXPORTER_OTLP_PROTOCOL": "grpc", "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/protobuf"}
+        )
+        == "http/protobuf"
+    )
     assert tracing.resolve_protocol("http/protobuf", {"OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"}) == "http/protobuf"
     with pytest.raises(ConfigError, match="^OTEL_EXPORTER_OTLP_PROTOCOL: "):
         tracing.resolve_protocol(None, {"OTEL_EXPORTER_OTLP_PROTOCOL": "carrier-pigeon"})
@@ -696,8 +777,10 @@ def test_create_service_name_precedence(created, monkeypatch):
     assert sink.resource.attributes["service.version"] == "9.9.9"
     sink = created(build(trace_console=True), ctx(console_out=out, environ={"OTEL_SERVICE_NAME": "from-env"}))
     assert sink.resource.attributes["service.name"] == "from-env"
-    sink = created(build(trace_console=True, service_name="from-flag"),
-                   ctx(console_out=out, environ={"OTEL_SERVICE_NAME": "from-env"}))
+    sink = created(
+        build(trace_console=True, service_name="from-flag"),
+        ctx(console_out=out, environ={"OTEL_SERVICE_NAME": "from-env"}),
+    )
     assert sink.resource.attributes["service.name"] == "from-flag"
     monkeypatch.setenv("OTEL_RESOURCE_ATTRIBUTES", "service.name=from-resource,deployment.environment=prod")
     sink = created(build(trace_console=True), ctx(console_out=out))
@@ -706,8 +789,9 @@ def test_create_service_name_precedence(created, monkeypatch):
 
 
 def test_create_honours_the_batch_processor_variables(created):
-    sink = created(build(trace_sample_ratio="1"), ctx(environ={"OTEL_BSP_MAX_QUEUE_SIZE": "40",
-                                                              "OTEL_BSP_SCHEDULE_DELAY": "50"}))
+    sink = created(
+        build(trace_sample_ratio="1"), ctx(environ={"OTEL_BSP_MAX_QUEUE_SIZE": "40", "OTEL_BSP_SCHEDULE_DELAY": "50"})
+    )
     assert sink._exports[0].max_queue_size == 40  # and the batch shrank to fit (the SDK refuses a bigger one)
     with pytest.raises(ConfigError, match="^OTEL_BSP_MAX_EXPORT_BATCH_SIZE 'lots' is not a whole number"):
         created(build(trace_sample_ratio="1"), ctx(environ={"OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "lots"}))
@@ -763,10 +847,10 @@ def test_dropped_is_an_int_for_the_metrics_sink(make):
 
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
+from opentelemetry.attributes import BoundedAttributes  # noqa: E402
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans as sdk_encode_spans  # noqa: E402
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest  # noqa: E402
 from opentelemetry.sdk.resources import Resource  # noqa: E402
-from opentelemetry.attributes import BoundedAttributes  # noqa: E402
 from opentelemetry.sdk.trace import Event, ReadableSpan  # noqa: E402
 from opentelemetry.sdk.util import BoundedList  # noqa: E402
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope  # noqa: E402
@@ -787,8 +871,15 @@ def assert_same_as_sdk(spans):
 
 def test_encoder_matches_the_sdk_on_the_sinks_own_spans(make):
     sink, exp = make(sample_ratio=1.0, trace_query=True)
-    sink.on_command(command(doc_traceparent=TP, doc_tracestate="rojo=1,congo=2", cursor_id=5, returned=101,
-                            query_shape='{"find": "users", "filter": {"x": "?"}}'))
+    sink.on_command(
+        command(
+            doc_traceparent=TP,
+            doc_tracestate="rojo=1,congo=2",
+            cursor_id=5,
+            returned=101,
+            query_shape='{"find": "users", "filter": {"x": "?"}}',
+        )
+    )
     sink.on_command(command("getMore", request_cursor=5, cursor_id=0, returned=3))
     sink.on_command(command("insert", ok=False, code=11000, code_name="DuplicateKey"))
     sink.on_command(command("ping", collection="", comment="uber-trace-id:1:2:0:1"))
@@ -799,10 +890,15 @@ def test_encoder_matches_the_sdk_on_the_sinks_own_spans(make):
 
 
 _values = st.one_of(
-    st.text(max_size=20), st.booleans(), st.integers(-2**63, 2**63 - 1), st.floats(allow_nan=False),
+    st.text(max_size=20),
+    st.booleans(),
+    st.integers(-(2**63), 2**63 - 1),
+    st.floats(allow_nan=False),
     st.binary(max_size=8),
-    st.lists(st.text(max_size=5), max_size=3), st.lists(st.integers(-2**63, 2**63 - 1), max_size=3),
-    st.lists(st.booleans(), max_size=3), st.lists(st.floats(allow_nan=False), max_size=3),
+    st.lists(st.text(max_size=5), max_size=3),
+    st.lists(st.integers(-(2**63), 2**63 - 1), max_size=3),
+    st.lists(st.booleans(), max_size=3),
+    st.lists(st.floats(allow_nan=False), max_size=3),
 )
 _attrs = st.dictionaries(st.text(min_size=1, max_size=12), _values, max_size=6)
 _ids = st.integers(1, 2**64 - 1)
@@ -811,32 +907,74 @@ _ids = st.integers(1, 2**64 - 1)
 @st.composite
 def sdk_spans(draw):
     resources = [Resource.create({"service.name": "a"}), Resource({"k": 1, "l": [1, 2]}, "https://schema/1")]
-    scopes = [InstrumentationScope("mongoproxy", "1.2"), InstrumentationScope("x", None, "https://s/2", {"a": "b"}),
-              None]
+    scopes = [
+        InstrumentationScope("mongoproxy", "1.2"),
+        InstrumentationScope("x", None, "https://s/2", {"a": "b"}),
+        None,
+    ]
     spans = []
     for _ in range(draw(st.integers(1, 4))):
-        state = TraceState(draw(st.lists(st.tuples(st.sampled_from(["rojo", "congo", "a@b"]),
-                                                   st.text("abc123", min_size=1, max_size=4)),
-                                         max_size=2, unique_by=lambda kv: kv[0])))
+        state = TraceState(
+            draw(
+                st.lists(
+                    st.tuples(st.sampled_from(["rojo", "congo", "a@b"]), st.text("abc123", min_size=1, max_size=4)),
+                    max_size=2,
+                    unique_by=lambda kv: kv[0],
+                )
+            )
+        )
         trace_id = draw(st.integers(1, 2**128 - 1))
         ctx = SpanContext(trace_id, draw(_ids), False, TraceFlags(1), state)
-        parent = draw(st.one_of(st.none(), st.builds(lambda s, r: SpanContext(trace_id, s, r, TraceFlags(1)), _ids,
-                                                     st.booleans())))
-        links = [Link(SpanContext(draw(st.integers(1, 2**128 - 1)), draw(_ids), draw(st.booleans()), TraceFlags(1)),
-                      draw(_attrs)) for _ in range(draw(st.integers(0, 2)))]
-        events = [Event(draw(st.text(max_size=8)), draw(_attrs), draw(st.integers(0, 2**63))) for _ in
-                  range(draw(st.integers(0, 2)))]
-        status = draw(st.sampled_from([Status(StatusCode.UNSET), Status(StatusCode.OK),
-                                       Status(StatusCode.ERROR, "DuplicateKey"), Status(StatusCode.ERROR)]))
+        parent = draw(
+            st.one_of(
+                st.none(),
+                st.builds(lambda s, r: SpanContext(trace_id, s, r, TraceFlags(1)), _ids, st.booleans()),  # noqa: B023 - called within this iteration
+            )
+        )
+        links = [
+            Link(
+                SpanContext(draw(st.integers(1, 2**128 - 1)), draw(_ids), draw(st.booleans()), TraceFlags(1)),
+                draw(_attrs),
+            )
+            for _ in range(draw(st.integers(0, 2)))
+        ]
+        events = [
+            Event(draw(st.text(max_size=8)), draw(_attrs), draw(st.integers(0, 2**63)))
+            for _ in range(draw(st.integers(0, 2)))
+        ]
+        status = draw(
+            st.sampled_from(
+                [
+                    Status(StatusCode.UNSET),
+                    Status(StatusCode.OK),
+                    Status(StatusCode.ERROR, "DuplicateKey"),
+                    Status(StatusCode.ERROR),
+                ]
+            )
+        )
         start = draw(st.integers(0, 2**63))
         attrs = draw(_attrs)
         if draw(st.booleans()):  # what the SDK's own spans hold, with limits that drop
             attrs = BoundedAttributes(maxlen=2, attributes=attrs, immutable=False)
             events = BoundedList.from_seq(1, events)
             links = BoundedList.from_seq(1, links)
-        spans.append(ReadableSpan(draw(st.text(max_size=20)), ctx, parent, draw(st.sampled_from(resources)),
-                                  attrs, events, links, draw(st.sampled_from(list(SpanKind))), None, status,
-                                  start, start + draw(st.integers(0, 10**12)), draw(st.sampled_from(scopes))))
+        spans.append(
+            ReadableSpan(
+                draw(st.text(max_size=20)),
+                ctx,
+                parent,
+                draw(st.sampled_from(resources)),
+                attrs,
+                events,
+                links,
+                draw(st.sampled_from(list(SpanKind))),
+                None,
+                status,
+                start,
+                start + draw(st.integers(0, 10**12)),
+                draw(st.sampled_from(scopes)),
+            )
+        )
     return spans
 
 

@@ -15,13 +15,14 @@ MAX = wire.DEFAULT_MAX_MESSAGE_BYTES
 class Recorder:
     def __init__(self, is_reply=False, **kw):
         self.messages, self.errors = [], []
-        self.scanner = wire.FrameScanner(is_reply, self.messages.append,
-                                         lambda r, d, f: self.errors.append((r, f)), **kw)
+        self.scanner = wire.FrameScanner(
+            is_reply, self.messages.append, lambda r, d, f: self.errors.append((r, f)), **kw
+        )
 
     def feed_chunks(self, data, sizes):
         pos, t = 0, 0
         for n in sizes:
-            self.scanner.feed(data[pos:pos + n], t)
+            self.scanner.feed(data[pos : pos + n], t)
             pos += n
             t += 1
         assert pos >= len(data)
@@ -39,22 +40,34 @@ class Recorder:
 
 def summary(m):
     r = m.result
-    return (m.request_id, m.response_to, m.op_code, m.wire_op_code, m.length, m.error,
-            r and (r.command, r.collection, r.database, r.documents, r.flags))
+    return (
+        m.request_id,
+        m.response_to,
+        m.op_code,
+        m.wire_op_code,
+        m.length,
+        m.error,
+        r and (r.command, r.collection, r.database, r.documents, r.flags),
+    )
 
 
 def mixed_stream():
-    return b"".join([
-        tw.encode_op_msg({"find": "users", "filter": {"_id": 1}, "$db": "app"}, request_id=1),
-        tw.encode_op_msg({"insert": "users", "$db": "app"}, sequences=[("documents", [{"_id": i} for i in range(5)])],
-                         request_id=2),
-        tw.encode_op_msg({"ping": 1, "$db": "admin"}, checksum=True, request_id=3),
-        tw.encode_op_query({"isMaster": 1, "client": {"application": {"name": "a"}}}, request_id=4),
-        tw.encode_op_insert("app.users", [{"a": 1}, {"b": 2}], request_id=5),
-        tw.encode_op_get_more("app.users", 42, request_id=6),
-        tw.encode_op_kill_cursors([42], request_id=7),
-        tw.encode_op_msg({"getMore": 42, "collection": "users", "$db": "app"}, request_id=8),
-    ])
+    return b"".join(
+        [
+            tw.encode_op_msg({"find": "users", "filter": {"_id": 1}, "$db": "app"}, request_id=1),
+            tw.encode_op_msg(
+                {"insert": "users", "$db": "app"},
+                sequences=[("documents", [{"_id": i} for i in range(5)])],
+                request_id=2,
+            ),
+            tw.encode_op_msg({"ping": 1, "$db": "admin"}, checksum=True, request_id=3),
+            tw.encode_op_query({"isMaster": 1, "client": {"application": {"name": "a"}}}, request_id=4),
+            tw.encode_op_insert("app.users", [{"a": 1}, {"b": 2}], request_id=5),
+            tw.encode_op_get_more("app.users", 42, request_id=6),
+            tw.encode_op_kill_cursors([42], request_id=7),
+            tw.encode_op_msg({"getMore": 42, "collection": "users", "$db": "app"}, request_id=8),
+        ]
+    )
 
 
 def test_every_split_point_gives_the_same_messages():
@@ -86,8 +99,10 @@ def test_timestamps_are_first_and_last_chunk():
     assert (m.first_ns, m.last_ns) == (0, 2)
 
 
-@pytest.mark.parametrize("length,reason", [(0, "bad_message_length"), (15, "bad_message_length"),
-                                           (-5, "bad_message_length"), (MAX + 1, "message_too_large")])
+@pytest.mark.parametrize(
+    "length,reason",
+    [(0, "bad_message_length"), (15, "bad_message_length"), (-5, "bad_message_length"), (MAX + 1, "message_too_large")],
+)
 def test_impossible_header_length_stops_observation(length, reason):
     bad = struct.pack("<iiii", length, 1, 0, 2013) + b"\x00" * 40
     good = tw.encode_op_msg({"ping": 1, "$db": "admin"}, request_id=2)
@@ -133,23 +148,30 @@ def test_empty_body_is_truncated():
 def compressed(inner: bytes, compressor: str, size_delta: int = 0, compressor_id=None) -> bytes:
     length, rid, rto, op = struct.unpack_from("<iiii", inner)
     body = inner[16:]
-    payload = struct.pack("<iiB", op, len(body) + size_delta,
-                          tw.COMPRESSOR_IDS[compressor] if compressor_id is None else compressor_id)
+    payload = struct.pack(
+        "<iiB", op, len(body) + size_delta, tw.COMPRESSOR_IDS[compressor] if compressor_id is None else compressor_id
+    )
     payload += tw.compress_bytes(body, compressor)
     return tw.encode_message(wire.OP_COMPRESSED, payload, rid, rto)
 
 
 @pytest.mark.parametrize("compressor", ["noop", "zlib", "zstd", "snappy"])
 def test_compressed_messages_are_observed_inside(compressor):
-    inner = tw.encode_op_msg({"insert": "logs", "$db": "app", "pad": "z" * 100_000},
-                             sequences=[("documents", [{"n": i, "s": "q" * 1000} for i in range(300)])],
-                             request_id=7)
+    inner = tw.encode_op_msg(
+        {"insert": "logs", "$db": "app", "pad": "z" * 100_000},
+        sequences=[("documents", [{"n": i, "s": "q" * 1000} for i in range(300)])],
+        request_id=7,
+    )
     data = compressed(inner, compressor)
     rec = Recorder().feed_random(data, random.Random(3), 5000)
     assert rec.errors == []
     (m,) = rec.messages
-    assert (m.op_code, m.wire_op_code, m.compressor, m.length) == (wire.OP_MSG, wire.OP_COMPRESSED,
-                                                                    tw.COMPRESSOR_IDS[compressor], len(data))
+    assert (m.op_code, m.wire_op_code, m.compressor, m.length) == (
+        wire.OP_MSG,
+        wire.OP_COMPRESSED,
+        tw.COMPRESSOR_IDS[compressor],
+        len(data),
+    )
     assert (m.result.command, m.result.collection, m.result.documents) == ("insert", "logs", 300)
 
 
@@ -181,7 +203,7 @@ def test_large_document_sequence_is_counted_while_streaming():
     rec = Recorder()
     view = memoryview(data)
     for pos in range(0, len(data), 65536):
-        rec.scanner.feed(view[pos:pos + 65536], 0)
+        rec.scanner.feed(view[pos : pos + 65536], 0)
     assert rec.errors == []
     assert rec.messages[0].result.documents == 1000
 
@@ -225,9 +247,11 @@ class _SliceRecorder:
 @pytest.mark.parametrize("compressor", ["zlib", "zstd"])
 def test_highly_compressed_body_is_inflated_slice_by_slice(compressor):
     """40 MB of zeros compress to a few KB: one wire chunk must not become 40 MB in memory at once."""
-    inner = tw.encode_op_msg({"insert": "zeros", "$db": "app"},
-                             sequences=[("documents", [{"_id": i, "z": b"\x00" * 10_000_000} for i in range(4)])],
-                             request_id=1)
+    inner = tw.encode_op_msg(
+        {"insert": "zeros", "$db": "app"},
+        sequences=[("documents", [{"_id": i, "z": b"\x00" * 10_000_000} for i in range(4)])],
+        request_id=1,
+    )
     data = compressed(inner, compressor)
     assert len(data) < 100_000 < 40_000_000 < len(inner)
     rec = Recorder()
