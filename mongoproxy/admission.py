@@ -55,11 +55,16 @@ def _pointer(path: str, key: Any) -> str:
     return f"{path}/{str(key).replace('~', '~0').replace('/', '~1')}"
 
 
+def _same(a: Any, b: Any) -> bool:
+    # As JSON: Python's True == 1 would hide a change of type.
+    return type(a) is type(b) and json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+
+
 def _insertions(old: list, new: list) -> list[int] | None:
     """Indexes in `new` of the items inserted into `old`, or None when `new` is not `old` plus insertions."""
     inserted, j = [], 0
     for i, item in enumerate(new):
-        if j < len(old) and old[j] == item:
+        if j < len(old) and _same(old[j], item):
             j += 1
         else:
             inserted.append(i)
@@ -68,12 +73,14 @@ def _insertions(old: list, new: list) -> list[int] | None:
 
 def json_patch(old: Any, new: Any, path: str = "") -> list[dict[str, Any]]:
     """RFC 6902 operations that turn `old` into `new`: keys added, removed or replaced; list items inserted."""
+    if _same(old, new):
+        return []
     if isinstance(old, dict) and isinstance(new, dict):
         ops: list[dict[str, Any]] = [{"op": "remove", "path": _pointer(path, k)} for k in old if k not in new]
         for k, v in new.items():
             if k not in old:
                 ops.append({"op": "add", "path": _pointer(path, k), "value": v})
-            elif old[k] != v:
+            else:
                 ops.extend(json_patch(old[k], v, _pointer(path, k)))
         return ops
     if isinstance(old, list) and isinstance(new, list):
