@@ -796,9 +796,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "with the mongoproxy sidecar added to every pod template (Deployment, StatefulSet, DaemonSet, "
         "ReplicaSet, Job, CronJob, Pod): an init container running 'mongoproxy init-iptables' and the "
         "proxy as a native sidecar (Kubernetes >= 1.29). Injecting twice gives the same output. Pods "
-        f'annotated {ANN_INJECT}: "false" are left alone; the annotations {ANN_MONGO_PORTS}, '
-        f"{ANN_PROXY_PORT}, {ANN_ADMIN_PORT}, {ANN_DRAIN_SECONDS} and {ANN_PROXY_ARGS} override the "
-        "flags per workload. Example: kubectl get deploy web -o yaml | mongoproxy inject - | kubectl apply -f -",
+        f'annotated {ANN_INJECT}: "false" are left alone; the annotations '
+        f"{', '.join(ANNOTATION_OVERRIDES)} override the flags per workload. Example: kubectl get deploy web -o yaml | mongoproxy inject - | kubectl apply -f -",
     )
     p.add_argument("files", nargs="*", metavar="FILE", help="YAML files to read; - (or none) reads stdin")
     p.add_argument(

@@ -453,3 +453,26 @@ def test_missing_certificate_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert "cannot load --tls-cert" in err and "nope.crt" in err
+
+
+def test_sighup_reloads_without_polling(certs, tmp_path):
+    """--reload-seconds 0 turns the poll off; SIGHUP (the shared reload contract) still rereads the defaults."""
+    import signal
+
+    config = tmp_path / "inject.toml"
+    config.write_text('image = "registry.example/mongoproxy:1.0"\n')
+    hook = WebhookProcess(certs, "--reload-seconds", "0", config=config).start()
+    pod = app_pod()
+
+    def image() -> str:
+        result = patched(pod, hook.review(admission_review(pod)))
+        return next(c["image"] for c in result["spec"]["initContainers"] if c["name"] == inject.SIDECAR_NAME)
+
+    try:
+        assert image() == "registry.example/mongoproxy:1.0"
+        config.write_text('image = "registry.example/mongoproxy:1.1"\n')
+        assert image() == "registry.example/mongoproxy:1.0"  # no poll: unchanged until told
+        hook.proc.send_signal(signal.SIGHUP)
+        _wait(lambda: image() == "registry.example/mongoproxy:1.1", "the reload on SIGHUP")
+    finally:
+        assert hook.stop() == 0
