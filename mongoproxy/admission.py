@@ -27,7 +27,7 @@ API_VERSION = "admission.k8s.io/v1"
 REQUEST_ERRORS = ("bad_request", "bad_annotation", "not_injectable", "internal")
 # Outcomes of mongoproxy_webhook_requests_total.
 OUTCOMES = ("injected", "already_injected", "opted_out", "skipped", "ignored", "error")
-MAX_WARNING_CHARS = 1024  # the API server shortens long warnings anyway; this keeps responses small
+MAX_WARNING_CHARS = 256  # the API server may cut longer warnings; cutting here keeps the start, which names the cause
 
 
 @dataclass

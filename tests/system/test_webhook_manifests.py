@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import inspect
 import json
+import re
 import subprocess
 import tomllib
 from pathlib import Path
@@ -25,6 +26,8 @@ WEBHOOK = ROOT / "deploy" / "webhook"
 CRDS = Path(__file__).resolve().parent / "crds"
 TARGETS = {"base": WEBHOOK / "base", **{p.name: p for p in sorted((WEBHOOK / "overlays").iterdir())}}
 NAMESPACE = "mongoproxy-system"
+
+pytestmark = pytest.mark.system
 
 MODELS = {
     "Namespace": "V1Namespace",
@@ -248,8 +251,10 @@ def test_configmap_defaults_equal_injects_defaults():
     from_configmap = inject.options_from_settings(settings, "ConfigMap mongoproxy-webhook-config")
     from_flags = inject.options_from_args(cli.build_parser().parse_args(["inject"]))
     assert from_configmap == from_flags == inject.InjectOptions()
-    # Every setting inject has that the ConfigMap can hold is written out (commented ones have no default).
-    assert set(settings) | {"metric_labels", "proxy_args", "legacy_sidecar"} == set(inject.SETTINGS)
+    # Every setting of inject is in the file, set or (when it has no value by default) as a comment.
+    text = config_map["data"]["inject.toml"]
+    for name in inject.SETTINGS:
+        assert re.search(rf"^(# )?{name} = ", text, re.M), f"inject.toml does not mention {name}"
 
 
 def test_monitoring_and_dashboard():
