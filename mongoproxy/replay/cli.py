@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from mongoproxy.errors import ConfigError, ReplayError
@@ -26,6 +27,19 @@ def _positive_float(flag: str):
             raise argparse.ArgumentTypeError(f"{value!r} is not a number (e.g. 2 or 0.5)") from None
         if not x > 0 or x == float("inf"):
             raise argparse.ArgumentTypeError(f"{flag} must be a positive number, got {value!r}")
+        return x
+
+    return parse
+
+
+def _non_negative_float(flag: str) -> Callable[[str], float]:
+    def parse(value: str) -> float:
+        try:
+            x = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{value!r} is not a number (e.g. 30 or 0.5)") from None
+        if not x >= 0 or x == float("inf"):
+            raise argparse.ArgumentTypeError(f"{flag} must be 0 (no timeout) or a positive number, got {value!r}")
         return x
 
     return parse
@@ -81,6 +95,12 @@ def add_parser(subparsers: Any) -> None:
         metavar="OPS",
         help="replay only these commands (find,insert); !name leaves one out (!count)",
     )
+    p.add_argument(
+        "--allow-destructive",
+        action="store_true",
+        help="also replay destructive admin commands (dropDatabase, dropUser, shutdown, replSetReconfig, ...), "
+        "which are not sent by default",
+    )
     p.add_argument("--report", metavar="PATH.json", help="write the report as JSON")
     p.add_argument(
         "--plot",
@@ -103,6 +123,13 @@ def add_parser(subparsers: Any) -> None:
         default=5,
         metavar="N",
         help="attempts to reach the target, with backoff, before giving up (default 5)",
+    )
+    p.add_argument(
+        "--socket-timeout",
+        type=_non_negative_float("--socket-timeout"),
+        default=60.0,
+        metavar="S",
+        help="seconds to wait for each reply before counting a NetworkTimeout error (default 60; 0: no timeout)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=main)
@@ -137,6 +164,7 @@ def main(args: argparse.Namespace) -> int:
         include_ns=_items(args.include_ns),
         exclude_ns=_items(args.exclude_ns),
         ops=_items(args.ops),
+        allow_destructive=args.allow_destructive,
     )
     for ns in filters.include_ns + filters.exclude_ns:
         if not ns.split(".", 1)[0]:
@@ -150,7 +178,7 @@ def main(args: argparse.Namespace) -> int:
         if args.report:
             _write_json(args.report, report)
         return 0
-    target = Target(args.target, args.connect_timeout, args.connect_retries)
+    target = Target(args.target, args.connect_timeout, args.connect_retries, args.socket_timeout)
     try:
         target.wait_ready(lambda msg: err.print(msg, style="yellow"))
         replayer = Replayer(workload, target, speed)

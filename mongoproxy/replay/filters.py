@@ -1,27 +1,102 @@
-"""Filters: which recorded operations to replay (--read-only, --include-ns/--exclude-ns, --ops)."""
+"""Filters: which recorded operations to replay (the destructive-command denylist, --read-only, --include-ns,
+--exclude-ns, --ops)."""
 
 from __future__ import annotations
 
 import dataclasses
 
 from mongoproxy.errors import ReplayError
-from mongoproxy.replay.model import SKIP_FILTERED, Op, Workload
+from mongoproxy.replay.model import SKIP_DESTRUCTIVE, SKIP_FILTERED, Op, Workload
 
 # --read-only keeps these (aggregate only without $out/$merge); killCursors writes nothing and frees what they opened.
 READ_ONLY_COMMANDS = frozenset({"find", "aggregate", "count", "distinct", "getmore", "killcursors"})
 
+# Not replayed unless --allow-destructive: commands that stop, reconfigure or wipe the target's server, replica
+# set, cluster, users and roles, or a whole database. Collection-level drop, dropIndexes and delete are
+# application workload and are replayed. This is replay's one copy of the list, until mongoproxy/protocol/
+# holds the command-classification table (then its destructive set replaces this one).
+DESTRUCTIVE_COMMANDS = frozenset(
+    {
+        # the server
+        "shutdown",
+        "fsync",
+        "fsyncunlock",
+        "setparameter",
+        "setclusterparameter",
+        "setfeaturecompatibilityversion",
+        "setdefaultrwconcern",
+        "logrotate",
+        "compact",
+        "applyops",
+        "repairdatabase",
+        "resync",
+        "killop",
+        "killsessions",
+        "killallsessions",
+        "killallsessionsbypattern",
+        "dropconnections",
+        "configurefailpoint",
+        "sleep",
+        "emptycapped",
+        # a whole database
+        "dropdatabase",
+        # users and roles (createUser/updateUser are not replayed anyway: their passwords are blanked)
+        "dropuser",
+        "dropallusersfromdatabase",
+        "droprole",
+        "dropallrolesfromdatabase",
+        "revokerolesfromuser",
+        "revokerolesfromrole",
+        "revokeprivilegesfromrole",
+        # the replica set
+        "replsetinitiate",
+        "replsetreconfig",
+        "replsetstepdown",
+        "replsetfreeze",
+        "replsetmaintenance",
+        "replsetsyncfrom",
+        "replsetresizeoplog",
+        "replsetabortprimarycatchup",
+        # the sharded cluster
+        "addshard",
+        "removeshard",
+        "addshardtozone",
+        "removeshardfromzone",
+        "updatezonekeyrange",
+        "moveprimary",
+        "movechunk",
+        "moverange",
+        "movecollection",
+        "unshardcollection",
+        "reshardcollection",
+        "commitreshardcollection",
+        "abortreshardcollection",
+        "refinecollectionshardkey",
+        "cleanuporphaned",
+        "clearjumboflag",
+        "balancerstart",
+        "balancerstop",
+        "transitiontodedicatedconfigserver",
+        "transitionfromdedicatedconfigserver",
+    }
+)
+
 
 @dataclasses.dataclass(frozen=True)
 class Filters:
-    """What to replay: --read-only, --include-ns/--exclude-ns, --ops."""
+    """What to replay: --allow-destructive, --read-only, --include-ns/--exclude-ns, --ops."""
 
     read_only: bool = False
     include_ns: tuple = ()
     exclude_ns: tuple = ()
     ops: tuple = ()
+    allow_destructive: bool = False
 
     def describe(self) -> str:
+        """The filters as flags."""
         parts = []
+        if self.allow_destructive:
+            parts.append("--allow-destructive")
         if self.read_only:
             parts.append("--read-only")
         if self.include_ns:
@@ -59,6 +134,9 @@ def _is_write_aggregate(op: Op) -> bool:
 
 def apply_filters(workload: Workload, filters: Filters) -> None:
     """Mark ops the filters leave out; ReplayError when they leave nothing of what could be replayed."""
+    denied = [] if filters.allow_destructive else [o for o in workload.replayable() if o.key in DESTRUCTIVE_COMMANDS]
+    for o in denied:
+        o.skip = SKIP_DESTRUCTIVE
     candidates = workload.replayable()
     include_ops = {o.lower() for o in filters.ops if not o.startswith("!")}
     exclude_ops = {o[1:].lower() for o in filters.ops if o.startswith("!")}
@@ -87,6 +165,13 @@ def apply_filters(workload: Workload, filters: Filters) -> None:
         raise ReplayError(
             f"the filters ({filters.describe()}) match none of the {len(candidates)} recorded "
             f"operations; they are {', '.join(ops[:12])} on {', '.join(nss[:12])}"
+        )
+    if not candidates and denied:
+        names = ", ".join(sorted({o.op for o in denied}))
+        raise ReplayError(
+            f"{', '.join(workload.files)}: nothing to replay: {len(denied)} destructive admin "
+            f"command{'s' if len(denied) > 1 else ''} ({names}) not sent without --allow-destructive, and "
+            "the rest is handshake, monitoring or auth traffic"
         )
     if not candidates:
         why = (

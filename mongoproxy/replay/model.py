@@ -14,6 +14,7 @@ SKIP_SESSIONS = "endSessions"
 SKIP_LEGACY = "legacy opcode"
 SKIP_UNPARSEABLE = "unparseable"
 SKIP_FILTERED = "filtered"
+SKIP_DESTRUCTIVE = "destructive"
 SKIP_CURSOR = "cursor not open on target"
 
 

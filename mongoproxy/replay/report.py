@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-from mongoproxy.replay.model import SKIP_CURSOR, Workload
+from mongoproxy.replay.model import SKIP_CURSOR, SKIP_DESTRUCTIVE, Workload
 from mongoproxy.replay.target import redact_uri
 
 if TYPE_CHECKING:
@@ -142,6 +143,7 @@ def build_report(
             "replayable_span_s": round(replayable_span, 3),
         },
         "skipped": workload.skipped(),
+        "not_sent_destructive": _count(o.op for o in ops if o.skip == SKIP_DESTRUCTIVE),
         "by_op": by_op,
         "new_errors": sorted(new_errors.values(), key=lambda e: -e["count"]),
         "gone_errors": sorted(gone_errors.values(), key=lambda e: -e["count"]),
@@ -168,6 +170,25 @@ def build_report(
             for o in replayed
         ]
     return report
+
+
+def _count(names: Iterable[str]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for n in names:
+        out[n] = out.get(n, 0) + 1
+    return dict(sorted(out.items()))
+
+
+def _skipped_text(report: dict) -> str:
+    """The "not replayed" line: each reason and its count; destructive commands by name, with the flag."""
+    parts = []
+    for k, v in sorted(report["skipped"].items()):
+        if k == SKIP_DESTRUCTIVE and report.get("not_sent_destructive"):
+            names = ", ".join(report["not_sent_destructive"])
+            parts.append(f"{k} {v} ({names}: --allow-destructive sends them)")
+        else:
+            parts.append(f"{k} {v}")
+    return "not replayed: " + ", ".join(parts)
 
 
 def _iso(ns: int) -> str | None:
@@ -220,7 +241,7 @@ def print_report(report: dict, console: Any) -> None:
         f"{rec['span_s']:.3f}s ({rec['ops_per_s'] or '-'} ops/s) from {len(report['files'])} file(s)"
     )
     if report["skipped"]:
-        console.print("not replayed: " + ", ".join(f"{k} {v}" for k, v in sorted(report["skipped"].items())))
+        console.print(_skipped_text(report))
     if dry:
         console.print(
             f"would replay {len(report['would_replay'])} operations"

@@ -18,13 +18,15 @@ from mongoproxy.errors import ConfigError, ReplayError
 class Target:
     """The server replayed against: one pinned MongoClient (maxPoolSize=1) per recorded connection in flight."""
 
-    def __init__(self, uri: str, connect_timeout: float = 5.0, retries: int = 5) -> None:
+    def __init__(self, uri: str, connect_timeout: float = 5.0, retries: int = 5, socket_timeout: float = 60.0) -> None:
         from pymongo.errors import ConfigurationError, InvalidURI
 
         self.uri = uri
         self.options: dict[str, Any] = {
             "serverSelectionTimeoutMS": int(connect_timeout * 1000),
             "connectTimeoutMS": int(connect_timeout * 1000),
+            # A command that gets no reply within it fails with NetworkTimeout instead of hanging replay.
+            "socketTimeoutMS": int(socket_timeout * 1000) if socket_timeout > 0 else None,
             "maxPoolSize": 1,
             "appname": "mongoproxy-replay",
             "retryReads": False,

@@ -1,16 +1,22 @@
-"""Replay's target against a scripted server that sees every command: pinned connections, lsid remapping."""
+"""Replay's target against a scripted server that sees every command: pinned connections, lsid remapping,
+the denylist of destructive admin commands and the socket timeout."""
 
 from __future__ import annotations
 
+import argparse
+import asyncio
+import json
 import uuid
 
 import bson
 from bson.binary import Binary
 
+from mongoproxy.replay import add_parser
 from mongoproxy.replay.extract import load
 from mongoproxy.replay.filters import Filters, apply_filters
 from mongoproxy.replay.runner import Replayer
 from mongoproxy.replay.target import Target
+from tests.support.proxy import run_proxy_cli
 from tests.support.scripted_server import MongoHandler
 from tests.unit.test_replay_reader import T0, Capture, op_msg, reply, write_pcap_exact
 
@@ -96,3 +102,74 @@ def test_each_recorded_connection_is_pinned_and_each_lsid_maps_to_one_fresh_sess
     assert [by_id[k][2] for k in ("a1", "a2", "b3", "b1", "b2")] == [1, 2, 3, 1, 2]
     # pymongo binds a session to one client: B's command on session X runs on the connection that owns X.
     assert by_id["b3"][0] == by_id["a1"][0]
+
+
+def admin(rid: int, name: str, db: str = "admin", **fields) -> bytes:
+    return op_msg(rid, 0, {name: 1, **fields, "$db": db})
+
+
+def destructive_recording(tmp_path) -> str:
+    """An insert among destructive admin commands, on one recorded connection."""
+    requests = [
+        admin(1, "dropDatabase", db="shop"),
+        op_msg(2, 0, {"dropUser": "ann", "$db": "shop"}),
+        admin(3, "replSetReconfig", config={"_id": "rs"}),
+        insert(4, "kept", None),
+        admin(5, "shutdown", force=True),
+    ]
+    c = recorded_connection(40000, [(10 + 10 * i, m) for i, m in enumerate(requests)])
+    return write_pcap_exact(tmp_path / "destructive.pcap", c.frames)
+
+
+def test_destructive_admin_commands_are_not_replayed_unless_allowed(tmp_path, scripted_server):
+    path = destructive_recording(tmp_path)
+    handler = Recorder()
+    server = scripted_server(handler)
+    done = run_proxy_cli(["replay", path, "--target", server.uri, "--max-speed", "--report", tmp_path / "r.json"])
+    assert done.returncode == 0, done.stderr
+    sent = {name for name, n in handler.seen.items() if n and name not in ("hello", "ismaster", "ping", "endsessions")}
+    assert sent == {"insert"}
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["skipped"]["destructive"] == 4
+    assert report["not_sent_destructive"] == {"dropDatabase": 1, "dropUser": 1, "replSetReconfig": 1, "shutdown": 1}
+    line = next(x for x in done.stdout.splitlines() if x.startswith("not replayed:"))
+    assert "destructive 4 (dropDatabase, dropUser, replSetReconfig, shutdown: --allow-destructive sends them)" in line
+
+    allowed = run_proxy_cli(["replay", path, "--target", server.uri, "--max-speed", "--allow-destructive"])
+    assert allowed.returncode == 0, allowed.stderr
+    assert {"dropdatabase", "dropuser", "replsetreconfig", "shutdown"} <= set(handler.seen)
+    assert "destructive" not in allowed.stdout
+
+
+def test_only_destructive_commands_is_nothing_to_replay_with_the_reason(tmp_path):
+    c = recorded_connection(40000, [(10, admin(1, "dropDatabase", db="shop"))])
+    path = write_pcap_exact(tmp_path / "drop.pcap", c.frames)
+    done = run_proxy_cli(["replay", path, "--dry-run"])
+    assert done.returncode == 2
+    assert "1 destructive admin command (dropDatabase) not sent without --allow-destructive" in done.stderr
+
+
+def test_a_reply_slower_than_the_socket_timeout_is_a_timeout_error(tmp_path, scripted_server):
+    async def slow(request, conn) -> dict:
+        await asyncio.sleep(5)
+        return {"n": 1, "ok": 1.0}
+
+    server = scripted_server(MongoHandler(commands={"insert": slow}))
+    c = recorded_connection(40000, [(10, insert(1, "slow", None))])
+    path = write_pcap_exact(tmp_path / "slow.pcap", c.frames)
+    args = ["replay", path, "--target", server.uri, "--max-speed", "--socket-timeout", "0.5", "--report"]
+    done = run_proxy_cli([*args, tmp_path / "r.json"])
+    assert done.returncode == 0, done.stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["replayed"]["errors"] == 1
+    assert [e["error"] for e in report["new_errors"]] == ["NetworkTimeout"]
+
+
+def test_the_socket_timeout_has_a_default_and_zero_means_none():
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers())
+    assert parser.parse_args(["replay", "f", "--target", "mongodb://h"]).socket_timeout == 60.0
+    assert Target("mongodb://h", socket_timeout=60.0).options["socketTimeoutMS"] == 60_000
+    assert Target("mongodb://h", socket_timeout=0).options["socketTimeoutMS"] is None
+    bad = run_proxy_cli(["replay", "f", "--target", "mongodb://h", "--socket-timeout", "-1"])
+    assert bad.returncode == 2 and "--socket-timeout" in bad.stderr
