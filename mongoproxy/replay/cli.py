@@ -19,7 +19,7 @@ from mongoproxy.replay.runner import Replayer
 from mongoproxy.replay.target import Target
 
 
-def _positive_float(flag: str):
+def _positive_float(flag: str) -> Callable[[str], float]:
     def parse(value: str) -> float:
         try:
             x = float(value)
@@ -46,7 +46,7 @@ def _non_negative_float(flag: str) -> Callable[[str], float]:
 
 
 def _items(values: list | None) -> tuple:
-    out = []
+    out: list[str] = []
     for v in values or ():
         out.extend(x.strip() for x in str(v).split(",") if x.strip())
     return tuple(out)

@@ -96,7 +96,7 @@ def load(paths: Iterable[str]) -> Workload:
     where = files[0] if len(files) == 1 else f"{len(files)} files ({', '.join(files)})"
     if not re.packets:
         raise ReplayError(f"{where}: no packets")
-    connections = []
+    connections: list[RecordedConnection] = []
     mongo_flows = 0
     for flow in re.flows:
         conn, is_mongo = _connection_from_flow(flow, warnings)
@@ -137,6 +137,7 @@ def _connection_from_flow(flow: Flow, warnings: list[str]) -> tuple[RecordedConn
                 "began after it opened and neither side looks like a MongoDB client); skipped"
             )
             return None, True
+    assert flow.server is not None  # flow.client is known, so the other endpoint is the server
     client, server = flow.halves[flow.client], flow.halves[flow.server]
     for half, side in ((client, "client"), (server, "server")):
         if half.gap:
@@ -267,7 +268,8 @@ def _reply_outcome(reply: WireMessage) -> Outcome | None:
         return None
 
 
-def bson_errors() -> type:
+def bson_errors() -> type[Exception]:
+    """bson's base error class (imported late: bson comes with pymongo, which replay imports only when used)."""
     from bson.errors import BSONError
 
     return BSONError

@@ -41,14 +41,14 @@ def write_plot(workload: Workload, path: str) -> None:
             ax.step([xs[0]] + xs, [0.0] + ys, style, where="post", label=f"{label} (n={len(xs)})")
         ax.set_xscale("log")
         ax.set_ylim(0, 1.02)
-        label = FuncFormatter(lambda v, _: f"{v:.3g}")
-        ax.xaxis.set_major_formatter(label)
+        ticks = FuncFormatter(lambda v, _: f"{v:.3g}")
+        ax.xaxis.set_major_formatter(ticks)
         if shown:
             ax.set_xlim(max(min(shown), 1e-6) / 1.5, max(shown) * 1.5)
         lo, hi = ax.get_xlim()
         if hi < lo * 30:  # within about a decade there are too few powers of ten to read: label 2x and 5x too
             ax.xaxis.set_minor_locator(LogLocator(base=10, subs=(2.0, 5.0)))
-            ax.xaxis.set_minor_formatter(label)
+            ax.xaxis.set_minor_formatter(ticks)
         else:
             ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_title(name)
