@@ -91,6 +91,10 @@ def json_patch(old: Any, new: Any, path: str = "") -> list[dict[str, Any]]:
     return [{"op": "replace", "path": path, "value": new}]
 
 
+def _mapping(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
 def _fail(review: Review, reason: str, message: str) -> Review:
     review.outcome, review.error = "error", reason
     review.patch = []
@@ -111,7 +115,7 @@ def review(body: bytes | str, opts: InjectOptions) -> Review:
     out.uid = str(request.get("uid") or "")
     if doc.get("apiVersion") != API_VERSION or doc.get("kind") != "AdmissionReview" or not out.uid:
         return _fail(out, "bad_request", f"the request is not an {API_VERSION} AdmissionReview with a uid")
-    kind = request.get("kind") if isinstance(request.get("kind"), dict) else {}
+    kind = _mapping(request.get("kind"))
     if (kind.get("group"), kind.get("kind"), request.get("operation")) != ("", "Pod", "CREATE") or request.get(
         "subResource"
     ):
@@ -119,10 +123,10 @@ def review(body: bytes | str, opts: InjectOptions) -> Review:
     pod = request.get("object")
     if not isinstance(pod, dict) or not isinstance(pod.get("spec"), dict):
         return _fail(out, "bad_request", "the request's object is not a Pod with a spec")
-    meta = pod.get("metadata") if isinstance(pod.get("metadata"), dict) else {}
+    meta = _mapping(pod.get("metadata"))
     namespace = request.get("namespace") or meta.get("namespace") or "?"
     where = f"Pod {namespace}/{meta.get('name') or meta.get('generateName') or '?'}"
-    annotations = meta.get("annotations") if isinstance(meta.get("annotations"), dict) else {}
+    annotations = _mapping(meta.get("annotations"))
     try:
         return _mutate(out, pod, annotations, opts, where)
     except AnnotationError as exc:
@@ -145,7 +149,7 @@ def _mutate(out: Review, pod: dict, annotations: dict, opts: InjectOptions, wher
     meta = mutated.setdefault("metadata", {})
     owners = meta.get("ownerReferences") if isinstance(meta.get("ownerReferences"), list) else []
     # A Job's pods get the Job's notes (a legacy sidecar never lets it complete).
-    kind = next((o.get("kind") for o in owners if isinstance(o, dict) and o.get("kind") in JOB_KINDS), "Pod")
+    kind = next((str(o["kind"]) for o in owners if isinstance(o, dict) and o.get("kind") in JOB_KINDS), "Pod")
     report = Report()
     injected = inject_pod(meta, mutated["spec"], opts, where, kind, report)
     out.warnings = [f"mongoproxy: {note}" for note in report.notes]

@@ -114,7 +114,7 @@ WEBHOOK_KEYS = {o.dest for o in OPTIONS}
 
 def _stamp(*paths: str) -> tuple:
     """What changes when a file is replaced (Kubernetes swaps a symlink; cert-manager rewrites the Secret)."""
-    out = []
+    out: list[tuple[int, int, int] | None] = []
     for p in paths:
         try:
             st = os.stat(p)
