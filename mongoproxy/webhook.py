@@ -150,6 +150,8 @@ class Watched:
 
 
 def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and not isinstance(exc, ssl.SSLError) and exc.strerror:
+        return exc.strerror.lower()
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
