@@ -21,5 +21,6 @@ filters, rewrite (cursor ids, lsids), target (pinned pymongo clients), runner (s
 """
 
 from mongoproxy.replay.cli import add_parser, main
+from mongoproxy.replay.extract import load  # capture files to a Workload: what other code (fuzzing, tools) reads
 
-__all__ = ["add_parser", "main"]
+__all__ = ["add_parser", "load", "main"]

@@ -31,6 +31,9 @@ class Target:
             "appname": "mongoproxy-replay",
             "retryReads": False,
             "retryWrites": False,
+            # One monitoring connection per client, not two: the streaming protocol's extra RTT connection
+            # would double the monitoring load of a recording with many concurrent connections.
+            "serverMonitoringMode": "poll",
         }
         self._lock = threading.Lock()
         self._idle: list[Any] = []
