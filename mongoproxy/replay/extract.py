@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import os
 import struct
-import uuid
-from collections.abc import Iterable, Iterator
-from typing import Any
+from collections.abc import Iterable
 
 from mongoproxy import redact
+from mongoproxy.commandspec import command_spec, query_document
 from mongoproxy.errors import DecodeError, ReplayError
 from mongoproxy.replay.model import (
     SKIP_AUTH,
@@ -29,7 +28,6 @@ from mongoproxy.replay.model import (
 )
 from mongoproxy.replay.reader import (
     HEADER,
-    I32,
     REQUEST_OPCODES,
     Flow,
     Reassembler,
@@ -224,7 +222,7 @@ def _op_from_message(
     coll = (r.collection or "") if command in COLLECTION_COMMANDS else ""
     if op_code == OP_QUERY and command in ("$query", "query"):  # a wrapped legacy command
         try:
-            inner = _query_document(data)[command]
+            inner = query_document(data)[command]
             command = next(iter(inner))
             first = inner[command]
             coll = first if isinstance(first, str) and command in COLLECTION_COMMANDS else ""
@@ -275,92 +273,20 @@ def bson_errors() -> type[Exception]:
     return BSONError
 
 
-def _query_document(data: bytes) -> Any:
-    """The query document of an OP_QUERY message, as a RawBSONDocument."""
-    from bson.raw_bson import RawBSONDocument
-
-    pos = data.index(b"\0", 20) + 1 + 8
-    n = I32.unpack_from(data, pos)[0]
-    return RawBSONDocument(bytes(data[pos : pos + n]))
-
-
-def _elements(doc: bytes) -> Iterator[tuple[str, int, int, int]]:
-    """(key, type, value start, value end) of each top-level element of a BSON document."""
-    end = I32.unpack_from(doc)[0]
-    i = 4
-    while i < end - 1:
-        t = doc[i]
-        k_end = doc.index(b"\0", i + 1)
-        key = doc[i + 1 : k_end].decode("utf-8", "replace")
-        stop = redact.value_end(doc, t, k_end + 1, end - 1)
-        yield key, t, k_end + 1, stop
-        i = stop
-
-
 def _prepare(op: Op, data: bytes, op_code: int) -> None:
     """Build op.spec (top-level dict, nested values as RawBSONDocument so their types survive) and the refs."""
-    from bson import Int64
-    from bson.raw_bson import RawBSONDocument
+    op.spec, op.lsid_key = command_spec(data, op_code)
+    _refs(op)
 
-    sequences: list[tuple[str, list]] = []
-    if op_code == OP_MSG:
-        flags = I32.unpack_from(data, 16)[0] & 0xFFFFFFFF
-        end = len(data) - (4 if flags & CHECKSUM_PRESENT else 0)
-        pos = 20
-        doc = None
-        while pos < end:
-            kind = data[pos]
-            pos += 1
-            if kind == 0:
-                n = I32.unpack_from(data, pos)[0]
-                doc = bytes(data[pos : pos + n])
-                pos += n
-            elif kind == 1:
-                size = I32.unpack_from(data, pos)[0]
-                stop = pos + size
-                name_end = data.index(b"\0", pos + 4)
-                ident = data[pos + 4 : name_end].decode()
-                docs = []
-                d = name_end + 1
-                while d < stop:
-                    n = I32.unpack_from(data, d)[0]
-                    docs.append(RawBSONDocument(bytes(data[d : d + n])))
-                    d += n
-                sequences.append((ident, docs))
-                pos = stop
-            else:
-                raise DecodeError("bad_section_kind", f"kind {kind}")
-        if doc is None:
-            raise DecodeError("truncated", "no kind-0 section")
-    else:  # OP_QUERY on db.$cmd
-        doc = _query_document(data).raw
-    raw = RawBSONDocument(doc)
-    if op_code == OP_QUERY and next(iter(raw), "") in ("$query", "query"):
-        inner = raw[next(iter(raw))]
-        doc = inner.raw
-        raw = inner
-    int64_keys = {k for k, t, _, _ in _elements(doc) if t == 0x12}
-    spec: dict[str, Any] = {}
-    for k, v in raw.items():
-        if k in DROPPED_FIELDS:
-            if k == "lsid" and isinstance(v, RawBSONDocument) and "id" in v:
-                lid = v["id"]
-                op.lsid_key = bytes(lid.bytes if isinstance(lid, uuid.UUID) else lid)
-            continue
-        if k in int64_keys and isinstance(v, int):
-            v = Int64(v)
-        spec[k] = v
-    for ident, docs in sequences:
-        spec[ident] = docs
-    rc = spec.get("readConcern")
-    if isinstance(rc, RawBSONDocument) and ("afterClusterTime" in rc or "atClusterTime" in rc):
-        spec["readConcern"] = {k: v for k, v in rc.items() if k not in ("afterClusterTime", "atClusterTime")}
+
+def _refs(op: Op) -> None:
+    """The recorded cursor ids a getMore continues or a killCursors closes."""
+    spec = op.spec or {}
     key = op.key
     if key == "getmore":
         op.cursor_ref = int(spec["getMore"])
     elif key == "killcursors":
         op.kill_ids = tuple(int(x) for x in spec.get("cursors", ()))
-    op.spec = spec
 
 
 def _link_cursors(ops: list) -> None:

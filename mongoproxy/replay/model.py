@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-from typing import Any
+
+from mongoproxy.compare import Outcome
 
 # Why an operation is not replayed (report keys).
 SKIP_HANDSHAKE = "handshake"
@@ -16,54 +17,6 @@ SKIP_UNPARSEABLE = "unparseable"
 SKIP_FILTERED = "filtered"
 SKIP_DESTRUCTIVE = "destructive"
 SKIP_CURSOR = "cursor not open on target"
-
-
-@dataclasses.dataclass(slots=True)
-class Outcome:
-    """What a reply said: success, error, and the counts that are compared."""
-
-    ok: bool | None = None
-    code: int | None = None
-    code_name: str = ""
-    errmsg: str = ""
-    returned: int | None = None
-    cursor_id: int | None = None
-    n: int | None = None
-    write_errors: int = 0
-    write_concern_error: bool = False
-    exception: str = ""  # a client-side failure (network, timeout) instead of a reply
-
-    @property
-    def failed(self) -> bool:
-        return self.ok is False or self.write_errors > 0 or self.write_concern_error or bool(self.exception)
-
-    @property
-    def error_name(self) -> str:
-        if self.exception:
-            return self.exception
-        if self.ok is False:
-            return self.code_name or (f"code {self.code}" if self.code is not None else "error")
-        return self.code_name or (f"code {self.code}" if self.code is not None else "write error")
-
-    @classmethod
-    def from_scan(cls, r: Any) -> Outcome:
-        ok = None if r.ok is None else r.ok == 1.0
-        code, name = r.code, r.code_name or ""
-        if ok is not False and r.write_errors:
-            code, name = r.write_error_code, r.write_error_code_name or ""
-        elif ok is not False and r.write_concern_error_code is not None:
-            code, name = r.write_concern_error_code, r.write_concern_error_code_name or ""
-        return cls(
-            ok=ok,
-            code=code,
-            code_name=name,
-            errmsg=r.errmsg or "",
-            returned=r.returned,
-            cursor_id=r.cursor_id,
-            n=r.n,
-            write_errors=r.write_errors or 0,
-            write_concern_error=r.write_concern_error_code is not None,
-        )
 
 
 @dataclasses.dataclass(eq=False)
