@@ -17,6 +17,7 @@ SKIP_UNPARSEABLE = "unparseable"
 SKIP_FILTERED = "filtered"
 SKIP_DESTRUCTIVE = "destructive"
 SKIP_CURSOR = "cursor not open on target"
+SKIP_GLE = "getLastError (the converted write is acknowledged itself)"
 
 
 @dataclasses.dataclass(eq=False)
@@ -39,6 +40,8 @@ class Op:
     recorded: Outcome | None = None
     recorded_ns: int | None = None  # request first byte to reply last byte
     unacknowledged: bool = False
+    conversion: str = ""  # how a legacy request became a command ("OP_INSERT -> insert"), "" for none
+    recorded_docs: list | None = None  # the recorded reply's documents (replay --verify documents)
     # Filled by replay.
     replayed: Outcome | None = None
     replayed_ns: int | None = None
@@ -70,6 +73,24 @@ class RecordedConnection:
 
 
 @dataclasses.dataclass
+class Stream:
+    """What reading the capture found besides the operations: counts, warnings, conversions (filled as it goes)."""
+
+    files: list
+    warnings: list = dataclasses.field(default_factory=list)
+    packets: int = 0
+    tcp_packets: int = 0
+    flows: int = 0
+    mongo_flows: int = 0
+    connections: int = 0
+    operations: int = 0
+    start_ns: int = 0
+    end_ns: int = 0
+    conversions: dict = dataclasses.field(default_factory=dict)  # conversion name -> count
+    finished: bool = False
+
+
+@dataclasses.dataclass
 class Workload:
     """Everything read from the capture files, with skip reasons and warnings."""
 
@@ -82,6 +103,7 @@ class Workload:
     mongo_flows: int = 0
     start_ns: int = 0
     end_ns: int = 0
+    conversions: dict = dataclasses.field(default_factory=dict)
 
     def replayable(self) -> list:
         return [o for o in self.ops if not o.skip]
