@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import threading
 
 from mongoproxy.compare import Outcome
 
@@ -47,7 +46,7 @@ class Op:
     replayed_ns: int | None = None
     lag_ns: int = 0
     offset_ns: int = 0  # scheduled time relative to the start
-    done: threading.Event | None = None  # set once replayed, for getMores on other connections
+    done: list | None = None  # per copy, a threading.Event set once replayed (for getMores on other connections)
 
     @property
     def ns(self) -> str:
