@@ -86,8 +86,16 @@ def convert(data: bytes, op_code: int) -> tuple[str, str, str, dict, bytes | Non
 
     if op_code == OP_COMMAND:
         db, pos = _cstring(data, 16)
-        _name, pos = _cstring(data, pos)
+        name, pos = _cstring(data, pos)
         args, pos = _doc(data, pos)
+        if pos < len(data):
+            # commandArgs then metadata, as servers read it; a writer that put metadata first is read too.
+            other = _doc(data, pos)[0]
+            if (
+                next(iter(_raw(args)), "").lower() != name.lower()
+                and next(iter(_raw(other)), "").lower() == name.lower()
+            ):
+                args = other
         spec, lsid = spec_from_document(args)
         command = next(iter(spec), "")
         first = spec.get(command)
