@@ -175,3 +175,26 @@ def describe(kind: str, a: Outcome, b: Outcome) -> str:
             return f"returned {a.returned} vs {b.returned}"
         return f"n {a.n} vs {b.n}"
     return "same number of documents, different contents"
+
+
+def id_difference(a_docs: Iterable[Any] | None, b_docs: Iterable[Any] | None, limit: int = 5) -> str:
+    """Which `_id`s one side returned and the other did not ("" when unknown or none); for local reports only."""
+    if a_docs is None or b_docs is None:
+        return ""
+
+    def ids(docs: Iterable[Any]) -> dict:
+        out = {}
+        for d in docs:
+            if isinstance(d, Mapping) and "_id" in d:
+                out[repr(d["_id"])] = d["_id"]
+        return out
+
+    a, b = ids(a_docs), ids(b_docs)
+    missing = [k for k in a if k not in b][:limit]
+    extra = [k for k in b if k not in a][:limit]
+    parts = []
+    if missing:
+        parts.append("missing _id " + ", ".join(missing))
+    if extra:
+        parts.append("extra _id " + ", ".join(extra))
+    return "; ".join(parts)

@@ -8,7 +8,6 @@ import random
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from mongoproxy import compare
 from mongoproxy.compare import Outcome
 from mongoproxy.replay.model import SKIP_CURSOR, SKIP_DESTRUCTIVE, Op, Stream, Workload
 from mongoproxy.replay.target import redact_uri
@@ -135,7 +134,7 @@ class Tally:
         outcome: Outcome | None,
         elapsed: int | None,
         skip: str = "",
-        kinds: Iterable[str] = (),
+        kinds: Iterable[tuple[str, str]] = (),
     ) -> None:
         """One copy of one op was replayed (or, skip, not sent after all)."""
         rec = op.recorded
@@ -169,8 +168,8 @@ class Tally:
                 a, b = getattr(rec, field), getattr(outcome, field)
                 if a is not None and b is not None and a != b:
                     self._difference(op, field, a, b)
-        for kind in kinds:
-            self._divergence(op, kind, rec, outcome)
+        for kind, example in kinds:
+            self._divergence(op, kind, example)
 
     def _error(self, table: dict, op: Op, o: Outcome) -> None:
         k = (op.op, op.ns, o.error_name)
@@ -202,7 +201,7 @@ class Tally:
                 d["note"] = note
             self.differences.append(d)
 
-    def _divergence(self, op: Op, kind: str, a: Outcome | None, b: Outcome) -> None:
+    def _divergence(self, op: Op, kind: str, example: str) -> None:
         self.divergences_total += 1
         shape = command_shape(op.spec)
         key = (op.op, op.ns, shape, kind)
@@ -212,7 +211,6 @@ class Tally:
                 key = ("other", "", "", kind)
                 row = self.divergences.get(key)
             if row is None:
-                example = compare.describe(kind, a, b) if a is not None else kind
                 row = self.divergences[key] = {
                     "op": key[0],
                     "ns": key[1],

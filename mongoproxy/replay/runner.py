@@ -206,12 +206,15 @@ class Replayer:
             elapsed = int((time.perf_counter() - start) * NS_PER_S)
             outcome = compare.Outcome(exception=type(exc).__name__, errmsg=str(exc))
         cursors.update(op, outcome)
-        kinds: list[str] = []
+        kinds: list[tuple[str, str]] = []
         if self.verify and op.recorded is not None:
             b_docs = None
             if self.verify == "documents" and reply is not None and op.recorded_docs is not None:
                 b_docs = compare.reply_documents(reply)
-            kinds = compare.compare(op.recorded, outcome, op.recorded_docs, b_docs, _ordered(op))
+            for kind in compare.compare(op.recorded, outcome, op.recorded_docs, b_docs, _ordered(op)):
+                example = compare.describe(kind, op.recorded, outcome)
+                ids = compare.id_difference(op.recorded_docs, b_docs)
+                kinds.append((kind, f"{example}; {ids}" if ids else example))
         self._finish(op, copy, outcome, elapsed, lag, kinds=kinds)
 
     def _finish(
@@ -222,7 +225,7 @@ class Replayer:
         elapsed: int | None,
         lag: int,
         skip: str = "",
-        kinds: list[str] | None = None,
+        kinds: list[tuple[str, str]] | None = None,
     ) -> None:
         with self._lock:
             self.done_ops += 1
