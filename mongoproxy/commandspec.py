@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import struct
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from mongoproxy import redact
@@ -83,7 +83,7 @@ def message_body(data: bytes, op_code: int) -> tuple[bytes, list[tuple[str, list
     return doc, sequences
 
 
-def spec_from_document(doc: bytes, sequences: list[tuple[str, list]] = ()) -> tuple[dict[str, Any], bytes | None]:
+def spec_from_document(doc: bytes, sequences: Sequence[tuple[str, list]] = ()) -> tuple[dict[str, Any], bytes | None]:
     """(the command as a dict ready for pymongo, the recorded lsid's id bytes or None) of a command document."""
     from bson import Int64
     from bson.raw_bson import RawBSONDocument

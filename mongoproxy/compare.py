@@ -90,10 +90,7 @@ def is_ordered(command: str, spec: Mapping[str, Any] | None) -> bool:
         return False
     if key == "find":
         sort = spec.get("sort")
-        try:
-            return bool(sort) and len(sort) > 0
-        except TypeError:
-            return False
+        return isinstance(sort, Mapping) and len(sort) > 0
     if key == "aggregate":
         for stage in spec.get("pipeline") or ():
             try:

@@ -239,8 +239,8 @@ class Tally:
                 }
             )
         span = (st.end_ns - st.start_ns) / 1e9
-        replayable_span = (self.last_ns - self.first_ns) / 1e9 if self.first_ns is not None else 0.0
-        assert self.last_ns is not None or self.first_ns is None
+        first, last = self.first_ns, self.last_ns
+        replayable_span = (last - first) / 1e9 if first is not None and last is not None else 0.0
         speed = self.speed
         report: dict[str, Any] = {
             "files": st.files,
