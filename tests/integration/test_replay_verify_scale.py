@@ -72,6 +72,8 @@ def test_verify_names_the_missing_document_and_gates_on_max_divergences(read_rec
         args = (read_recording, "--target", missing.uri, "--max-speed", "--verify", "documents")
         gated = replay(*args, "--report", report_path)
         allowed = replay(*args, "--max-divergences", "1000")
+    (ARTIFACTS.parent / "replay-verify").mkdir(parents=True, exist_ok=True)
+    (ARTIFACTS.parent / "replay-verify" / "missing-document.txt").write_text(gated.stdout)
     print(gated.stdout)
     assert gated.returncode == 1, gated.stdout + gated.stderr
     assert "more than --max-divergences 0" in gated.stderr
