@@ -31,12 +31,16 @@ from mongoproxy.namespaces import NamespaceFilter, ns_list_parser
 HEADER = struct.Struct("<iiii")
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # larger requests (bulk writes) are not mirrored: counted as too_large
 PENDING_PER_CONNECTION = 64  # requests kept per connection awaiting their reply (pipelined, moreToCome)
-MAX_CURSORS = 100_000  # primary cursor ids remapped at once; past it, new cursors are not followed
+MAX_CURSORS = 100_000  # primary -> shadow cursor ids remapped at once; past it the oldest is forgotten
+CURSORS_PER_CONNECTION = 1000  # mirrored cursors followed per client connection; past it the oldest is forgotten
 MAX_COLLECTIONS = 500  # distinct collection label values; later ones become _other
 IN_FLIGHT = 32  # copies sent to the shadow at once (the queue fills behind them)
 POLL_SECONDS = 0.005
 READ_OPS = ("find", "aggregate", "count", "distinct", "getMore")
 WRITE_OPS = ("insert", "update", "delete", "findAndModify")
+WRITE_KEYS = frozenset(o.lower() for o in WRITE_OPS)
+# The shadow's timeouts unless its URI sets them: a copy never waits long for an unreachable or stuck shadow.
+SHADOW_TIMEOUTS_MS = {"serverSelectionTimeoutMS": 5000, "connectTimeoutMS": 5000, "socketTimeoutMS": 30000}
 # Stripped from every mirrored command: the shadow has its own sessions and clock.
 SESSION_FIELDS = frozenset(
     {"lsid", "txnNumber", "autocommit", "startTransaction", "$clusterTime", "$readPreference", "$db"}
@@ -191,7 +195,7 @@ class _Framer:
 class _ConnState:
     """What the loop keeps per client connection: the framers, requests awaiting replies, copies awaiting bytes."""
 
-    __slots__ = ("requests", "replies", "pending", "awaiting")
+    __slots__ = ("requests", "replies", "pending", "awaiting", "cursors")
 
     def __init__(self) -> None:
         self.requests = _Framer()
@@ -199,6 +203,7 @@ class _ConnState:
         self.pending: collections.OrderedDict[int, bytes] = collections.OrderedDict()
         # request id -> the copy, until the reply's last byte passes on_data (its event comes just before).
         self.awaiting: collections.OrderedDict[int, tuple] = collections.OrderedDict()
+        self.cursors: collections.OrderedDict[int, None] = collections.OrderedDict()  # mirrored primary cursor ids
 
 
 class MirrorSink:
@@ -228,11 +233,11 @@ class MirrorSink:
         self.documents = documents
         self.queue: queue.Queue = queue.Queue(queue_size)
         self.conns: dict[int, _ConnState] = {}
-        self.cursors: set[tuple[int, int]] = set()  # (connection id, primary cursor id) being mirrored
         self._collections: set[str] = set()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.shadow_cursors: dict[int, tuple[int, bool]] = {}  # primary cursor id -> (shadow id, ordered)
+        # primary cursor id -> (shadow cursor id, ordered); only the shadow thread touches it.
+        self.shadow_cursors: collections.OrderedDict[int, tuple[int, bool]] = collections.OrderedDict()
         self._log_budget = 10.0  # divergence log lines: 10 a minute, bursts of 10
         self._log_at = time.monotonic()
         self.suppressed_logs = 0
@@ -311,8 +316,6 @@ class MirrorSink:
 
     def on_connection_close(self, conn: Any) -> None:
         self.conns.pop(conn.id, None)
-        if self.cursors:
-            self.cursors = {c for c in self.cursors if c[0] != conn.id}
 
     def on_command(self, event: Any) -> None:
         conn = event.connection
@@ -322,10 +325,10 @@ class MirrorSink:
         if key not in self.ops or event.exhaust or event.reply is None:
             return
         if key == "getmore":
-            if (conn.id, event.request.cursor_id) not in self.cursors:
+            if st is None or event.request.cursor_id not in st.cursors:
                 return
             if not event.cursor_id:
-                self.cursors.discard((conn.id, event.request.cursor_id))
+                del st.cursors[event.request.cursor_id]
         else:
             if self.ns and not self.ns(event.database, event.collection):
                 return
@@ -335,8 +338,10 @@ class MirrorSink:
             self.dropped.labels("too_large").inc()
             return
         primary = compare.Outcome.from_scan(event.reply)
-        if key in ("find", "aggregate") and event.cursor_id and len(self.cursors) < MAX_CURSORS:
-            self.cursors.add((conn.id, event.cursor_id))
+        if key in ("find", "aggregate") and event.cursor_id and st is not None:
+            st.cursors[event.cursor_id] = None
+            if len(st.cursors) > CURSORS_PER_CONNECTION:
+                st.cursors.popitem(last=False)
         item = (conn.id, event.op, event.database, event.collection, request, primary, event.duration_ns)
         if self.documents and st is not None:
             st.awaiting[event.request_id] = item
@@ -370,8 +375,17 @@ class MirrorSink:
         from pymongo import AsyncMongoClient
 
         self.codec = CodecOptions(document_class=RawBSONDocument)
+        from pymongo.uri_parser import parse_uri
+
+        given = {k.lower() for k in parse_uri(self.uri)["options"]}
+        timeouts: dict[str, Any] = {k: v for k, v in SHADOW_TIMEOUTS_MS.items() if k.lower() not in given}
         client: Any = AsyncMongoClient(
-            self.uri, appname="mongoproxy-mirror", retryReads=False, retryWrites=False, maxPoolSize=IN_FLIGHT
+            self.uri,
+            appname="mongoproxy-mirror",
+            retryReads=False,
+            retryWrites=False,
+            maxPoolSize=IN_FLIGHT,
+            **timeouts,
         )
         chains: dict[int, asyncio.Task] = {}
         slots = asyncio.Semaphore(IN_FLIGHT)
@@ -461,8 +475,10 @@ class MirrorSink:
             shadow = compare.Outcome.from_scan(_bson_parser.scan_body(2013, True, b"\0\0\0\0\0" + reply.raw))
         self.latency.labels("primary", op, label).observe(primary_ns / 1e9)
         self.latency.labels("shadow", op, label).observe(elapsed)
-        if primary.cursor_id and key in ("find", "aggregate") and len(self.shadow_cursors) < MAX_CURSORS:
+        if primary.cursor_id and key in ("find", "aggregate"):
             self.shadow_cursors[primary.cursor_id] = (shadow.cursor_id or 0, ordered)
+            if len(self.shadow_cursors) > MAX_CURSORS:  # cursors a client never exhausted nor killed
+                self.shadow_cursors.popitem(last=False)
         elif key == "getmore":
             if primary.cursor_id:
                 self.shadow_cursors[ref] = (shadow.cursor_id or 0, ordered)
@@ -595,6 +611,13 @@ def create(config: Any, ctx: Any) -> MirrorSink | None:
         parse_uri(uri)
     except Exception as exc:  # noqa: BLE001 - any reason the URI is unusable is the user's to fix
         raise ConfigError(f"--mirror {_redact_uri(uri)} is not a usable MongoDB URI: {exc}") from None
+    ops = getattr(config, "mirror_ops", None) or ()
+    writes = sorted({o for o in ops if o.lower() in WRITE_KEYS})
+    if writes and not getattr(config, "mirror_writes", False):
+        raise ConfigError(
+            f"--mirror-ops {','.join(writes)}: writes are mirrored only with --mirror-writes (they change the "
+            "shadow's data)"
+        )
     sink = MirrorSink(
         uri,
         ctx.registry,

@@ -177,3 +177,9 @@ def test_mirror_options_are_checked(tmp_path):
     done = run_proxy_cli(["run", "--proxy", "1:127.0.0.1:2", "--mirror", "mongodb://x", "--mirror-ratio", "2"])
     assert done.returncode == 2 and "--mirror-ratio must be from 0 to 1" in done.stderr
     assert "Traceback" not in done.stderr
+    args = ["run", "--proxy", "1:127.0.0.1:2", "--mirror", "mongodb://u:pw@x", "--mirror-ops", "find,insert"]
+    done = run_proxy_cli(args)
+    assert done.returncode == 2 and "--mirror-ops insert: writes are mirrored only with --mirror-writes" in done.stderr
+    done = run_proxy_cli(["run", "--proxy", "1:127.0.0.1:2", "--mirror", "http://u:pw@x"])
+    assert done.returncode == 2 and "--mirror http://u:***@x is not a usable MongoDB URI" in done.stderr
+    assert "pw" not in done.stderr
