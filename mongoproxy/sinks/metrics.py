@@ -234,6 +234,7 @@ class MetricsSink:
         labels: Iterable[str] = DEFAULT_LABELS,
         max_label_values: int = 1000,
         latency_buckets: Iterable[float] = DEFAULT_LATENCY_BUCKETS,
+        upstream_tls: str = "off",
     ) -> None:
         self.labels = tuple(labels)
         if not self.labels or any(n not in LABEL_SOURCES for n in self.labels):
@@ -260,8 +261,13 @@ class MetricsSink:
             registry=r,
         )
         self._capper = _LabelCap(max_label_values, self._overflow)
-        info = Gauge("mongoproxy_info", "Always 1; the proxy's version and mode.", ["version", "mode"], registry=r)
-        info.labels(version, mode).set(1)
+        info = Gauge(
+            "mongoproxy_info",
+            "Always 1; the proxy's version, mode and upstream TLS (off, verify, or insecure: not verified).",
+            ["version", "mode", "upstream_tls"],
+            registry=r,
+        )
+        info.labels(version, mode, upstream_tls).set(1)
         self._established = Counter(
             "mongoproxy_client_connections_established",
             "Client connections accepted and paired with an upstream.",
@@ -584,7 +590,14 @@ def create(config: Any, ctx: Any) -> MetricsSink:
         labels=getattr(config, "metric_labels", DEFAULT_LABELS),
         max_label_values=getattr(config, "max_label_values", 1000),
         latency_buckets=getattr(config, "latency_buckets", DEFAULT_LATENCY_BUCKETS),
+        upstream_tls=_upstream_tls_label(config),
     )
+
+
+def _upstream_tls_label(config: Any) -> str:
+    if not config.get("upstream_tls"):
+        return "off"
+    return "insecure" if config.get("upstream_tls_insecure") else "verify"
 
 
 def find(sinks: Iterable[Any]) -> MetricsSink | None:
