@@ -403,3 +403,107 @@ def test_passthrough_on_a_plaintext_listener(pki, tls_db, loop_kind):
         n = reg.get_sample_value("mongoproxy_tls_passthrough_connections_total", {"reason": "no_certificate"})
         assert n >= 2  # pymongo's monitor and its pool connection
         assert proxy.sink.decode_errors == [] and proxy.sink.commands == []
+
+
+SIZES = (1, 100, 16 * 1024 + 1, 1024 * 1024, 20 * 1000 * 1000)
+
+
+@pytest.mark.parametrize("loop_kind", LOOPS)
+def test_byte_exact_through_termination_and_origination(pki, loop_kind):
+    """The SHA-256 of the plaintext streams is equal at both ends, each way, for 1 B to 20 MB messages."""
+    import asyncio
+    import hashlib
+
+    from tests.support.inprocess import running_proxy
+    from tests.support.loops import run_async
+
+    async def main():
+        got = hashlib.sha256()
+
+        async def echo(reader, writer):
+            while data := await reader.read(1 << 16):
+                got.update(data)
+                writer.write(data)
+                await writer.drain()
+            writer.close()
+
+        server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        server_ctx.load_cert_chain(pki.server_cert, pki.server_key)
+        server = await asyncio.start_server(echo, "127.0.0.1", 0, ssl=server_ctx)
+        port = server.sockets[0].getsockname()[1]
+        flags = dict(tls_cert=[pki.server_cert], tls_key=[pki.server_key], upstream_tls="true", upstream_tls_ca=pki.ca)
+        async with running_proxy(port, upstream_host="localhost", **flags) as proxy:
+            reader, writer = await asyncio.open_connection(
+                "127.0.0.1", proxy.ports[0], ssl=client_ctx(pki.ca), server_hostname="localhost"
+            )
+            sent, back = hashlib.sha256(), hashlib.sha256()
+            for size in SIZES:
+                payload = os.urandom(size)
+                sent.update(payload)
+                writer.write(payload)
+                back.update(await reader.readexactly(size))
+            writer.close()
+            conn = next(iter(proxy.connections)).conn
+            assert conn.client_tls and conn.upstream_tls
+            assert conn.bytes_from_client == conn.bytes_from_server == sum(SIZES)
+        server.close()
+        return sent.hexdigest(), got.hexdigest(), back.hexdigest()
+
+    sent, at_server, at_client = run_async(main, loop_kind, timeout=120)
+    assert sent == at_server == at_client
+
+
+def test_recording_on_a_tls_connection_is_decrypted_and_marked(pki, tls_db, tmp_path):
+    dpkt = pytest.importorskip("dpkt")
+    path = tmp_path / "rec"
+    args = [
+        "--tls-cert",
+        pki.server_cert,
+        "--tls-key",
+        pki.server_key,
+        "--upstream-tls",
+        "--upstream-tls-ca",
+        pki.ca,
+        "--record",
+        str(path),
+    ]
+    with run_proxy_process(args, upstream=("localhost", tls_db.port)) as p:
+        reply, _ = tls_ping(p.port, client_ctx(pki.ca))
+        assert reply["ok"] == 1
+    (file,) = path.glob("*.pcapng")
+    raw = file.read_bytes()
+    assert b"TLS on the client and server side, recorded decrypted" in raw
+    assert b"ping" in raw and b"$db" in raw  # the decrypted OP_MSG, not TLS records
+    with open(file, "rb") as f:
+        assert sum(1 for _ in dpkt.pcapng.Reader(f)) > 0
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (
+            ["--tls-cert", "/nonexistent.pem", "--tls-key", "/nonexistent.key"],
+            "--tls-cert /nonexistent.pem: no such file",
+        ),
+        (["--tls-cert", "CERT"], "give --tls-cert and --tls-key in pairs"),
+        (["--tls-cert", "CERT", "--tls-key", "OTHERKEY"], "does not match --tls-cert"),
+        (["--tls-cert", "KEY", "--tls-key", "KEY"], "cannot load --tls-cert"),
+        (["--tls-listen", "require"], "--tls-listen require needs a certificate"),
+        (["--upstream-tls-ca", "CA"], "has no effect without --upstream-tls"),
+        (
+            ["--upstream-tls", "--upstream-tls-ca", "/nonexistent-ca.pem"],
+            "--upstream-tls-ca /nonexistent-ca.pem: no such",
+        ),
+        (["--tls-min-version", "1.1"], "--tls-min-version '1.1' is not valid"),
+    ],
+)
+def test_startup_errors_are_one_line(pki, args, needle):
+    from tests.support.proxy import run_proxy_cli
+
+    files = {"CERT": pki.server_cert, "KEY": pki.server_key, "OTHERKEY": pki.other_key, "CA": pki.ca}
+    args = [files.get(a, a) for a in args]
+    res = run_proxy_cli(["run", "--proxy", "0:127.0.0.1:1", "--admin-port", "0", *args], timeout=60)
+    assert res.returncode == 2, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], res.stderr
+    assert "Traceback" not in res.stderr
