@@ -593,12 +593,14 @@ async def serve(config: Config, on_started: Callable[[Proxy], Any] | None = None
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig.name)
+    # SIGHUP: reload() of every component (the shared contract; issue 16 extends it to the sinks).
+    loop.add_signal_handler(signal.SIGHUP, lambda: [c.reload() for c in proxy.components if hasattr(c, "reload")])
     try:
         await stop.wait()
         clean = await proxy.drain(config.drain_seconds)
         log.info("drained %s; exiting", "cleanly" if clean else "at the deadline")
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
         if admin_server is not None:
             admin_server.close()

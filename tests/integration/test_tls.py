@@ -369,6 +369,34 @@ def test_certificate_rotation_under_load(pki, tls_db, tmp_path):
     assert pem_of(after) == pem_of(ssl.PEM_cert_to_DER_cert(open(new_cert).read().split(END)[0] + END))
 
 
+def test_sighup_reloads_the_certificate(pki, tls_db, tmp_path):
+    import signal
+
+    cert, key = str(tmp_path / "live.pem"), str(tmp_path / "live.key")
+    shutil.copy(pki.server_cert, cert)
+    shutil.copy(pki.server_key, key)
+    new_cert, new_key = pki.issue("hup", "localhost", "127.0.0.1", common_name="hup")
+    args = [
+        "--tls-cert",
+        cert,
+        "--tls-key",
+        key,
+        "--tls-reload-interval",
+        "0",
+        "--upstream-tls",
+        "--upstream-tls-ca",
+        pki.ca,
+    ]
+    with run_proxy_process(args, upstream=("localhost", tls_db.port)) as p:
+        before = tls_ping(p.port, client_ctx(pki.ca))[1]
+        shutil.copy(new_key, key)
+        shutil.copy(new_cert, cert)
+        assert tls_ping(p.port, client_ctx(pki.ca))[1] == before  # no timer: nothing changes by itself
+        p.send_signal(signal.SIGHUP)
+        wait_for(lambda: "TLS certificates reloaded" in p.stderr_text(), "reload logged")
+        assert tls_ping(p.port, client_ctx(pki.ca))[1] != before
+
+
 def test_reload_keeps_the_old_certificate_when_the_new_file_is_bad(pki, tls_db, tmp_path):
     cert, key = str(tmp_path / "live.pem"), str(tmp_path / "live.key")
     shutil.copy(pki.server_cert, cert)
