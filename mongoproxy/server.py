@@ -408,7 +408,7 @@ class Proxy:
         self.tls = TlsManager(config, registry)  # contexts, reload and the TLS counters
         self.components: list[Any] = [self.tls]  # objects offering admin_routes()/reload()
         self.connections: set[ClientSide] = set()
-        self.servers: list[tuple[ProxySpec, asyncio.AbstractServer]] = []
+        self.servers: list[tuple[ProxySpec, asyncio.Server]] = []
         self.draining = False
         self.ready = False
         self._next_id = 0
