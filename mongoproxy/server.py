@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import logging
 import signal
 import socket
@@ -332,7 +333,7 @@ class UpstreamSide(asyncio.Protocol):
         self.transport: Any = None
         # Looked up once (the client side is set up before its upstream connects).
         self._write_client = client.transport.write
-        self._feed_replies = client.replies.feed
+        self._feed_replies: Callable[[Any, int], None] = client.replies.feed
         self._conn = client.conn
 
     def connection_made(self, transport: Any) -> None:
@@ -442,9 +443,8 @@ class Proxy:
                         f"{spec.text} ({exc.strerror}): check the name or use an IP address"
                     ) from None
             try:
-                server = await tlslisten.create_server(
-                    self.tls, lambda spec=spec: ClientSide(self, spec), hosts, spec.listen_port, backlog=1024
-                )
+                factory = functools.partial(ClientSide, self, spec)
+                server = await tlslisten.create_server(self.tls, factory, hosts, spec.listen_port, backlog=1024)
             except OSError as exc:
                 await self.close_listeners()
                 if exc.errno == errno.EADDRINUSE:

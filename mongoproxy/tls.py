@@ -347,7 +347,7 @@ class TlsManager:
 
         self.server_certs: list[ServerCert] = self._load_server()
         self.upstream_context: ssl.SSLContext | None = self._load_upstream()
-        self._mtimes = self._stat_files()
+        self._mtimes: dict[str, int] = self._stat_files()
         if self.insecure:
             log.warning("--upstream-tls-insecure: the server's certificate is NOT verified (anyone may impersonate it)")
 
@@ -404,7 +404,7 @@ class TlsManager:
             _load_ca(ctx, self.upstream_ca, "--upstream-tls-ca")
         else:
             ctx.load_default_certs(ssl.Purpose.SERVER_AUTH)
-        if self.upstream_cert:
+        if self.upstream_cert and self.upstream_key:
             _load_chain(ctx, self.upstream_cert, self.upstream_key, "--upstream-tls-cert", "--upstream-tls-key")
             try:
                 _expiry_warning(self.upstream_cert, "--upstream-tls-cert", cert_info(self.upstream_cert))
@@ -421,7 +421,7 @@ class TlsManager:
             files += [self.upstream_ca, self.upstream_cert, self.upstream_key]
         return [f for f in files if f]
 
-    def _stat_files(self) -> dict[str, float]:
+    def _stat_files(self) -> dict[str, int]:
         out = {}
         for f in self._files():
             try:

@@ -136,8 +136,13 @@ class TlsListener:
     async def _peek(self, loop: asyncio.AbstractEventLoop, sock: socket.socket) -> bytes:
         """The first bytes, not consumed: once a whole record (or clearly not TLS) is there."""
         fd = sock.fileno()
-        fut = loop.create_future()
-        loop.add_reader(fd, lambda: fut.done() or fut.set_result(None))
+        fut: asyncio.Future[None] = loop.create_future()
+
+        def readable() -> None:
+            if not fut.done():
+                fut.set_result(None)
+
+        loop.add_reader(fd, readable)
         try:
             await fut
         finally:
