@@ -433,6 +433,21 @@ def test_passthrough_on_a_plaintext_listener(pki, tls_db, loop_kind):
         assert proxy.sink.decode_errors == [] and proxy.sink.commands == []
 
 
+def test_passthrough_when_tls_listen_is_off(pki, tls_db):
+    flags = dict(tls_cert=[pki.server_cert], tls_key=[pki.server_key], tls_listen="off")
+    with ProxyThread(tls_db.port, upstream_host="localhost", **flags) as proxy:
+        reply, der = tls_ping(proxy.port, client_ctx(pki.ca))  # the server's own TLS, through the proxy
+        assert reply["ok"] == 1
+        reg = proxy.proxy.tls.registry
+        proxy.wait_until(
+            lambda: (
+                reg.get_sample_value("mongoproxy_tls_passthrough_connections_total", {"reason": "tls_listen_off"}) == 1
+            ),
+            what="passthrough counted",
+        )
+        assert proxy.sink.decode_errors == [] and proxy.sink.commands == []
+
+
 SIZES = (1, 100, 16 * 1024 + 1, 1024 * 1024, 20 * 1000 * 1000)
 
 
