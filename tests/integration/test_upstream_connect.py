@@ -1,0 +1,107 @@
+"""Upstream connects: DNS failing at start-up (serve unready and retry), --connect-timeout 0, rate-limited
+warnings, and what `_connect` lets through."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+
+import pytest
+
+from tests.integration.test_faults import PING
+from tests.support.inprocess import LOOP_KINDS, run, running_proxy
+from tests.support.ports import free_port
+from tests.support.proxy import run_proxy_process
+
+BAD_HOST = "no-such-host.invalid"
+
+
+def test_unresolvable_static_upstream_starts_unready_and_counts_clients():
+    """Like Envoy's STRICT_DNS: the process serves, /healthz 200, /readyz 503, clients get a counted dns error."""
+    with run_proxy_process(["--proxy", f"{{port}}:{BAD_HOST}:27017"], ready=False) as p:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                status, _ = p.admin_get("/healthz", timeout=1)
+                break
+            except OSError:
+                assert p.poll() is None, p.stderr_text()
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        assert status == 200
+        status, body = p.admin_get("/readyz")
+        assert status == 503 and BAD_HOST in body
+        for _ in range(3):
+            with socket.create_connection(("127.0.0.1", p.port), timeout=5) as s:
+                s.sendall(PING)
+                s.settimeout(10)
+                try:
+                    assert s.recv(1) == b""
+                except ConnectionResetError:
+                    pass
+        deadline = time.monotonic() + 10
+        while (p.metric("mongoproxy_upstream_connect_errors_total", reason="dns") or 0) < 3:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        time.sleep(2.5)  # at least one retry of the start-up resolution has run
+        assert p.poll() is None
+        text = p.stderr_text()
+        # One start-up line and one per-connection line: the rest are suppressed for a minute.
+        assert text.count("cannot resolve upstream host") == 1, text
+        assert text.count("cannot reach upstream") == 1, text
+
+
+def test_connect_timeout_zero_means_no_timeout():
+    """--connect-timeout 0 waits for the kernel: an unanswered SYN is still pending after 2 s, with no error."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers = []
+    try:
+        for _ in range(8):  # fill the accept queue; later SYNs are dropped and retried by the kernel
+            s = socket.socket()
+            s.setblocking(False)
+            s.connect_ex(("127.0.0.1", port))
+            fillers.append(s)
+        time.sleep(0.2)
+
+        async def main():
+            async with running_proxy(port, connect_timeout="0") as proxy:
+                reader, writer = await asyncio.open_connection("127.0.0.1", proxy.ports[0])
+                writer.write(PING)
+                await asyncio.sleep(2)
+                pending = [c for c in proxy.connections if c.upstream is None and not c.closed]
+                errors = list(proxy.sink.upstream_errors)
+                writer.close()
+                return len(pending), errors
+
+        pending, errors = run(main(), "asyncio")
+    finally:
+        for s in fillers:
+            s.close()
+        listener.close()
+    assert pending == 1
+    assert errors == []
+
+
+@pytest.mark.parametrize("loop_kind", LOOP_KINDS)
+def test_connect_lets_system_exit_through(loop_kind, monkeypatch):
+    """SystemExit while connecting is not an upstream error: the client is closed and the exit goes on."""
+
+    async def main():
+        loop = asyncio.get_running_loop()
+
+        async def exiting(*args, **kwargs):
+            raise SystemExit(3)
+
+        monkeypatch.setattr(loop, "create_connection", exiting, raising=False)
+        async with running_proxy(free_port()) as proxy:
+            reader, writer = await asyncio.open_connection("127.0.0.1", proxy.ports[0])
+            await asyncio.sleep(0.5)
+            return proxy.sink.upstream_errors
+
+    with pytest.raises(SystemExit):
+        errors = run(main(), loop_kind)
+        pytest.fail(f"SystemExit was swallowed and counted as {[e.reason for e in errors]}")
