@@ -105,3 +105,25 @@ def test_connect_lets_system_exit_through(loop_kind, monkeypatch):
     with pytest.raises(SystemExit):
         errors = run(main(), loop_kind)
         pytest.fail(f"SystemExit was swallowed and counted as {[e.reason for e in errors]}")
+
+
+@pytest.mark.parametrize("loop_kind", LOOP_KINDS)
+def test_upstream_warnings_are_rate_limited(loop_kind, caplog):
+    """A dead upstream costs one warning a minute, not one per client; every failure is still counted."""
+    dead = free_port()
+
+    async def main():
+        async with running_proxy(dead) as proxy:
+            for _ in range(5):
+                reader, writer = await asyncio.open_connection("127.0.0.1", proxy.ports[0])
+                try:
+                    await asyncio.wait_for(reader.read(), 5)
+                except ConnectionResetError:
+                    pass
+                writer.close()
+            return [e.reason for e in proxy.sink.upstream_errors]
+
+    with caplog.at_level("WARNING", logger="mongoproxy"):
+        reasons = run(main(), loop_kind)
+    assert reasons == ["refused"] * 5
+    assert sum("cannot reach upstream" in r.getMessage() for r in caplog.records) == 1
