@@ -286,7 +286,7 @@ class CommandLogSink:
             if self._reopen.is_set():
                 self._reopen_file()
             while q:
-                lines = []
+                lines: list[str] = []
                 while q and len(lines) < 1024:
                     event = q.popleft()
                     try:
