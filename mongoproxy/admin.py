@@ -190,7 +190,7 @@ class AdminServer:
                 raise ConfigError(f"--admin-tls-cert/--admin-tls-key: cannot load them ({exc})") from None
         self.guards: dict[Any, _Guard] = {}
         self.rejected: dict[str, int] = {}
-        self.servers: list[asyncio.AbstractServer] = []
+        self.servers: list[asyncio.Server] = []
         self.runner: web.AppRunner | None = None
 
     # ---- the application ----
@@ -285,6 +285,8 @@ class AdminServer:
         )
         await self.runner.setup()
         server = self.runner.server
+        if server is None:  # setup() always makes one; this narrows the type
+            raise RuntimeError("aiohttp runner has no server after setup()")
         loop = asyncio.get_running_loop()
         hosts = [hosts] if isinstance(hosts, str) else list(hosts)
         try:

@@ -38,9 +38,9 @@ def ignore_hangup() -> None:
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
 
-def install(loop: Any, proxy: Any, on_stop: Callable[[str], None]) -> list[int]:
+def install(loop: Any, proxy: Any, on_stop: Callable[[str], None]) -> list[signal.Signals]:
     """SIGTERM/SIGINT call on_stop(name); SIGHUP reloads. The signals handled, for remove()."""
-    sigs = []
+    sigs: list[signal.Signals] = []
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_stop, sig.name)
         sigs.append(sig)
@@ -55,7 +55,7 @@ def install(loop: Any, proxy: Any, on_stop: Callable[[str], None]) -> list[int]:
     return sigs
 
 
-def remove(loop: Any, sigs: list[int]) -> None:
+def remove(loop: Any, sigs: list[signal.Signals]) -> None:
     """Undo install(); SIGHUP stays ignored until the process exits."""
     for sig in sigs:
         loop.remove_signal_handler(sig)

@@ -266,6 +266,8 @@ class CommandLogSink:
 
     def _reopen_file(self) -> None:
         self._reopen.clear()
+        if self.path is None:
+            return
         try:
             stream = _open_append(self.path)
         except OSError as exc:
