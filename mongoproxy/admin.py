@@ -281,7 +281,7 @@ class AdminServer:
             max_line_size=MAX_HEAD_LINE,
             max_field_size=MAX_HEAD_LINE,
             max_headers=MAX_HEADERS,
-            keepalive_timeout=max(self.read_timeout, 1.0),
+            keepalive_timeout=self.read_timeout if self.read_timeout > 0 else 75.0,
         )
         await self.runner.setup()
         server = self.runner.server
