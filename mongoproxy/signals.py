@@ -35,7 +35,10 @@ def reload_all(proxy: Any) -> int:
 def ignore_hangup() -> None:
     """Until the loop's handler is installed, SIGHUP must not kill the process (its default action)."""
     if hasattr(signal, "SIGHUP"):
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        try:
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        except ValueError:  # not the main thread: the caller owns the signals
+            pass
 
 
 def install(loop: Any, proxy: Any, on_stop: Callable[[str], None]) -> list[signal.Signals]:
