@@ -9,7 +9,8 @@ import pytest
 
 from mongoproxy import config as config_mod
 from mongoproxy.errors import ConfigError, StartupError
-from mongoproxy.tls import CertInfo, TlsManager, classify, format_subject
+from mongoproxy.tls import TlsManager, classify
+from mongoproxy.tlsfiles import CertInfo, format_subject
 from mongoproxy.tlslisten import client_hello_sni, looks_like_tls
 from tests.support.tlscerts import make_pki
 
