@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from mongoproxy.errors import ConfigError, ReplayError
-from mongoproxy.replay.extract import iter_ops
+from mongoproxy.replay.extract import expand_inputs, iter_ops
 from mongoproxy.replay.filters import Filters, StreamFilter
 from mongoproxy.replay.model import Op, Stream
 from mongoproxy.replay.plot import PLOT_EXTRA, write_plot, write_sweep_plot
@@ -220,6 +220,7 @@ def main(args: argparse.Namespace) -> int:
         if not ns.split(".", 1)[0]:
             raise ConfigError(f"namespace {ns!r}: give db.collection, db.* or db")
     speed = None if args.max_speed else args.speed
+    expand_inputs(args.files)  # a missing file is named before anything connects
     if args.dry_run:
         stream = Stream([])
         tally = Tally(stream, filters, args.target or "", speed, dry_run=True)
