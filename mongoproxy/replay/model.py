@@ -46,6 +46,7 @@ class Op:
     replayed_ns: int | None = None
     lag_ns: int = 0
     offset_ns: int = 0  # scheduled time relative to the start
+    copies_done: int = 0  # copies (--scale) replayed so far
     done: list | None = None  # per copy, a threading.Event set once replayed (for getMores on other connections)
 
     @property

@@ -235,6 +235,9 @@ class Replayer:
             if outcome is not None and outcome.failed:
                 self.errors += 1
             self.tally.result(op, copy, outcome, elapsed, skip, kinds or ())
+            op.copies_done += 1
+            if op.copies_done == self.scale:
+                op.recorded_docs = None  # compared by every copy; an open cursor keeps its op, not its documents
         if op.done is not None:
             op.done[copy].set()
 

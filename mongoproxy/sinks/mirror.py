@@ -112,7 +112,7 @@ OPTIONS: list[Option] = [
     Option(
         "mirror_ratio",
         ("--mirror-ratio",),
-        "fraction of matching requests to mirror, 0 to 1 (default 1)",
+        "fraction of matching requests to mirror, 0 to 1",
         parse=parse_ratio,
         default=1.0,
         metavar="R",
@@ -138,7 +138,7 @@ OPTIONS: list[Option] = [
     Option(
         "mirror_queue",
         ("--mirror-queue",),
-        "copies waiting for the shadow before new ones are dropped (default 1000)",
+        "copies waiting for the shadow before new ones are dropped",
         parse=parse_queue,
         default=1000,
         metavar="N",
