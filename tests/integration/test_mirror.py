@@ -117,6 +117,21 @@ def test_mirror_sees_each_read_and_agrees_with_an_identical_shadow(two_servers):
         assert s[DB].items.count_documents({}) == ITEMS and s[DB].items.find_one({"_id": 1})["qty"] == 1
 
 
+def test_writes_are_mirrored_only_with_mirror_writes_and_a_warning(two_servers):
+    primary, shadow = two_servers
+    args = ["--mirror", shadow.uri, "--mirror-writes"]
+    with run_proxy_process(args, upstream=primary.address) as proxy:
+        with proxy.client() as client:
+            client[DB].notes.insert_one({"_id": 1, "text": "hi"})
+            client[DB].notes.update_one({"_id": 1}, {"$set": {"text": "ho"}})
+            settle(proxy, 2)
+        assert proxy.metric("mongoproxy_mirror_requests_total", op="insert") == 1
+        assert proxy.metric("mongoproxy_mirror_requests_total", op="update") == 1
+        assert "--mirror-writes" in proxy.stderr_text() and "CHANGE its data" in proxy.stderr_text()
+    with shadow.client() as s:
+        assert s[DB].notes.find_one({"_id": 1}) == {"_id": 1, "text": "ho"}
+
+
 def test_mirror_names_the_collection_seeded_differently(two_servers):
     primary, shadow = two_servers
     with primary.client() as p, shadow.client() as s:
