@@ -14,18 +14,15 @@ import json
 import re
 from typing import Any
 
+from mongoproxy.protocol.commands import SECRET_KEYS, is_secret
+
 REDACTED = "?"
 
 # Driver/session bookkeeping that every command carries; noise in a log and would split shapes.
 ENVELOPE_FIELDS = frozenset({"$db", "lsid", "$clusterTime", "txnNumber", "autocommit", "startTransaction"})
 
-# Commands whose whole body is a credential exchange: every value is redacted, even with --no-redact.
-SECRET_COMMANDS = frozenset(
-    {"saslstart", "saslcontinue", "authenticate", "copydbsaslstart", "copydbgetnonce", "getnonce"}
-)
-# Keys whose value (the whole subtree) is a secret wherever they appear: createUser/updateUser passwords and the
-# SASL exchange a handshake hello carries.
-SECRET_KEYS = frozenset({"pwd", "speculativeAuthenticate"})
+# Credentials in a connection string (addShard, $out/$merge to a URI, ...): user:password@ before the host.
+_URI_CREDENTIALS = re.compile(r"([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s\"?#]+@")
 
 # Extended-JSON wrappers of one BSON value: a scalar for shape purposes.
 _EXT_JSON = frozenset(
@@ -79,6 +76,8 @@ def _scrub(value: Any) -> Any:
         return {k: (_redact_all(v) if k in SECRET_KEYS else _scrub(v)) for k, v in value.items()}
     if isinstance(value, list):
         return [_scrub(v) for v in value]
+    if isinstance(value, str):
+        return _URI_CREDENTIALS.sub(r"\1?@", value)
     return value
 
 
@@ -130,9 +129,9 @@ def shape_hash(redacted_canonical: str) -> str:
 def prepare(rendered: str, op: str, show_values: bool) -> tuple[str, str]:
     """(text to log, shape hash) for a rendered command body.
 
-    Without `show_values` every literal is '?'. With it, values are shown
-    except secrets (credential commands, pwd, SASL payloads), which are
-    redacted in every case.
+    Without `show_values` every literal is '?' (but the command name's value). With it, values are shown
+    except secrets (credential commands, SECRET_KEYS, the user:password of a connection string), which
+    are redacted in every case.
     """
     try:
         body = json.loads(rendered)
@@ -140,14 +139,14 @@ def prepare(rendered: str, op: str, show_values: bool) -> tuple[str, str]:
         body = None
     if not isinstance(body, dict):
         redacted = redact_text(rendered)
-        shown = rendered if show_values and op.lower() not in SECRET_COMMANDS else redacted
+        shown = _URI_CREDENTIALS.sub(r"\1?@", rendered) if show_values and not is_secret(op) else redacted
         return shown, shape_hash(redacted)
     display = {k: v for i, (k, v) in enumerate(body.items()) if i == 0 or k not in ENVELOPE_FIELDS}
-    if show_values and op.lower() not in SECRET_COMMANDS:
+    if show_values and not is_secret(op):
         shown = _scrub(display)
     else:
         first = next(iter(display), None)
-        shown = {k: (v if k == first and isinstance(v, str) else _redact_all(v)) for k, v in display.items()}
+        shown = {k: (_scrub(v) if k == first and isinstance(v, str) else _redact_all(v)) for k, v in display.items()}
     return _dumps(shown), shape_hash(_dumps(_shape(body, top=True)))
 
 

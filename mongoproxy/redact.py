@@ -1,11 +1,11 @@
-"""Rewriting recorded messages: blanking secrets, pseudonymising literal values, decompressing.
+"""Rewriting recorded messages: blanking secrets and pseudonymising literal values.
 
 Used by the capture writer thread (never on the data path) and by replay.
 Invariants:
 - Rewrites are in place and keep every length: a document stays a valid BSON
   document of the same size, so message and section lengths stay right.
-- Secrets (SASL/SCRAM `payload`s, `pwd`, legacy `key`/`nonce`, the whole
-  `speculativeAuthenticate` subtree) are blanked: strings become '*', binary
+- Secrets (protocol.commands.CREDENTIAL_KEYS: SASL/SCRAM `payload`s, `pwd`, legacy
+  `key`/`nonce`, the whole `speculativeAuthenticate` subtree) are blanked: strings become '*', binary
   and other values zero bytes. This is always done for recordings.
 - Pseudonymising (--record-redact) replaces a literal by a keyed hash of it of
   the same type and size, so equal values stay equal within one recording
@@ -23,34 +23,34 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
-import zlib
 
 from mongoproxy.errors import DecodeError
-
-OP_REPLY, OP_UPDATE, OP_INSERT, OP_QUERY, OP_GET_MORE, OP_DELETE, OP_KILL_CURSORS = (
-    1,
-    2001,
-    2002,
-    2004,
-    2005,
-    2006,
-    2007,
+from mongoproxy.protocol.commands import (  # noqa: F401 - AUTH_COMMANDS is read by replay
+    AUTH_COMMANDS,
+    CREDENTIAL_KEYS_BYTES,
+    HELLO_COMMANDS,
+    SENSITIVE_COMMANDS,
+    USER_MANAGEMENT_COMMANDS,
 )
-OP_COMMAND, OP_COMMANDREPLY, OP_COMPRESSED, OP_MSG = 2010, 2011, 2012, 2013
+from mongoproxy.protocol.compression import uncompressed  # noqa: F401 - read by replay
+from mongoproxy.protocol.opcodes import (
+    HEADER,
+    OP_DELETE,
+    OP_GET_MORE,
+    OP_INSERT,
+    OP_KILL_CURSORS,
+    OP_MSG,
+    OP_QUERY,
+    OP_REPLY,
+    OP_UPDATE,
+)
 
 _I32 = struct.Struct("<i")
-_HEADER = struct.Struct("<iiii")
-
-# Commands whose request and reply carry credentials (lower-case names).
-AUTH_COMMANDS = frozenset(
-    {"saslstart", "saslcontinue", "authenticate", "getnonce", "copydbsaslstart", "copydbgetnonce", "logout"}
-)
-USER_COMMANDS = frozenset({"createuser", "updateuser"})
-HELLO_COMMANDS = frozenset({"hello", "ismaster"})
-# Requests (and their replies) that are held whole in the recorder so their secrets can be blanked.
-SENSITIVE_COMMANDS = AUTH_COMMANDS | USER_COMMANDS | HELLO_COMMANDS
+_HEADER = HEADER
+# Names replay reads from here (mongoproxy.replay is being split into a package; it moves to protocol then).
+USER_COMMANDS = USER_MANAGEMENT_COMMANDS
 # Keys whose value is a secret wherever it appears in a sensitive message; the subtree is blanked.
-SECRET_KEYS = frozenset({b"payload", b"pwd", b"key", b"nonce", b"speculativeAuthenticate"})
+SECRET_KEYS = CREDENTIAL_KEYS_BYTES
 
 # Request top-level fields kept verbatim when pseudonymising: what routing, sessions and replay depend on.
 REQUEST_KEEP = frozenset(
@@ -381,43 +381,3 @@ def first_key(msg: bytes) -> tuple[str, bool] | None:
     if op_code == OP_QUERY and key in ("$query", "query"):
         return key, False
     return key, True
-
-
-def decompress(compressor_id: int, data: bytes, size: int) -> bytes:
-    """The original body of an OP_COMPRESSED message; DecodeError when it cannot be had."""
-    try:
-        if compressor_id == 0:
-            out = bytes(data)
-        elif compressor_id == 2:
-            out = zlib.decompress(data)
-        elif compressor_id == 3:
-            import zstandard
-
-            out = zstandard.ZstdDecompressor().decompress(bytes(data), max_output_size=max(size, 1))
-        elif compressor_id == 1:
-            import cramjam
-
-            out = bytes(cramjam.snappy.decompress_raw(bytes(data)))
-        else:
-            raise DecodeError("unknown_compressor", f"compressorId {compressor_id}")
-    except DecodeError:
-        raise
-    except ImportError as exc:
-        raise DecodeError("compressor_unavailable", f"{exc.name} is not installed") from None
-    except Exception as exc:  # zlib.error, zstd/snappy errors
-        raise DecodeError("decompress_failed", str(exc)) from None
-    if len(out) != size:
-        raise DecodeError("bad_uncompressed_size", f"uncompressedSize {size}, got {len(out)}")
-    return out
-
-
-def uncompressed(msg: bytes) -> bytes:
-    """An OP_COMPRESSED message as the message it wraps (same requestID/responseTo); others unchanged."""
-    length, request_id, response_to, op_code = _HEADER.unpack_from(msg)
-    if op_code != OP_COMPRESSED:
-        return msg
-    if len(msg) < 25:
-        raise DecodeError("truncated", "OP_COMPRESSED shorter than its 9-byte prefix")
-    original, size, compressor = struct.unpack_from("<iiB", msg, 16)
-    body = decompress(compressor, memoryview(msg)[25:length], size)
-    return _HEADER.pack(16 + len(body), request_id, response_to, original) + body

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 from mongoproxy import __version__, dstaddr, wire
+from mongoproxy._bson_parser import RENDER_OFF, RENDER_REDACTED, RENDER_VALUES
 from mongoproxy.config import Config, ProxySpec
 from mongoproxy.errors import StartupError
 from mongoproxy.events import Connection, DecodeErrorEvent, SinkBus, UpstreamConnectError, hostport
@@ -83,18 +84,23 @@ class ClientSide(asyncio.Protocol):
         cfg = proxy.config
         bus = proxy.bus
         self.tracker = Tracker(conn, bus, cfg.max_pending_requests)
-        render = proxy.render
         self.requests = wire.FrameScanner(
             False,
             self.tracker.on_request,
             self._request_error,
             cfg.max_message_bytes,
-            render,
+            proxy.query_rendering,
             verify_checksums=cfg.verify_checksums,
+            max_observed_compressed_bytes=cfg.max_observed_compressed_bytes,
         )
         self._feed_requests = self.requests.feed
         self.replies = wire.FrameScanner(
-            True, self._on_reply, self._reply_error, cfg.max_message_bytes, verify_checksums=cfg.verify_checksums
+            True,
+            self._on_reply,
+            self._reply_error,
+            cfg.max_message_bytes,
+            verify_checksums=cfg.verify_checksums,
+            max_observed_compressed_bytes=cfg.max_observed_compressed_bytes,
         )
         bus.connection_open(conn)
         self._connecting = asyncio.get_running_loop().create_task(self._connect(target))
@@ -359,10 +365,10 @@ class Proxy:
         self.ready = False
         self._next_id = 0
         self._own_addresses: set[tuple[str, int]] = set()
-        render = 0
+        # What the scanner renders of each request, for the query text of the command log and traces.
+        self.query_rendering = RENDER_OFF
         if config.get("log_query") or config.get("trace_query"):
-            render = 2 if config.get("no_redact") else 1
-        self.render = render
+            self.query_rendering = RENDER_VALUES if config.get("no_redact") else RENDER_REDACTED
 
     def next_id(self) -> int:
         self._next_id += 1
