@@ -25,6 +25,7 @@ import os
 import struct
 
 from mongoproxy.errors import DecodeError
+from mongoproxy.protocol import opcodes
 from mongoproxy.protocol.commands import (  # noqa: F401 - AUTH_COMMANDS is read by replay
     AUTH_COMMANDS,
     CREDENTIAL_KEYS_BYTES,
@@ -33,20 +34,9 @@ from mongoproxy.protocol.commands import (  # noqa: F401 - AUTH_COMMANDS is read
     USER_MANAGEMENT_COMMANDS,
 )
 from mongoproxy.protocol.compression import uncompressed  # noqa: F401 - read by replay
-from mongoproxy.protocol.opcodes import (
-    HEADER,
-    OP_DELETE,
-    OP_GET_MORE,
-    OP_INSERT,
-    OP_KILL_CURSORS,
-    OP_MSG,
-    OP_QUERY,
-    OP_REPLY,
-    OP_UPDATE,
-)
 
 _I32 = struct.Struct("<i")
-_HEADER = HEADER
+_HEADER = opcodes.HEADER
 # Names replay reads from here (mongoproxy.replay is being split into a package; it moves to protocol then).
 USER_COMMANDS = USER_MANAGEMENT_COMMANDS
 # Keys whose value is a secret wherever it appears in a sensitive message; the subtree is blanked.
@@ -297,7 +287,7 @@ class Rewriter:
         self._secrets = sensitive
         length, _, _, op_code = _HEADER.unpack_from(msg)
         end = min(length, len(msg))
-        if op_code == OP_MSG:
+        if op_code == opcodes.OP_MSG:
             pos = 20
             flags = _I32.unpack_from(msg, 16)[0] & 0xFFFFFFFF
             if flags & 1:
@@ -317,23 +307,23 @@ class Rewriter:
                 else:
                     msg[pos:end] = bytes(end - pos)
                     break
-        elif op_code == OP_QUERY:
+        elif op_code == opcodes.OP_QUERY:
             pos = _cstring_end(msg, 20, end) + 9
             top_q = top
             while pos < end:
                 pos = self._doc_safely(msg, pos, end, mode, top_q)
                 top_q = ""
-        elif op_code == OP_REPLY:
+        elif op_code == opcodes.OP_REPLY:
             pos = 36
             while pos < end:
                 pos = self._doc_safely(msg, pos, end, mode, top)
-        elif op_code in (OP_INSERT, OP_UPDATE, OP_DELETE):
+        elif op_code in (opcodes.OP_INSERT, opcodes.OP_UPDATE, opcodes.OP_DELETE):
             pos = _cstring_end(msg, 20, end) + 1
-            if op_code != OP_INSERT:
+            if op_code != opcodes.OP_INSERT:
                 pos += 4
             while pos < end:
                 pos = self._doc_safely(msg, pos, end, mode)
-        elif op_code in (OP_GET_MORE, OP_KILL_CURSORS):
+        elif op_code in (opcodes.OP_GET_MORE, opcodes.OP_KILL_CURSORS):
             pass  # namespaces and cursor ids only
         elif self.pseudonymise or sensitive:
             msg[16:end] = bytes(end - 16)  # an opcode we cannot walk: its body is not recorded
@@ -357,13 +347,13 @@ def first_key(msg: bytes) -> tuple[str, bool] | None:
     if len(msg) < 16:
         return None
     op_code = _HEADER.unpack_from(msg)[3]
-    if op_code == OP_MSG:
+    if op_code == opcodes.OP_MSG:
         if len(msg) < 26:
             return None
         if msg[20] != 0:
             return "", False
         pos = 26
-    elif op_code == OP_QUERY:
+    elif op_code == opcodes.OP_QUERY:
         ns_end = msg.find(b"\0", 20)
         if ns_end < 0:
             return None
@@ -378,6 +368,6 @@ def first_key(msg: bytes) -> tuple[str, bool] | None:
     if k_end < 0:
         return None
     key = msg[pos:k_end].decode("utf-8", "replace")
-    if op_code == OP_QUERY and key in ("$query", "query"):
+    if op_code == opcodes.OP_QUERY and key in ("$query", "query"):
         return key, False
     return key, True

@@ -16,20 +16,9 @@ from __future__ import annotations
 from typing import Any
 
 from mongoproxy.events import CommandEvent, Connection, SinkBus
+from mongoproxy.protocol import opcodes
 from mongoproxy.protocol.commands import is_hello
 from mongoproxy.protocol.framing import Message
-from mongoproxy.protocol.opcodes import (
-    EXHAUST_ALLOWED,
-    MORE_TO_COME,
-    OP_DELETE,
-    OP_GET_MORE,
-    OP_INSERT,
-    OP_KILL_CURSORS,
-    OP_MSG,
-    OP_QUERY,
-    OP_REPLY,
-    OP_UPDATE,
-)
 
 # Commands whose first value, when a string, names a collection. Others
 # (usersInfo: "name", getLog: "global", ...) would leak non-collection values.
@@ -43,23 +32,23 @@ COLLECTION_COMMANDS = frozenset(
 )
 
 LEGACY_OPS = {
-    OP_INSERT: "op_insert",
-    OP_UPDATE: "op_update",
-    OP_DELETE: "op_delete",
-    OP_GET_MORE: "op_get_more",
-    OP_KILL_CURSORS: "op_kill_cursors",
+    opcodes.OP_INSERT: "op_insert",
+    opcodes.OP_UPDATE: "op_update",
+    opcodes.OP_DELETE: "op_delete",
+    opcodes.OP_GET_MORE: "op_get_more",
+    opcodes.OP_KILL_CURSORS: "op_kill_cursors",
 }
 # Legacy requests whose reply documents are user data, not a command reply.
 LEGACY_DATA_OPS = frozenset(("query", "op_get_more"))
 # Legacy requests that never get a reply.
-NO_REPLY_OPS = frozenset((OP_INSERT, OP_UPDATE, OP_DELETE, OP_KILL_CURSORS))
+NO_REPLY_OPS = frozenset((opcodes.OP_INSERT, opcodes.OP_UPDATE, opcodes.OP_DELETE, opcodes.OP_KILL_CURSORS))
 # OP_REPLY responseFlags bit 1.
 QUERY_FAILURE = 1 << 1
 # OP_QUERY flags bit 6: the server streams OP_REPLYs until the cursor is exhausted (pre-5.1 servers).
 QUERY_EXHAUST = 1 << 6
-_OP_MSG = OP_MSG
-_OP_REPLY = OP_REPLY
-_MORE_TO_COME = MORE_TO_COME
+_OP_MSG = opcodes.OP_MSG
+_OP_REPLY = opcodes.OP_REPLY
+_MORE_TO_COME = opcodes.MORE_TO_COME
 
 
 class _Pending:
@@ -81,7 +70,7 @@ def attribute(msg: Message) -> tuple[str, str, str]:
     op_code = msg.op_code
     if r is None:
         return "unknown", "", ""
-    if op_code != _OP_MSG and (op_code in LEGACY_OPS or (op_code == OP_QUERY and r.command is None)):
+    if op_code != _OP_MSG and (op_code in LEGACY_OPS or (op_code == opcodes.OP_QUERY and r.command is None)):
         db, _, coll = (r.namespace or "").partition(".")
         return LEGACY_OPS.get(op_code, "query"), db, coll
     op = r.command or "unknown"
@@ -149,7 +138,7 @@ class Tracker:
             more = (
                 msg.op_code == _OP_REPLY
                 and bool(r.cursor_id)
-                and p.msg.op_code == OP_QUERY
+                and p.msg.op_code == opcodes.OP_QUERY
                 and bool(p.msg.flags & QUERY_EXHAUST)
             )
         exhaust = self.exhaust
@@ -171,7 +160,7 @@ class Tracker:
                 self._handshake_reply(r)
             req = p.msg.result
             # A monitoring hello that allows exhaust may be held for maxAwaitTimeMS: a long poll.
-            event.awaitable = req is not None and bool(req.flags & EXHAUST_ALLOWED)
+            event.awaitable = req is not None and bool(req.flags & opcodes.EXHAUST_ALLOWED)
         self.bus.command(event)
 
     def _event(self, p: _Pending, reply: Message | None = None) -> CommandEvent:

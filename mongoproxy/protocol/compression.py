@@ -34,7 +34,7 @@ DEFAULT_MAX_BUFFERED = 1_000_000
 def peek(compressor_id: int, data: Any, n: int) -> bytes:
     """At most the first n uncompressed bytes of a compressed body, or of a prefix of it; DecodeError if bad.
 
-    Never produces more than n bytes (plus one zlib/zstd slice): used to read a command's name.
+    Inflates at most n bytes (snappy: at most 32 times the input): used to read a command's name.
     """
     try:
         if compressor_id == 0:
@@ -49,7 +49,9 @@ def peek(compressor_id: int, data: Any, n: int) -> bytes:
             reader = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(bytes(data)), read_across_frames=False)
             return reader.read(n)
         if compressor_id == 1:
-            return _snappy_prefix(data, n)
+            out = bytearray()
+            SnappyStream(out.extend).feed(data)  # a snappy tag expands at most 32-fold: bounded by the input
+            return bytes(out[:n])
     except ImportError as exc:
         raise DecodeError("compressor_unavailable", f"{exc.name} is not installed") from None
     except DecodeError:
@@ -57,44 +59,6 @@ def peek(compressor_id: int, data: Any, n: int) -> bytes:
     except Exception as exc:  # zlib.error, zstandard.ZstdError
         raise DecodeError("decompress_failed", str(exc)) from None
     raise DecodeError("unknown_compressor", f"compressorId {compressor_id}")
-
-
-def _snappy_prefix(data: Any, n: int) -> bytes:
-    """The first n bytes a snappy block (or a prefix of one) decodes to, decoding no further."""
-    pos = 0
-    while pos < min(len(data), 5) and data[pos] & 0x80:  # the length preamble
-        pos += 1
-    pos += 1
-    out = bytearray()
-    end = len(data)
-    while pos < end and len(out) < n:
-        tag = data[pos]
-        kind = tag & 3
-        if kind == 0:  # literal
-            size = tag >> 2
-            if size >= 60:
-                extra = size - 59
-                if pos + 1 + extra > end:
-                    break
-                size = int.from_bytes(data[pos + 1 : pos + 1 + extra], "little")
-                pos += extra
-            pos += 1
-            out += data[pos : pos + min(size + 1, n - len(out))]
-            pos += size + 1
-            continue
-        width = (0, 2, 3, 5)[kind]
-        if pos + width > end:
-            break
-        if kind == 1:
-            size, offset = ((tag >> 2) & 7) + 4, ((tag >> 5) << 8) | data[pos + 1]
-        else:
-            size, offset = (tag >> 2) + 1, int.from_bytes(data[pos + 1 : pos + width], "little")
-        pos += width
-        if offset == 0 or offset > len(out):
-            raise DecodeError("decompress_failed", "snappy copy before its source")
-        for _ in range(min(size, n - len(out))):
-            out.append(out[-offset])
-    return bytes(out[:n])
 
 
 def _snappy_length(data: Any) -> int | None:
