@@ -107,6 +107,11 @@ class Framer:
         """True while a message has started but not finished."""
         return self._state == _BODY or (self._state == _HEADER and bool(self._buf))
 
+    def stop(self) -> None:
+        """Stop framing this direction for good (a hook found it is not MongoDB); what follows goes to _on_dead."""
+        self._state = _DEAD
+        self._buf.clear()
+
     def _frame(self, data: Any, now_ns: int, pos: int = 0) -> None:
         """Frame data[pos:], calling the hooks in stream order."""
         n = len(data)
@@ -142,8 +147,8 @@ class Framer:
                 self._remaining = length - HEADER_SIZE
                 self._state = _BODY
                 self._on_header(length, request_id, response_to, opcode)
-                if self._state == _DEAD:
-                    return
+                if self._state == _DEAD:  # the hook stopped framing: the body and the rest go to _on_dead
+                    continue
                 if self._remaining == 0:
                     self._state = _HEADER
                     self._on_end(now_ns)

@@ -200,3 +200,60 @@ def test_a_tracker_bug_is_an_internal_error_logged_at_warning_once_a_minute(capl
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and warnings[0].exc_info is not None
     assert "broken_tracker" in caplog.text  # the traceback names the failing code
+
+
+# ---- the one framer ----
+
+
+class _Collect(framing.Framer):
+    """Rebuilds each message from the hooks; stops at an opcode it does not know."""
+
+    def __init__(self) -> None:
+        super().__init__(1000)
+        self.cur = bytearray()
+        self.messages: list[bytes] = []
+        self.dead = bytearray()
+        self.bad: tuple = ()
+
+    def _on_header_bytes(self, data, start, end, now_ns):
+        self.cur += data[start:end]
+
+    def _on_header(self, length, request_id, response_to, opcode):
+        if opcode not in opcodes.OPCODE_NAMES:
+            self.bad = ("opcode", opcode)
+            self.stop()
+
+    def _on_body(self, data, start, end):
+        self.cur += data[start:end]
+
+    def _on_end(self, now_ns):
+        self.messages.append(bytes(self.cur))
+        self.cur.clear()
+
+    def _on_bad_length(self, length, request_id, opcode):
+        self.bad = ("length", length)
+
+    def _on_dead(self, data, start, end):
+        self.dead += data[start:end]
+
+
+def test_the_framer_gives_the_same_messages_however_the_stream_is_cut():
+    msgs = [op_msg(i, 0, {"ping": 1, "pad": "x" * i * 7, "$db": "a"}) for i in range(1, 30)]
+    msgs.append(struct.pack("<iiii", 16, 99, 0, opcodes.OP_MSG))  # an empty body is still a message
+    stream = b"".join(msgs)
+    rng = random.Random(3)
+    for _ in range(50):
+        f = _Collect()
+        for part in chunks(stream, rng, rng.choice((1, 5, 40, 400))):
+            f._frame(part, 0)
+        assert f.messages == msgs and not f.mid_message and not f.bad
+
+
+def test_the_framer_stops_at_a_bad_length_or_when_a_hook_stops_it():
+    good = op_msg(1, 0, {"ping": 1, "$db": "a"})
+    f = _Collect()
+    f._frame(good + struct.pack("<iiii", 5000, 2, 0, opcodes.OP_MSG) + b"rest", 0)
+    assert f.messages == [good] and f.bad == ("length", 5000) and f.stopped and f.dead == b"rest"
+    f = _Collect()
+    f._frame(good + struct.pack("<iiii", 20, 2, 0, 4242) + b"body", 0)
+    assert f.messages == [good] and f.bad == ("opcode", 4242) and f.stopped and f.dead == b"body"
