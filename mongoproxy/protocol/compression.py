@@ -91,6 +91,7 @@ class Inflater:
         self._emit = emit
         self._pending: bytearray | None = None
         self.produced = 0
+        self._obj: Any  # zlib's decompressobj, zstandard's stream writer, a SnappyStream, or None
         if compressor_id == 2:
             self._obj = zlib.decompressobj()
         elif compressor_id == 3:
@@ -101,7 +102,11 @@ class Inflater:
                     "compressor_unavailable",
                     "zstd needs the zstandard package (a mongoproxy dependency): `pip install zstandard`",
                 ) from None
-            self._obj = zstandard.ZstdDecompressor().stream_writer(_Writer(self._out), write_size=SLICE, closefd=False)
+            self._obj = zstandard.ZstdDecompressor().stream_writer(
+                _Writer(self._out),  # type: ignore[arg-type]  # stream_writer only calls write()
+                write_size=SLICE,
+                closefd=False,
+            )
         elif compressor_id == 1:
             try:
                 import cramjam  # noqa: F401
