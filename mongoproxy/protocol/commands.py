@@ -31,24 +31,76 @@ SECRET_KEYS = frozenset({"payload", "pwd", "speculativeAuthenticate"})
 CREDENTIAL_KEYS = SECRET_KEYS | {"key", "nonce"}
 CREDENTIAL_KEYS_BYTES = frozenset(k.encode() for k in CREDENTIAL_KEYS)
 
-# Commands that only read: what `mongoproxy replay --read-only` sends.
+# Commands that only read: what `mongoproxy replay --read-only` sends (aggregate only without $out/$merge);
+# killCursors writes nothing and frees what they opened.
 READ_ONLY_COMMANDS = frozenset({"find", "aggregate", "count", "distinct", "getmore", "killcursors"})
-# Commands that destroy data or stop a server: never sent by replay unless asked for.
+
+# Commands that stop, reconfigure or wipe a server, replica set, cluster, users and roles, or a whole database:
+# replay does not send them unless --allow-destructive. Collection-level drop, dropIndexes and delete are
+# application workload and are not in this list.
 DESTRUCTIVE_COMMANDS = frozenset(
     {
-        "dropdatabase",
-        "drop",
-        "dropindexes",
-        "dropallusersfromdatabase",
-        "dropuser",
-        "dropallrolesfromdatabase",
-        "droprole",
+        # the server
         "shutdown",
-        "replsetstepdown",
-        "replsetreconfig",
-        "removeshard",
-        "renamecollection",
         "fsync",
+        "fsyncunlock",
+        "setparameter",
+        "setclusterparameter",
+        "setfeaturecompatibilityversion",
+        "setdefaultrwconcern",
+        "logrotate",
+        "compact",
+        "applyops",
+        "repairdatabase",
+        "resync",
+        "killop",
+        "killsessions",
+        "killallsessions",
+        "killallsessionsbypattern",
+        "dropconnections",
+        "configurefailpoint",
+        "sleep",
+        "emptycapped",
+        # a whole database
+        "dropdatabase",
+        # users and roles (createUser/updateUser are not replayed anyway: their passwords are blanked)
+        "dropuser",
+        "dropallusersfromdatabase",
+        "droprole",
+        "dropallrolesfromdatabase",
+        "revokerolesfromuser",
+        "revokerolesfromrole",
+        "revokeprivilegesfromrole",
+        # the replica set
+        "replsetinitiate",
+        "replsetreconfig",
+        "replsetstepdown",
+        "replsetfreeze",
+        "replsetmaintenance",
+        "replsetsyncfrom",
+        "replsetresizeoplog",
+        "replsetabortprimarycatchup",
+        # the sharded cluster
+        "addshard",
+        "removeshard",
+        "addshardtozone",
+        "removeshardfromzone",
+        "updatezonekeyrange",
+        "moveprimary",
+        "movechunk",
+        "moverange",
+        "movecollection",
+        "unshardcollection",
+        "reshardcollection",
+        "commitreshardcollection",
+        "abortreshardcollection",
+        "refinecollectionshardkey",
+        "cleanuporphaned",
+        "clearjumboflag",
+        "balancerstart",
+        "balancerstop",
+        "transitiontodedicatedconfigserver",
+        "transitionfromdedicatedconfigserver",
     }
 )
 

@@ -32,6 +32,9 @@ OPCODE_NAMES = {
 # Opcodes whose body the scanner understands (everything but OP_COMPRESSED).
 BODY_OPCODES = frozenset(OPCODE_NAMES) - {OP_COMPRESSED}
 
+# Opcodes a client sends (the others are replies).
+REQUEST_OPCODES = frozenset(OPCODE_NAMES) - {OP_REPLY, OP_COMMANDREPLY}
+
 # OP_MSG flagBits.
 CHECKSUM_PRESENT = 1 << 0
 MORE_TO_COME = 1 << 1
