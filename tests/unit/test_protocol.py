@@ -137,7 +137,7 @@ def test_declared_size_is_bounded_by_the_message_limit():
         compression.decompress(3, b"\x28\xb5\x2f\xfd", 100, limit=50)
 
 
-def test_snappy_above_the_bound_is_decoded_as_it_streams_in_bounded_memory():
+def test_snappy_above_the_bound_is_not_observed_and_memory_stays_bounded():
     import cramjam
 
     rng = random.Random(5)
@@ -147,27 +147,42 @@ def test_snappy_above_the_bound_is_decoded_as_it_streams_in_bounded_memory():
     )
     wrapped = oracle.compress_message(plain, "snappy")
     assert len(wrapped) > 600_000
+    after = oracle.encode_op_msg({"ping": 1, "$db": "admin"})
     seen, errors = [], []
     scanner = framing.FrameScanner(
-        False, seen.append, lambda r, d, f: errors.append(r), max_observed_compressed_bytes=50_000
+        False, seen.append, lambda r, d, f: errors.append((r, f)), max_observed_compressed_bytes=50_000
     )
 
+    stream = wrapped + after
+
     def run():
-        for pos in range(0, len(wrapped), 65536):
-            scanner.feed(wrapped[pos : pos + 65536], 0)
+        for pos in range(0, len(stream), 65536):
+            scanner.feed(stream[pos : pos + 65536], 0)
 
     # Before: the whole compressed body was buffered (and inflated whole) before the scanner saw a byte.
     assert _peak(run) < 500_000
-    assert errors == [] and len(seen) == 1 and seen[0].result.documents == 4000
-    # Decoded incrementally or whole, the bytes are the same, however the body is cut.
+    # Counted once, not fatal: the next message is observed as usual.
+    assert errors == [("too_large_to_observe", False)]
+    assert [m.result.command for m in seen if not m.error] == ["ping"]
+    # Under the bound the body is decompressed whole, however it is cut.
     body = bytes(cramjam.snappy.compress_raw(plain[16:]))
-    for bound in (10, 1000, len(body) + 1):
-        out = bytearray()
-        inflater = compression.Inflater(1, len(plain) - 16, out.extend, max_buffered=bound)
-        for part in chunks(body, rng, 5000):
-            inflater.feed(part)
-        inflater.finish()
-        assert out == plain[16:]
+    out = bytearray()
+    inflater = compression.Inflater(1, len(plain) - 16, out.extend, max_buffered=len(body) + 1)
+    for part in chunks(body, rng, 5000):
+        inflater.feed(part)
+    inflater.finish()
+    assert out == plain[16:]
+    with pytest.raises(DecodeError) as info:
+        compression.Inflater(1, len(plain) - 16, out.extend, max_buffered=len(body) - 1).feed(body)
+    assert info.value.reason == "too_large_to_observe"
+
+
+def test_peek_reads_a_snappy_prefix_without_decoding_the_whole_body():
+    import cramjam
+
+    plain = b"saslStart" + os.urandom(2_000_000)
+    body = bytes(cramjam.snappy.compress_raw(plain))
+    assert compression.peek(1, body, 64) == plain[:64]
 
 
 def test_a_snappy_copy_past_the_window_is_too_large_to_observe():
