@@ -70,7 +70,9 @@ class ClientSide(asyncio.Protocol):
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
         if not self.proxy.limiter.admit(len(self.proxy.connections)):
-            self.closed = True  # refused at accept: reset, counted by the limiter, no Connection
+            # Refused at accept: reset, counted by the limiter, no Connection. (A TLS listener admitted its
+            # clients before the handshake, counting them until here: they always pass this check.)
+            self.closed = True
             transport.abort()
             return
         transport.pause_reading()
@@ -443,6 +445,9 @@ class Proxy:
         self._next_id += 1
         return self._next_id
 
+    def _open_connections(self) -> int:
+        return len(self.connections)
+
     @property
     def ports(self) -> list[int]:
         """The bound listen port of each --proxy, in order."""
@@ -458,7 +463,9 @@ class Proxy:
                 self.unresolved.add(spec)  # like Envoy's STRICT_DNS: serve, stay unready, retry
             try:
                 factory = functools.partial(ClientSide, self, spec)
-                server = await tlslisten.create_server(self.tls, factory, hosts, spec.listen_port, backlog=1024)
+                server = await tlslisten.create_server(
+                    self.tls, factory, hosts, spec.listen_port, self.limiter, self._open_connections, backlog=1024
+                )
             except OSError as exc:
                 await self.close_listeners()
                 if exc.errno == errno.EADDRINUSE:
