@@ -100,6 +100,8 @@ class CommandEvent:
     exhaust_index: int = 0  # 0 for the direct reply, 1.. for streamed replies
     awaitable: bool = False  # a monitoring hello the server may hold for maxAwaitTimeMS (exhaustAllowed)
     decode_error: str = ""  # reason token when the request or reply failed to decode
+    # (show_values, querylog.Query | None) once a sink asked for it: the shape is computed once per command.
+    query_cache: Any = None
 
     @property
     def duration_ns(self) -> int:

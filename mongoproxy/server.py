@@ -359,8 +359,10 @@ class Proxy:
         self.ready = False
         self._next_id = 0
         self._own_addresses: set[tuple[str, int]] = set()
+        # One scanner rendering per request serves the command log, tracing, the digest and the live view;
+        # the digest is on by default, so shapes are rendered unless every consumer is off.
         render = 0
-        if config.get("log_query") or config.get("trace_query"):
+        if config.get("log_query") or config.get("trace_query") or not config.get("no_digest", True):
             render = 2 if config.get("no_redact") else 1
         self.render = render
 

@@ -297,10 +297,8 @@ class CommandLogSink:
     def _query(self, event: Any) -> tuple[str | None, str | None]:
         if not self.log_query:
             return None, None
-        rendered = getattr(event.request, "query_shape", None) if event.request is not None else None
-        if not rendered:
-            return None, None
-        return querylog.prepare(rendered, event.op, self.show_values)
+        q = querylog.event_query(event, self.show_values)
+        return (q.text, q.shape) if q is not None else (None, None)
 
     def _errmsg(self, event: Any) -> str:
         msg = event.errmsg or ""

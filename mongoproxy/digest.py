@@ -1,0 +1,332 @@
+"""The query digest: per (shape, db, collection, op, app) counts, errors, latency percentiles, bytes and an example.
+
+Sans-io: `Digest.add` takes plain values, so the live sink (mongoproxy.sinks.digest), `mongoproxy digest` (recordings)
+and `mongoproxy top` (merging several proxies' JSON) share one table and one JSON schema (docs/digest.md).
+
+Latency percentiles come from a DDSketch (relative error 1%): sketches with the same mapping merge exactly, bin by bin,
+so the merged percentiles of two proxies equal the percentiles of one sketch fed both streams. Latencies are recorded
+in milliseconds rounded to the microsecond, the value the command log prints, so both can be compared.
+The table is bounded: past `max_shapes` keys the least recently seen one is evicted and counted.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
+from typing import Any
+
+from ddsketch.ddsketch import BaseDDSketch
+from ddsketch.mapping import LogarithmicMapping
+from ddsketch.store import DenseStore
+
+from mongoproxy.namespaces import NamespaceFilter
+
+SCHEMA_VERSION = 1
+RELATIVE_ACCURACY = 0.01
+DEFAULT_MAX_SHAPES = 5000
+SORTS = {
+    "total_time": lambda e: e.total_ms,
+    "p99": lambda e: e.sketch.get_quantile_value(0.99) or 0.0,
+    "count": lambda e: e.count,
+    "errors": lambda e: sum(e.errors.values()),
+}
+# One mapping for every sketch: same parameters is what makes merges exact, and it is immutable.
+_MAPPING = LogarithmicMapping(RELATIVE_ACCURACY)
+
+Key = tuple[str, str, str, str, str]  # (shape, db, collection, op, app)
+
+
+def new_sketch() -> BaseDDSketch:
+    """An empty latency sketch (ms), mergeable with every other one made here."""
+    return BaseDDSketch(_MAPPING, DenseStore(), DenseStore(), 0.0)
+
+
+def sketch_to_json(sketch: BaseDDSketch) -> dict:
+    """The sketch's bins: enough to rebuild it exactly (positive values only; latencies are never negative)."""
+    store = sketch._store
+    bins = list(store.bins)
+    lo = next((i for i, c in enumerate(bins) if c), len(bins))
+    hi = len(bins)
+    while hi > lo and not bins[hi - 1]:
+        hi -= 1
+    return {
+        "relative_accuracy": RELATIVE_ACCURACY,
+        "offset": store.offset + lo,
+        "bins": [int(c) if c == int(c) else c for c in bins[lo:hi]],  # counts: whole numbers
+        "zero_count": sketch._zero_count,
+    }
+
+
+def sketch_from_json(doc: dict) -> BaseDDSketch:
+    """Rebuild a sketch serialised by sketch_to_json; ValueError when its accuracy differs (no exact merge)."""
+    if float(doc.get("relative_accuracy", -1)) != RELATIVE_ACCURACY:
+        raise ValueError(f"sketch relative accuracy {doc.get('relative_accuracy')!r} != {RELATIVE_ACCURACY}")
+    store = DenseStore()
+    offset = int(doc["offset"])
+    for i, c in enumerate(doc["bins"]):
+        if c:
+            store.add(offset + i, float(c))
+    return BaseDDSketch(_MAPPING, store, DenseStore(), float(doc.get("zero_count", 0.0)))
+
+
+def iso(ns: int) -> str:
+    """Unix ns as ISO 8601 UTC with milliseconds."""
+    secs, frac = divmod(ns, 1_000_000_000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs)) + f".{frac // 1_000_000:03d}Z"
+
+
+def parse_iso(text: str) -> int:
+    """The inverse of iso() (Unix ns)."""
+    dt = datetime.fromisoformat(text.replace("Z", "+00:00")).astimezone(UTC)
+    return int(dt.timestamp()) * 1_000_000_000 + dt.microsecond * 1000
+
+
+class Entry:
+    """One key's aggregates."""
+
+    __slots__ = (
+        "count",
+        "errors",
+        "sketch",
+        "min_ms",
+        "max_ms",
+        "total_ms",
+        "docs_returned",
+        "docs_changed",
+        "request_bytes",
+        "reply_bytes",
+        "first_ns",
+        "last_ns",
+        "example",
+    )
+
+    def __init__(self, example: str, at_ns: int) -> None:
+        self.count = 0
+        self.errors: dict[str, int] = {}
+        self.sketch = new_sketch()
+        self.min_ms = float("inf")
+        self.max_ms = 0.0
+        self.total_ms = 0.0
+        self.docs_returned = 0
+        self.docs_changed = 0
+        self.request_bytes = 0
+        self.reply_bytes = 0
+        self.first_ns = at_ns
+        self.last_ns = at_ns
+        self.example = example
+
+    def memory(self) -> int:
+        """Approximate bytes held by this entry."""
+        store = self.sketch._store
+        return (
+            _ENTRY_BASE
+            + sys.getsizeof(store.bins)
+            + 8 * len(store.bins)  # a float object per bin, most of them small ints shared... count them anyway
+            + sys.getsizeof(self.example)
+            + sum(sys.getsizeof(k) + 64 for k in self.errors)
+        )
+
+
+# An Entry, its sketch (two stores, their lists) and the key tuple with its strings, measured once.
+_ENTRY_BASE = 1024
+
+
+class Digest:
+    """The bounded table; `to_wall` turns the timestamps given to add() into Unix ns."""
+
+    def __init__(self, max_shapes: int = DEFAULT_MAX_SHAPES, to_wall: Callable[[int], int] = int) -> None:
+        self.max_shapes = max_shapes
+        self.to_wall = to_wall
+        self.entries: OrderedDict[Key, Entry] = OrderedDict()
+        self.evictions = 0
+        self.since_ns = time.time_ns()
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def add(
+        self,
+        key: Key,
+        example: str,
+        at_ns: int,
+        duration_ms: float | None,
+        error: str | None,
+        docs_returned: int | None,
+        docs_changed: int | None,
+        request_bytes: int,
+        reply_bytes: int,
+    ) -> None:
+        """Count one command under `key` (the data path calls this: keep it short)."""
+        entries = self.entries
+        e = entries.get(key)
+        if e is None:
+            e = entries[key] = Entry(example, at_ns)
+            if len(entries) > self.max_shapes:
+                entries.popitem(last=False)
+                self.evictions += 1
+        else:
+            entries.move_to_end(key)
+            e.last_ns = at_ns
+        e.count += 1
+        if duration_ms is not None:
+            e.sketch.add(duration_ms)  # 0.0 goes to the sketch's zero bucket
+            e.total_ms += duration_ms
+            if duration_ms < e.min_ms:
+                e.min_ms = duration_ms
+            if duration_ms > e.max_ms:
+                e.max_ms = duration_ms
+        if error is not None:
+            e.errors[error] = e.errors.get(error, 0) + 1
+        if docs_returned:
+            e.docs_returned += docs_returned
+        if docs_changed:
+            e.docs_changed += docs_changed
+        e.request_bytes += request_bytes
+        e.reply_bytes += reply_bytes
+
+    def reset(self) -> None:
+        """Forget every key (evictions are a process-lifetime counter and stay)."""
+        self.entries = OrderedDict()
+        self.since_ns = time.time_ns()
+
+    def memory(self) -> int:
+        """Approximate bytes held by the table."""
+        entries = list(self.entries.values())  # one C-level copy: safe against the loop adding meanwhile
+        return sys.getsizeof(self.entries) + sum(e.memory() for e in entries)
+
+    # ---- JSON (docs/digest.md) ----
+
+    def to_json(
+        self,
+        sort: str = "total_time",
+        limit: int | None = None,
+        ns: Iterable[str] = (),
+        app: str | None = None,
+        sketch: bool = False,
+    ) -> dict:
+        """The versioned document: shapes filtered, sorted (descending) and cut to `limit`."""
+        if sort not in SORTS:
+            raise ValueError(f"sort must be one of {', '.join(SORTS)}, got {sort!r}")
+        flt = NamespaceFilter(tuple(ns))
+        items = [
+            (k, e)
+            for k, e in list(self.entries.items())
+            if (not flt or flt(k[1], k[2])) and (app is None or k[4] == app)
+        ]
+        key_fn = SORTS[sort]
+        items.sort(key=lambda ke: key_fn(ke[1]), reverse=True)
+        if limit is not None:
+            items = items[:limit]
+        return {
+            "version": SCHEMA_VERSION,
+            "since": iso(self.since_ns),
+            "max_shapes": self.max_shapes,
+            "evictions": self.evictions,
+            "shape_count": len(self.entries),
+            "memory_bytes": self.memory(),
+            "shapes": [self._shape_json(k, e, sketch) for k, e in items],
+        }
+
+    def _shape_json(self, key: Key, e: Entry, with_sketch: bool) -> dict:
+        s = e.sketch
+        timed = s.count > 0
+
+        def q(x: float) -> float | None:
+            # A bin's representative value may lie up to 1% past the extremes seen: clamp it to them.
+            return round(min(max(s.get_quantile_value(x), e.min_ms), e.max_ms), 3) if timed else None
+
+        out = {
+            "shape": key[0],
+            "db": key[1],
+            "collection": key[2],
+            "op": key[3],
+            "app": key[4],
+            "count": e.count,
+            "errors": dict(e.errors),
+            "latency_ms": {
+                "p50": q(0.50),
+                "p95": q(0.95),
+                "p99": q(0.99),
+                "min": round(e.min_ms, 3) if timed else None,
+                "max": round(e.max_ms, 3) if timed else None,
+                "total": round(e.total_ms, 3),
+            },
+            "docs_returned": e.docs_returned,
+            "docs_changed": e.docs_changed,
+            "request_bytes": e.request_bytes,
+            "reply_bytes": e.reply_bytes,
+            "first_seen": iso(self.to_wall(e.first_ns)),
+            "last_seen": iso(self.to_wall(e.last_ns)),
+            "example": e.example,
+        }
+        if with_sketch:
+            out["sketch"] = sketch_to_json(s)
+        return out
+
+    def merge_json(self, doc: dict) -> None:
+        """Fold another digest's document (fetched with sketch=1) into this one; ValueError when it cannot be exact."""
+        if doc.get("version") != SCHEMA_VERSION:
+            raise ValueError(f"digest schema version {doc.get('version')!r}, expected {SCHEMA_VERSION}")
+        since = parse_iso(doc["since"])
+        if not self.entries or since < self.since_ns:
+            self.since_ns = since
+        self.evictions += int(doc.get("evictions", 0))
+        for s in doc["shapes"]:
+            if "sketch" not in s:
+                raise ValueError("a digest without sketches cannot be merged exactly: fetch it with sketch=1")
+            key = (s["shape"], s["db"], s["collection"], s["op"], s["app"])
+            lat = s["latency_ms"]
+            first, last = parse_iso(s["first_seen"]), parse_iso(s["last_seen"])
+            e = self.entries.get(key)
+            if e is None:
+                e = self.entries[key] = Entry(s["example"], first)
+                e.last_ns = last
+            e.first_ns, e.last_ns = min(e.first_ns, first), max(e.last_ns, last)
+            e.count += s["count"]
+            for name, n in s["errors"].items():
+                e.errors[name] = e.errors.get(name, 0) + n
+            e.sketch.merge(sketch_from_json(s["sketch"]))
+            if lat["min"] is not None:
+                e.min_ms = min(e.min_ms, lat["min"])
+                e.max_ms = max(e.max_ms, lat["max"])
+            e.total_ms += lat["total"]
+            e.docs_returned += s["docs_returned"]
+            e.docs_changed += s["docs_changed"]
+            e.request_bytes += s["request_bytes"]
+            e.reply_bytes += s["reply_bytes"]
+        self.max_shapes = max(self.max_shapes, len(self.entries))
+
+
+def error_name(event: Any) -> str | None:
+    """The codeName a failed command is counted under (ok:0, else its first write error, else write concern)."""
+    from mongoproxy.querylog import code_name
+
+    if event.ok is False:
+        return code_name(event.code_name, event.code)
+    reply = event.reply
+    if reply is None:
+        return None
+    if reply.write_errors:
+        return code_name(reply.write_error_code_name, reply.write_error_code)
+    if reply.write_concern_error_code is not None:
+        return code_name(reply.write_concern_error_code_name, reply.write_concern_error_code)
+    return None
+
+
+def add_event(digest: Digest, event: Any, q: Any, at_ns: int) -> None:
+    """Count one CommandEvent whose Query (or None) was computed by the caller."""
+    has_reply = bool(event.reply_last_ns)
+    digest.add(
+        (q.shape if q is not None else "", event.database, event.collection, event.op, event.connection.app_name),
+        q.redacted if q is not None else "",
+        at_ns,
+        round((event.reply_last_ns - event.request_first_ns) / 1e6, 3) if has_reply else None,
+        error_name(event) if (event.ok is False or (event.reply is not None and event.failed)) else None,
+        event.documents_returned,
+        event.documents_changed,
+        event.request_size,
+        event.reply_size if has_reply else 0,
+    )

@@ -1,0 +1,107 @@
+// The live view: polls GET /digest every second and follows GET /live (Server-Sent Events).
+// No framework and no build step: this file is served as is by the proxy's admin endpoint.
+"use strict";
+(function () {
+  const MAX_ROWS = 300;
+  const $ = (id) => document.getElementById(id);
+  let paused = false;
+
+  function cell(tr, text, cls) {
+    const td = document.createElement("td");
+    td.textContent = text === null || text === undefined ? "" : String(text);
+    if (cls) td.className = cls;
+    tr.appendChild(td);
+    return td;
+  }
+  const ns = (r) => (r.collection ? r.db + "." + r.collection : r.db);
+  const ms = (x) => (x === null || x === undefined ? "-" : x.toFixed(2));
+
+  async function refreshDigest() {
+    try {
+      const resp = await fetch("/digest?limit=200&sort=" + encodeURIComponent($("sort").value));
+      if (!resp.ok) {
+        $("digest-note").textContent = resp.status === 404 ? "the digest is off (--no-digest)" : "GET /digest: " + resp.status;
+        return;
+      }
+      const doc = await resp.json();
+      $("since").textContent = "since " + doc.since;
+      $("digest-note").textContent = doc.shape_count + " shapes, " + doc.evictions + " evicted, ~" +
+        Math.round(doc.memory_bytes / 1024) + " KiB";
+      const body = document.createElement("tbody");
+      for (const s of doc.shapes) {
+        const tr = document.createElement("tr");
+        tr.className = "shape-row";
+        const errors = Object.values(s.errors).reduce((a, b) => a + b, 0);
+        if (errors) tr.classList.add("failed");
+        cell(tr, ns(s) || "-").title = ns(s);
+        cell(tr, s.op);
+        cell(tr, s.app || "-");
+        cell(tr, s.count, "num");
+        cell(tr, errors ? errors + " " + Object.keys(s.errors).join(",") : 0, "num");
+        cell(tr, ms(s.latency_ms.p50), "num");
+        cell(tr, ms(s.latency_ms.p95), "num");
+        cell(tr, ms(s.latency_ms.p99), "num");
+        cell(tr, ms(s.latency_ms.max), "num");
+        cell(tr, ms(s.latency_ms.total), "num");
+        const q = cell(tr, s.example || s.shape, "query");
+        q.title = "shape " + s.shape;
+        tr.addEventListener("click", () => tr.classList.toggle("open"));
+        body.appendChild(tr);
+      }
+      $("digest").replaceChild(body, $("digest").tBodies[0]);
+    } catch (e) {
+      $("digest-note").textContent = "cannot reach the proxy: " + e;
+    }
+  }
+
+  function matches(r) {
+    const fns = $("f-ns").value.trim(), fop = $("f-op").value.trim(), fapp = $("f-app").value.trim();
+    if (fns && !ns(r).startsWith(fns)) return false;
+    if (fop && r.op.toLowerCase() !== fop.toLowerCase()) return false;
+    if (fapp && r.app !== fapp) return false;
+    if ($("f-errors").checked && !r.failed) return false;
+    return true;
+  }
+
+  function addCommand(r) {
+    if (paused || !matches(r)) return;
+    const tr = document.createElement("tr");
+    tr.className = "cmd-row" + (r.failed ? " failed" : "");
+    cell(tr, new Date(r.time).toISOString().slice(11, 23));
+    cell(tr, r.app || "-");
+    cell(tr, ns(r) || "-").title = ns(r);
+    cell(tr, r.op);
+    cell(tr, ms(r.duration_ms), "num");
+    cell(tr, r.failed ? r.error : "ok");
+    cell(tr, r.query, "query").title = "shape " + r.shape;
+    const body = $("stream").tBodies[0];
+    body.insertBefore(tr, body.firstChild);
+    while (body.rows.length > MAX_ROWS) body.deleteRow(body.rows.length - 1);
+    if (r.dropped) $("dropped").textContent = r.dropped + " dropped (browser too slow)";
+  }
+
+  function connect() {
+    const src = new EventSource("/live");
+    src.addEventListener("hello", (ev) => {
+      const hello = JSON.parse(ev.data);
+      $("status").textContent = "live";
+      $("mode").textContent = hello.redacted ? "redacted" : "values shown (--no-redact)";
+    });
+    src.addEventListener("command", (ev) => addCommand(JSON.parse(ev.data)));
+    src.onerror = () => { $("status").textContent = "reconnecting…"; };
+  }
+
+  $("pause").addEventListener("click", () => {
+    paused = !paused;
+    $("pause").textContent = paused ? "resume" : "pause";
+    $("pause").classList.toggle("on", paused);
+  });
+  $("sort").addEventListener("change", refreshDigest);
+  $("reset").addEventListener("click", async () => {
+    await fetch("/digest/reset", { method: "POST" });
+    refreshDigest();
+  });
+  connect();
+  refreshDigest();
+  setInterval(refreshDigest, 1000);
+})();
