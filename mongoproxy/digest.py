@@ -29,7 +29,7 @@ RELATIVE_ACCURACY = 0.01
 DEFAULT_MAX_SHAPES = 5000
 SORTS = {
     "total_time": lambda e: e.total_ms,
-    "p99": lambda e: e.sketch.get_quantile_value(0.99) or 0.0,
+    "p99": lambda e: e.flush().get_quantile_value(0.99) or 0.0,
     "count": lambda e: e.count,
     "errors": lambda e: sum(e.errors.values()),
 }
@@ -39,9 +39,56 @@ _MAPPING = LogarithmicMapping(RELATIVE_ACCURACY)
 Key = tuple[str, str, str, str, str]  # (shape, db, collection, op, app)
 
 
-def new_sketch() -> BaseDDSketch:
+# Latencies are ms rounded to the µs, so few distinct values recur: their bin keys are looked up, not recomputed.
+_KEYS: dict[float, int] = {}
+_KEYS_MAX = 100_000
+
+
+class LatencySketch(BaseDDSketch):
+    """A DDSketch (the one mapping, dense stores) with a quicker add for the data path; its bins are add()'s.
+
+    add_ms() leaves the sketch's own min/max/sum alone: Entry keeps those, the sketch serves quantiles and merges.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(_MAPPING, DenseStore(), DenseStore(), 0.0)
+
+    def add_ms(self, ms: float) -> None:
+        """Count one latency in milliseconds (>= 0)."""
+        if ms <= _MAPPING.min_possible:
+            self.add(ms)  # the zero bucket
+        else:
+            self.add_keys({bin_key(ms): 1})
+
+    def add_keys(self, counts: dict[int, int]) -> None:
+        """Count latencies given as {bin key (from bin_key), count}; ZERO_KEY is the zero bucket."""
+        store = self._store
+        for key, n in counts.items():
+            if key == ZERO_KEY:
+                self.add(0.0, float(n))
+                continue
+            store.add(key, float(n))
+            self._count += n
+
+
+# A bin key no positive latency maps to (keys of values >= 1 µs are far above it): the zero bucket.
+ZERO_KEY = -(1 << 62)
+
+
+def bin_key(ms: float) -> int:
+    """The sketch bin of a latency in ms, as DDSketch.add would choose it; looked up for recurring values."""
+    key = _KEYS.get(ms)
+    if key is None:
+        key = _MAPPING.key(ms) if ms > _MAPPING.min_possible else ZERO_KEY
+        if len(_KEYS) >= _KEYS_MAX:
+            _KEYS.clear()
+        _KEYS[ms] = key
+    return key
+
+
+def new_sketch() -> LatencySketch:
     """An empty latency sketch (ms), mergeable with every other one made here."""
-    return BaseDDSketch(_MAPPING, DenseStore(), DenseStore(), 0.0)
+    return LatencySketch()
 
 
 def sketch_to_json(sketch: BaseDDSketch) -> dict:
@@ -69,7 +116,9 @@ def sketch_from_json(doc: dict) -> BaseDDSketch:
     for i, c in enumerate(doc["bins"]):
         if c:
             store.add(offset + i, float(c))
-    return BaseDDSketch(_MAPPING, store, DenseStore(), float(doc.get("zero_count", 0.0)))
+    sketch = LatencySketch()
+    sketch.merge(BaseDDSketch(_MAPPING, store, DenseStore(), float(doc.get("zero_count", 0.0))))
+    return sketch
 
 
 def iso(ns: int) -> str:
@@ -101,9 +150,11 @@ class Entry:
         "first_ns",
         "last_ns",
         "example",
+        "pending",
     )
 
     def __init__(self, example: str, at_ns: int) -> None:
+        self.pending: dict[int, int] = {}  # sketch bin key -> latencies not yet in the sketch
         self.count = 0
         self.errors: dict[str, int] = {}
         self.sketch = new_sketch()
@@ -118,13 +169,22 @@ class Entry:
         self.last_ns = at_ns
         self.example = example
 
+    def flush(self) -> LatencySketch:
+        """The sketch with every latency counted so far (readers call this; the data path only buffers)."""
+        pending = self.pending
+        if pending:
+            self.pending = {}
+            self.sketch.add_keys(pending)
+        return self.sketch
+
     def memory(self) -> int:
         """Approximate bytes held by this entry."""
         store = self.sketch._store
         return (
             _ENTRY_BASE
             + sys.getsizeof(store.bins)
-            + 8 * len(store.bins)  # a float object per bin, most of them small ints shared... count them anyway
+            + 8 * len(store.bins)  # a float per bin
+            + sys.getsizeof(self.pending)
             + sys.getsizeof(self.example)
             + sum(sys.getsizeof(k) + 64 for k in self.errors)
         )
@@ -172,7 +232,12 @@ class Digest:
             e.last_ns = at_ns
         e.count += 1
         if duration_ms is not None:
-            e.sketch.add(duration_ms)  # 0.0 goes to the sketch's zero bucket
+            # Buffered by bin (bounded by the sketch's bin count) and folded into the sketch when read.
+            k = _KEYS.get(duration_ms)
+            if k is None:
+                k = bin_key(duration_ms)
+            p = e.pending
+            p[k] = p.get(k, 0) + 1
             e.total_ms += duration_ms
             if duration_ms < e.min_ms:
                 e.min_ms = duration_ms
@@ -231,7 +296,7 @@ class Digest:
         }
 
     def _shape_json(self, key: Key, e: Entry, with_sketch: bool) -> dict:
-        s = e.sketch
+        s = e.flush()
         timed = s.count > 0
 
         def q(x: float) -> float | None:
@@ -288,7 +353,7 @@ class Digest:
             e.count += s["count"]
             for name, n in s["errors"].items():
                 e.errors[name] = e.errors.get(name, 0) + n
-            e.sketch.merge(sketch_from_json(s["sketch"]))
+            e.flush().merge(sketch_from_json(s["sketch"]))
             if lat["min"] is not None:
                 e.min_ms = min(e.min_ms, lat["min"])
                 e.max_ms = max(e.max_ms, lat["max"])
@@ -314,19 +379,3 @@ def error_name(event: Any) -> str | None:
     if reply.write_concern_error_code is not None:
         return code_name(reply.write_concern_error_code_name, reply.write_concern_error_code)
     return None
-
-
-def add_event(digest: Digest, event: Any, q: Any, at_ns: int) -> None:
-    """Count one CommandEvent whose Query (or None) was computed by the caller."""
-    has_reply = bool(event.reply_last_ns)
-    digest.add(
-        (q.shape if q is not None else "", event.database, event.collection, event.op, event.connection.app_name),
-        q.redacted if q is not None else "",
-        at_ns,
-        round((event.reply_last_ns - event.request_first_ns) / 1e6, 3) if has_reply else None,
-        error_name(event) if (event.ok is False or (event.reply is not None and event.failed)) else None,
-        event.documents_returned,
-        event.documents_changed,
-        event.request_size,
-        event.reply_size if has_reply else 0,
-    )

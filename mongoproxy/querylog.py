@@ -159,6 +159,7 @@ class Query:
     text: str  # what a log shows: literals '?' unless values were asked for (secrets always '?')
     redacted: str  # every literal '?', whatever was asked for
     shape: str  # 16 hex digits: the same for every command of this shape
+    values: bool = False  # whether `text` may show literal values (it was asked for with show_values)
 
 
 # Redacted renderings repeat (literals are already '?'), so their Query is looked up, not recomputed:
@@ -180,18 +181,22 @@ def query_of(rendered: str, op: str, show_values: bool) -> Query:
         return q
     text, shape = prepare(rendered, op, True)
     redacted, _ = prepare(rendered, op, False)
-    return Query(text, redacted, shape)
+    return Query(text, redacted, shape, True)
 
 
 def event_query(event: Any, show_values: bool) -> Query | None:
     """The event's Query, computed on first use and kept on the event; None when its body was not rendered."""
-    cached = event.query_cache
-    if cached is not None and cached[0] is show_values:
-        return cached[1]
+    q = event.query_cache
+    if q is not None and q.values is show_values:
+        return q
     request = event.request
     rendered = request.query_shape if request is not None else None
-    q = query_of(rendered, event.op, show_values) if rendered else None
-    event.query_cache = (show_values, q)
+    if not rendered:
+        return None
+    q = None if show_values else _cache.get(rendered)  # the usual case, without a call
+    if q is None:
+        q = query_of(rendered, event.op, show_values)
+    event.query_cache = q
     return q
 
 

@@ -48,6 +48,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--ns", action="append", default=[], help="only these namespaces: db.collection, db.* or db")
     p.add_argument("--app", help="only this client application name")
     p.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes (default: 1)")
+    p.add_argument("--count", type=int, default=0, help="without a terminal: stop after this many tables (0: never)")
     p.add_argument("--once", action="store_true", help="print one table (or --json document) and exit")
     p.add_argument("--json", action="store_true", help="with --once: the merged digest as JSON (GET /digest schema)")
     p.set_defaults(func=main)
@@ -107,10 +108,14 @@ def main(args: argparse.Namespace) -> int:
     if args.json:
         raise MongoProxyError("--json goes with --once")
     if not (sys.stdout.isatty() and sys.stdin.isatty()):
-        while True:  # until interrupted, as `top -b` does
+        shown = 0
+        while True:  # until interrupted or --count tables, as `top -b -n N` does
             doc = sources.merged().to_json(args.sort, args.limit, args.ns, args.app)
             sys.stdout.write(digestview.plain_table(doc) + "\n")
             sys.stdout.flush()
+            shown += 1
+            if shown == args.count:
+                return 0
             time.sleep(args.interval)
     return _interactive(sources, args)
 

@@ -16,6 +16,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from mongoproxy import digest as digest_mod
 from mongoproxy.config import Option, positive_int
+from mongoproxy.digest import error_name
 from mongoproxy.events import wall_ns
 from mongoproxy.querylog import event_query
 
@@ -63,7 +64,23 @@ class DigestSink:
         """Count one command."""
         if event.awaitable:
             return
-        digest_mod.add_event(self.digest, event, event_query(event, self.show_values), event.request_first_ns)
+        q = event_query(event, self.show_values)
+        last = event.reply_last_ns
+        first = event.request_first_ns
+        r = event.reply
+        self.digest.add(
+            (q.shape if q is not None else "", event.database, event.collection, event.op, event.connection.app_name),
+            q.redacted if q is not None else "",
+            first,
+            ((last - first + 500) // 1000) / 1000 if last else None,  # events.duration_ms, inline: the data path
+            error_name(event)
+            if event.ok is False or (r is not None and (r.write_errors or r.write_concern_error_code is not None))
+            else None,
+            event.documents_returned,
+            event.documents_changed,
+            event.request_size,
+            event.reply_size if last else 0,
+        )
 
     # ---- admin API ----
 

@@ -15,7 +15,7 @@ from importlib import resources
 from typing import Any
 
 from mongoproxy.digest import error_name
-from mongoproxy.events import wall_ns
+from mongoproxy.events import duration_ms, wall_ns
 from mongoproxy.querylog import event_query
 
 log = logging.getLogger("mongoproxy.live")
@@ -70,7 +70,7 @@ class LiveSink:
             "db": event.database,
             "collection": event.collection,
             "op": event.op,
-            "duration_ms": round(event.duration_ns / 1e6, 3) if has_reply else None,
+            "duration_ms": duration_ms(event.duration_ns) if has_reply else None,
             "documents_returned": event.documents_returned,
             "documents_changed": event.documents_changed,
             "failed": failed,

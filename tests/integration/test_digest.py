@@ -148,6 +148,7 @@ def test_top_once_merges_two_proxies_exactly(secantus, db_name, tmp_path):
             wait_digest(p, f"/digest?ns={db_name}.orders", 3 * N)
         admins = ["--admin", pa.admin_url, "--admin", pb.admin_url + "/"]
         out = run_proxy_cli(["top", "--once", "--json", "--ns", f"{db_name}.orders", *admins])
+        periodic = run_proxy_cli(["top", "--count", "2", "--interval", "0.1", "--ns", f"{db_name}.orders", *admins])
         plain = run_proxy_cli(["top", "--once", "--ns", f"{db_name}.orders", *admins])
     assert out.returncode == 0, out.stderr
     merged = json.loads(out.stdout)
@@ -170,6 +171,9 @@ def test_top_once_merges_two_proxies_exactly(secantus, db_name, tmp_path):
     lines = plain.stdout.splitlines()
     assert lines[1].split()[:3] == ["total", "ms", "%"] and len(lines) == 2 + 3
     assert all(f"{db_name}.orders" in line and str(2 * N) in line.split() for line in lines[2:])
+    # Without a terminal, `top` prints the plain table periodically (here twice, then stops).
+    assert periodic.returncode == 0, periodic.stderr
+    assert periodic.stdout.count("# digest since") == 2 and periodic.stdout.count("total ms") == 2
 
 
 def test_top_names_an_unreachable_proxy_in_one_line():
@@ -181,3 +185,62 @@ def test_top_names_an_unreachable_proxy_in_one_line():
 def test_bad_digest_flag_is_one_line():
     out = run_proxy_cli(["run", "--proxy", "0:127.0.0.1:1", "--digest-max-shapes", "0"])
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and "--digest-max-shapes" in out.stderr
+
+
+def _read_until(fd: int, needle: str, timeout: float = 15.0) -> str:
+    import os
+    import select
+
+    seen = b""
+    deadline = time.monotonic() + timeout
+    while needle.encode() not in seen:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise AssertionError(f"{needle!r} not shown; the terminal got: {seen[-3000:]!r}")
+        ready, _, _ = select.select([fd], [], [], left)
+        if ready:
+            try:
+                seen += os.read(fd, 65536)
+            except OSError:
+                break
+    return seen.decode("utf-8", "replace")
+
+
+def test_top_on_a_terminal_switches_sort_filters_shows_an_example_and_quits(secantus, db_name):
+    import os
+    import pty
+    import subprocess
+    import sys
+
+    from tests.support.proxy import proxy_env
+    from tests.support.system import REPO_ROOT
+
+    with admin_proxy(secantus.address) as p:
+        workload(p.uri, db_name, apps=("app-a",))
+        wait_digest(p, f"/digest?ns={db_name}.orders", 3 * N)
+        primary, secondary = pty.openpty()
+        env = proxy_env({"COLUMNS": "200", "LINES": "40", "TERM": "xterm"})
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mongoproxy", "top", "--admin", p.admin_url, "--interval", "0.3"],
+            stdin=secondary,
+            stdout=secondary,
+            stderr=secondary,
+            env=env,
+            cwd=str(REPO_ROOT),
+        )
+        os.close(secondary)
+        try:
+            _read_until(primary, "total ms ▼")
+            os.write(primary, b"c")
+            _read_until(primary, "count ▼")
+            os.write(primary, b"n" + f"{db_name}.orders".encode() + b"\r")
+            _read_until(primary, f"ns={db_name}.orders")
+            os.write(primary, b"\r")  # the selected shape's example query
+            _read_until(primary, '"?"')
+            os.write(primary, b"q")
+            assert proc.wait(15) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            os.close(primary)
