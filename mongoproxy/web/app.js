@@ -5,6 +5,7 @@
   const MAX_ROWS = 300;
   const $ = (id) => document.getElementById(id);
   let paused = false;
+  const opened = new Set(); // digest shapes whose whole example is shown, kept across refreshes
 
   function cell(tr, text, cls) {
     const td = document.createElement("td");
@@ -13,6 +14,26 @@
     tr.appendChild(td);
     return td;
   }
+
+  // One command or shape is a <tbody>: its figures, then its query text on a full-width second line.
+  function group(cls, failed, query, shape, columns) {
+    const tbody = document.createElement("tbody");
+    tbody.className = cls + (failed ? " failed" : "");
+    const head = document.createElement("tr");
+    const detail = document.createElement("tr");
+    detail.className = "detail";
+    const td = cell(detail, "", "query");
+    td.colSpan = columns;
+    const div = document.createElement("div"); // two lines at most; a click on a digest shape opens it
+    div.className = "clamp";
+    div.textContent = query || "(no query text)";
+    div.title = "shape " + (shape || "-");
+    td.appendChild(div);
+    tbody.appendChild(head);
+    tbody.appendChild(detail);
+    return [tbody, head];
+  }
+
   const ns = (r) => (r.collection ? r.db + "." + r.collection : r.db);
   const ms = (x) => (x === null || x === undefined ? "-" : x.toFixed(2));
 
@@ -27,12 +48,11 @@
       $("since").textContent = "since " + doc.since;
       $("digest-note").textContent = doc.shape_count + " shapes, " + doc.evictions + " evicted, ~" +
         Math.round(doc.memory_bytes / 1024) + " KiB";
-      const body = document.createElement("tbody");
+      const table = $("digest");
+      while (table.tBodies.length) table.removeChild(table.tBodies[0]);
       for (const s of doc.shapes) {
-        const tr = document.createElement("tr");
-        tr.className = "shape-row";
         const errors = Object.values(s.errors).reduce((a, b) => a + b, 0);
-        if (errors) tr.classList.add("failed");
+        const [tbody, tr] = group("shape", errors > 0, s.example, s.shape, 10);
         cell(tr, ns(s) || "-").title = ns(s);
         cell(tr, s.op);
         cell(tr, s.app || "-");
@@ -43,12 +63,13 @@
         cell(tr, ms(s.latency_ms.p99), "num");
         cell(tr, ms(s.latency_ms.max), "num");
         cell(tr, ms(s.latency_ms.total), "num");
-        const q = cell(tr, s.example || s.shape, "query");
-        q.title = "shape " + s.shape;
-        tr.addEventListener("click", () => tr.classList.toggle("open"));
-        body.appendChild(tr);
+        const key = [s.shape, s.db, s.collection, s.op, s.app].join("\u0000");
+        if (opened.has(key)) tbody.classList.add("open");
+        tbody.addEventListener("click", () => {
+          if (tbody.classList.toggle("open")) opened.add(key); else opened.delete(key);
+        });
+        table.appendChild(tbody);
       }
-      $("digest").replaceChild(body, $("digest").tBodies[0]);
     } catch (e) {
       $("digest-note").textContent = "cannot reach the proxy: " + e;
     }
@@ -65,18 +86,16 @@
 
   function addCommand(r) {
     if (paused || !matches(r)) return;
-    const tr = document.createElement("tr");
-    tr.className = "cmd-row" + (r.failed ? " failed" : "");
+    const [tbody, tr] = group("cmd", r.failed, r.query, r.shape, 6);
     cell(tr, new Date(r.time).toISOString().slice(11, 23));
     cell(tr, r.app || "-");
     cell(tr, ns(r) || "-").title = ns(r);
     cell(tr, r.op);
     cell(tr, ms(r.duration_ms), "num");
     cell(tr, r.failed ? r.error : "ok");
-    cell(tr, r.query, "query").title = "shape " + r.shape;
-    const body = $("stream").tBodies[0];
-    body.insertBefore(tr, body.firstChild);
-    while (body.rows.length > MAX_ROWS) body.deleteRow(body.rows.length - 1);
+    const table = $("stream");
+    table.insertBefore(tbody, table.tBodies[0] || null);
+    while (table.tBodies.length > MAX_ROWS) table.removeChild(table.tBodies[table.tBodies.length - 1]);
     if (r.dropped) $("dropped").textContent = r.dropped + " dropped (browser too slow)";
   }
 

@@ -75,7 +75,7 @@ def test_web_view_shows_the_digest_and_streams_commands(secantus, db_name):
                 # The digest table fills from GET /digest.
                 wait_for(
                     lambda: any(
-                        f"{db_name}.orders" in r.text for r in driver.find_elements(By.CSS_SELECTOR, "#digest tbody tr")
+                        f"{db_name}.orders" in r.text for r in driver.find_elements(By.CSS_SELECTOR, "#digest tbody.shape")
                     ),
                     10,
                     "a digest row of the workload",
@@ -87,7 +87,7 @@ def test_web_view_shows_the_digest_and_streams_commands(secantus, db_name):
                 rows = wait_for(
                     lambda: [
                         r
-                        for r in driver.find_elements(By.CSS_SELECTOR, "#stream tbody tr.cmd-row")
+                        for r in driver.find_elements(By.CSS_SELECTOR, "#stream tbody.cmd")
                         if f"{db_name}.orders" in r.text and "find" in r.text
                     ],
                     2.0,
@@ -100,12 +100,12 @@ def test_web_view_shows_the_digest_and_streams_commands(secantus, db_name):
                 assert driver.find_element(By.ID, "mode").text == "redacted"
                 # Pause stops new rows.
                 driver.find_element(By.ID, "pause").click()
-                before = len(driver.find_elements(By.CSS_SELECTOR, "#stream tbody tr.cmd-row"))
+                before = len(driver.find_elements(By.CSS_SELECTOR, "#stream tbody.cmd"))
                 coll.find_one({"sku": "x"})
                 with urllib.request.urlopen(p.admin_url + "/digest", timeout=5) as resp:
                     assert json.loads(resp.read())["version"] == 1
                 time.sleep(0.5)
-                assert len(driver.find_elements(By.CSS_SELECTOR, "#stream tbody tr.cmd-row")) == before
+                assert len(driver.find_elements(By.CSS_SELECTOR, "#stream tbody.cmd")) == before
                 driver.find_element(By.ID, "pause").click()
                 ARTIFACTS.mkdir(exist_ok=True)
                 shot = ARTIFACTS / "web-view.png"
