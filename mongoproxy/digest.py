@@ -300,8 +300,11 @@ class Digest:
         timed = s.count > 0
 
         def q(x: float) -> float | None:
+            v = s.get_quantile_value(x)
+            if v is None:
+                return None
             # A bin's representative value may lie up to 1% past the extremes seen: clamp it to them.
-            return round(min(max(s.get_quantile_value(x), e.min_ms), e.max_ms), 3) if timed else None
+            return round(min(max(v, e.min_ms), e.max_ms), 3)
 
         out = {
             "shape": key[0],

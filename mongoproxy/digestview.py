@@ -20,7 +20,7 @@ def ns_of(s: dict) -> str:
 def rows(doc: dict) -> list[tuple[str, ...]]:
     """One text tuple per shape, in COLUMNS order."""
     grand = sum(s["latency_ms"]["total"] for s in doc["shapes"]) or 1.0
-    out = []
+    out: list[tuple[str, ...]] = []
     for s in doc["shapes"]:
         lat = s["latency_ms"]
         errors = sum(s["errors"].values())

@@ -18,8 +18,9 @@ from mongoproxy.digest import SORTS, Digest
 from mongoproxy.errors import ReplayError
 from mongoproxy.events import Connection, SinkBus
 
-# The one place this module touches the replay reader (mongoproxy/replay.py is being split into a package).
-from mongoproxy.replay import Reassembler, _guess_client, _require_dpkt, expand_inputs, iter_packets  # noqa: E402
+# The one place this module touches the replay package: its reader (packets, TCP, framing) and input expansion.
+from mongoproxy.replay.extract import _guess_client, expand_inputs
+from mongoproxy.replay.reader import Reassembler, iter_packets, require_dpkt
 from mongoproxy.sinks.digest import DigestSink
 from mongoproxy.tracker import Tracker
 
@@ -44,7 +45,7 @@ def add_parser(sub: Any) -> None:
 def digest_files(paths: list[str], warnings: list[str]) -> Digest:
     """The digest of every MongoDB connection in the capture files."""
     files = expand_inputs(paths)
-    _require_dpkt()
+    require_dpkt()
     reassembler = Reassembler()
     for path in files:
         for pkt in iter_packets(path, warnings):

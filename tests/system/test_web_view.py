@@ -75,7 +75,8 @@ def test_web_view_shows_the_digest_and_streams_commands(secantus, db_name):
                 # The digest table fills from GET /digest.
                 wait_for(
                     lambda: any(
-                        f"{db_name}.orders" in r.text for r in driver.find_elements(By.CSS_SELECTOR, "#digest tbody.shape")
+                        f"{db_name}.orders" in r.text
+                        for r in driver.find_elements(By.CSS_SELECTOR, "#digest tbody.shape")
                     ),
                     10,
                     "a digest row of the workload",
