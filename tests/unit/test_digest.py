@@ -199,3 +199,14 @@ def test_the_data_path_add_fills_the_same_bins_as_ddsketch_add():
     assert sketch_to_json(fast) == sketch_to_json(ref)
     for q in (0.0, 0.01, 0.5, 0.95, 0.99, 1.0):
         assert fast.get_quantile_value(q) == ref.get_quantile_value(q)
+
+
+def test_the_cost_benchmark_runs_every_variant_and_counts_every_command(capsys):
+    import json
+
+    from benchmarks import digestcost
+
+    assert digestcost.main(["--pairs", "300", "--rounds", "2"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out["us_per_round_trip"]) == {"off", "render", "digest", "digest100"}
+    assert set(out["median_minus_off_us"]) == {"render", "digest", "digest100"}
