@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import sys
 import time
+from bisect import bisect_right
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
+from itertools import accumulate
 from typing import Any
 
 from ddsketch.ddsketch import BaseDDSketch
@@ -29,7 +31,7 @@ RELATIVE_ACCURACY = 0.01
 DEFAULT_MAX_SHAPES = 5000
 SORTS = {
     "total_time": lambda e: e.total_ms,
-    "p99": lambda e: e.flush().get_quantile_value(0.99) or 0.0,
+    "p99": lambda e: e.quantiles()[2] or 0.0,
     "count": lambda e: e.count,
     "errors": lambda e: sum(e.errors.values()),
 }
@@ -89,6 +91,33 @@ def bin_key(ms: float) -> int:
 def new_sketch() -> LatencySketch:
     """An empty latency sketch (ms), mergeable with every other one made here."""
     return LatencySketch()
+
+
+QUANTILES = (0.50, 0.95, 0.99)
+
+
+def quantiles(sketch: BaseDDSketch, qs: Sequence[float]) -> list[float | None]:
+    """sketch.get_quantile_value(q) for each q, in one pass over the bins instead of one per quantile.
+
+    The same ranks and keys as DDSketch: rank q*(count-1); the zero bucket first; then the first bin whose running
+    count exceeds the rest of the rank (DenseStore.key_at_rank with lower=True).
+    """
+    count = sketch.count
+    if not count:
+        return [None] * len(qs)
+    if sketch._negative_store.count:  # never here (latencies are >= 0), but then the library decides
+        return [sketch.get_quantile_value(q) for q in qs]
+    store, zero = sketch._store, sketch._zero_count
+    running = list(accumulate(store.bins))
+    out: list[float | None] = []
+    for q in qs:
+        rank = q * (count - 1)
+        if rank < zero:
+            out.append(0.0)
+            continue
+        i = bisect_right(running, rank - zero)
+        out.append(_MAPPING.value(store.offset + i if i < len(running) else store.max_key))
+    return out
 
 
 def sketch_to_json(sketch: BaseDDSketch) -> dict:
@@ -151,10 +180,12 @@ class Entry:
         "last_ns",
         "example",
         "pending",
+        "cached",
     )
 
     def __init__(self, example: str, at_ns: int) -> None:
         self.pending: dict[int, int] = {}  # sketch bin key -> latencies not yet in the sketch
+        self.cached: list[float | None] | None = None  # QUANTILES of the sketch, until it changes
         self.count = 0
         self.errors: dict[str, int] = {}
         self.sketch = new_sketch()
@@ -175,7 +206,15 @@ class Entry:
         if pending:
             self.pending = {}
             self.sketch.add_keys(pending)
+            self.cached = None
         return self.sketch
+
+    def quantiles(self) -> list[float | None]:
+        """p50, p95, p99 (ms) of the latencies so far, recomputed only when some came since the last call."""
+        sketch = self.flush()
+        if self.cached is None:
+            self.cached = quantiles(sketch, QUANTILES)
+        return self.cached
 
     def memory(self) -> int:
         """Approximate bytes held by this entry."""
@@ -264,15 +303,10 @@ class Digest:
 
     # ---- JSON (docs/digest.md) ----
 
-    def to_json(
-        self,
-        sort: str = "total_time",
-        limit: int | None = None,
-        ns: Iterable[str] = (),
-        app: str | None = None,
-        sketch: bool = False,
-    ) -> dict:
-        """The versioned document: shapes filtered, sorted (descending) and cut to `limit`."""
+    def select(
+        self, sort: str = "total_time", limit: int | None = None, ns: Iterable[str] = (), app: str | None = None
+    ) -> list[tuple[Key, Entry]]:
+        """The keys a document shows: filtered, sorted (descending) and cut to `limit`; ValueError for a bad sort."""
         if sort not in SORTS:
             raise ValueError(f"sort must be one of {', '.join(SORTS)}, got {sort!r}")
         flt = NamespaceFilter(tuple(ns))
@@ -283,8 +317,10 @@ class Digest:
         ]
         key_fn = SORTS[sort]
         items.sort(key=lambda ke: key_fn(ke[1]), reverse=True)
-        if limit is not None:
-            items = items[:limit]
+        return items if limit is None else items[:limit]
+
+    def header(self) -> dict:
+        """The document without its shapes."""
         return {
             "version": SCHEMA_VERSION,
             "since": iso(self.since_ns),
@@ -292,15 +328,29 @@ class Digest:
             "evictions": self.evictions,
             "shape_count": len(self.entries),
             "memory_bytes": self.memory(),
-            "shapes": [self._shape_json(k, e, sketch) for k, e in items],
+            "shapes": [],
         }
 
-    def _shape_json(self, key: Key, e: Entry, with_sketch: bool) -> dict:
+    def to_json(
+        self,
+        sort: str = "total_time",
+        limit: int | None = None,
+        ns: Iterable[str] = (),
+        app: str | None = None,
+        sketch: bool = False,
+    ) -> dict:
+        """The versioned document (docs/digest.md) in one go."""
+        doc = self.header()
+        doc["shapes"] = [self.shape_json(k, e, sketch) for k, e in self.select(sort, limit, ns, app)]
+        return doc
+
+    def shape_json(self, key: Key, e: Entry, with_sketch: bool = False) -> dict:
+        """One shape's object of the document."""
         s = e.flush()
         timed = s.count > 0
+        p50, p95, p99 = e.quantiles()
 
-        def q(x: float) -> float | None:
-            v = s.get_quantile_value(x)
+        def q(v: float | None) -> float | None:
             if v is None:
                 return None
             # A bin's representative value may lie up to 1% past the extremes seen: clamp it to them.
@@ -315,9 +365,9 @@ class Digest:
             "count": e.count,
             "errors": dict(e.errors),
             "latency_ms": {
-                "p50": q(0.50),
-                "p95": q(0.95),
-                "p99": q(0.99),
+                "p50": q(p50),
+                "p95": q(p95),
+                "p99": q(p99),
                 "min": round(e.min_ms, 3) if timed else None,
                 "max": round(e.max_ms, 3) if timed else None,
                 "total": round(e.total_ms, 3),
@@ -357,6 +407,7 @@ class Digest:
             for name, n in s["errors"].items():
                 e.errors[name] = e.errors.get(name, 0) + n
             e.flush().merge(sketch_from_json(s["sketch"]))
+            e.cached = None
             if lat["min"] is not None:
                 e.min_ms = min(e.min_ms, lat["min"])
                 e.max_ms = max(e.max_ms, lat["max"])

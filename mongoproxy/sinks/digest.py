@@ -8,6 +8,7 @@ Shapes never become metric labels: Prometheus gets only the table's size, memory
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from typing import Any
@@ -21,6 +22,9 @@ from mongoproxy.events import wall_ns
 from mongoproxy.querylog import event_query
 
 log = logging.getLogger("mongoproxy.digest")
+
+# Shapes rendered between two yields to the event loop while answering GET /digest.
+SLICE = 100
 
 G = "digest"
 OPTIONS: list[Option] = [
@@ -90,8 +94,8 @@ class DigestSink:
 
         return [web.get("/digest", self.handle_get), web.post("/digest/reset", self.handle_reset)]
 
-    def query(self, params: Any) -> dict:
-        """The JSON document for request parameters; ValueError names a bad one."""
+    async def document(self, params: Any) -> dict:
+        """The JSON document for request parameters, built in slices so the data path runs in between."""
         sort = params.get("sort", "total_time")
         limit = params.get("limit")
         if limit is not None:
@@ -99,10 +103,17 @@ class DigestSink:
                 raise ValueError(f"limit must be a whole number, got {limit!r}")
             limit = int(limit)
         ns = [n for v in params.getall("ns", []) if v for n in v.split(",") if n]
-        app = params.get("app")
-        doc = self.digest.to_json(sort, limit, ns, app, sketch=params.get("sketch") in ("1", "true"))
+        d = self.digest
+        items = d.select(sort, limit, ns, params.get("app"))
+        doc = d.header()
         if params.get("reset") in ("1", "true"):
-            self.digest.reset()
+            d.reset()  # the entries selected above are still ours to render: read and clear in one step
+        with_sketch = params.get("sketch") in ("1", "true")
+        shapes = doc["shapes"]
+        for i, (k, e) in enumerate(items):
+            if i and i % SLICE == 0:
+                await asyncio.sleep(0)  # a big table never holds the event loop for long
+            shapes.append(d.shape_json(k, e, with_sketch))
         return doc
 
     async def handle_get(self, request: Any) -> Any:
@@ -110,10 +121,12 @@ class DigestSink:
         from aiohttp import web
 
         try:
-            doc = self.query(request.query)
+            doc = await self.document(request.query)
         except ValueError as exc:
             return web.json_response({"error": str(exc)}, status=400)
-        return web.json_response(doc, dumps=_dumps)
+        # The document is ours alone (plain values): serialise it off the event loop.
+        body = await asyncio.get_running_loop().run_in_executor(None, _dumps, doc)
+        return web.Response(text=body, content_type="application/json")
 
     async def handle_reset(self, request: Any) -> Any:
         """POST /digest/reset."""

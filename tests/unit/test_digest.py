@@ -210,3 +210,16 @@ def test_the_cost_benchmark_runs_every_variant_and_counts_every_command(capsys):
     out = json.loads(capsys.readouterr().out)
     assert set(out["us_per_round_trip"]) == {"off", "render", "digest", "digest100"}
     assert set(out["median_minus_off_us"]) == {"render", "digest", "digest100"}
+
+
+def test_one_pass_quantiles_equal_ddsketch_quantiles():
+    from mongoproxy.digest import quantiles
+
+    rng = random.Random(3)
+    qs = (0.0, 0.25, 0.5, 0.95, 0.99, 1.0)
+    for n in (1, 2, 7, 300):
+        s = new_sketch()
+        for _ in range(n):
+            s.add_ms(rng.choice([0.0, round(rng.lognormvariate(0, 2), 3)]))
+        assert quantiles(s, qs) == [s.get_quantile_value(q) for q in qs]
+    assert quantiles(new_sketch(), qs) == [None] * len(qs)
