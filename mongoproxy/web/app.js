@@ -5,6 +5,10 @@
   const MAX_ROWS = 300;
   const $ = (id) => document.getElementById(id);
   let paused = false;
+  // With --admin-token-file, open the page as http://ADMIN/#token=...: the fragment never leaves the browser, and
+  // every request below carries it as a bearer token (which is why the stream is read with fetch, not EventSource).
+  const token = new URLSearchParams(location.hash.slice(1)).get("token");
+  const headers = token ? { Authorization: "Bearer " + token } : {};
   const opened = new Set(); // digest shapes whose whole example is shown, kept across refreshes
 
   function cell(tr, text, cls) {
@@ -39,7 +43,7 @@
 
   async function refreshDigest() {
     try {
-      const resp = await fetch("/digest?limit=200&sort=" + encodeURIComponent($("sort").value));
+      const resp = await fetch("/digest?limit=200&sort=" + encodeURIComponent($("sort").value), { headers });
       if (!resp.ok) {
         $("digest-note").textContent = resp.status === 404 ? "the digest is off (--no-digest)" : "GET /digest: " + resp.status;
         return;
@@ -99,15 +103,46 @@
     if (r.dropped) $("dropped").textContent = r.dropped + " dropped (browser too slow)";
   }
 
-  function connect() {
-    const src = new EventSource("/live");
-    src.addEventListener("hello", (ev) => {
-      const hello = JSON.parse(ev.data);
+  function onEvent(name, data) {
+    if (name === "hello") {
+      const hello = JSON.parse(data);
       $("status").textContent = "live";
       $("mode").textContent = hello.redacted ? "redacted" : "values shown (--no-redact)";
-    });
-    src.addEventListener("command", (ev) => addCommand(JSON.parse(ev.data)));
-    src.onerror = () => { $("status").textContent = "reconnecting…"; };
+    } else if (name === "command") {
+      addCommand(JSON.parse(data));
+    }
+  }
+
+  // Server-Sent Events over fetch: frames end with a blank line; "event:" names one, "data:" carries it.
+  async function connect() {
+    for (;;) {
+      try {
+        const resp = await fetch("/live", { headers });
+        if (!resp.ok) throw new Error("GET /live: " + resp.status);
+        const reader = resp.body.pipeThrough(new TextDecoderStream()).getReader();
+        let buf = "";
+        for (;;) {
+          const { value, done } = await reader.read();
+          if (done) break;
+          buf += value;
+          let end;
+          while ((end = buf.indexOf("\n\n")) >= 0) {
+            const frame = buf.slice(0, end);
+            buf = buf.slice(end + 2);
+            let name = "message", data = "";
+            for (const line of frame.split("\n")) {
+              if (line.startsWith("event: ")) name = line.slice(7);
+              else if (line.startsWith("data: ")) data += line.slice(6);
+            }
+            if (data) onEvent(name, data);
+          }
+        }
+      } catch (e) {
+        $("status").textContent = "reconnecting… (" + e.message + ")";
+      }
+      $("status").textContent = "reconnecting…";
+      await new Promise((r) => setTimeout(r, 1000));
+    }
   }
 
   $("pause").addEventListener("click", () => {
@@ -117,7 +152,7 @@
   });
   $("sort").addEventListener("change", refreshDigest);
   $("reset").addEventListener("click", async () => {
-    await fetch("/digest/reset", { method: "POST" });
+    await fetch("/digest/reset", { method: "POST", headers });
     refreshDigest();
   });
   connect();

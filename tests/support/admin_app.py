@@ -19,12 +19,26 @@ from mongoproxy.sinks import SinkContext, build_sinks
 
 from .inprocess import ProxyThread, make_config
 
+# Static, data-free routes a browser must reach before it can send a token (the page and its assets).
+OPEN_PREFIXES = ("/healthz", "/readyz", "/ui/")
 
-async def serve_routes(routes: list, host: str = "127.0.0.1") -> tuple[object, int]:
-    """Start an aiohttp Application with `routes` on a free port of this loop: (runner, port)."""
+
+async def serve_routes(routes: list, host: str = "127.0.0.1", token: str | None = None) -> tuple[object, int]:
+    """Start an aiohttp Application with `routes` on a free port of this loop: (runner, port).
+
+    With `token`, every route but the page and OPEN_PREFIXES needs `Authorization: Bearer <token>`, as the admin
+    endpoint's --admin-token-file asks.
+    """
     from aiohttp import web
 
-    app = web.Application()
+    @web.middleware
+    async def bearer(request: web.Request, handler):
+        open_path = request.path == "/" or request.path.startswith(OPEN_PREFIXES)
+        if token is not None and not open_path and request.headers.get("Authorization") != f"Bearer {token}":
+            return web.Response(status=401, text="a bearer token is required\n")
+        return await handler(request)
+
+    app = web.Application(middlewares=[bearer])
     app.add_routes(routes)
     runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=0.5)
     await runner.setup()
@@ -56,14 +70,14 @@ class AdminProxy:
 
 
 @contextlib.contextmanager
-def admin_proxy(upstream: tuple[str, int], **flags: str) -> Iterator[AdminProxy]:
+def admin_proxy(upstream: tuple[str, int], token: str | None = None, **flags: str) -> Iterator[AdminProxy]:
     """A proxy in front of `upstream` with the sinks `mongoproxy run` would build from `flags`, plus admin routes."""
     cfg = make_config(f"0:{upstream[0]}:{upstream[1]}", **flags)
     registry = CollectorRegistry()
     sinks = build_sinks(cfg, SinkContext(registry=registry, version=__version__, mode="static"))
     routes = [r for s in sinks if hasattr(s, "admin_routes") for r in s.admin_routes()]
     with ProxyThread(upstream[1], upstream_host=upstream[0], sinks=sinks, **flags) as thread:
-        runner, port = asyncio.run_coroutine_threadsafe(serve_routes(routes), thread.loop).result(10)
+        runner, port = asyncio.run_coroutine_threadsafe(serve_routes(routes, token=token), thread.loop).result(10)
         try:
             yield AdminProxy(thread, sinks, port, registry)
         finally:

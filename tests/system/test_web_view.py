@@ -6,6 +6,7 @@ import json
 import shutil
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -125,3 +126,35 @@ def test_page_assets_are_served_from_the_package():
     assert files == {"index.html", "app.js", "style.css"}
     html = (Path(REPO_ROOT) / "mongoproxy" / "web" / "index.html").read_text()
     assert "http://" not in html and "https://" not in html  # no CDN: works offline
+
+
+def test_web_view_sends_the_token_from_its_fragment(secantus, db_name):
+    """Behind a bearer token the page (static, no data) loads, and its digest and stream requests carry #token=."""
+    from selenium.webdriver.common.by import By
+
+    driver, profile = chromium_driver()
+    try:
+        with admin_proxy(secantus.address, token="s3cret-token") as p:
+            with pymongo.MongoClient(p.uri, serverSelectionTimeoutMS=5000) as c:
+                c[db_name].orders.find_one({"a": 1})
+                with pytest.raises(urllib.error.HTTPError) as denied:
+                    urllib.request.urlopen(p.admin_url + "/digest", timeout=5)
+                assert denied.value.code == 401
+                driver.get(p.admin_url + "/#token=s3cret-token")
+                wait_for(lambda: driver.find_element(By.ID, "status").text == "live", 10, "the stream to connect")
+                wait_for(
+                    lambda: any(
+                        f"{db_name}.orders" in r.text
+                        for r in driver.find_elements(By.CSS_SELECTOR, "#digest tbody.shape")
+                    ),
+                    10,
+                    "a digest row",
+                )
+                c[db_name].orders.find_one({"a": 2})
+                wait_for(lambda: driver.find_elements(By.CSS_SELECTOR, "#stream tbody.cmd"), 2.0, "a streamed row")
+                driver.get(p.admin_url + "/")  # without the token: the page says so instead of showing data
+                wait_for(lambda: "401" in driver.find_element(By.ID, "digest-note").text, 10, "the 401 note")
+                assert not driver.find_elements(By.CSS_SELECTOR, "#digest tbody.shape")
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
