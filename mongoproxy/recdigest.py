@@ -57,20 +57,25 @@ def digest_files(paths: list[str], warnings: list[str]) -> Digest:
     sink.digest.to_wall = int  # capture timestamps are Unix ns already
     sink.digest.since_ns = min((f.first_ns for f in reassembler.flows), default=sink.digest.since_ns)
     bus = SinkBus([sink])
-    for flow in reassembler.flows:
-        _digest_flow(flow, bus, warnings)
+    mongo = sum(_digest_flow(flow, bus, warnings) for flow in reassembler.flows)
+    if not mongo:
+        raise ReplayError(
+            f"{', '.join(files)}: no MongoDB traffic ({reassembler.packets} packets, {len(reassembler.flows)} TCP "
+            "connections, none carrying the MongoDB wire protocol)"
+        )
     sink.digest.max_shapes = len(sink.digest)
     return sink.digest
 
 
-def _digest_flow(flow: Any, bus: SinkBus, warnings: list[str]) -> None:
+def _digest_flow(flow: Any, bus: SinkBus, warnings: list[str]) -> bool:
+    """Feed one TCP connection's messages to the digest; False when it carried no MongoDB request."""
     if flow.client is None:
         flow.client = _guess_client(flow)
         if flow.client is None:
-            return  # not MongoDB, or no way to tell the client
+            return False  # not MongoDB, or no way to tell the client
     client, server = flow.halves[flow.client], flow.halves[flow.server]
     if not client.messages:
-        return
+        return False
     if client.gap or server.gap:
         warnings.append(f"connection {flow.label()}: packets missing from the capture; counted up to the gap")
     conn = Connection(id=flow.index + 1, client_host=str(flow.client[0]), client_port=int(flow.client[1]))
@@ -86,6 +91,7 @@ def _digest_flow(flow: Any, bus: SinkBus, warnings: list[str]) -> None:
     for _, _, _, m, scanner in stream:
         scanner.feed(m.data[:1], m.first_ns)  # first byte at the first packet's time, the rest at the last's
         scanner.feed(m.data[1:], m.last_ns)
+    return True
 
 
 def main(args: argparse.Namespace) -> int:

@@ -244,3 +244,24 @@ def test_top_on_a_terminal_switches_sort_filters_shows_an_example_and_quits(seca
                 proc.kill()
                 proc.wait()
             os.close(primary)
+
+
+def test_digest_of_a_capture_without_mongodb_says_so_in_one_line(tmp_path):
+    import dpkt
+
+    path = tmp_path / "http.pcap"
+    with open(path, "wb") as f:
+        w = dpkt.pcap.Writer(f, linktype=dpkt.pcap.DLT_EN10MB)
+        eth = dpkt.ethernet.Ethernet(
+            data=dpkt.ip.IP(
+                src=bytes([10, 0, 0, 1]),
+                dst=bytes([10, 0, 0, 2]),
+                p=6,
+                data=dpkt.tcp.TCP(sport=40000, dport=80, data=b"GET / HTTP/1.1\r\n\r\n"),
+            )
+        )
+        w.writepkt(bytes(eth), ts=1.0)
+    out = run_proxy_cli(["digest", str(path)])
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "no MongoDB traffic" in out.stderr
+    missing = run_proxy_cli(["digest", str(tmp_path / "none.pcapng")])
+    assert missing.returncode == 2 and "no such file" in missing.stderr
