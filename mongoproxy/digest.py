@@ -41,7 +41,7 @@ _MAPPING = LogarithmicMapping(RELATIVE_ACCURACY)
 Key = tuple[str, str, str, str, str]  # (shape, db, collection, op, app)
 
 
-# Latencies are ms rounded to the µs, so few distinct values recur: their bin keys are looked up, not recomputed.
+# Latencies are ms rounded to the µs, so the same values recur: their bin keys are looked up, not recomputed.
 _KEYS: dict[float, int] = {}
 _KEYS_MAX = 100_000
 
