@@ -24,6 +24,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "mongoproxy.replay",
     "mongoproxy.top",
     "mongoproxy.recdigest",
+    "mongoproxy.webhook",
 )
 
 PROG = "mongoproxy"
