@@ -265,3 +265,91 @@ def test_digest_of_a_capture_without_mongodb_says_so_in_one_line(tmp_path):
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and "no MongoDB traffic" in out.stderr
     missing = run_proxy_cli(["digest", str(tmp_path / "none.pcapng")])
     assert missing.returncode == 2 and "no such file" in missing.stderr
+
+
+def _sse_events(resp, want: int, timeout: float = 10.0) -> list[tuple[str, dict]]:
+    """Read (event name, data) pairs from an open text/event-stream response until `want` arrived."""
+    events: list[tuple[str, dict]] = []
+    name, data = "message", ""
+    deadline = time.monotonic() + timeout
+    while len(events) < want and time.monotonic() < deadline:
+        line = resp.fp.readline().decode()
+        if line.startswith("event: "):
+            name = line[7:].strip()
+        elif line.startswith("data: "):
+            data += line[6:].strip()
+        elif line in ("\n", "\r\n") and data:
+            events.append((name, json.loads(data)))
+            name, data = "message", ""
+    return events
+
+
+def test_through_the_admin_endpoint_of_a_proxy_process(secantus, db_name, tmp_path):
+    import http.client
+
+    from tests.support.proxy import run_proxy_process
+
+    token = tmp_path / "token"
+    token.write_text("digest-token\n")
+    args = ["--digest-max-shapes", "10", "--admin-token-file", str(token)]
+    with run_proxy_process(args, upstream=secantus.address) as p:
+        auth = {"Authorization": "Bearer digest-token"}
+
+        def admin(method: str, path: str, headers=auth) -> tuple[int, str]:
+            conn = http.client.HTTPConnection(p.admin_host, p.admin_port, timeout=10)
+            try:
+                conn.request(method, path, headers=headers)
+                resp = conn.getresponse()
+                return resp.status, resp.read().decode()
+            finally:
+                conn.close()
+
+        assert admin("GET", "/digest", headers={})[0] == 401  # behind the admin's bearer token
+        live = http.client.HTTPConnection(p.admin_host, p.admin_port, timeout=10)
+        live.request("GET", "/live", headers=auth)
+        stream = live.getresponse()
+        assert stream.status == 200 and stream.headers["Content-Type"].startswith("text/event-stream")
+        assert _sse_events(stream, 1)[0][0] == "hello"
+        with p.client(appname="proc") as c:
+            for i in range(50):  # 50 shapes through a table of 10
+                c[db_name].orders.find_one({f"f{i}": i})
+        deadline = time.monotonic() + 10
+        while True:
+            doc = json.loads(admin("GET", "/digest?sort=count")[1])
+            kept = {s["example"] for s in doc["shapes"]}
+            if (
+                '{"find":"orders","filter":{"f49":"?"},"limit":"?","singleBatch":"?"}' in kept
+                or time.monotonic() > deadline
+            ):
+                break
+            time.sleep(0.05)
+        assert len(doc["shapes"]) == 10 and doc["evictions"] >= 40
+        finds = [s for s in doc["shapes"] if s["op"] == "find" and s["db"] == db_name]
+        assert len(finds) >= 9 and all(s["app"] == "proc" and s["count"] == 1 for s in finds)
+        metrics = admin("GET", "/metrics")[1]
+        assert f"mongoproxy_digest_evictions_total {float(doc['evictions'])}" in metrics
+        assert "mongoproxy_digest_shapes 10.0" in metrics
+        # The stream carried the commands, redacted.
+        commands = [d for name, d in _sse_events(stream, 20) if name == "command"]
+        assert any(d["db"] == db_name and d["op"] == "find" for d in commands)
+        assert all('f0":0' not in d["query"] for d in commands)
+        live.close()
+        # The page and its assets, from the package.
+        status, page = admin("GET", "/")
+        assert status == 200 and "Query digest" in page and admin("GET", "/ui/app.js")[0] == 200
+        # top, with the token from a file; then reset through the endpoint.
+        out = run_proxy_cli(
+            [
+                "top",
+                "--once",
+                "--json",
+                "--admin",
+                f"http://{p.admin_host}:{p.admin_port}",
+                "--admin-token-file",
+                str(token),
+            ]
+        )
+        assert out.returncode == 0, out.stderr
+        assert len(json.loads(out.stdout)["shapes"]) == 10
+        assert admin("POST", "/digest/reset")[0] == 200
+        assert all(s["db"] != db_name for s in json.loads(admin("GET", "/digest")[1])["shapes"])
