@@ -59,7 +59,9 @@ def run_once(variant: str, reqs: list[bytes], reps: list[bytes]) -> float:
 
     sinks: list = [MetricsSink(CollectorRegistry())]
     if variant.startswith("digest"):
-        sinks += [DigestSink(), LiveSink()]
+        digest, live = DigestSink(), LiveSink()
+        digest.live = live  # as sinks.live.create wires them
+        sinks += [digest, live]
     render = 0 if variant == "off" else 1
     bus = SinkBus(sinks)
     conn = Connection(id=1, client_host="127.0.0.1", client_port=40000, upstream_host="127.0.0.1", upstream_port=27017)

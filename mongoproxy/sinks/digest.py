@@ -63,11 +63,15 @@ class DigestSink:
         # The Query is shared with the command log, which shows values with --no-redact; the digest keeps only
         # its redacted text, so asking with the same flag lets both use one computation.
         self.show_values = show_values
+        self.live: Any = None  # the live view's sink, offered every command (see sinks/live.py)
 
     def on_command(self, event: Any) -> None:
-        """Count one command."""
+        """Count one command (and offer it to the live view when a browser follows it)."""
         if event.awaitable:
             return
+        live = self.live
+        if live is not None and live.subscribers:
+            live.offer(event)
         q = event_query(event, self.show_values)
         last = event.reply_last_ns
         first = event.request_first_ns
@@ -165,4 +169,5 @@ def create(config: Any, ctx: Any) -> DigestSink | None:
         return None
     sink = DigestSink(config.digest_max_shapes, show_values=bool(getattr(config, "no_redact", False)))
     ctx.registry.register(sink)
+    ctx.extra["digest_sink"] = sink  # the live view's sink rides on this one's hook
     return sink

@@ -37,7 +37,11 @@ class _Subscriber:
 
 
 class LiveSink:
-    """Hands each command to every open /live stream; serves the page."""
+    """Hands each command to every open /live stream; serves the page.
+
+    It has no on_command hook of its own: the digest sink offers it each command (one check while no browser is
+    subscribed, instead of one more call per command on the sink bus); with --no-digest, LiveHookSink has the hook.
+    """
 
     name = "live"
 
@@ -47,7 +51,7 @@ class LiveSink:
         self.subscribers: set[_Subscriber] = set()
         self.dropped = 0
 
-    def on_command(self, event: Any) -> None:
+    def offer(self, event: Any) -> None:
         """Offer the event to each subscriber; a full queue drops it (counted)."""
         if not self.subscribers or event.awaitable:
             return
@@ -146,6 +150,14 @@ class LiveSink:
         return resp
 
 
+class LiveHookSink(LiveSink):
+    """The live view on its own (no digest sink to offer it commands)."""
+
+    def on_command(self, event: Any) -> None:
+        """Offer the event to each subscriber."""
+        self.offer(event)
+
+
 def _static(name: str) -> Any:
     from aiohttp import web
 
@@ -155,4 +167,10 @@ def _static(name: str) -> Any:
 
 def create(config: Any, ctx: Any) -> LiveSink | None:
     """The live view; always on (it costs one check per command until a browser subscribes)."""
-    return LiveSink(show_values=bool(getattr(config, "no_redact", False)))
+    show_values = bool(getattr(config, "no_redact", False))
+    digest = ctx.extra.get("digest_sink")  # created just before (SINK_MODULES order)
+    if digest is None:
+        return LiveHookSink(show_values=show_values)
+    sink = LiveSink(show_values=show_values)
+    digest.live = sink
+    return sink
