@@ -31,6 +31,7 @@ OPTION_MODULES = (
     "mongoproxy.sinks.capture",
     "mongoproxy.sinks.digest",
     "mongoproxy.sinks.live",
+    "mongoproxy.tls",
 )
 
 
