@@ -29,6 +29,8 @@ OPTION_MODULES = (
     "mongoproxy.sinks.commandlog",
     "mongoproxy.sinks.tracing",
     "mongoproxy.sinks.capture",
+    "mongoproxy.sinks.digest",
+    "mongoproxy.sinks.live",
     "mongoproxy.tls",
 )
 

@@ -67,6 +67,11 @@ def hostport(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def duration_ms(ns: int) -> float:
+    """Nanoseconds as milliseconds rounded to the microsecond (half up): the command log's and the digest's value."""
+    return ((ns + 500) // 1000) / 1000  # exact integer rounding, then the double nearest to k/1000
+
+
 @dataclass(slots=True, eq=False)
 class CommandEvent:
     """One command: a request and its reply (or none, for moreToCome requests).
@@ -105,6 +110,8 @@ class CommandEvent:
     exhaust_index: int = 0  # 0 for the direct reply, 1.. for streamed replies
     awaitable: bool = False  # a monitoring hello the server may hold for maxAwaitTimeMS (exhaustAllowed)
     decode_error: str = ""  # reason token when the request or reply failed to decode
+    # The querylog.Query once a sink asked for it: the shape is computed once per command.
+    query_cache: Any = None
 
     @property
     def duration_ns(self) -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from dataclasses import dataclass
 from typing import Any
 
 from mongoproxy.protocol.commands import SECRET_KEYS, is_secret
@@ -150,6 +151,54 @@ def prepare(rendered: str, op: str, show_values: bool) -> tuple[str, str]:
             k: (_scrub(v) if k == first and isinstance(v, str) else _redact_all(v)) for k, v in display.items()
         }
     return _dumps(shown_doc), shape_hash(_dumps(_shape(body, top=True)))
+
+
+@dataclass(slots=True, frozen=True)
+class Query:
+    """One command's query text, computed once and shared by the command log, tracing and the digest."""
+
+    text: str  # what a log shows: literals '?' unless values were asked for (secrets always '?')
+    redacted: str  # every literal '?', whatever was asked for
+    shape: str  # 16 hex digits: the same for every command of this shape
+    values: bool = False  # whether `text` may show literal values (it was asked for with show_values)
+
+
+# Redacted renderings repeat (literals are already '?'), so their Query is looked up, not recomputed:
+# only the first command of each rendering pays for the parse. Cleared when full: bounded, O(1).
+_CACHE_MAX = 4096
+_cache: dict[str, Query] = {}
+
+
+def query_of(rendered: str, op: str, show_values: bool) -> Query:
+    """The Query of a rendered command body (see prepare); redacted renderings come from a bounded cache."""
+    if not show_values:
+        q = _cache.get(rendered)
+        if q is None:
+            text, shape = prepare(rendered, op, False)
+            q = Query(text, text, shape)
+            if len(_cache) >= _CACHE_MAX:
+                _cache.clear()
+            _cache[rendered] = q
+        return q
+    text, shape = prepare(rendered, op, True)
+    redacted, _ = prepare(rendered, op, False)
+    return Query(text, redacted, shape, True)
+
+
+def event_query(event: Any, show_values: bool) -> Query | None:
+    """The event's Query, computed on first use and kept on the event; None when its body was not rendered."""
+    q = event.query_cache
+    if q is not None and q.values is show_values:
+        return q
+    request = event.request
+    rendered = request.query_shape if request is not None else None
+    if not rendered:
+        return None
+    q = None if show_values else _cache.get(rendered)  # the usual case, without a call
+    if q is None:
+        q = query_of(rendered, event.op, show_values)
+    event.query_cache = q
+    return q
 
 
 def redact_errmsg(errmsg: str) -> str:

@@ -436,9 +436,10 @@ class Proxy:
         self.components: list = [self.tls]
         self.unresolved: set[ProxySpec] = set()  # static upstreams whose name did not resolve yet
         self._dns_task: asyncio.Task | None = None
-        # What the scanner renders of each request, for the query text of the command log and traces.
+        # One scanner rendering per request serves the command log, tracing, the digest and the live view;
+        # the digest is on by default, so shapes are rendered unless every consumer is off.
         self.query_rendering = RENDER_OFF
-        if config.get("log_query") or config.get("trace_query"):
+        if config.get("log_query") or config.get("trace_query") or not config.get("no_digest", True):
             self.query_rendering = RENDER_VALUES if config.get("no_redact") else RENDER_REDACTED
 
     def next_id(self) -> int:

@@ -41,7 +41,7 @@ from mongoproxy.errors import ConfigError
 from mongoproxy.events import CommandEvent, wall_ns
 from mongoproxy.protocol.commands import is_sensitive
 from mongoproxy.protocol.opcodes import OP_GET_MORE, OP_KILL_CURSORS
-from mongoproxy.querylog import CODE_NAMES
+from mongoproxy.querylog import CODE_NAMES, event_query
 
 TRACING_EXTRA = "pip install 'mongoproxy[tracing]'"
 GRPC_EXTRA = "pip install 'mongoproxy[grpc]'"
@@ -611,9 +611,10 @@ class TracingSink:
             attrs["error.type"] = error_type
             status = self._Status(self._ERROR, error_type)
         if self.trace_query:
-            text = getattr(event.request, "query_shape", None)
-            if text:
-                attrs["db.query.text"] = text
+            q = event_query(event, False)  # shared with the command log and the digest: computed once
+            if q is not None:
+                attrs["db.query.text"] = q.redacted
+                attrs["mongoproxy.query.shape"] = q.shape
         end_ns = event.reply_last_ns or event.request_last_ns  # no reply to an unacknowledged write
         span = self._ReadableSpan(
             name=name,

@@ -181,7 +181,7 @@ def test_large_messages_keep_the_proxy_process_memory_flat():
         )
     batches = [(n, b) for c, n, b in server.inserted if c == "many"]
     assert sum(n for n, _ in batches) == 5000 and max(b for _, b in batches) > 47 * MB  # one ~48 MB batch + the rest
-    for label, nbytes, _base, _peak, rise in figures:
+    for label, _nbytes, _base, _peak, rise in figures:
         assert rise < LIMIT, f"{label}: the proxy's RSS rose by {rise / MB:.1f} MB"
     decode_errors = [line for line in metrics.splitlines() if line.startswith("mongoproxy_decode_errors_total{")]
     # Snappy's block format does not stream: a snappy body over --max-observed-compressed-bytes (1 MB) is
