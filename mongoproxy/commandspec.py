@@ -15,7 +15,7 @@ from typing import Any
 
 from mongoproxy import redact
 from mongoproxy.errors import DecodeError
-from mongoproxy.wire import OP_MSG
+from mongoproxy.protocol.opcodes import OP_MSG
 
 I32 = struct.Struct("<i")
 CHECKSUM_PRESENT = 1 << 0

@@ -13,9 +13,10 @@ import struct
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from mongoproxy import redact
 from mongoproxy.commandspec import command_spec, query_document
 from mongoproxy.errors import DecodeError, ReplayError
+from mongoproxy.protocol.commands import AUTH_COMMANDS, HELLO_COMMANDS, USER_MANAGEMENT_COMMANDS
+from mongoproxy.protocol.opcodes import HEADER, MORE_TO_COME, OP_MSG, OP_QUERY, REQUEST_OPCODES
 from mongoproxy.replay import legacy
 from mongoproxy.replay.legacy import compressor_of, conversion_name
 from mongoproxy.replay.model import (
@@ -33,8 +34,6 @@ from mongoproxy.replay.model import (
     Workload,
 )
 from mongoproxy.replay.reader import (
-    HEADER,
-    REQUEST_OPCODES,
     Flow,
     Reassembler,
     WireMessage,
@@ -42,13 +41,7 @@ from mongoproxy.replay.reader import (
     require_dpkt,
     uncompressed,
 )
-from mongoproxy.wire import OP_MSG, OP_QUERY
 
-MORE_TO_COME = 1 << 1
-CHECKSUM_PRESENT = 1 << 0
-
-HANDSHAKE_COMMANDS = frozenset({"hello", "ismaster"})
-AUTH_COMMANDS = redact.AUTH_COMMANDS
 SESSION_COMMANDS = frozenset({"endsessions"})
 # Fields never sent as recorded: the target session/cluster-time machinery replaces them.
 DROPPED_FIELDS = frozenset({"$db", "lsid", "$clusterTime"})
@@ -223,7 +216,7 @@ def _advance(
         st.requests += 1
         if op is None:
             continue
-        if op.key in HANDSHAKE_COMMANDS:
+        if op.key in HELLO_COMMANDS:
             op.skip = SKIP_HANDSHAKE if st.first_hello else SKIP_MONITORING
             st.first_hello = False
         st.order.append(op)
@@ -391,7 +384,7 @@ def _op_from_message(
     if r.app_name and not conn.app:
         conn.app = r.app_name
     key = command.lower()
-    if key in AUTH_COMMANDS or key in redact.USER_COMMANDS:  # recorded passwords are blanked
+    if key in AUTH_COMMANDS or key in USER_MANAGEMENT_COMMANDS:  # recorded passwords are blanked
         op.skip = SKIP_AUTH
     elif key in SESSION_COMMANDS:
         op.skip = SKIP_SESSIONS
@@ -400,7 +393,7 @@ def _op_from_message(
     op.unacknowledged = bool(op_code == OP_MSG and flags & MORE_TO_COME)
     if op_code == OP_QUERY:
         op.conversion = conversion_name("OP_QUERY $cmd", command, compressor_of(m.data))
-    if op.skip or key in HANDSHAKE_COMMANDS:
+    if op.skip or key in HELLO_COMMANDS:
         return op
     try:
         _prepare(op, data, op_code)
@@ -430,9 +423,9 @@ def _legacy_op(
     op.conversion = conversion_name(legacy.OP_NAMES.get(op_code, str(op_code)), command, compressor_of(m.data))
     op.unacknowledged = op_code in (legacy.OP_INSERT, legacy.OP_UPDATE, legacy.OP_DELETE)  # no reply on the wire
     key = op.key
-    if key in HANDSHAKE_COMMANDS:
+    if key in HELLO_COMMANDS:
         op.spec = None
-    elif key in AUTH_COMMANDS or key in redact.USER_COMMANDS:
+    elif key in AUTH_COMMANDS or key in USER_MANAGEMENT_COMMANDS:
         op.skip = SKIP_AUTH
     elif key == "getlasterror":
         op.skip = SKIP_GLE

@@ -15,11 +15,11 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from mongoproxy import compare
+from mongoproxy.protocol.opcodes import OP_MSG
 from mongoproxy.replay.model import SKIP_CURSOR, Op, RecordedConnection
 from mongoproxy.replay.reader import NS_PER_S
 from mongoproxy.replay.rewrite import CursorMap, SessionMap
 from mongoproxy.replay.target import Target
-from mongoproxy.wire import OP_MSG
 
 DEFAULT_WINDOW = 512
 TICK_S = 0.1

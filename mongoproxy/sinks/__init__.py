@@ -19,6 +19,8 @@ SINK_MODULES = (
     "mongoproxy.sinks.tracing",
     "mongoproxy.sinks.capture",
     "mongoproxy.sinks.mirror",
+    "mongoproxy.sinks.digest",
+    "mongoproxy.sinks.live",
 )
 
 

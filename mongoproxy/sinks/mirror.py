@@ -27,6 +27,7 @@ from mongoproxy import compare
 from mongoproxy.config import Option
 from mongoproxy.errors import ConfigError
 from mongoproxy.namespaces import NamespaceFilter, ns_list_parser
+from mongoproxy.protocol.framing import Framer
 
 HEADER = struct.Struct("<iiii")
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # larger requests (bulk writes) are not mirrored: counted as too_large
@@ -147,49 +148,48 @@ OPTIONS: list[Option] = [
 ]
 
 
-class _Framer:
-    """Splits one direction's bytes into messages, keeping only those `keep(header)` wants (and not too big)."""
+class _Framer(Framer):
+    """Splits one direction into whole messages (protocol's Framer), keeping those `keep(header)` wants.
 
-    __slots__ = ("buf", "skip", "keeping")
+    A message larger than MAX_MESSAGE_BYTES is passed over, not kept; a bad length stops the direction.
+    """
+
+    __slots__ = ("buf", "keeping", "keep", "out")
 
     def __init__(self) -> None:
+        super().__init__()
         self.buf = bytearray()
-        self.skip = 0  # bytes of an unwanted message still to pass over
-        self.keeping = True
+        self.keeping = False
+        self.keep: Any = None
+        self.out: list[bytes] = []
 
     def feed(self, data: bytes, keep: Any) -> list[bytes]:
-        out = []
-        view = memoryview(data)
-        while view:
-            if self.skip:
-                n = min(self.skip, len(view))
-                self.skip -= n
-                view = view[n:]
-                continue
-            buf = self.buf
-            if len(buf) < 16:
-                need = 16 - len(buf)
-                buf += view[:need]
-                view = view[need:]
-                if len(buf) < 16:
-                    break
-                length = HEADER.unpack_from(buf)[0]
-                if length < 16:  # not framed MongoDB traffic: stop looking at this direction
-                    self.skip = 1 << 62
-                    buf.clear()
-                    break
-                if length > MAX_MESSAGE_BYTES or not keep(buf):
-                    self.skip = length - 16
-                    buf.clear()
-                    continue
-            length = HEADER.unpack_from(buf)[0]
-            need = length - len(buf)
-            buf += view[:need]
-            view = view[need:]
-            if len(buf) == length:
-                out.append(bytes(buf))
-                buf.clear()
-        return out
+        """The messages data completes (the ones keep(header bytes) wanted)."""
+        self.keep = keep
+        self.out = []
+        self._frame(data, 0)
+        return self.out
+
+    def _on_header_bytes(self, data: Any, start: int, end: int, now_ns: int) -> None:
+        self.buf += data[start:end]
+
+    def _on_header(self, length: int, request_id: int, response_to: int, opcode: int) -> None:
+        self.keeping = length <= MAX_MESSAGE_BYTES and self.keep(self.buf)
+        if not self.keeping:
+            self.buf.clear()
+
+    def _on_body(self, data: Any, start: int, end: int) -> None:
+        if self.keeping:
+            self.buf += data[start:end]
+
+    def _on_end(self, now_ns: int) -> None:
+        if self.keeping:
+            self.out.append(bytes(self.buf))
+        self.buf.clear()
+        self.keeping = False
+
+    def _on_bad_length(self, length: int, request_id: int, opcode: int) -> None:
+        self.buf.clear()
 
 
 class _ConnState:
@@ -426,7 +426,7 @@ class MirrorSink:
 
         from mongoproxy import _bson_parser
         from mongoproxy.commandspec import command_spec
-        from mongoproxy.redact import uncompressed
+        from mongoproxy.protocol.compression import uncompressed
 
         conn_id, op, db, coll, request, primary, primary_ns, primary_reply = item
         data = uncompressed(request)
@@ -564,7 +564,7 @@ def _reply_documents(reply: bytes) -> list | None:
     from bson.raw_bson import RawBSONDocument
 
     from mongoproxy.commandspec import message_body
-    from mongoproxy.redact import uncompressed
+    from mongoproxy.protocol.compression import uncompressed
 
     data = uncompressed(reply)
     op_code = HEADER.unpack_from(data)[3]

@@ -52,8 +52,9 @@ def test_framer_keeps_whole_messages_across_any_chunking_and_skips_unwanted_ones
             out += f.feed(stream[i : i + size], lambda h: int.from_bytes(h[4:8], "little") != 9)
         assert out == msgs, size
     f = _Framer()
-    huge = (MAX_MESSAGE_BYTES + 1).to_bytes(4, "little") + b"\0" * 12
-    assert f.feed(huge + b"\0" * 100, lambda h: True) == [] and f.skip == MAX_MESSAGE_BYTES + 1 - 16 - 100
+    huge = (MAX_MESSAGE_BYTES + 1).to_bytes(4, "little") + (0).to_bytes(8, "little") + (2013).to_bytes(4, "little")
+    assert f.feed(huge + b"\0" * 100, lambda h: True) == [] and not f.buf  # passed over, never buffered
+    assert f.feed(b"\0" * (MAX_MESSAGE_BYTES + 1 - 116) + msgs[0], lambda h: True) == [msgs[0]]
 
 
 def test_reads_are_queued_writes_are_not_and_a_full_queue_drops():
