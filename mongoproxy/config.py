@@ -27,6 +27,7 @@ OPTION_MODULES = (
     "mongoproxy.sinks.commandlog",
     "mongoproxy.sinks.tracing",
     "mongoproxy.sinks.capture",
+    "mongoproxy.faults",
 )
 
 

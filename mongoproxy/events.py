@@ -100,6 +100,7 @@ class CommandEvent:
     exhaust_index: int = 0  # 0 for the direct reply, 1.. for streamed replies
     awaitable: bool = False  # a monitoring hello the server may hold for maxAwaitTimeMS (exhaustAllowed)
     decode_error: str = ""  # reason token when the request or reply failed to decode
+    fault: str = ""  # the fault rule applied to this command (mongoproxy.faults), "" when none
 
     @property
     def duration_ns(self) -> int:

@@ -22,10 +22,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from mongoproxy import __version__, dstaddr, wire
+from mongoproxy import __version__, dstaddr, faults, wire
 from mongoproxy.config import Config, ProxySpec
 from mongoproxy.errors import StartupError
 from mongoproxy.events import Connection, DecodeErrorEvent, SinkBus, UpstreamConnectError, hostport
+from mongoproxy.faults import gate as fault_gate
 from mongoproxy.tracker import Tracker
 
 log = logging.getLogger("mongoproxy")
@@ -56,6 +57,7 @@ class ClientSide(asyncio.Protocol):
         # Bound methods of the pump, looked up once: the upstream's write (None until connected), the request feed.
         self._write_upstream: Callable[[bytes], Any] | None = None
         self._feed_requests: Any = None
+        self.fault_gate: Any = None  # mongoproxy.faults.gate.RequestGate while a fault rule could match
 
     # ---- client → upstream ----
 
@@ -186,6 +188,8 @@ class ClientSide(asyncio.Protocol):
         early, self._early = self._early, []
         for chunk in early:
             self.data_received(chunk)
+        if proxy.faults is not None and proxy.faults.active:
+            fault_gate.install(proxy.faults, self)  # swaps the write functions; nothing else on the data path
         if self.client_eof and upstream.transport.can_write_eof():
             upstream.transport.write_eof()
         self._unblock_reading("connect")
@@ -252,6 +256,8 @@ class ClientSide(asyncio.Protocol):
             return
         self.closed = True
         self.proxy.connections.discard(self)
+        if self.fault_gate is not None:
+            self.fault_gate.close()
         if self._connecting is not None and not self._connecting.done():
             self._connecting.cancel()
         if self.transport is not None:
@@ -359,6 +365,8 @@ class Proxy:
         self.ready = False
         self._next_id = 0
         self._own_addresses: set[tuple[str, int]] = set()
+        self.components: list[Any] = []  # objects offering admin_routes() and/or reload()
+        self.faults: Any = None  # FaultEngine, set by serve() (or a test) when fault injection is configured
         render = 0
         if config.get("log_query") or config.get("trace_query"):
             render = 2 if config.get("no_redact") else 1
@@ -502,11 +510,14 @@ async def serve(config: Config, on_started: Callable[[Proxy], Any] | None = None
     if config.verify_checksums:
         wire.checksum_function()  # fail at start-up, not at the first message, when the library is missing
     proxy = Proxy(config, bus)
+    proxy.faults = faults.create(config, registry)
+    proxy.components.append(proxy.faults)
     admin_server = None
     try:
         if config.admin_port:
             admin_server = await admin.start(config.admin_host, config.admin_port, registry, proxy)
         await proxy.start()
+        proxy.faults.attach(proxy)
     except BaseException:
         if admin_server is not None:
             admin_server.close()
@@ -536,17 +547,23 @@ async def serve(config: Config, on_started: Callable[[Proxy], Any] | None = None
             proxy.abort_all()
             loop.stop()
 
+    def on_hup() -> None:
+        for component in proxy.components:  # reload() never raises, by contract
+            component.reload()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig.name)
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
     try:
         await stop.wait()
         clean = await proxy.drain(config.drain_seconds)
         log.info("drained %s; exiting", "cleanly" if clean else "at the deadline")
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
         if admin_server is not None:
             admin_server.close()
+        proxy.faults.close()
         bus.close()
     return 0
 

@@ -1,0 +1,208 @@
+"""Fault rules against SecantusDB with pymongo: what a driver really does when the proxy injects a fault."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import struct
+
+import bson
+import pymongo
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from mongoproxy import wire
+from mongoproxy.events import CollectingSink
+from mongoproxy.faults import FaultEngine
+from mongoproxy.sinks.metrics import MetricsSink
+from tests.support.inprocess import ProxyThread
+
+
+@contextlib.contextmanager
+def faulty_proxy(secantus, *rules: dict):
+    """The proxy in a thread in front of SecantusDB, with fault injection allowed and `rules` added."""
+    registry = CollectorRegistry()
+    sink = CollectingSink()
+    with ProxyThread(secantus.port, sinks=[sink, MetricsSink(registry)]) as pt:
+        engine = FaultEngine(True, registry=registry)
+
+        def attach():
+            pt.proxy.faults = engine
+            engine.attach(pt.proxy)
+            for rule in rules:
+                engine.add_raw(rule)
+
+        pt.call(attach)
+        pt.engine, pt.registry, pt.sink = engine, registry, sink
+        try:
+            yield pt
+        finally:
+            pt.call(engine.close)
+
+
+def client(pt, **kwargs) -> pymongo.MongoClient:
+    # SecantusDB holds a monitoring hello for heartbeatFrequencyMS: keep it short so that pymongo's re-check
+    # after a state-change error (91, 10107) comes back quickly.
+    kwargs.setdefault("heartbeatFrequencyMS", 500)
+    kwargs.setdefault("serverSelectionTimeoutMS", 10000)
+    kwargs.setdefault("appName", "drill-test")
+    return pymongo.MongoClient("127.0.0.1", pt.port, directConnection=True, **kwargs)
+
+
+def metric(registry, name: str, **labels) -> float:
+    total = 0.0
+    for family in text_string_to_metric_families(generate_latest(registry).decode()):
+        for s in family.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                total += s.value
+    return total
+
+
+def faulted(pt, rule: str) -> list:
+    return [e for e in pt.sink.commands if e.fault == rule]
+
+
+def test_retryable_write_drill_succeeds_once(secantus, db_name):
+    rule = {
+        "name": "failover",
+        "op": "insert",
+        "ns": f"{db_name}.*",
+        "action": "error",
+        "code": 91,
+        "labels": ["RetryableWriteError"],
+        "max_count": 1,
+    }
+    with faulty_proxy(secantus, rule) as pt, client(pt, retryWrites=True) as c:
+        c[db_name].orders.insert_one({"_id": 1, "item": "book"})
+        pt.wait_until(lambda: len([e for e in pt.sink.commands if e.op == "insert"]) == 2, what="two inserts")
+        inserts = [e for e in pt.sink.commands if e.op == "insert" and e.database == db_name]
+        assert [(e.fault, e.code, e.code_name, e.ok) for e in inserts] == [
+            ("failover", 91, "ShutdownInProgress", False),
+            ("", None, "", True),
+        ]
+        assert inserts[0].reply.code == 91
+        assert list(c[db_name].orders.find({})) == [{"_id": 1, "item": "book"}]  # exactly once
+        assert metric(pt.registry, "mongoproxy_faults_injected_total", rule="failover", action="error") == 1
+        assert pt.engine.listing()["rules"][0]["injected"] == 1
+
+
+def test_retry_writes_false_sees_the_injected_code(secantus, db_name):
+    rule = {"name": "nwp", "op": ["insert"], "action": "error", "code": 10107, "labels": ["RetryableWriteError"]}
+    with faulty_proxy(secantus, rule) as pt, client(pt, retryWrites=False) as c:
+        with pytest.raises(pymongo.errors.NotPrimaryError) as info:
+            c[db_name].orders.insert_one({"_id": 1})
+        assert info.value.details["code"] == 10107
+        assert info.value.details["codeName"] == "NotWritablePrimary"
+        assert info.value.details["errorLabels"] == ["RetryableWriteError"]
+        pt.call(pt.engine.reset)
+        assert c[db_name].orders.count_documents({}) == 0  # never forwarded, nothing executed
+
+
+def test_delay_moves_one_namespace_only(secantus, db_name):
+    rule = {"name": "slow-orders", "op": "find", "ns": f"{db_name}.orders", "action": "delay", "ms": 300}
+    with faulty_proxy(secantus, rule) as pt, client(pt) as c:
+        c[db_name].orders.insert_one({"_id": 1})
+        c[db_name].users.insert_one({"_id": 1})
+        for _ in range(3):
+            assert c[db_name].orders.find_one({"_id": 1}) == {"_id": 1}
+            assert c[db_name].users.find_one({"_id": 1}) == {"_id": 1}
+        pt.wait_until(lambda: len(faulted(pt, "slow-orders")) == 3, what="three delayed finds")
+
+        def mean(coll):
+            labels = {"op": "find", "db": db_name, "collection": coll}
+            total = metric(pt.registry, "mongoproxy_response_latency_seconds_sum", **labels)
+            return total / metric(pt.registry, "mongoproxy_response_latency_seconds_count", **labels)
+
+        assert mean("orders") >= 0.3
+        assert mean("users") < 0.25  # the delay is not applied to another namespace
+        assert not [e for e in pt.sink.commands if e.collection == "users" and e.fault]
+
+
+def test_close_raises_autoreconnect_then_recovers(secantus, db_name):
+    rule = {"name": "flap", "op": "find", "ns": f"{db_name}.*", "action": "close", "max_count": 1}
+    with faulty_proxy(secantus, rule) as pt, client(pt, retryReads=False) as c:
+        c[db_name].things.insert_one({"_id": 1})
+        with pytest.raises(pymongo.errors.AutoReconnect):
+            c[db_name].things.find_one({"_id": 1})
+        assert c[db_name].things.find_one({"_id": 1}) == {"_id": 1}
+        pt.wait_until(lambda: faulted(pt, "flap"), what="the closed find in the log")
+        (event,) = faulted(pt, "flap")
+        assert event.op == "find" and event.reply is None
+
+
+def test_blackhole_times_out(secantus, db_name):
+    rule = {"name": "stuck", "op": "aggregate", "ns": f"{db_name}.*", "action": "blackhole"}
+    with faulty_proxy(secantus, rule) as pt, client(pt, socketTimeoutMS=500, retryReads=False) as c:
+        c[db_name].things.insert_one({"_id": 1})
+        with pytest.raises(pymongo.errors.NetworkTimeout):
+            list(c[db_name].things.aggregate([{"$match": {}}]))
+        assert c[db_name].things.find_one({"_id": 1}) == {"_id": 1}  # other commands are untouched
+        pt.wait_until(lambda: faulted(pt, "stuck"), what="the swallowed aggregate in the log")
+
+
+def test_percentage_is_decided_per_command(secantus, db_name):
+    rule = {"name": "half", "op": "find", "ns": f"{db_name}.things", "action": "error", "code": 6, "percentage": 50}
+    with faulty_proxy(secantus, rule) as pt, client(pt, retryReads=False, maxPoolSize=1) as c:
+        c[db_name].things.insert_one({"_id": 1})
+        failures = 0
+        for _ in range(2000):
+            try:
+                c[db_name].things.find_one({"_id": 1})
+            except pymongo.errors.OperationFailure as exc:
+                assert exc.code == 6
+                failures += 1
+        assert 900 <= failures <= 1100, failures
+        assert pt.engine.rules["half"].injected == failures
+
+
+def test_write_error_and_throttle_and_reply_delay(secantus, db_name):
+    rules = (
+        {"name": "dup", "op": "insert", "ns": f"{db_name}.a", "action": "write_error", "code": 11000},
+        {"name": "thin", "op": "find", "ns": f"{db_name}.b", "action": "throttle", "bytes_per_second": 20000},
+        {"name": "late", "op": "find", "ns": f"{db_name}.c", "action": "delay", "ms": 200, "where": "reply"},
+    )
+    with faulty_proxy(secantus, *rules) as pt, client(pt) as c:
+        with pytest.raises(pymongo.errors.DuplicateKeyError):
+            c[db_name].a.insert_one({"_id": 1})
+        assert c[db_name].a.count_documents({}) == 0
+        c[db_name].b.insert_many([{"_id": i, "pad": "x" * 1000} for i in range(10)])
+        assert len(list(c[db_name].b.find({}))) == 10  # ~10 kB paced at 20 kB/s arrives whole
+        c[db_name].c.insert_one({"_id": 1})
+        assert c[db_name].c.find_one({}) == {"_id": 1}
+        pt.wait_until(lambda: faulted(pt, "late"), what="the delayed reply")
+        assert [e.reply.write_error_code for e in faulted(pt, "dup")] == [11000]
+        assert len(faulted(pt, "thin")) == 1 and faulted(pt, "thin")[0].ok is True
+
+
+def op_query(request_id: int, ns: str, doc: dict) -> bytes:
+    body = struct.pack("<i", 0) + ns.encode() + b"\x00" + struct.pack("<ii", 0, -1) + bson.encode(doc)
+    return struct.pack("<iiii", 16 + len(body), request_id, 0, wire.OP_QUERY) + body
+
+
+def read_message(sock) -> bytes:
+    head = b""
+    while len(head) < 16:
+        head += sock.recv(16 - len(head))
+    length = struct.unpack_from("<i", head)[0]
+    body = b""
+    while len(body) < length - 16:
+        body += sock.recv(length - 16 - len(body))
+    return head + body
+
+
+def test_op_query_gets_op_reply_and_hello_is_spared(secantus):
+    rule = {"name": "all", "action": "error", "code": 13435}  # no op: every command but handshakes and auth
+    with faulty_proxy(secantus, rule) as pt, socket.create_connection(("127.0.0.1", pt.port)) as s:
+        s.sendall(op_query(7, "admin.$cmd", {"isMaster": 1}))
+        reply = read_message(s)
+        assert struct.unpack_from("<i", reply, 12)[0] == wire.OP_REPLY
+        assert bson.decode(reply[36:])["ok"] == 1.0  # the handshake was forwarded
+        request = op_query(8, "admin.$cmd", {"ping": 1})
+        for i in range(len(request)):  # one byte at a time: the gate frames across chunks
+            s.sendall(request[i : i + 1])
+        reply = read_message(s)
+        length, _, response_to, opcode = struct.unpack_from("<iiii", reply)
+        assert (length, response_to, opcode) == (len(reply), 8, wire.OP_REPLY)
+        doc = bson.decode(reply[36:])
+        assert doc["code"] == 13435 and doc["codeName"] == "NotPrimaryNoSecondaryOk" and doc["ok"] == 0
