@@ -206,3 +206,39 @@ def test_op_query_gets_op_reply_and_hello_is_spared(secantus):
         assert (length, response_to, opcode) == (len(reply), 8, wire.OP_REPLY)
         doc = bson.decode(reply[36:])
         assert doc["code"] == 13435 and doc["codeName"] == "NotPrimaryNoSecondaryOk" and doc["ok"] == 0
+
+
+def plain(client_side) -> bool:
+    """The connection runs the plain data path: no gate, the transports' own write functions."""
+    up = client_side.upstream
+    return (
+        client_side.fault_gate is None
+        and client_side._write_upstream == up.transport.write
+        and up._write_client == client_side.transport.write
+    )
+
+
+def test_only_connections_a_rule_could_match_are_gated(secantus, db_name):
+    with faulty_proxy(secantus) as pt, client(pt) as c:
+        c[db_name].things.insert_one({"_id": 1})
+        conns = pt.call(lambda: list(pt.proxy.connections))
+        assert conns and all(plain(x) for x in conns)  # no rule: nothing on the data path
+        pt.call(pt.engine.add_raw, {"name": "elsewhere", "client": "10.99.0.0/16", "action": "close"})
+        assert c[db_name].things.find_one({"_id": 1}) == {"_id": 1}
+        assert all(plain(x) for x in pt.call(lambda: list(pt.proxy.connections)))  # a client that cannot match
+        pt.call(pt.engine.add_raw, {"name": "other-app", "app": "billing", "action": "close"})
+        assert all(plain(x) for x in pt.call(lambda: list(pt.proxy.connections)))  # their app is known already
+        with client(pt) as fresh:  # new connections: gated until the handshake names the app, then plain
+            assert fresh[db_name].things.find_one({"_id": 1}) == {"_id": 1}
+            assert fresh[db_name].things.find_one({"_id": 1}) == {"_id": 1}
+            served = {e.connection.id for e in pt.sink.commands if e.op == "find"}
+            conns = [x for x in pt.call(lambda: list(pt.proxy.connections)) if x.conn.id in served]
+            assert len(conns) == 2 and all(plain(x) for x in conns)
+        pt.call(pt.engine.add_raw, {"name": "now", "op": "count", "ns": f"{db_name}.*", "action": "error", "code": 2})
+        with pytest.raises(pymongo.errors.OperationFailure):  # a rule added at runtime reaches pooled connections
+            c[db_name].command("count", "things")
+        pt.call(pt.engine.reset)
+        assert c[db_name].command("count", "things")["n"] == 1  # after the reset the gate steps aside
+        counted = {e.connection.id for e in pt.sink.commands if e.op == "count"}
+        conns = [x for x in pt.call(lambda: list(pt.proxy.connections)) if x.conn.id in counted]
+        assert conns and all(plain(x) for x in conns)
