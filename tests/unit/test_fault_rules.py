@@ -3,6 +3,7 @@
 import ipaddress
 import os
 import time
+from pathlib import Path
 
 import pytest
 
@@ -124,3 +125,21 @@ def test_a_bad_rules_file_keeps_the_previous_rules(tmp_path, caplog):
     os.utime(path, (time.time() + 5, time.time() + 5))
     engine.reload()
     assert list(engine.rules) == ["fail"] and "file_error" not in engine.listing()
+
+
+def test_every_drill_playbook_file_loads():
+    drills = sorted((Path(__file__).parents[2] / "deploy" / "drills").glob("*.toml"))
+    assert [p.stem for p in drills] == [
+        "failover",
+        "flapping-network",
+        "slow-reads",
+        "stuck-aggregate",
+        "throttled-link",
+    ]
+    actions = set()
+    for path in drills:
+        (rule,) = load_rules_file(str(path))
+        assert rule.expires is not None or rule.max_count is not None  # every drill ends on its own
+        assert f"mongoproxy fault rm {rule.name}" in path.read_text()
+        actions.add(rule.action)
+    assert actions == {"delay", "error", "close", "blackhole", "throttle"}
