@@ -22,7 +22,8 @@ from mongoproxy.faults.rules import Rule, RuleError, load_rules_file, parse_rule
 
 log = logging.getLogger("mongoproxy.faults")
 
-POLL_SECONDS = 1.0  # how often the rules file's mtime is checked
+POLL_SECONDS = 1.0
+REPLYING_ACTIONS = frozenset(("error", "write_error"))  # how often the rules file's mtime is checked
 
 
 class FaultEngine:
@@ -129,12 +130,25 @@ class FaultEngine:
         return any(r.live(now) and r.could_match(client_ip, app) for r in self.rules.values())
 
     def decide(
-        self, client_ip: Any, app: str | None, op: str, db: str, coll: str, comment: str | None, shape: Callable
+        self,
+        client_ip: Any,
+        app: str | None,
+        op: str,
+        db: str,
+        coll: str,
+        comment: str | None,
+        shape: Callable,
+        answerable: bool = True,
     ) -> Rule | None:
-        """The rule to apply to this command (counted as injected), or None to forward it untouched."""
+        """The rule to apply to this command (counted as injected), or None to forward it untouched.
+
+        `answerable` is False for a request that expects no reply (moreToCome): no reply may be made up for it.
+        """
         now = time.time()
         for rule in self.rules.values():
             if not rule.live(now) or not rule.could_match(client_ip, app) or (rule.app is not None and app is None):
+                continue
+            if not answerable and rule.action in REPLYING_ACTIONS:
                 continue
             if not rule.matches(op, db, coll, comment, shape):
                 continue

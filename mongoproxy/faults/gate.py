@@ -299,16 +299,16 @@ class RequestGate:
 
     def _decide(self, length: int, request_id: int, opcode: int, doc: bytes, more: int, ns: str = "") -> None:
         try:
-            rule, command = self._match(opcode, doc, ns, length)
+            rule, command = self._match(opcode, doc, ns, length, not more)
         except Exception as exc:  # noqa: BLE001 - a request we cannot read (or a bug here) is forwarded as it is
             log.debug("connection %d: fault gate forwards a request it cannot read: %r", self.client.conn.id, exc)
             rule, command = None, True
-        if rule is None or (more and rule.action in ("error", "write_error")):
+        if rule is None:
             self._pass_head(length)
             return
         self._apply(rule, length, request_id, opcode, command)
 
-    def _match(self, opcode: int, doc: bytes, ns: str, length: int) -> tuple[Any, bool]:
+    def _match(self, opcode: int, doc: bytes, ns: str, length: int, answerable: bool) -> tuple[Any, bool]:
         body = bson.decode(doc)
         op = next(iter(body), "")
         command = True
@@ -338,7 +338,7 @@ class RequestGate:
         def shape() -> str:
             return _shape(opcode, bytes(self._head[16:]), length - 16, op)
 
-        return self.engine.decide(self.ip, self.app, op, db, coll, comment, shape), command
+        return self.engine.decide(self.ip, self.app, op, db, coll, comment, shape, answerable), command
 
     def _apply(self, rule: Any, length: int, request_id: int, opcode: int, command: bool) -> None:
         action = rule.action
@@ -414,6 +414,8 @@ class ReplyGate:
 
     def inject(self, reply: bytes) -> None:
         """Send a reply the proxy built, between two upstream replies, and show it to the tracker."""
+        if self.client.closed:
+            return
         if self._dead or (self._synced and not self._remaining and not self._head):
             self._deliver(reply)
         else:

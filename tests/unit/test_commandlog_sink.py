@@ -558,3 +558,13 @@ def test_log_file_appends(tmp_path):
     sink.close()
     lines = path.read_text().splitlines()
     assert lines[0] == "earlier" and "shop.users find" in lines[1] and "\x1b[" not in lines[1]
+
+
+def test_a_faulted_command_names_its_rule_in_text_and_json():
+    event = command(op="insert", ok=False, code=91, code_name="ShutdownInProgress")
+    event.fault = "failover"
+    (line,) = run([event])
+    assert line.endswith("91 ShutdownInProgress fault=failover")
+    (record,) = [validate(x) for x in run([event], fmt="json")]
+    assert record["fault"] == "failover"
+    assert validate(run([command()], fmt="json")[0])["fault"] is None
