@@ -120,7 +120,10 @@ class ClientSide(asyncio.Protocol):
         self.client_eof = True
         upstream = self.upstream
         if upstream is not None and upstream.transport is not None and upstream.transport.can_write_eof():
-            upstream.transport.write_eof()
+            if self.fault_gate is not None:  # after any request a fault delay still holds
+                self.fault_gate.valve.call(upstream.transport.write_eof)
+            else:
+                upstream.transport.write_eof()
         if self.upstream_eof:
             self.close()
         return True  # keep the other half open
@@ -185,11 +188,11 @@ class ClientSide(asyncio.Protocol):
         self.conn.upstream_connect_ns = monotonic_ns() - started
         self.upstream = upstream
         self._write_upstream = upstream.transport.write
+        if proxy.faults is not None and proxy.faults.active:
+            fault_gate.install(proxy.faults, self)  # swaps the write functions; nothing else on the data path
         early, self._early = self._early, []
         for chunk in early:
             self.data_received(chunk)
-        if proxy.faults is not None and proxy.faults.active:
-            fault_gate.install(proxy.faults, self)  # swaps the write functions; nothing else on the data path
         if self.client_eof and upstream.transport.can_write_eof():
             upstream.transport.write_eof()
         self._unblock_reading("connect")
@@ -311,7 +314,10 @@ class UpstreamSide(asyncio.Protocol):
         client = self.client
         client.upstream_eof = True
         if client.transport.can_write_eof():
-            client.transport.write_eof()
+            if client.fault_gate is not None:  # after any reply a fault delay or throttle still holds
+                client.fault_gate.replies.valve.call(client.transport.write_eof)
+            else:
+                client.transport.write_eof()
         if client.client_eof:
             client.close()
         return True

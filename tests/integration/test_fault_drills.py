@@ -242,3 +242,43 @@ def test_only_connections_a_rule_could_match_are_gated(secantus, db_name):
         counted = {e.connection.id for e in pt.sink.commands if e.op == "count"}
         conns = [x for x in pt.call(lambda: list(pt.proxy.connections)) if x.conn.id in counted]
         assert conns and all(plain(x) for x in conns)
+
+
+def op_msg(request_id: int, doc: dict) -> bytes:
+    body = b"\x00\x00\x00\x00\x00" + bson.encode(doc)
+    return struct.pack("<iiii", 16 + len(body), request_id, 0, wire.OP_MSG) + body
+
+
+def test_pipelined_requests_keep_their_order_behind_a_delay(secantus, db_name):
+    rule = {"name": "hold", "op": "find", "ns": f"{db_name}.things", "action": "delay", "ms": 200}
+    with faulty_proxy(secantus, rule) as pt, socket.create_connection(("127.0.0.1", pt.port)) as s:
+        s.settimeout(10)
+        s.sendall(op_msg(1, {"hello": 1, "$db": "admin"}))
+        read_message(s)
+        burst = op_msg(2, {"find": "things", "filter": {}, "$db": db_name}) + op_msg(3, {"ping": 1, "$db": "admin"})
+        s.sendall(burst[:30])  # the find's first section arrives in pieces
+        s.sendall(burst[30:])
+        replies = [read_message(s) for _ in range(2)]
+        assert [struct.unpack_from("<i", r, 8)[0] for r in replies] == [2, 3]  # the ping waited behind the find
+        assert all(bson.decode(r[21:])["ok"] == 1.0 for r in replies)
+        s.sendall(op_msg(4, {"find": "things", "filter": {}, "$db": db_name}))
+        s.shutdown(socket.SHUT_WR)  # a half-close goes upstream only after the delayed request
+        assert struct.unpack_from("<i", read_message(s), 8)[0] == 4
+
+
+def test_an_injected_reply_answers_its_own_request_among_forwarded_ones(secantus, db_name):
+    rule = {"name": "no-insert", "op": "insert", "ns": f"{db_name}.*", "action": "error", "code": 189}
+    with faulty_proxy(secantus, rule) as pt, socket.create_connection(("127.0.0.1", pt.port)) as s:
+        s.settimeout(10)
+        burst = b"".join(
+            [
+                op_msg(1, {"ping": 1, "$db": "admin"}),
+                op_msg(2, {"insert": "things", "documents": [{"_id": 1}], "$db": db_name}),
+                op_msg(3, {"ping": 1, "$db": "admin"}),
+            ]
+        )
+        s.sendall(burst)
+        replies = {struct.unpack_from("<i", r, 8)[0]: bson.decode(r[21:]) for r in (read_message(s) for _ in range(3))}
+        assert replies[1]["ok"] == replies[3]["ok"] == 1.0
+        assert (replies[2]["code"], replies[2]["codeName"]) == (189, "PrimarySteppedDown")
+    assert secantus.client()[db_name].things.count_documents({}) == 0
