@@ -21,6 +21,7 @@ import logging
 import random
 import struct
 import time
+import zlib
 from typing import Any
 
 import bson
@@ -36,10 +37,12 @@ log = logging.getLogger("mongoproxy.faults")
 
 _HEADER = struct.Struct("<iiii")
 _I32 = struct.Struct("<i")
+_COMPRESSED_PREFIX = struct.Struct("<iiB")  # originalOpcode, uncompressedSize, compressorId
 HIGH_WATER = 256 * 1024  # bytes a valve queues before it pauses its source
 MAX_TAGS = 1024
 _OP_MSG_HEAD = 16 + 4 + 1 + 4  # header, flagBits, section kind, section length
 _QUERY_PREFIX_MAX = 16 + 4 + 512 + 8 + 4  # header, flags, fullCollectionName (bounded), skip/return, doc length
+COMPRESSED_HOLD_MAX = 1 << 20  # an OP_COMPRESSED request up to this size is held whole to read its command
 PACE_TICK = 0.02  # seconds between slices of a throttled reply
 
 _DATA, _WAIT, _PACE, _CALL = range(4)
@@ -295,11 +298,35 @@ class RequestGate:
                         ns = bytes(head[20:nul]).decode("utf-8", "replace")
                         self._decide(length, request_id, opcode, bytes(head[start:need]), 0, ns)
                         return
-        self._pass_head(length)  # another opcode, compressed, or not what it should be: forward
+        elif opcode == wire.OP_COMPRESSED and length <= COMPRESSED_HOLD_MAX:
+            # The first section is inside the compressed body: this message is held whole (bounded above).
+            if len(head) == 16:
+                self._need = length
+                if length > 16:
+                    return
+            else:
+                try:
+                    found = _compressed_first_doc(bytes(head), self.client.proxy.config.max_message_bytes)
+                except Exception:  # noqa: BLE001 - a body we cannot inflate is forwarded for the server to judge
+                    found = None
+                if found is not None:
+                    original, doc, more, ns, body = found
+                    self._decide(length, request_id, original, doc, more, ns, body)
+                    return
+        self._pass_head(length)  # another opcode, or not what it should be: forward
 
-    def _decide(self, length: int, request_id: int, opcode: int, doc: bytes, more: int, ns: str = "") -> None:
+    def _decide(
+        self,
+        length: int,
+        request_id: int,
+        opcode: int,
+        doc: bytes,
+        more: int,
+        ns: str = "",
+        body: bytes | None = None,
+    ) -> None:
         try:
-            rule, command = self._match(opcode, doc, ns, length, not more)
+            rule, command = self._match(opcode, doc, ns, length, not more, body)
         except Exception as exc:  # noqa: BLE001 - a request we cannot read (or a bug here) is forwarded as it is
             log.debug("connection %d: fault gate forwards a request it cannot read: %r", self.client.conn.id, exc)
             rule, command = None, True
@@ -308,7 +335,9 @@ class RequestGate:
             return
         self._apply(rule, length, request_id, opcode, command)
 
-    def _match(self, opcode: int, doc: bytes, ns: str, length: int, answerable: bool) -> tuple[Any, bool]:
+    def _match(
+        self, opcode: int, doc: bytes, ns: str, length: int, answerable: bool, body: bytes | None
+    ) -> tuple[Any, bool]:
         body = bson.decode(doc)
         op = next(iter(body), "")
         command = True
@@ -336,6 +365,8 @@ class RequestGate:
         comment = comment if isinstance(comment, str) or comment is None else str(comment)
 
         def shape() -> str:
+            if body is not None:  # inflated from OP_COMPRESSED
+                return _shape(opcode, body, len(body), op)
             return _shape(opcode, bytes(self._head[16:]), length - 16, op)
 
         return self.engine.decide(self.ip, self.app, op, db, coll, comment, shape, answerable), command
@@ -480,6 +511,60 @@ class ReplyGate:
         pending, self._pending = self._pending, []
         for reply in pending:
             self._deliver(reply)
+
+
+def _inflate(compressor: int, data: bytes, size: int) -> bytes:
+    """An OP_COMPRESSED body's original bytes; ValueError when they are not `size` bytes."""
+    if compressor == 0:
+        out = data
+    elif compressor == 2:
+        out = zlib.decompressobj().decompress(data, size + 1)
+    elif compressor == 3:
+        import zstandard
+
+        out = zstandard.ZstdDecompressor().stream_reader(data).read(size + 1)  # never more than it claims
+    elif compressor == 1:
+        import cramjam
+
+        if _snappy_length(data) != size:  # checked before inflating, which allocates what the stream claims
+            raise ValueError("snappy length differs from uncompressedSize")
+        out = bytes(cramjam.snappy.decompress_raw(data))
+    else:
+        raise ValueError(f"compressorId {compressor}")
+    if len(out) != size:
+        raise ValueError(f"uncompressedSize {size}, got {len(out)}")
+    return out
+
+
+def _snappy_length(data: bytes) -> int:
+    """The uncompressed length a raw snappy stream starts with (a little-endian base-128 varint)."""
+    n = shift = 0
+    for byte in data[:5]:
+        n |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return n
+        shift += 7
+    return -1
+
+
+def _compressed_first_doc(message: bytes, limit: int) -> tuple[int, bytes, int, str, bytes] | None:
+    """(original opcode, first document, moreToCome bit, OP_QUERY namespace, body) of a whole OP_COMPRESSED."""
+    original, size, compressor = _COMPRESSED_PREFIX.unpack_from(message, 16)
+    if not 0 < size <= limit:
+        return None
+    body = _inflate(compressor, message[25:], size)
+    if original == wire.OP_MSG and len(body) > 9 and body[4] == 0:
+        doc_len = _I32.unpack_from(body, 5)[0]
+        if 5 <= doc_len <= len(body) - 5:
+            return original, body[5 : 5 + doc_len], body[0] & wire.MORE_TO_COME, "", body
+    elif original == wire.OP_QUERY:
+        nul = body.find(b"\x00", 4)
+        if nul > 0 and nul + 13 <= len(body):
+            doc_len = _I32.unpack_from(body, nul + 9)[0]
+            if 5 <= doc_len <= len(body) - nul - 9:
+                ns = body[4:nul].decode("utf-8", "replace")
+                return original, body[nul + 9 : nul + 9 + doc_len], 0, ns, body
+    return None
 
 
 def _shape(opcode: int, body_head: bytes, body_length: int, op: str) -> str:

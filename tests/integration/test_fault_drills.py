@@ -282,3 +282,37 @@ def test_an_injected_reply_answers_its_own_request_among_forwarded_ones(secantus
         assert replies[1]["ok"] == replies[3]["ok"] == 1.0
         assert (replies[2]["code"], replies[2]["codeName"]) == (189, "PrimarySteppedDown")
     assert secantus.client()[db_name].things.count_documents({}) == 0
+
+
+def compress(compressor: str, message: bytes) -> bytes:
+    """OP_COMPRESSED wrapping of an uncompressed message, as drivers send it."""
+    import zlib
+
+    import cramjam
+    import zstandard
+
+    body = message[16:]
+    packed, cid = {
+        "zlib": (lambda: zlib.compress(body), 2),
+        "zstd": (lambda: zstandard.ZstdCompressor().compress(body), 3),
+        "snappy": (lambda: bytes(cramjam.snappy.compress_raw(body)), 1),
+    }[compressor]
+    data = packed()
+    length, request_id, response_to, opcode = struct.unpack_from("<iiii", message)
+    prefix = struct.pack("<iiB", opcode, len(body), cid)
+    return struct.pack("<iiii", 16 + 9 + len(data), request_id, response_to, wire.OP_COMPRESSED) + prefix + data
+
+
+@pytest.mark.parametrize("compressor", ["zlib", "zstd", "snappy"])
+def test_compressed_requests_are_matched(secantus, db_name, compressor):
+    rule = {"name": "squeezed", "op": "insert", "ns": f"{db_name}.*", "action": "error", "code": 11600}
+    with faulty_proxy(secantus, rule) as pt, socket.create_connection(("127.0.0.1", pt.port)) as s:
+        s.settimeout(10)
+        insert = op_msg(5, {"insert": "things", "documents": [{"_id": 1, "pad": "x" * 500}], "$db": db_name})
+        s.sendall(compress(compressor, insert))
+        reply = read_message(s)
+        assert struct.unpack_from("<ii", reply, 8) == (5, wire.OP_MSG)
+        assert bson.decode(reply[21:])["codeName"] == "InterruptedAtShutdown"
+        pt.wait_until(lambda: faulted(pt, "squeezed"), what="the injected insert")
+        (event,) = faulted(pt, "squeezed")
+        assert event.request_op_code == wire.OP_COMPRESSED and event.code == 11600
