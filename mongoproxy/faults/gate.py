@@ -16,20 +16,20 @@ scanned message, so the command log, metrics and spans show the fault.
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 import random
 import struct
 import time
-import zlib
 from typing import Any
 
 import bson
 
-from mongoproxy import querylog, wire
-from mongoproxy._bson_parser import BodyScanner, scan_body
+from mongoproxy import wire
+from mongoproxy._bson_parser import scan_body
+from mongoproxy.faults import firstsection
 from mongoproxy.faults.engine import client_ip
 from mongoproxy.faults.rules import HELLO_COMMANDS
+from mongoproxy.faults.valve import Valve
 from mongoproxy.protocol import builders
 from mongoproxy.tracker import COLLECTION_COMMANDS
 
@@ -37,97 +37,10 @@ log = logging.getLogger("mongoproxy.faults")
 
 _HEADER = struct.Struct("<iiii")
 _I32 = struct.Struct("<i")
-_COMPRESSED_PREFIX = struct.Struct("<iiB")  # originalOpcode, uncompressedSize, compressorId
-HIGH_WATER = 256 * 1024  # bytes a valve queues before it pauses its source
 MAX_TAGS = 1024
 _OP_MSG_HEAD = 16 + 4 + 1 + 4  # header, flagBits, section kind, section length
 _QUERY_PREFIX_MAX = 16 + 4 + 512 + 8 + 4  # header, flags, fullCollectionName (bounded), skip/return, doc length
 COMPRESSED_HOLD_MAX = 1 << 20  # an OP_COMPRESSED request up to this size is held whole to read its command
-PACE_TICK = 0.02  # seconds between slices of a throttled reply
-
-_DATA, _WAIT, _PACE, _CALL = range(4)
-
-
-class Valve:
-    """Ordered output of one direction: straight through unless a wait, pace or call is queued ahead."""
-
-    def __init__(self, write: Any, block: Any, unblock: Any) -> None:
-        self.write = write
-        self._block, self._unblock = block, unblock
-        self._queue: collections.deque = collections.deque()
-        self._task: asyncio.Task | None = None
-        self._held = 0
-        self._blocked = False
-
-    @property
-    def idle(self) -> bool:
-        """Nothing queued or in progress."""
-        return self._task is None and not self._queue
-
-    def send(self, data: Any) -> None:
-        """Write data now, or after what is queued ahead of it."""
-        if self._task is None and not self._queue:
-            self.write(data)
-            return
-        self._queue.append((_DATA, bytes(data)))
-        self._held += len(data)
-        if self._held > HIGH_WATER and not self._blocked:
-            self._blocked = True
-            self._block()
-
-    def wait(self, seconds: float) -> None:
-        """Hold everything sent after this for `seconds`."""
-        self._queue.append((_WAIT, seconds))
-        self._start()
-
-    def pace(self, nbytes: int, rate: int) -> None:
-        """Deliver the next `nbytes` at `rate` bytes per second."""
-        self._queue.append((_PACE, (nbytes, rate)))
-        self._start()
-
-    def call(self, fn: Any) -> None:
-        """Run fn() once everything queued ahead has been written."""
-        if self._task is None and not self._queue:
-            fn()
-            return
-        self._queue.append((_CALL, fn))
-
-    def cancel(self) -> None:
-        """Drop what is queued (the connection is closing)."""
-        self._queue.clear()
-        if self._task is not None:
-            self._task.cancel()
-            self._task = None
-
-    def _start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run())
-
-    async def _run(self) -> None:
-        queue = self._queue
-        pace_left, rate = 0, 1
-        while queue:
-            kind, item = queue.popleft()
-            if kind == _WAIT:
-                await asyncio.sleep(item)
-            elif kind == _PACE:
-                pace_left, rate = item
-            elif kind == _CALL:
-                item()
-            else:
-                self._held -= len(item)
-                if self._blocked and self._held <= HIGH_WATER // 2:
-                    self._blocked = False
-                    self._unblock()
-                view = memoryview(item)
-                while pace_left > 0 and view:
-                    n = min(len(view), pace_left, max(1, int(rate * PACE_TICK)))
-                    self.write(bytes(view[:n]))
-                    view, pace_left = view[n:], pace_left - n
-                    await asyncio.sleep(n / rate)
-                if view:
-                    self.write(bytes(view) if len(view) != len(item) else item)
-        self._task = None
 
 
 class TaggingBus:
@@ -306,7 +219,7 @@ class RequestGate:
                     return
             else:
                 try:
-                    found = _compressed_first_doc(bytes(head), self.client.proxy.config.max_message_bytes)
+                    found = firstsection.compressed_first_doc(bytes(head), self.client.proxy.config.max_message_bytes)
                 except Exception:  # noqa: BLE001 - a body we cannot inflate is forwarded for the server to judge
                     found = None
                 if found is not None:
@@ -366,8 +279,8 @@ class RequestGate:
 
         def shape() -> str:
             if body is not None:  # inflated from OP_COMPRESSED
-                return _shape(opcode, body, len(body), op)
-            return _shape(opcode, bytes(self._head[16:]), length - 16, op)
+                return firstsection.shape_hash(opcode, body, len(body), op)
+            return firstsection.shape_hash(opcode, bytes(self._head[16:]), length - 16, op)
 
         return self.engine.decide(self.ip, self.app, op, db, coll, comment, shape, answerable), command
 
@@ -511,71 +424,3 @@ class ReplyGate:
         pending, self._pending = self._pending, []
         for reply in pending:
             self._deliver(reply)
-
-
-def _inflate(compressor: int, data: bytes, size: int) -> bytes:
-    """An OP_COMPRESSED body's original bytes; ValueError when they are not `size` bytes."""
-    if compressor == 0:
-        out = data
-    elif compressor == 2:
-        out = zlib.decompressobj().decompress(data, size + 1)
-    elif compressor == 3:
-        import zstandard
-
-        out = zstandard.ZstdDecompressor().stream_reader(data).read(size + 1)  # never more than it claims
-    elif compressor == 1:
-        import cramjam
-
-        if _snappy_length(data) != size:  # checked before inflating, which allocates what the stream claims
-            raise ValueError("snappy length differs from uncompressedSize")
-        out = bytes(cramjam.snappy.decompress_raw(data))
-    else:
-        raise ValueError(f"compressorId {compressor}")
-    if len(out) != size:
-        raise ValueError(f"uncompressedSize {size}, got {len(out)}")
-    return out
-
-
-def _snappy_length(data: bytes) -> int:
-    """The uncompressed length a raw snappy stream starts with (a little-endian base-128 varint)."""
-    n = shift = 0
-    for byte in data[:5]:
-        n |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return n
-        shift += 7
-    return -1
-
-
-def _compressed_first_doc(message: bytes, limit: int) -> tuple[int, bytes, int, str, bytes] | None:
-    """(original opcode, first document, moreToCome bit, OP_QUERY namespace, body) of a whole OP_COMPRESSED."""
-    original, size, compressor = _COMPRESSED_PREFIX.unpack_from(message, 16)
-    if not 0 < size <= limit:
-        return None
-    body = _inflate(compressor, message[25:], size)
-    if original == wire.OP_MSG and len(body) > 9 and body[4] == 0:
-        doc_len = _I32.unpack_from(body, 5)[0]
-        if 5 <= doc_len <= len(body) - 5:
-            return original, body[5 : 5 + doc_len], body[0] & wire.MORE_TO_COME, "", body
-    elif original == wire.OP_QUERY:
-        nul = body.find(b"\x00", 4)
-        if nul > 0 and nul + 13 <= len(body):
-            doc_len = _I32.unpack_from(body, nul + 9)[0]
-            if 5 <= doc_len <= len(body) - nul - 9:
-                ns = body[4:nul].decode("utf-8", "replace")
-                return original, body[nul + 9 : nul + 9 + doc_len], 0, ns, body
-    return None
-
-
-def _shape(opcode: int, body_head: bytes, body_length: int, op: str) -> str:
-    """The command log's query-shape hash of a request whose first section is `body_head`."""
-    scanner = BodyScanner()
-    scanner.reset(opcode, False, body_length, 1, 4096)
-    try:
-        scanner.feed(body_head, 0, len(body_head))
-    except Exception:  # noqa: BLE001 - the head ends mid-body; what was rendered so far is what we need
-        pass
-    rendered = scanner.result().query_shape
-    if not rendered:
-        return ""
-    return querylog.prepare(rendered, op, False)[1] or ""

@@ -1,0 +1,80 @@
+"""The first section of a request held by the gate: inflating OP_COMPRESSED bodies, and the query-shape hash."""
+
+from __future__ import annotations
+
+import struct
+import zlib
+
+from mongoproxy import querylog, wire
+from mongoproxy._bson_parser import BodyScanner
+
+_I32 = struct.Struct("<i")
+_COMPRESSED_PREFIX = struct.Struct("<iiB")  # originalOpcode, uncompressedSize, compressorId
+
+
+def inflate(compressor: int, data: bytes, size: int) -> bytes:
+    """An OP_COMPRESSED body's original bytes; ValueError when they are not `size` bytes."""
+    if compressor == 0:
+        out = data
+    elif compressor == 2:
+        out = zlib.decompressobj().decompress(data, size + 1)
+    elif compressor == 3:
+        import zstandard
+
+        out = zstandard.ZstdDecompressor().stream_reader(data).read(size + 1)  # never more than it claims
+    elif compressor == 1:
+        import cramjam
+
+        if _snappy_length(data) != size:  # checked before inflating, which allocates what the stream claims
+            raise ValueError("snappy length differs from uncompressedSize")
+        out = bytes(cramjam.snappy.decompress_raw(data))
+    else:
+        raise ValueError(f"compressorId {compressor}")
+    if len(out) != size:
+        raise ValueError(f"uncompressedSize {size}, got {len(out)}")
+    return out
+
+
+def _snappy_length(data: bytes) -> int:
+    """The uncompressed length a raw snappy stream starts with (a little-endian base-128 varint)."""
+    n = shift = 0
+    for byte in data[:5]:
+        n |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return n
+        shift += 7
+    return -1
+
+
+def compressed_first_doc(message: bytes, limit: int) -> tuple[int, bytes, int, str, bytes] | None:
+    """(original opcode, first document, moreToCome bit, OP_QUERY namespace, body) of a whole OP_COMPRESSED."""
+    original, size, compressor = _COMPRESSED_PREFIX.unpack_from(message, 16)
+    if not 0 < size <= limit:
+        return None
+    body = inflate(compressor, message[25:], size)
+    if original == wire.OP_MSG and len(body) > 9 and body[4] == 0:
+        doc_len = _I32.unpack_from(body, 5)[0]
+        if 5 <= doc_len <= len(body) - 5:
+            return original, body[5 : 5 + doc_len], body[0] & wire.MORE_TO_COME, "", body
+    elif original == wire.OP_QUERY:
+        nul = body.find(b"\x00", 4)
+        if nul > 0 and nul + 13 <= len(body):
+            doc_len = _I32.unpack_from(body, nul + 9)[0]
+            if 5 <= doc_len <= len(body) - nul - 9:
+                ns = body[4:nul].decode("utf-8", "replace")
+                return original, body[nul + 9 : nul + 9 + doc_len], 0, ns, body
+    return None
+
+
+def shape_hash(opcode: int, body_head: bytes, body_length: int, op: str) -> str:
+    """The command log's query-shape hash of a request whose first section is `body_head`."""
+    scanner = BodyScanner()
+    scanner.reset(opcode, False, body_length, 1, 4096)
+    try:
+        scanner.feed(body_head, 0, len(body_head))
+    except Exception:  # noqa: BLE001 - the head ends mid-body; what was rendered so far is what we need
+        pass
+    rendered = scanner.result().query_shape
+    if not rendered:
+        return ""
+    return querylog.prepare(rendered, op, False)[1] or ""
