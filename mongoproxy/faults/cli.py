@@ -13,6 +13,7 @@ import json
 import os
 import sys
 import urllib.error
+import urllib.parse
 import urllib.request
 from typing import Any
 
@@ -228,7 +229,7 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _rm(args: argparse.Namespace) -> int:
-    request(args, "DELETE", f"/faults/{urllib.request.quote(args.name, safe='')}")
+    request(args, "DELETE", f"/faults/{urllib.parse.quote(args.name, safe='')}")
     print(f"removed {args.name}")
     return 0
 

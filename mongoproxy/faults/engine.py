@@ -165,7 +165,7 @@ class FaultEngine:
     # ---- the rules file ----
 
     def _load_file(self, initial: bool = False) -> None:
-        path = self.path
+        path = self.path or ""
         try:
             mtime = os.stat(path).st_mtime
         except OSError as exc:
@@ -204,7 +204,7 @@ class FaultEngine:
     def _poll(self) -> None:
         self._timer = None
         try:
-            mtime = os.stat(self.path).st_mtime
+            mtime = os.stat(self.path or "").st_mtime
         except OSError:
             mtime = None
         if mtime is not None and mtime != self._mtime:

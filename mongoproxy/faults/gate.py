@@ -223,8 +223,8 @@ class RequestGate:
                 except Exception:  # noqa: BLE001 - a body we cannot inflate is forwarded for the server to judge
                     found = None
                 if found is not None:
-                    original, doc, more, ns, body = found
-                    self._decide(length, request_id, original, doc, more, ns, body)
+                    original, doc, more, ns, inflated = found
+                    self._decide(length, request_id, original, doc, more, ns, inflated)
                     return
         self._pass_head(length)  # another opcode, or not what it should be: forward
 
@@ -236,10 +236,10 @@ class RequestGate:
         doc: bytes,
         more: int,
         ns: str = "",
-        body: bytes | None = None,
+        inflated: bytes | None = None,
     ) -> None:
         try:
-            rule, command = self._match(opcode, doc, ns, length, not more, body)
+            rule, command = self._match(opcode, doc, ns, length, not more, inflated)
         except Exception as exc:  # noqa: BLE001 - a request we cannot read (or a bug here) is forwarded as it is
             log.debug("connection %d: fault gate forwards a request it cannot read: %r", self.client.conn.id, exc)
             rule, command = None, True
@@ -249,7 +249,7 @@ class RequestGate:
         self._apply(rule, length, request_id, opcode, command)
 
     def _match(
-        self, opcode: int, doc: bytes, ns: str, length: int, answerable: bool, body: bytes | None
+        self, opcode: int, doc: bytes, ns: str, length: int, answerable: bool, inflated: bytes | None
     ) -> tuple[Any, bool]:
         body = bson.decode(doc)
         op = next(iter(body), "")
@@ -278,8 +278,8 @@ class RequestGate:
         comment = comment if isinstance(comment, str) or comment is None else str(comment)
 
         def shape() -> str:
-            if body is not None:  # inflated from OP_COMPRESSED
-                return firstsection.shape_hash(opcode, body, len(body), op)
+            if inflated is not None:  # the body of an OP_COMPRESSED request
+                return firstsection.shape_hash(opcode, inflated, len(inflated), op)
             return firstsection.shape_hash(opcode, bytes(self._head[16:]), length - 16, op)
 
         return self.engine.decide(self.ip, self.app, op, db, coll, comment, shape, answerable), command

@@ -95,7 +95,7 @@ def _strings(rule: str, key: str, value: Any) -> tuple[str, ...]:
     items = [value] if isinstance(value, str) else value
     if not isinstance(items, (list, tuple)) or not all(isinstance(x, str) and x.strip() for x in items):
         raise RuleError(f"rule {rule}: {key} must be a non-empty string or a list of them, got {value!r}")
-    out = []
+    out: list[str] = []
     for x in items:
         out.extend(p.strip() for p in x.split(",") if p.strip())
     return tuple(out)

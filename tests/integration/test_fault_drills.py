@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import socket
 import struct
 
@@ -20,11 +21,11 @@ from tests.support.inprocess import ProxyThread
 
 
 @contextlib.contextmanager
-def faulty_proxy(secantus, *rules: dict):
+def faulty_proxy(secantus, *rules: dict, extra_sinks: tuple = (), **flags: str):
     """The proxy in a thread in front of SecantusDB, with fault injection allowed and `rules` added."""
     registry = CollectorRegistry()
     sink = CollectingSink()
-    with ProxyThread(secantus.port, sinks=[sink, MetricsSink(registry)]) as pt:
+    with ProxyThread(secantus.port, sinks=[sink, MetricsSink(registry), *extra_sinks], **flags) as pt:
         engine = FaultEngine(True, registry=registry)
 
         def attach():
@@ -181,13 +182,19 @@ def op_query(request_id: int, ns: str, doc: dict) -> bytes:
 
 
 def read_message(sock) -> bytes:
+    def recv(n: int) -> bytes:
+        data = sock.recv(n)
+        if not data:
+            raise ConnectionError("the proxy closed the connection")
+        return data
+
     head = b""
     while len(head) < 16:
-        head += sock.recv(16 - len(head))
+        head += recv(16 - len(head))
     length = struct.unpack_from("<i", head)[0]
     body = b""
     while len(body) < length - 16:
-        body += sock.recv(length - 16 - len(body))
+        body += recv(length - 16 - len(body))
     return head + body
 
 
@@ -316,3 +323,31 @@ def test_compressed_requests_are_matched(secantus, db_name, compressor):
         pt.wait_until(lambda: faulted(pt, "squeezed"), what="the injected insert")
         (event,) = faulted(pt, "squeezed")
         assert event.request_op_code == wire.OP_COMPRESSED and event.code == 11600
+
+
+def test_shape_matches_the_command_logs_hash(secantus, db_name):
+    from mongoproxy import querylog
+    from mongoproxy.sinks.commandlog import CommandLogSink
+
+    log = io.StringIO()
+    with faulty_proxy(secantus, log_query="true", extra_sinks=[CommandLogSink(log, log_query=True)]) as pt:
+        with client(pt, retryReads=False) as c:
+            c[db_name].things.insert_one({"_id": 1, "name": "a"})
+            c[db_name].things.find_one({"_id": 1})
+            pt.wait_until(lambda: [e for e in pt.sink.commands if e.op == "find"], what="the find")
+            (find,) = [e for e in pt.sink.commands if e.op == "find"]
+            shape = querylog.prepare(find.request.query_shape, "find", False)[1]
+            rule = {"name": "by-shape", "shape": shape, "action": "error", "code": 50}
+            pt.call(pt.engine.add_raw, rule)
+            with pytest.raises(pymongo.errors.ExecutionTimeout):
+                c[db_name].things.find_one({"_id": 2})  # another value, the same shape
+            assert c[db_name].things.find_one({"name": "a"}) == {"_id": 1, "name": "a"}  # another shape
+        with socket.create_connection(("127.0.0.1", pt.port)) as s:  # the same shape, compressed
+            s.settimeout(10)
+            doc = {"find": "things", "filter": {"_id": 3}, "limit": 1, "singleBatch": True, "$db": db_name}
+            doc["$readPreference"] = {"mode": "primaryPreferred"}  # as pymongo sends it on a direct connection
+            s.sendall(compress("zlib", op_msg(9, doc)))
+            assert bson.decode(read_message(s)[21:])["codeName"] == "MaxTimeMSExpired"
+        pt.wait_until(lambda: len(faulted(pt, "by-shape")) == 2, what="the faulted finds")
+    assert f"shape={shape}" in log.getvalue()
+    assert [e.collection for e in faulted(pt, "by-shape")] == ["things", "things"]
