@@ -22,6 +22,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "mongoproxy.iptables",
     "mongoproxy.inject",
     "mongoproxy.replay",
+    "mongoproxy.webhook",
     "mongoproxy.faults.cli",
 )
 
