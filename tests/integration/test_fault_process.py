@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import signal
 import time
+import urllib.request
 
 import pymongo
 
@@ -109,3 +110,50 @@ def test_faults_file_without_allow_faults_is_one_line(tmp_path):
     rules.write_text('[[rule]]\nname = "x"\naction = "teleport"\n')
     res = run_proxy_cli(["run", "--proxy", "0:127.0.0.1:1", "--allow-faults", "--faults", str(rules)])
     assert res.returncode == 2 and "action 'teleport' is not known" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_the_cli_through_the_real_admin_endpoint(secantus, db_name, tmp_path):
+    token = tmp_path / "token"
+    token.write_text("drill-token-123\n")
+    token.chmod(0o600)
+    with run_proxy_process(["--allow-faults", "--admin-token-file", str(token)], upstream=secantus.address) as proxy:
+        url = f"http://127.0.0.1:{proxy.admin_port}"
+        auth = ["--admin", url, "--admin-token-file", str(token)]
+        add = ["fault", "add", "orders-errors", "--op", "insert", "--ns", f"{db_name}.orders", "--error", "91"]
+        res = run_proxy_cli([*add, "--label", "RetryableWriteError", "--max-count", "1", "--duration", "10m", *auth])
+        assert res.returncode == 0, res.stderr
+        with pymongo.MongoClient(proxy.uri, retryWrites=False, serverSelectionTimeoutMS=10000) as c:
+            try:
+                c[db_name].orders.insert_one({"_id": 1})
+            except pymongo.errors.NotPrimaryError as exc:
+                assert exc.details["code"] == 91
+            else:
+                raise AssertionError("the insert was not failed")
+        listing = run_proxy_cli(["fault", "list", *auth])
+        print(listing.stdout)
+        assert listing.returncode == 0
+        row = listing.stdout.splitlines()[1].split()
+        assert row[:2] == ["orders-errors", "error"] and row[-2:] == ["1/1", "done"]
+        req = urllib.request.Request(url + "/metrics", headers={"Authorization": "Bearer drill-token-123"})
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            metrics = resp.read().decode()
+        assert 'mongoproxy_faults_injected_total{action="error",rule="orders-errors"} 1.0' in metrics
+        no_token = run_proxy_cli(["fault", "list", "--admin", url])
+        assert no_token.returncode == 2 and "401" in no_token.stderr
+        bad = run_proxy_cli(["fault", "add", "x", "--action", "close", "--percentage", "150", *auth])
+        assert bad.returncode == 2
+        assert (
+            bad.stderr.strip()
+            == "mongoproxy: error: POST /faults: 400 rule x: percentage must be from 0 to 100, got 150"
+        )
+        assert run_proxy_cli(["fault", "rm", "orders-errors", *auth]).returncode == 0
+        assert "no fault rules" in run_proxy_cli(["fault", "list", *auth]).stdout
+        assert proxy.admin_get("/readyz")[0] == 200
+
+
+def test_without_allow_faults_the_real_endpoint_answers_403(secantus):
+    with run_proxy_process([], upstream=secantus.address) as proxy:
+        status, body = proxy.admin_get("/faults")
+        assert status == 403 and "--allow-faults" in body and body.count("\n") == 1
+        res = run_proxy_cli(["fault", "list", "--admin", f"http://127.0.0.1:{proxy.admin_port}"])
+        assert res.returncode == 2 and "403 fault injection is disabled" in res.stderr
