@@ -148,6 +148,13 @@ class RequestGate:
                 if not self.engine.could_match(self.ip, self.app) and self._uninstall():
                     self.client._write_upstream(data[pos:] if pos else data)
                     return
+            if not self._head and n - pos >= _OP_MSG_HEAD:
+                # The usual case, an OP_MSG whose section header is in this chunk: aim at its end at once.
+                length, _, _, opcode = _HEADER.unpack_from(data, pos)
+                if opcode == wire.OP_MSG and data[pos + 20] == 0:
+                    need = 21 + _I32.unpack_from(data, pos + 21)[0]
+                    if _OP_MSG_HEAD < need <= length:
+                        self._need = need
             take = min(self._need - len(self._head), n - pos)
             self._head += data[pos : pos + take]
             pos += take
@@ -384,7 +391,20 @@ class ReplyGate:
                 self.valve.send(data)
                 return
             self._synced = True
-        pos, n = 0, len(data)
+        n = len(data)
+        if not (self.delays or self.throttles or self._pending or self._head):
+            # Nothing to apply to any reply: follow the framing by lengths and write the chunk whole.
+            end = self._remaining
+            while end + 16 <= n:
+                length = _I32.unpack_from(data, end)[0]
+                if length < 16:
+                    break
+                end += length
+            if end >= n:
+                self._remaining = end - n
+                self.valve.send(data)
+                return
+        pos = 0
         while pos < n:
             if self._remaining:
                 take = min(self._remaining, n - pos)

@@ -351,3 +351,16 @@ def test_shape_matches_the_command_logs_hash(secantus, db_name):
         pt.wait_until(lambda: len(faulted(pt, "by-shape")) == 2, what="the faulted finds")
     assert f"shape={shape}" in log.getvalue()
     assert [e.collection for e in faulted(pt, "by-shape")] == ["things", "things"]
+
+
+def test_large_replies_keep_their_framing_through_a_gate(secantus, db_name):
+    rule = {"name": "counts", "op": "count", "ns": f"{db_name}.*", "action": "error", "code": 2}
+    with faulty_proxy(secantus, rule) as pt, client(pt, retryReads=False, maxPoolSize=1) as c:
+        docs = [{"_id": i, "pad": "x" * 1000} for i in range(300)]
+        c[db_name].big.insert_many(docs)
+        for _ in range(3):  # replies of ~300 kB arrive in many chunks, between injected replies
+            assert len(list(c[db_name].big.find({}, batch_size=1000))) == 300
+            with pytest.raises(pymongo.errors.OperationFailure) as info:
+                c[db_name].command("count", "big")
+            assert info.value.code == 2
+        assert all(x.fault_gate is not None for x in pt.call(lambda: list(pt.proxy.connections)) if x.conn.app_name)
