@@ -124,7 +124,12 @@ class RequestGate:
 
     def feed(self, data: Any) -> None:
         """Stands in for upstream.transport.write on a gated connection."""
-        if self._dead or self.client.requests.stopped:
+        client = self.client
+        if self._dead or client.requests.stopped or getattr(client, "passthrough", False):
+            if self._head:  # not MongoDB after all (a TLS stream passed through, say): what is held goes first
+                self.valve.send(bytes(self._head))
+                self._head.clear()
+            self._dead = True
             self.valve.send(data)
             return
         if not self._synced:
@@ -382,7 +387,10 @@ class ReplyGate:
 
     def feed(self, data: Any) -> None:
         """Stands in for client.transport.write on a gated connection."""
-        if self._dead or self.client.replies.stopped:
+        if self._dead or self.client.replies.stopped or getattr(self.client, "passthrough", False):
+            if self._head:
+                self.valve.send(bytes(self._head))
+                self._head.clear()
             self._dead = True
             self.valve.send(data)
             return

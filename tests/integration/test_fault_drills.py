@@ -364,3 +364,37 @@ def test_large_replies_keep_their_framing_through_a_gate(secantus, db_name):
                 c[db_name].command("count", "big")
             assert info.value.code == 2
         assert all(x.fault_gate is not None for x in pt.call(lambda: list(pt.proxy.connections)) if x.conn.app_name)
+
+
+def test_a_tls_stream_on_a_plain_listener_passes_a_gate_unchanged():
+    import asyncio
+    import os
+
+    from tests.support.inprocess import run, running_proxy
+
+    hello = bytes.fromhex("16030102000100") + os.urandom(600)  # a TLS record, as a ClientHello starts
+
+    async def main():
+        async def echo(reader, writer):
+            writer.write(await reader.readexactly(len(hello)))
+            await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_server(echo, "127.0.0.1", 0)
+        async with running_proxy(server.sockets[0].getsockname()[1]) as proxy:
+            engine = FaultEngine(True)
+            proxy.faults = engine
+            engine.attach(proxy)
+            engine.add_raw({"name": "anything", "action": "close"})
+            reader, writer = await asyncio.open_connection("127.0.0.1", proxy.ports[0])
+            writer.write(hello[:5])
+            await asyncio.sleep(0.05)
+            writer.write(hello[5:])
+            back = await asyncio.wait_for(reader.readexactly(len(hello)), 10)
+            writer.close()
+            engine.close()
+        server.close()
+        return back, engine.rules["anything"].injected
+
+    back, injected = run(main())
+    assert back == hello and injected == 0
