@@ -398,3 +398,25 @@ def test_a_tls_stream_on_a_plain_listener_passes_a_gate_unchanged():
 
     back, injected = run(main())
     assert back == hello and injected == 0
+
+
+def test_a_rule_ends_with_its_duration_and_the_file_is_reread_on_change(secantus, db_name, tmp_path):
+    path = tmp_path / "drill.toml"
+    path.write_text(f'[[rule]]\nname = "brief"\nop = "count"\nns = "{db_name}.*"\naction = "error"\ncode = 2\n')
+    with ProxyThread(secantus.port) as pt, client(pt, retryReads=False) as c:
+        engine = FaultEngine(True, str(path))
+
+        def attach():
+            pt.proxy.faults = engine
+            engine.attach(pt.proxy)
+
+        pt.call(attach)
+        with pytest.raises(pymongo.errors.OperationFailure):
+            c[db_name].command("count", "things")
+        text = f'[[rule]]\nname = "brief"\nop = "count"\nns = "{db_name}.*"\naction = "error"\ncode = 2\n'
+        path.write_text(text + 'duration = "300ms"\n')  # no SIGHUP: the poll sees the change
+        pt.wait_until(lambda: engine.rules["brief"].expires is not None, what="the file re-read")
+        pt.wait_until(lambda: not pt.call(lambda: engine.active), what="the rule's end")
+        assert c[db_name].command("count", "things")["n"] == 0
+        assert engine.rules["brief"].as_dict()["active"] is False
+        pt.call(engine.close)
