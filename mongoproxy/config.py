@@ -228,6 +228,15 @@ CORE_OPTIONS: list[Option] = [
         metavar="N",
     ),
     Option(
+        "max_observed_compressed_bytes",
+        ("--max-observed-compressed-bytes",),
+        "snappy bodies up to this many compressed bytes are buffered and decompressed whole to be observed; "
+        "larger ones are decoded as they stream, with a bounded window (forwarding never waits)",
+        positive_int("--max-observed-compressed-bytes"),
+        1_000_000,
+        metavar="N",
+    ),
+    Option(
         "connect_timeout",
         ("--connect-timeout",),
         "seconds to wait for the upstream TCP connect; 0 waits as long as the kernel does (no timeout)",

@@ -3,47 +3,18 @@
 from __future__ import annotations
 
 import struct
-import zlib
 
 from mongoproxy import querylog, wire
 from mongoproxy._bson_parser import BodyScanner
+from mongoproxy.protocol import compression
 
 _I32 = struct.Struct("<i")
 _COMPRESSED_PREFIX = struct.Struct("<iiB")  # originalOpcode, uncompressedSize, compressorId
 
 
-def inflate(compressor: int, data: bytes, size: int) -> bytes:
-    """An OP_COMPRESSED body's original bytes; ValueError when they are not `size` bytes."""
-    if compressor == 0:
-        out = data
-    elif compressor == 2:
-        out = zlib.decompressobj().decompress(data, size + 1)
-    elif compressor == 3:
-        import zstandard
-
-        out = zstandard.ZstdDecompressor().stream_reader(data).read(size + 1)  # never more than it claims
-    elif compressor == 1:
-        import cramjam
-
-        if _snappy_length(data) != size:  # checked before inflating, which allocates what the stream claims
-            raise ValueError("snappy length differs from uncompressedSize")
-        out = bytes(cramjam.snappy.decompress_raw(data))
-    else:
-        raise ValueError(f"compressorId {compressor}")
-    if len(out) != size:
-        raise ValueError(f"uncompressedSize {size}, got {len(out)}")
-    return out
-
-
-def _snappy_length(data: bytes) -> int:
-    """The uncompressed length a raw snappy stream starts with (a little-endian base-128 varint)."""
-    n = shift = 0
-    for byte in data[:5]:
-        n |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return n
-        shift += 7
-    return -1
+def inflate(compressor: int, data: bytes, size: int, limit: int) -> bytes:
+    """An OP_COMPRESSED body's original bytes, through protocol's one bounded decompressor (DecodeError if bad)."""
+    return compression.decompress(compressor, data, size, limit)
 
 
 def compressed_first_doc(message: bytes, limit: int) -> tuple[int, bytes, int, str, bytes] | None:
@@ -51,7 +22,7 @@ def compressed_first_doc(message: bytes, limit: int) -> tuple[int, bytes, int, s
     original, size, compressor = _COMPRESSED_PREFIX.unpack_from(message, 16)
     if not 0 < size <= limit:
         return None
-    body = inflate(compressor, message[25:], size)
+    body = inflate(compressor, message[25:], size, limit)
     if original == wire.OP_MSG and len(body) > 9 and body[4] == 0:
         doc_len = _I32.unpack_from(body, 5)[0]
         if 5 <= doc_len <= len(body) - 5:

@@ -28,9 +28,9 @@ from mongoproxy import wire
 from mongoproxy._bson_parser import scan_body
 from mongoproxy.faults import firstsection
 from mongoproxy.faults.engine import client_ip
-from mongoproxy.faults.rules import HELLO_COMMANDS
 from mongoproxy.faults.valve import Valve
 from mongoproxy.protocol import builders
+from mongoproxy.protocol.commands import HELLO_COMMANDS
 from mongoproxy.tracker import COLLECTION_COMMANDS
 
 log = logging.getLogger("mongoproxy.faults")

@@ -19,6 +19,7 @@ from typing import Any
 
 from mongoproxy.errors import MongoProxyError
 from mongoproxy.protocol.builders import code_name
+from mongoproxy.protocol.commands import AUTH_COMMANDS, HELLO_COMMANDS
 
 ACTIONS = ("delay", "error", "write_error", "close", "blackhole", "throttle")
 MATCH_KEYS = ("op", "ns", "app", "client", "shape", "comment")
@@ -34,10 +35,8 @@ ACTION_PARAMS: dict[str, tuple[str, ...]] = {
 }
 ALL_PARAMS = ("ms", "jitter_ms", "where", "code", "errmsg", "labels", "after_ms", "bytes_per_second")
 KEYS = ("name", *MATCH_KEYS, *LIMIT_KEYS, "action", *ALL_PARAMS)
-# Handshake commands: never faulted unless a rule names them in `op`.
-HELLO_COMMANDS = frozenset(("hello", "ismaster"))
-# Authentication: never faulted, whatever a rule says (a drill must not lock anyone out).
-AUTH_COMMANDS = frozenset(("saslstart", "saslcontinue", "authenticate", "getnonce", "logout", "copydbsaslstart"))
+# Handshake commands (HELLO_COMMANDS) are never faulted unless a rule names them in `op`; authentication
+# (AUTH_COMMANDS) never is, whatever a rule says: a drill must not lock anyone out.
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h|d)?$")

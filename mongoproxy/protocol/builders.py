@@ -13,7 +13,7 @@ from collections.abc import Iterable
 
 import bson
 
-from mongoproxy._bson_parser import OP_MSG, OP_REPLY
+from mongoproxy.protocol.opcodes import OP_MSG, OP_REPLY
 
 _HEADER = struct.Struct("<iiii")
 _OP_REPLY_PREFIX = struct.Struct("<iqii")  # responseFlags, cursorID, startingFrom, numberReturned
@@ -34,11 +34,19 @@ CODE_NAMES: dict[int, str] = {
     20: "IllegalOperation",
     24: "LockTimeout",
     26: "NamespaceNotFound",
+    28: "PathNotViable",
+    40: "ConflictingUpdateOperators",
     43: "CursorNotFound",
     46: "LockBusy",
     48: "NamespaceExists",
     50: "MaxTimeMSExpired",
+    52: "DollarPrefixedFieldName",
+    53: "InvalidIdField",
+    55: "InvalidDBRef",
+    56: "EmptyFieldName",
+    57: "DottedFieldName",
     59: "CommandNotFound",
+    61: "ShardKeyNotFound",
     64: "WriteConcernTimeout",
     66: "ImmutableField",
     79: "UnknownReplWriteConcern",

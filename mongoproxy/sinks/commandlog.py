@@ -25,9 +25,6 @@ from mongoproxy.errors import ConfigError
 from mongoproxy.events import wall_ns
 from mongoproxy.namespaces import NamespaceFilter, ns_list_parser
 
-# Rendering modes of the scanner (mongoproxy._bson_parser.RENDER_*).
-RENDER_OFF, RENDER_REDACTED, RENDER_VALUES = 0, 1, 2
-
 QUEUE_SIZE = 10000
 # The writer drains the queue this often (and at once on close): the event loop never signals it.
 WRITER_POLL_SECONDS = 0.02
@@ -150,13 +147,6 @@ def enabled(config: Any) -> bool:
         or getattr(config, "slow_ms", None) is not None
         or getattr(config, "log_query", False)
     )
-
-
-def render_mode(config: Any) -> int:
-    """The scanner render mode the tracker should ask for: RENDER_OFF unless the log shows queries."""
-    if not enabled(config) or not getattr(config, "log_query", False):
-        return RENDER_OFF
-    return RENDER_VALUES if getattr(config, "no_redact", False) else RENDER_REDACTED
 
 
 def _iso(mono_ns: int, digits: int) -> str:

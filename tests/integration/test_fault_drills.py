@@ -14,9 +14,9 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from mongoproxy import wire
-from mongoproxy.events import CollectingSink
 from mongoproxy.faults import FaultEngine
 from mongoproxy.sinks.metrics import MetricsSink
+from tests.support.collecting import CollectingSink
 from tests.support.inprocess import ProxyThread
 
 

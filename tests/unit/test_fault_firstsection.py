@@ -1,4 +1,4 @@
-"""Inflating a held OP_COMPRESSED request never produces more than the size it claims."""
+"""Inflating a held OP_COMPRESSED request (protocol's decompressor) never goes past the size it claims."""
 
 import zlib
 
@@ -6,6 +6,7 @@ import cramjam
 import pytest
 import zstandard
 
+from mongoproxy.errors import DecodeError
 from mongoproxy.faults.firstsection import inflate
 
 BODY = b"\x00" * 100_000
@@ -21,8 +22,11 @@ BODY = b"\x00" * 100_000
     ],
 )
 def test_inflate_checks_the_claimed_size(cid, packed):
-    assert inflate(cid, packed, len(BODY)) == BODY
-    with pytest.raises(ValueError, match="uncompressedSize 1000|snappy length"):
-        inflate(cid, packed, 1000)  # a body that inflates past its claim is refused, not inflated whole
-    with pytest.raises(ValueError):
-        inflate(9, packed, len(BODY))
+    assert inflate(cid, packed, len(BODY), 1 << 20) == BODY
+    with pytest.raises(DecodeError) as info:
+        inflate(cid, packed, 1000, 1 << 20)  # a body that inflates past its claim is refused, not inflated whole
+    assert info.value.reason == "bad_uncompressed_size"
+    with pytest.raises(DecodeError):
+        inflate(cid, packed, len(BODY), 50_000)  # over the message limit
+    with pytest.raises(DecodeError):
+        inflate(9, packed, len(BODY), 1 << 20)
