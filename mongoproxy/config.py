@@ -33,6 +33,7 @@ OPTION_MODULES = (
     "mongoproxy.sinks.digest",
     "mongoproxy.sinks.live",
     "mongoproxy.tls",
+    "mongoproxy.faults",
 )
 
 
