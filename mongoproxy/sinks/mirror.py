@@ -246,7 +246,7 @@ class MirrorSink:
         )
         self.dropped = Counter(
             "mongoproxy_mirror_dropped_total",
-            "Copies not sent: queue_full (the shadow is behind), too_large, undecodable, no_cursor, write_aggregate",
+            "Copies not sent: queue_full (the shadow is behind), too_large, undecodable, no_cursor, write_aggregate, fault",
             ["reason"],
             registry=registry,
         )
@@ -323,6 +323,9 @@ class MirrorSink:
         request = st.pending.pop(event.request_id, None) if st is not None else None
         key = event.op.lower()
         if key not in self.ops or event.exhaust or event.reply is None:
+            return
+        if getattr(event, "fault", ""):  # the primary's reply was a drill (mongoproxy.faults): nothing to compare
+            self.dropped.labels("fault").inc()
             return
         if key == "getmore":
             if st is None or event.request.cursor_id not in st.cursors:

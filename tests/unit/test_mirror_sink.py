@@ -74,3 +74,14 @@ def test_reads_are_queued_writes_are_not_and_a_full_queue_drops():
     assert queued == ["find", "count"]  # the insert is not mirrored; the distinct found the queue full
     assert sink.dropped.labels("queue_full")._value.get() == 1
     assert sink.conns[1].pending == {}
+
+
+def test_a_command_answered_by_a_fault_drill_is_not_compared():
+    sink = MirrorSink("mongodb://127.0.0.1:1", CollectorRegistry())
+    conn = Connection(1, "127.0.0.1", 5000)
+    raw = request(1, {"find": "orders", "filter": {}, "$db": "shop"})
+    sink.on_data(conn, True, raw, 0)
+    ev = event(conn, raw, {"ok": 0.0, "code": 6, "errmsg": "injected"}, "find", "orders")
+    ev.fault = "error"
+    sink.on_command(ev)
+    assert sink.queue.qsize() == 0 and sink.dropped.labels("fault")._value.get() == 1
