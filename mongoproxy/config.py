@@ -27,6 +27,7 @@ OPTION_MODULES = (
     "mongoproxy.sinks.commandlog",
     "mongoproxy.sinks.tracing",
     "mongoproxy.sinks.capture",
+    "mongoproxy.topology",
 )
 
 
@@ -388,8 +389,10 @@ def build(
 
 def check_proxies(config: Config) -> None:
     """Cross-option checks for `run`: at least one listener, no duplicate ports."""
-    if not config.proxy:
-        raise ConfigError("no listener: give at least one --proxy PORT:HOST:PORT (or set MONGOPROXY_PROXY)")
+    if not config.proxy and not config.get("upstream"):
+        raise ConfigError(
+            "no listener: give at least one --proxy PORT:HOST:PORT or --upstream URI (or set MONGOPROXY_PROXY)"
+        )
     seen: dict[int, str] = {}
     for spec in config.proxy:
         if spec.listen_port in seen:

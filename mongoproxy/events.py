@@ -41,6 +41,7 @@ class Connection:
     compression_offered: tuple[str, ...] = ()
     compression: str = ""  # the compressor the server accepted first, "" when none
     replica_set: str = ""
+    member_state: str = ""  # --upstream listeners: primary, secondary, arbiter, mongos, standalone, other
     max_wire_version: int | None = None
     # Byte counters, bumped by the data path.
     bytes_from_client: int = 0

@@ -139,7 +139,8 @@ class ClientSide(asyncio.Protocol):
     def _target(self, transport: Any, sockname: tuple) -> tuple[str, int] | None:
         spec = self.spec
         if not spec.transparent:
-            return spec.upstream_host, spec.upstream_port
+            route = getattr(spec, "route", None)  # an --upstream listener (mongoproxy.topology.MemberSpec)
+            return route(self) if route is not None else (spec.upstream_host, spec.upstream_port)
         sock = transport.get_extra_info("socket")
         dst = dstaddr.original_dst(sock) if sock is not None else None
         if dst is None:
@@ -183,6 +184,9 @@ class ClientSide(asyncio.Protocol):
         self.conn.upstream_connect_ns = monotonic_ns() - started
         self.upstream = upstream
         self._write_upstream = upstream.transport.write
+        gate = getattr(self.spec, "gate", None)
+        if gate is not None:  # an --upstream listener: hello replies are rewritten (topology.install_gate)
+            gate(self)
         early, self._early = self._early, []
         for chunk in early:
             self.data_received(chunk)
@@ -359,6 +363,7 @@ class Proxy:
         self.ready = False
         self._next_id = 0
         self._own_addresses: set[tuple[str, int]] = set()
+        self.components: list[Any] = []  # objects offering admin_routes() and/or reload()
         render = 0
         if config.get("log_query") or config.get("trace_query"):
             render = 2 if config.get("no_redact") else 1
@@ -485,7 +490,7 @@ async def serve(config: Config, on_started: Callable[[Proxy], Any] | None = None
     """Run until SIGTERM/SIGINT, then drain; the exit code. on_started(proxy) runs once listening."""
     from prometheus_client import CollectorRegistry, disable_created_metrics
 
-    from mongoproxy import admin
+    from mongoproxy import admin, topology
     from mongoproxy.sinks import SinkContext, build_sinks
 
     loop = asyncio.get_running_loop()
@@ -507,6 +512,7 @@ async def serve(config: Config, on_started: Callable[[Proxy], Any] | None = None
         if config.admin_port:
             admin_server = await admin.start(config.admin_host, config.admin_port, registry, proxy)
         await proxy.start()
+        await topology.attach(proxy, registry)  # --upstream: discovery and a listener per member
     except BaseException:
         if admin_server is not None:
             admin_server.close()

@@ -1,0 +1,647 @@
+"""--upstream: the proxy in front of a whole deployment (replica set, sharded cluster, mongodb+srv://).
+
+Discovery is what a driver does: the URI's seed list (SRV and TXT records for +srv, via pymongo's
+parser and dnspython), then `hello` on each member, again every --topology-interval seconds. Each
+member gets a listener of its own on --listen-host; members that join get one (also the moment a
+hello reply names them), members that leave have theirs closed once no connection uses it. On these
+listeners, and only there, hello replies are rewritten (see hellogate and protocol.hello) so that a
+driver's discovery stays inside the proxy. With --load-balance, a sharded cluster gets one listener
+that spreads new connections round robin over the mongos routers whose last hello succeeded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import socket
+import struct
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import bson
+
+from mongoproxy import hellogate
+from mongoproxy.config import ConfigError, Option, ProxySpec, non_negative_float, parse_bool, parse_port
+from mongoproxy.errors import StartupError
+from mongoproxy.events import DecodeErrorEvent, hostport
+from mongoproxy.protocol import hello
+
+log = logging.getLogger("mongoproxy.topology")
+
+DEFAULT_PORT_BASE = 27113
+PORT_SEARCH = 200  # ports tried past the last one handed out before the range counts as exhausted
+MAX_DISCOVERY_REPLY = 16 * 1024 * 1024
+
+
+def parse_upstream_uri(value: str) -> str:
+    """Accept a mongodb:// or mongodb+srv:// string; the full parse (and SRV) happens at start."""
+    text = str(value).strip()
+    if not text.startswith(("mongodb://", "mongodb+srv://")):
+        raise ConfigError(
+            f"--upstream {_redact(text)!r} is not a MongoDB connection string: "
+            "use mongodb://host1,host2/?replicaSet=NAME or mongodb+srv://cluster.example.net/"
+        )
+    return text
+
+
+OPTIONS = [
+    Option(
+        "upstream",
+        ("--upstream",),
+        "a whole deployment behind the proxy: a mongodb:// or mongodb+srv:// connection string; each member gets "
+        "a listener and hello replies name the listeners; repeatable",
+        parse_upstream_uri,
+        (),
+        multiple=True,
+        metavar="URI",
+        group="cluster",
+    ),
+    Option(
+        "listen_port_base",
+        ("--listen-port-base",),
+        "first listen port of the --upstream members (default: the first port from 27113 up that no --proxy uses)",
+        parse_port,
+        None,
+        metavar="N",
+        group="cluster",
+    ),
+    Option(
+        "load_balance",
+        ("--load-balance",),
+        "for a sharded --upstream: one listener spreading new connections round robin over the healthy mongos",
+        parse_bool,
+        False,
+        switch=True,
+        group="cluster",
+    ),
+    Option(
+        "topology_interval",
+        ("--topology-interval",),
+        "seconds between the hello checks of every --upstream member (joins, leaves, failovers, health)",
+        non_negative_float("--topology-interval"),
+        10.0,
+        metavar="SECONDS",
+        group="cluster",
+    ),
+]
+
+
+def _redact(uri: str) -> str:
+    """The URI without its user:password@ part (never logged)."""
+    scheme, sep, rest = uri.partition("://")
+    if not sep:
+        return uri
+    auth, at, hosts = rest.partition("@")
+    if at and "/" not in auth:
+        return f"{scheme}://***@{hosts}"
+    return uri
+
+
+def member_state(doc: dict) -> str:
+    """primary, secondary, arbiter, mongos, standalone or other, from one hello reply."""
+    if doc.get("msg") == "isdbgrid":
+        return "mongos"
+    if "setName" in doc:
+        if doc.get("isWritablePrimary") or doc.get("ismaster"):
+            return "primary"
+        if doc.get("secondary"):
+            return "secondary"
+        if doc.get("arbiterOnly"):
+            return "arbiter"
+        return "other"
+    if doc.get("isreplicaset"):
+        return "other"
+    return "standalone"
+
+
+@dataclass(frozen=True)
+class MemberSpec(ProxySpec):
+    """A listener created by --upstream: its member (or, with --load-balance, its router pool)."""
+
+    topology: Any = None
+    member: Any = None  # None on the --load-balance listener
+
+    def route(self, client: Any) -> tuple[str, int] | None:
+        """The upstream of a new connection; labels its Connection with the member's state."""
+        member = self.member if self.member is not None else self.topology.pick()
+        if member is None:
+            client._refuse("no_member", "no mongos router is known yet")
+            return None
+        client.conn.member_state = member.state
+        client.member = member
+        return member.host, member.port
+
+    def gate(self, client: Any) -> None:
+        """Put the hello gate on a connected pair (replica sets only: nothing else needs rewriting)."""
+        if self.topology.deployment == "replicaset":
+            self.topology.install_gate(client)
+
+
+@dataclass(eq=False)
+class Member:
+    """One server of the deployment and its listener."""
+
+    address: str  # host:port as the deployment names it (lower case)
+    host: str
+    port: int
+    state: str = "unknown"
+    healthy: bool = False
+    removed: bool = False
+    listen_port: int = 0
+    spec: MemberSpec | None = None
+    servers: list = field(default_factory=list)
+    error: str = ""
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """host:port (IPv6 in brackets) -> (host, port); the port defaults to 27017."""
+    address = address.strip()
+    if address.startswith("["):
+        host, _, rest = address[1:].partition("]")
+        return host, int(rest[1:]) if rest.startswith(":") else 27017
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        return address, 27017
+    return host, int(port)
+
+
+def _encode_hello(request_id: int) -> bytes:
+    body = bson.encode({"hello": 1, "helloOk": True, "$db": "admin"})
+    payload = struct.pack("<I", 0) + b"\x00" + body
+    return struct.pack("<iiii", 16 + len(payload), request_id, 0, hello.OP_MSG) + payload
+
+
+async def probe(host: str, port: int, timeout: float) -> dict:
+    """One discovery hello (it needs no authentication); raises OSError, TimeoutError or ValueError."""
+
+    async def run() -> dict:
+        reader, writer = await asyncio.open_connection(host, port)
+        try:
+            writer.write(_encode_hello(1))
+            header = await reader.readexactly(16)
+            length, _, _, op = struct.unpack("<iiii", header)
+            if op != hello.OP_MSG or not 21 <= length <= MAX_DISCOVERY_REPLY:
+                raise ValueError(f"not an OP_MSG hello reply (opcode {op}, {length} bytes)")
+            payload = await reader.readexactly(length - 16)
+            if payload[4] != 0:
+                raise ValueError("hello reply without a body section")
+            size = struct.unpack_from("<i", payload, 5)[0]
+            return bson.decode(payload[5 : 5 + size])
+        finally:
+            writer.close()
+
+    return await asyncio.wait_for(run(), timeout or None)
+
+
+class PortAllocator:
+    """Listen ports for --upstream members from --listen-port-base upward, skipping taken ones."""
+
+    def __init__(self, hosts: tuple[str, ...], base: int, taken: set[int]) -> None:
+        self.hosts = hosts
+        self.base = base
+        self.next = base
+        self.taken = set(taken)
+
+    def bind(self, what: str) -> tuple[int, list[socket.socket]]:
+        """Bind (synchronously) the next free port on every listen host; StartupError when none is left."""
+        tried = 0
+        while self.next <= 65535 and tried < PORT_SEARCH:
+            port = self.next
+            self.next += 1
+            tried += 1
+            if port in self.taken:
+                continue
+            socks = []
+            try:
+                for host in self.hosts:
+                    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+                    sock = socket.socket(family, socket.SOCK_STREAM)
+                    socks.append(sock)
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    if family == socket.AF_INET6:
+                        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                    sock.bind((host, port))
+                    sock.listen(1024)
+                    sock.setblocking(False)
+            except OSError as exc:
+                for s in socks:
+                    s.close()
+                if exc.errno in (errno.EADDRINUSE, errno.EACCES):
+                    continue
+                raise StartupError(
+                    f"cannot listen on {hostport(self.hosts[0], port)} for {what}: {exc.strerror}; check --listen-host"
+                ) from None
+            self.taken.add(port)
+            return port, socks
+        raise StartupError(
+            f"no free listen port for {what} from {self.base} to {min(self.next - 1, 65535)}: "
+            "the port range is exhausted; choose another --listen-port-base"
+        )
+
+
+class Topology:
+    """One --upstream deployment: discovery, member listeners, the address map and /topology."""
+
+    def __init__(self, proxy: Any, uri: str, ports: PortAllocator, counter: Any) -> None:
+        self.proxy = proxy
+        self.uri = uri
+        self.ports = ports
+        self.rewritten = counter
+        self.deployment = "unknown"
+        self.set_name: str | None = None
+        self.expected_set: str | None = None
+        self.seeds: list[tuple[str, int]] = []
+        self.tls = False
+        self.members: dict[str, Member] = {}  # address (and aliases) -> member
+        self.address_map: dict[str, str] = {}  # member address (lower case) -> listener address
+        self.balancer: MemberSpec | None = None
+        self.balancer_port = 0
+        self._rr = 0
+        self._task: asyncio.Task | None = None
+        self.reachable = False
+        self.on_change: Any = None  # called after each refresh (readiness)
+        host = proxy.config.listen_host[0]
+        self.advertise_host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+        self.interval = proxy.config.topology_interval
+        self.timeout = proxy.config.connect_timeout or 10.0
+
+    # ---- start-up
+
+    async def start(self) -> None:
+        """Parse the URI, discover, bind listeners, log the mapping; StartupError names the fix."""
+        await self._parse()
+        await self.refresh(initial=True)
+        for _ in range(3):  # members named by the seeds: ask them too, so the start-up lines show their states
+            members = self._unique()
+            if not any(m.healthy for m in members) or all(m.healthy or m.error for m in members):
+                break
+            await self.refresh(initial=True, classify=False)
+        if self.proxy.config.load_balance:
+            if self.deployment != "sharded":
+                raise StartupError(
+                    f"--load-balance needs mongos routers, but {_redact(self.uri)} is a {self.deployment} "
+                    "deployment: drop --load-balance"
+                )
+            port, socks = self.ports.bind("--load-balance")
+            self.balancer_port = port
+            self.balancer = MemberSpec(port, "mongos", 0, text="--load-balance", topology=self)
+            await self._serve(self.balancer, socks, None)
+        self._report()
+        if self.interval:
+            self._task = asyncio.get_running_loop().create_task(self._monitor())
+
+    async def _parse(self) -> None:
+        from pymongo.errors import ConfigurationError, InvalidURI
+        from pymongo.uri_parser import parse_uri
+
+        shown = _redact(self.uri)
+        try:
+            # +srv resolves SRV and TXT records (blocking, dnspython): off the loop.
+            parsed = await asyncio.get_running_loop().run_in_executor(None, parse_uri, self.uri)
+        except InvalidURI as exc:
+            raise StartupError(
+                f"--upstream {shown}: the URI does not parse ({exc}): fix the connection string"
+            ) from None
+        except ConfigurationError as exc:
+            if self.uri.startswith("mongodb+srv://"):
+                raise StartupError(
+                    f"--upstream {shown}: SRV lookup failed ({exc}): check the cluster name and the DNS server"
+                ) from None
+            raise StartupError(f"--upstream {shown}: {exc}: fix the connection string") from None
+        except (OSError, ValueError) as exc:
+            raise StartupError(f"--upstream {shown}: {exc}: fix the connection string") from None
+        options = parsed["options"]
+        self.expected_set = options.get("replicaSet")
+        self.tls = bool(options.get("tls") or options.get("ssl"))
+        if self.tls:
+            raise StartupError(
+                f"--upstream {shown}: TLS to the deployment (tls=true) is not supported by this build yet: "
+                "reach the members in plaintext, or put them behind --proxy with the TLS options"
+            )
+        self.seeds = [(h, int(p)) for h, p in parsed["nodelist"]]
+
+    def _report(self) -> None:
+        for line in self.listener_lines():
+            log.info("%s", line)
+        log.info("connect clients with: %s", self.client_uri())
+        if not any(m.healthy for m in self._unique()):
+            log.warning(
+                "no member of %s answered hello within %gs: listening anyway; /readyz answers 503 until one does",
+                _redact(self.uri),
+                self.timeout,
+            )
+
+    def listener_lines(self) -> list[str]:
+        """One line per listener: '27113 → host:port (primary)'."""
+        lines = []
+        if self.balancer is not None:
+            names = ", ".join(m.address for m in self._unique())
+            lines.append(f"{self.balancer_port} → load balanced over {names}")
+        for m in self._unique():
+            if m.listen_port:
+                lines.append(f"{m.listen_port} → {m.address} ({m.state})")
+        return lines
+
+    def client_uri(self) -> str:
+        """The connection string to give clients."""
+        if self.balancer is not None:
+            return f"mongodb://{hostport(self.advertise_host, self.balancer_port)}/"
+        hosts = ",".join(
+            hostport(self.advertise_host, m.listen_port) for m in self._unique() if m.listen_port and not m.removed
+        )
+        if self.deployment == "replicaset" and self.set_name:
+            return f"mongodb://{hosts}/?replicaSet={self.set_name}"
+        if self.deployment == "single":
+            return f"mongodb://{hosts}/?directConnection=true"
+        return f"mongodb://{hosts}/"
+
+    def _unique(self) -> list[Member]:
+        return list(dict.fromkeys(self.members.values()))
+
+    # ---- discovery
+
+    async def refresh(self, initial: bool = False, classify: bool = True) -> None:
+        """hello every known member (the seeds at first), learn joins, leaves and states."""
+        targets: list[tuple[str, int, Member | None]] = []
+        if not self.members:
+            targets = [(h, p, None) for h, p in self.seeds]
+        else:
+            targets = [(m.host, m.port, m) for m in self._unique() if not (m.removed and not m.servers)]
+        results = await asyncio.gather(*(self._probe(h, p) for h, p, _ in targets))
+        replies: list[tuple[str, int, Member | None, dict]] = []
+        for (h, p, m), res in zip(targets, results):
+            if isinstance(res, dict):
+                replies.append((h, p, m, res))
+            elif m is not None:
+                if m.healthy:
+                    log.warning("member %s stopped answering hello: %s", m.address, res)
+                m.healthy, m.error = False, res
+                self._set_state(m, "unknown")
+        if initial and classify:
+            self._classify(replies)
+        listed: set[str] | None = None  # the members the primary names (leaves are judged only against it)
+        for h, p, m, doc in replies:
+            if self.expected_set and doc.get("setName") not in (None, self.expected_set):
+                log.warning(
+                    "%s answers for set %r, not %r: ignored", hostport(h, p), doc.get("setName"), self.expected_set
+                )
+                continue
+            state = member_state(doc)
+            name = str(doc.get("me") or hostport(h, p)).lower()
+            member = m or self.members.get(name) or self._add(name)
+            seed = hostport(h, p).lower()
+            if seed != name and seed not in self.members:
+                self.members[seed] = member  # a seed the set names otherwise: an alias
+                self.address_map[seed] = self.address_map.get(name, "")
+            if not member.healthy and not initial:
+                log.info("member %s answers hello (%s)", member.address, state)
+            member.healthy, member.error = True, ""
+            self._set_state(member, state)
+            names = [str(a).lower() for k in ("hosts", "passives", "arbiters") for a in doc.get(k, ())]
+            for n in names:
+                if n not in self.members:
+                    self._add(n)
+                    if not initial:
+                        log.info("member %s joined %s: listening on %s", n, self.set_name, self.address_map.get(n))
+            if state == "primary":
+                listed = set(names)
+        for m in self._unique():
+            gone = listed is not None and m.address not in listed
+            if gone and not m.removed:
+                log.info("member %s left %s: its listener closes once idle", m.address, self.set_name)
+            elif m.removed and not gone:
+                log.info("member %s is back in %s", m.address, self.set_name)
+            m.removed = gone if listed is not None else m.removed
+        if not initial:
+            self._close_idle_removed()
+        self._update_ready()
+
+    async def _probe(self, host: str, port: int) -> dict | str:
+        try:
+            return await probe(host, port, self.timeout)
+        except (OSError, TimeoutError, ValueError, IndexError, bson.errors.BSONError) as exc:
+            return str(exc) or type(exc).__name__
+
+    def _classify(self, replies: list) -> None:
+        docs = [d for *_, d in replies]
+        if any(d.get("msg") == "isdbgrid" for d in docs):
+            self.deployment = "sharded"
+        elif any("setName" in d for d in docs) or self.expected_set:
+            self.deployment = "replicaset"
+            self.set_name = next((d["setName"] for d in docs if "setName" in d), self.expected_set)
+        else:
+            self.deployment = "single"
+        if not replies:
+            for h, p in self.seeds:  # nothing answered: listen for the seeds and keep trying
+                self._add(hostport(h, p).lower())
+
+    def _add(self, address: str) -> Member:
+        """A member and its listener (bound synchronously; served as soon as the loop runs)."""
+        host, port = split_address(address)
+        member = Member(address, host, port)
+        self.members[address] = member
+        if self.balancer is not None or (self.proxy.config.load_balance and self.deployment == "sharded"):
+            return member  # behind the one balancing listener
+        listen_port, socks = self.ports.bind(f"--upstream member {address}")
+        member.listen_port = listen_port
+        member.spec = MemberSpec(listen_port, host, port, text=f"--upstream {address}", topology=self, member=member)
+        self.address_map[address] = hostport(self.advertise_host, listen_port)
+        asyncio.get_running_loop().create_task(self._serve(member.spec, socks, member))
+        return member
+
+    async def _serve(self, spec: MemberSpec, socks: list[socket.socket], member: Member | None) -> None:
+        from mongoproxy.server import ClientSide
+
+        loop = asyncio.get_running_loop()
+        for sock in socks:
+            server = await loop.create_server(lambda spec=spec: ClientSide(self.proxy, spec), sock=sock, backlog=1024)
+            self.proxy.servers.append((spec, server))
+            if member is not None:
+                member.servers.append(server)
+
+    def unknown_address(self, address: str) -> str | None:
+        """A hello reply named a member not seen yet: give it a listener now, so the driver never bypasses us."""
+        if self.proxy.draining:
+            return None
+        try:
+            self._add(address)
+        except StartupError as exc:
+            log.warning("%s", exc)
+            return None
+        log.info("member %s joined %s: listening on %s", address, self.set_name, self.address_map[address])
+        return self.address_map[address]
+
+    def _set_state(self, member: Member, state: str) -> None:
+        if member.state == state:
+            return
+        if member.state != "unknown":
+            log.info("member %s is now %s (was %s)", member.address, state, member.state)
+        member.state = state
+        for c in list(self.proxy.connections):  # a failover moves the member_state label of open connections
+            if getattr(c, "member", None) is member and c.conn is not None:
+                c.conn.member_state = state
+
+    def _close_idle_removed(self) -> None:
+        for m in self._unique():
+            if m.removed and m.servers and not any(getattr(c, "member", None) is m for c in self.proxy.connections):
+                for server in m.servers:
+                    server.close()
+                self.proxy.servers[:] = [(s, srv) for s, srv in self.proxy.servers if srv not in m.servers]
+                m.servers = []
+                log.info("listener %d of departed member %s closed", m.listen_port, m.address)
+
+    def _update_ready(self) -> None:
+        self.reachable = any(m.healthy for m in self._unique())
+        if self.on_change is not None:
+            self.on_change()
+
+    async def _monitor(self) -> None:
+        while not self.proxy.draining:
+            await asyncio.sleep(self.interval)
+            if self.proxy.draining:
+                return
+            try:
+                await self.refresh()
+            except StartupError as exc:  # port range exhausted for a joining member: keep the rest going
+                log.warning("%s", exc)
+            except Exception:  # noqa: BLE001 - the monitor must outlive one bad round
+                log.exception("topology refresh of %s failed", _redact(self.uri))
+
+    def pick(self) -> Member | None:
+        """The next healthy mongos, round robin (any mongos when none is healthy)."""
+        pool = [m for m in self._unique() if not m.removed]
+        healthy = [m for m in pool if m.healthy] or pool
+        if not healthy:
+            return None
+        self._rr = (self._rr + 1) % len(healthy)
+        return healthy[self._rr]
+
+    # ---- the data path hook
+
+    def install_gate(self, client: Any) -> None:
+        """Wrap the pair's two writes: requests are watched for hello, hello replies rewritten."""
+        ids: OrderedDict = OrderedDict()
+        watch = hellogate.RequestWatch(ids)
+        write_upstream = client._write_upstream
+        feed = watch.feed
+
+        def write_request(data: bytes) -> None:
+            write_upstream(data)  # bytes first, unchanged
+            feed(data)
+
+        def on_error(reason: str, detail: str) -> None:
+            self.proxy.bus.decode_error(DecodeErrorEvent(client.conn, "reply", reason, detail, _now(), False))
+
+        swap = hello.make_swap(self.address_map, self.unknown_address)
+        gate = hellogate.ReplyGate(ids, client.upstream._write_client, swap, self.rewritten.inc, on_error)
+        client._write_upstream = write_request
+        client.upstream._write_client = gate.feed
+
+    # ---- /topology
+
+    def describe(self) -> dict:
+        """The /topology document."""
+        members = []
+        if self.balancer is not None:
+            members.append(
+                {
+                    "host": "load-balanced",
+                    "listen": hostport(self.advertise_host, self.balancer_port),
+                    "state": "mongos",
+                }
+            )
+        for m in self._unique():
+            entry = {
+                "host": m.address,
+                "listen": hostport(self.advertise_host, m.listen_port) if m.listen_port else None,
+                "state": m.state,
+            }
+            if m.removed:
+                entry["removed"] = True
+            if m.error:
+                entry["error"] = m.error
+            members.append(entry)
+        return {
+            "deployment": self.deployment,
+            "set_name": self.set_name,
+            "members": members,
+            "client_uri": self.client_uri(),
+        }
+
+
+def _now() -> int:
+    import time
+
+    return time.monotonic_ns()
+
+
+class Cluster:
+    """Every --upstream of the process: a proxy.components entry serving /topology and readiness."""
+
+    def __init__(self, proxy: Any, topologies: list[Topology]) -> None:
+        self.proxy = proxy
+        self.topologies = topologies
+        self.started = False
+        for t in topologies:
+            t.on_change = self.update
+
+    @property
+    def reachable(self) -> bool:
+        """True once every deployment has a member that answered hello."""
+        return all(getattr(t, "reachable", False) for t in self.topologies)
+
+    def describe(self) -> Any:
+        """One deployment's document, or a list of them."""
+        docs = [t.describe() for t in self.topologies]
+        return docs[0] if len(docs) == 1 else docs
+
+    def admin_routes(self) -> list:
+        """GET /topology (the admin endpoint's routes contract)."""
+        from aiohttp import web
+
+        async def topology(request: web.Request) -> web.Response:
+            return web.json_response(self.describe(), dumps=_dumps)
+
+        return [web.get("/topology", topology)]
+
+    def update(self) -> None:
+        """Ready while every deployment has a member that answered its last hello."""
+        if self.proxy.draining:
+            return
+        now = self.reachable
+        if now and not self.proxy.ready and self.started:
+            log.info("a member of every --upstream deployment answers hello: ready")
+        self.proxy.ready = now
+
+
+def _dumps(doc: Any) -> str:
+    import json
+
+    return json.dumps(doc, ensure_ascii=False, indent=2)
+
+
+async def attach(proxy: Any, registry: Any) -> Cluster | None:
+    """Start every --upstream (after the --proxy listeners are bound); None without --upstream."""
+    cfg = proxy.config
+    if not cfg.get("upstream"):
+        return None
+    from prometheus_client import Counter
+
+    counter = Counter(
+        "mongoproxy_rewritten_replies",
+        "hello/isMaster replies whose member addresses were replaced by the proxy's listener addresses.",
+        registry=registry,
+    )
+    taken = {spec.listen_port for spec in cfg.proxy}
+    base = cfg.get("listen_port_base") or next(p for p in range(DEFAULT_PORT_BASE, 65536) if p not in taken)
+    ports = PortAllocator(tuple(cfg.listen_host), base, taken)
+    topologies = [Topology(proxy, uri, ports, counter) for uri in cfg.upstream]
+    cluster = Cluster(proxy, topologies)
+    for t in topologies:
+        await t.start()
+    proxy.components.append(cluster)
+    cluster.started = True
+    cluster.update()
+    return cluster
