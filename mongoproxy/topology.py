@@ -300,7 +300,7 @@ class Topology:
         try:
             # +srv resolves SRV and TXT records (blocking, dnspython): off the loop.
             parsed = await asyncio.get_running_loop().run_in_executor(None, parse_uri, self.uri)
-        except InvalidURI as exc:
+        except (InvalidURI, ValueError) as exc:
             raise StartupError(
                 f"--upstream {shown}: the URI does not parse ({exc}): fix the connection string"
             ) from None
@@ -310,7 +310,7 @@ class Topology:
                     f"--upstream {shown}: SRV lookup failed ({exc}): check the cluster name and the DNS server"
                 ) from None
             raise StartupError(f"--upstream {shown}: {exc}: fix the connection string") from None
-        except (OSError, ValueError) as exc:
+        except OSError as exc:  # e.g. tlsCAFile names a file that is not there
             raise StartupError(f"--upstream {shown}: {exc}: fix the connection string") from None
         options = parsed["options"]
         self.expected_set = options.get("replicaSet")
@@ -629,6 +629,7 @@ async def attach(proxy: Any, registry: Any) -> Cluster | None:
         return None
     from prometheus_client import Counter
 
+    proxy.ready = False  # until a member of every deployment answers (no await since Proxy.start set it)
     counter = Counter(
         "mongoproxy_rewritten_replies",
         "hello/isMaster replies whose member addresses were replaced by the proxy's listener addresses.",

@@ -26,11 +26,11 @@ from .scripted_server import MongoHandler, ScriptedConnection, ScriptedServer
 class Member:
     """One scripted member: its server and the peers it saw."""
 
-    def __init__(self, rs: ScriptedReplicaSet, index: int) -> None:
+    def __init__(self, rs: ScriptedReplicaSet, index: int, port: int = 0) -> None:
         self.rs = rs
         self.index = index
         self.handler = MongoHandler(set_name=rs.set_name)
-        self.server = ScriptedServer(self.serve)
+        self.server = ScriptedServer(self.serve, port=port)
         self.peers: list[tuple[str, int]] = []
         self.commands: Counter = Counter()
         self.arbiter = False
@@ -106,23 +106,28 @@ class Member:
         wait = doc.get("maxAwaitTimeMS", 10000) / 1000
         seen = doc.get("topologyVersion")
         eof = asyncio.ensure_future(conn.reader.read(1))  # the monitor closing its connection ends the stream
-        for _ in range(100_000):  # ends when the client goes away or the server stops
-            change = asyncio.ensure_future(self.rs.wait_change({"topologyVersion": seen}, wait))
-            await asyncio.wait((eof, change), return_when=asyncio.FIRST_COMPLETED)
-            if eof.done():
-                change.cancel()
-                return
-            reply = self.hello(request, conn)
-            seen = reply.get("topologyVersion")
-            raw = conn.encode_reply(request, reply, flags=wire.MORE_TO_COME, compress=None, response_to=response_to)
-            await conn.send_and_drain(raw)
-            response_to = int.from_bytes(raw[4:8], "little", signed=True)
+        change: asyncio.Future | None = None
+        try:
+            for _ in range(100_000):  # ends when the client goes away or the server stops
+                change = asyncio.ensure_future(self.rs.wait_change({"topologyVersion": seen}, wait))
+                await asyncio.wait((eof, change), return_when=asyncio.FIRST_COMPLETED)
+                if eof.done():
+                    return
+                reply = self.hello(request, conn)
+                seen = reply.get("topologyVersion")
+                raw = conn.encode_reply(request, reply, flags=wire.MORE_TO_COME, compress=None, response_to=response_to)
+                await conn.send_and_drain(raw)
+                response_to = int.from_bytes(raw[4:8], "little", signed=True)
+        finally:
+            for task in (eof, change):
+                if task is not None:
+                    task.cancel()
 
 
 class ScriptedReplicaSet:
     """`n` members named 127.0.0.1:PORT, member 0 primary; or, with mongos=True, `n` routers."""
 
-    def __init__(self, n: int = 3, set_name: str = "rs0", *, mongos: bool = False) -> None:
+    def __init__(self, n: int = 3, set_name: str = "rs0", *, mongos: bool = False, ports: tuple[int, ...] = ()) -> None:
         self.set_name = set_name
         self.mongos = mongos
         self.members: list[Member] = []
@@ -135,6 +140,7 @@ class ScriptedReplicaSet:
         self._thread = threading.Thread(target=self.loop.run_forever, name="scripted-replset", daemon=True)
         self._changed: asyncio.Event | None = None
         self._n = n
+        self._ports = list(ports)
 
     # ---- lifecycle
     def start(self) -> ScriptedReplicaSet:
@@ -196,7 +202,7 @@ class ScriptedReplicaSet:
 
     def add_member(self, arbiter: bool = False) -> Member:
         """Start a member and name it in every hello from now on."""
-        m = Member(self, len(self.members))
+        m = Member(self, len(self.members), self._ports.pop(0) if self._ports else 0)
         m.arbiter = arbiter
         self.process_ids.append(bson.ObjectId())
         self.call(m.server.astart)
@@ -238,7 +244,10 @@ class ScriptedReplicaSet:
         state = self.state_of(member.index)
         if state != "primary" and not self.mongos and (is_write or not _secondary_ok(doc)):
             code, codename = (10107, "NotWritablePrimary") if is_write else (13435, "NotPrimaryNoSecondaryOk")
-            return {"ok": 0.0, "errmsg": "not primary", "code": code, "codeName": codename}
+            error = {"ok": 0.0, "errmsg": "not primary", "code": code, "codeName": codename}
+            if is_write and "txnNumber" in doc:  # as mongod labels it, so the driver retries the write
+                error["errorLabels"] = ["RetryableWriteError"]
+            return error
         rows = self.store.setdefault(coll, [])
         if name == "insert":
             docs = (request.msg.sequence("documents") if request.msg else None) or doc.get("documents", [])
