@@ -34,6 +34,7 @@ class Member:
         self.peers: list[tuple[str, int]] = []
         self.commands: Counter = Counter()
         self.arbiter = False
+        self.removed = False
 
     @property
     def address(self) -> str:
@@ -49,14 +50,17 @@ class Member:
         doc.pop("ismaster", None)
         doc.pop("isWritablePrimary", None)
         doc["ismaster" if legacy else "isWritablePrimary"] = state == "primary"
-        if rs.mongos:
+        if rs.mongos or self.removed:
             for k in ("setName", "hosts", "me", "secondary"):
                 doc.pop(k, None)
-            doc["msg"] = "isdbgrid"
+            if rs.mongos:
+                doc["msg"] = "isdbgrid"
+            else:  # what mongod answers once it is no longer in the set's config
+                doc.update(secondary=False, isreplicaset=True, info="Does not have a valid replica set config")
         else:
             doc.update(
                 setName=rs.set_name,
-                hosts=[m.address for m in rs.members if not m.arbiter],
+                hosts=[m.address for m in rs.members if not m.arbiter and not m.removed],
                 me=self.address,
                 secondary=state == "secondary",
                 setVersion=rs.version,
@@ -209,6 +213,11 @@ class ScriptedReplicaSet:
         self.members.append(m)
         self._bump()
         return m
+
+    def remove_member(self, index: int) -> None:
+        """Take member `index` out of the set's config (it keeps running, as a removed mongod does)."""
+        self.members[index].removed = True
+        self._bump()
 
     def step_down(self, new_primary: int) -> None:
         """The primary steps down and member `new_primary` becomes primary."""
