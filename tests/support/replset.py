@@ -307,3 +307,18 @@ def local_ports_of(pid: int) -> set[int]:
                 if parts[9] in inodes:
                     ports.add(int(parts[1].rsplit(":", 1)[1], 16))
     return ports
+
+
+def main() -> None:
+    """`python -m tests.support.replset N SETNAME`: run a set until stdin closes; print its addresses as JSON."""
+    import json
+    import sys
+
+    n = int(sys.argv[1]) if len(sys.argv) > 1 else 3
+    with ScriptedReplicaSet(n, sys.argv[2] if len(sys.argv) > 2 else "rs0") as rs:
+        print(json.dumps(rs.addresses), flush=True)
+        sys.stdin.read()
+
+
+if __name__ == "__main__":
+    main()
