@@ -456,7 +456,7 @@ class Topology:
 
         loop = asyncio.get_running_loop()
         for sock in socks:
-            server = await loop.create_server(lambda spec=spec: ClientSide(self.proxy, spec), sock=sock, backlog=1024)
+            server = await loop.create_server(lambda: ClientSide(self.proxy, spec), sock=sock, backlog=1024)
             self.proxy.servers.append((spec, server))
             if member is not None:
                 member.servers.append(server)
@@ -543,7 +543,7 @@ class Topology:
 
     def describe(self) -> dict:
         """The /topology document."""
-        members = []
+        members: list[dict[str, Any]] = []
         if self.balancer is not None:
             members.append(
                 {
@@ -553,7 +553,7 @@ class Topology:
                 }
             )
         for m in self._unique():
-            entry = {
+            entry: dict[str, Any] = {
                 "host": m.address,
                 "listen": hostport(self.advertise_host, m.listen_port) if m.listen_port else None,
                 "state": m.state,
