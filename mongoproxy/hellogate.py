@@ -145,7 +145,14 @@ class ReplyGate:
                     held, self._hold = bytes(self._hold), None
                     self._release(held)
                 continue
-            # At a message boundary: flush the pass-through run, then read a header.
+            # At a message boundary. Fast path: a whole header of a reply that is no hello stays in the run.
+            if not self._hdr and n - pos >= 16:
+                length, _, response_to, op = hello.HEADER.unpack_from(data, pos)
+                if response_to not in self.ids and length >= 16:
+                    self._left = length - 16
+                    pos += 16
+                    continue
+            # Otherwise flush the pass-through run, then read the header on its own.
             if run < pos:
                 self.write(data[run:pos])
             take = min(16 - len(self._hdr), n - pos)

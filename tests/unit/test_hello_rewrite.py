@@ -247,3 +247,11 @@ def test_request_watch_reads_command_names():
     assert hellogate.command_name(hello_request(1, legacy=True)) == b"ismaster"
     assert hellogate.command_name(wire.encode_op_msg({"insert": "c"})) == b"insert"
     assert hellogate.command_name(wire.compress_message(hello_request(1), "zlib")) is None
+
+
+def test_a_chunk_without_hello_replies_is_written_once_unchanged():
+    gate, watch, out, errors, counts, feed = gate_pair(100_000)
+    watch.feed(hello_request(1))
+    chunk = b"".join(wire.encode_op_msg({"ok": 1, "i": i}, response_to=100 + i) for i in range(3))
+    gate.feed(chunk)
+    assert out == [chunk]
