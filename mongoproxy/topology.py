@@ -51,10 +51,11 @@ OPTIONS = [
         "upstream",
         ("--upstream",),
         "a whole deployment behind the proxy: a mongodb:// or mongodb+srv:// connection string; each member gets "
-        "a listener and hello replies name the listeners; repeatable",
+        "a listener and hello replies name the listeners; repeatable (in the environment: space-separated)",
         parse_upstream_uri,
         (),
         multiple=True,
+        separator=None,  # a URI's host list has commas
         metavar="URI",
         group="cluster",
     ),

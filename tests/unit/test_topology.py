@@ -21,6 +21,11 @@ def test_upstream_option_accepts_mongodb_uris_only():
     assert "secret" not in str(info.value) and "***@db" in str(info.value)
 
 
+def test_upstream_from_the_environment_keeps_host_lists_whole():
+    env = {"MONGOPROXY_UPSTREAM": "mongodb://a,b/?replicaSet=rs0 mongodb+srv://c.example.net/"}
+    assert config_mod.build({}, env=env).upstream == ("mongodb://a,b/?replicaSet=rs0", "mongodb+srv://c.example.net/")
+
+
 def test_run_needs_a_proxy_or_an_upstream():
     config_mod.check_proxies(config_mod.build({"upstream": ["mongodb://a/"]}, env={}))
     with pytest.raises(ConfigError, match="--upstream URI"):
