@@ -507,12 +507,14 @@ async def serve(config: Config, on_started: Callable[[Proxy], Any] | None = None
     if config.verify_checksums:
         wire.checksum_function()  # fail at start-up, not at the first message, when the library is missing
     proxy = Proxy(config, bus)
+    cluster = topology.create(proxy, registry)  # --upstream: a component before the admin endpoint collects routes
     admin_server = None
     try:
         if config.admin_port:
             admin_server = await admin.start(config.admin_host, config.admin_port, registry, proxy)
         await proxy.start()
-        await topology.attach(proxy, registry)  # --upstream: discovery and a listener per member
+        if cluster is not None:
+            await cluster.start()  # discovery and a listener per member
     except BaseException:
         if admin_server is not None:
             admin_server.close()

@@ -593,6 +593,14 @@ class Cluster:
         """True once every deployment has a member that answered hello."""
         return all(getattr(t, "reachable", False) for t in self.topologies)
 
+    async def start(self) -> None:
+        """Discover every deployment and bind its listeners (after the --proxy listeners); StartupError names the fix."""
+        self.proxy.ready = False  # until a member of every deployment answers (no await since Proxy.start set it)
+        for t in self.topologies:
+            await t.start()
+        self.started = True
+        self.update()
+
     def describe(self) -> Any:
         """One deployment's document, or a list of them."""
         docs = [t.describe() for t in self.topologies]
@@ -623,14 +631,13 @@ def _dumps(doc: Any) -> str:
     return json.dumps(doc, ensure_ascii=False, indent=2)
 
 
-async def attach(proxy: Any, registry: Any) -> Cluster | None:
-    """Start every --upstream (after the --proxy listeners are bound); None without --upstream."""
+def create(proxy: Any, registry: Any) -> Cluster | None:
+    """The --upstream component, in proxy.components before the admin endpoint collects routes; None without."""
     cfg = proxy.config
     if not cfg.get("upstream"):
         return None
     from prometheus_client import Counter
 
-    proxy.ready = False  # until a member of every deployment answers (no await since Proxy.start set it)
     counter = Counter(
         "mongoproxy_rewritten_replies",
         "hello/isMaster replies whose member addresses were replaced by the proxy's listener addresses.",
@@ -639,11 +646,6 @@ async def attach(proxy: Any, registry: Any) -> Cluster | None:
     taken = {spec.listen_port for spec in cfg.proxy}
     base = cfg.get("listen_port_base") or next(p for p in range(DEFAULT_PORT_BASE, 65536) if p not in taken)
     ports = PortAllocator(tuple(cfg.listen_host), base, taken)
-    topologies = [Topology(proxy, uri, ports, counter) for uri in cfg.upstream]
-    cluster = Cluster(proxy, topologies)
-    for t in topologies:
-        await t.start()
+    cluster = Cluster(proxy, [Topology(proxy, uri, ports, counter) for uri in cfg.upstream])
     proxy.components.append(cluster)
-    cluster.started = True
-    cluster.update()
     return cluster

@@ -40,9 +40,11 @@ def test_topology_route_follows_failover_and_joins():
         async def main() -> None:
             cfg = make_config(upstream=[rs.seed_uri], topology_interval="0.2")
             proxy = Proxy(cfg, SinkBus([CollectingSink()]))
+            cluster = topology.create(proxy, CollectorRegistry())
+            assert proxy.components == [cluster]
             await proxy.start()
-            cluster = await topology.attach(proxy, CollectorRegistry())
-            assert proxy.components == [cluster] and proxy.ready
+            await cluster.start()
+            assert proxy.ready
             app = web.Application()
             app.add_routes(cluster.admin_routes())
             client = TestClient(TestServer(app))
