@@ -130,6 +130,8 @@ def test_replica_set_through_the_proxy(rs):
             secondary = client.get_database("app", read_preference=pymongo.ReadPreference.SECONDARY)
             assert len(list(secondary.items.find({"k": 3}))) == 1
             wait_for(lambda: len(client.nodes) == 3, what="pymongo to see three members")
+            # pymongo's monitors stream hello (exhaust) through the proxy to every member.
+            wait_for(lambda: all(m.streams for m in rs.members), what="streaming monitors on every member")
             assert client.nodes == {("127.0.0.1", p) for p in listeners}
             assert commands.addresses <= {("127.0.0.1", p) for p in listeners}
             # Every connection the members accepted came from the proxy, none from this process (pymongo).
@@ -203,6 +205,10 @@ def test_failover_the_driver_follows_and_writes_succeed(rs, tmp_path):
             client.app.orders.insert_one({"n": 3, "after": True})
             assert [d["n"] for d in client.app.orders.find({})] == [1, 2, 3]
             assert client.primary == ("127.0.0.1", base + 1)
+            assert all(m.streams for m in rs.members)  # the new primary was learnt through exhaust hellos too
+            assert (
+                sum(labelled(proxy, "mongoproxy_decode_errors_total", direction=d) for d in ("request", "reply")) == 0
+            )
             # The primary label moved from member 0 to member 1.
             for i in (0, 1):
                 assert labelled(

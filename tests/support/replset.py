@@ -35,6 +35,7 @@ class Member:
         self.commands: Counter = Counter()
         self.arbiter = False
         self.removed = False
+        self.streams = 0  # exhaust hello streams served (drivers' streaming monitors)
 
     @property
     def address(self) -> str:
@@ -106,6 +107,7 @@ class Member:
 
     async def _stream(self, conn: ScriptedConnection, request: wire.Message, doc: dict) -> None:
         """Exhaust hello: one reply per change (or maxAwaitTimeMS), each with moreToCome, chained by responseTo."""
+        self.streams += 1
         response_to = request.request_id
         wait = doc.get("maxAwaitTimeMS", 10000) / 1000
         seen = doc.get("topologyVersion")
