@@ -464,8 +464,8 @@ class Topology:
 
     def unknown_address(self, address: str) -> str | None:
         """A hello reply named a member not seen yet: give it a listener now, so the driver never bypasses us."""
-        if self.proxy.draining:
-            return None
+        if self.proxy.draining or address in self.members:
+            return None  # known without a listener (no free port was left): warned once already
         try:
             self._add(address)
         except StartupError as exc:
