@@ -12,12 +12,11 @@ that spreads new connections round robin over the mongos routers whose last hell
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
 import socket
-import struct
+import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import bson
@@ -26,13 +25,10 @@ from mongoproxy import hellogate
 from mongoproxy.config import ConfigError, Option, ProxySpec, non_negative_float, parse_bool, parse_port
 from mongoproxy.errors import StartupError
 from mongoproxy.events import DecodeErrorEvent, hostport
+from mongoproxy.members import DEFAULT_PORT_BASE, Member, PortAllocator, member_state, probe, redact, split_address
 from mongoproxy.protocol import hello
 
 log = logging.getLogger("mongoproxy.topology")
-
-DEFAULT_PORT_BASE = 27113
-PORT_SEARCH = 200  # ports tried past the last one handed out before the range counts as exhausted
-MAX_DISCOVERY_REPLY = 16 * 1024 * 1024
 
 
 def parse_upstream_uri(value: str) -> str:
@@ -40,7 +36,7 @@ def parse_upstream_uri(value: str) -> str:
     text = str(value).strip()
     if not text.startswith(("mongodb://", "mongodb+srv://")):
         raise ConfigError(
-            f"--upstream {_redact(text)!r} is not a MongoDB connection string: "
+            f"--upstream {redact(text)!r} is not a MongoDB connection string: "
             "use mongodb://host1,host2/?replicaSet=NAME or mongodb+srv://cluster.example.net/"
         )
     return text
@@ -89,34 +85,6 @@ OPTIONS = [
 ]
 
 
-def _redact(uri: str) -> str:
-    """The URI without its user:password@ part (never logged)."""
-    scheme, sep, rest = uri.partition("://")
-    if not sep:
-        return uri
-    auth, at, hosts = rest.partition("@")
-    if at and "/" not in auth:
-        return f"{scheme}://***@{hosts}"
-    return uri
-
-
-def member_state(doc: dict) -> str:
-    """primary, secondary, arbiter, mongos, standalone or other, from one hello reply."""
-    if doc.get("msg") == "isdbgrid":
-        return "mongos"
-    if "setName" in doc:
-        if doc.get("isWritablePrimary") or doc.get("ismaster"):
-            return "primary"
-        if doc.get("secondary"):
-            return "secondary"
-        if doc.get("arbiterOnly"):
-            return "arbiter"
-        return "other"
-    if doc.get("isreplicaset"):
-        return "other"
-    return "standalone"
-
-
 @dataclass(frozen=True)
 class MemberSpec(ProxySpec):
     """A listener created by --upstream: its member (or, with --load-balance, its router pool)."""
@@ -138,108 +106,6 @@ class MemberSpec(ProxySpec):
         """Put the hello gate on a connected pair (replica sets only: nothing else needs rewriting)."""
         if self.topology.deployment == "replicaset":
             self.topology.install_gate(client)
-
-
-@dataclass(eq=False)
-class Member:
-    """One server of the deployment and its listener."""
-
-    address: str  # host:port as the deployment names it (lower case)
-    host: str
-    port: int
-    state: str = "unknown"
-    healthy: bool = False
-    removed: bool = False
-    listen_port: int = 0
-    spec: MemberSpec | None = None
-    servers: list = field(default_factory=list)
-    error: str = ""
-
-
-def split_address(address: str) -> tuple[str, int]:
-    """host:port (IPv6 in brackets) -> (host, port); the port defaults to 27017."""
-    address = address.strip()
-    if address.startswith("["):
-        host, _, rest = address[1:].partition("]")
-        return host, int(rest[1:]) if rest.startswith(":") else 27017
-    host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit():
-        return address, 27017
-    return host, int(port)
-
-
-def _encode_hello(request_id: int) -> bytes:
-    body = bson.encode({"hello": 1, "helloOk": True, "$db": "admin"})
-    payload = struct.pack("<I", 0) + b"\x00" + body
-    return struct.pack("<iiii", 16 + len(payload), request_id, 0, hello.OP_MSG) + payload
-
-
-async def probe(host: str, port: int, timeout: float) -> dict:
-    """One discovery hello (it needs no authentication); raises OSError, TimeoutError or ValueError."""
-
-    async def run() -> dict:
-        reader, writer = await asyncio.open_connection(host, port)
-        try:
-            writer.write(_encode_hello(1))
-            header = await reader.readexactly(16)
-            length, _, _, op = struct.unpack("<iiii", header)
-            if op != hello.OP_MSG or not 21 <= length <= MAX_DISCOVERY_REPLY:
-                raise ValueError(f"not an OP_MSG hello reply (opcode {op}, {length} bytes)")
-            payload = await reader.readexactly(length - 16)
-            if payload[4] != 0:
-                raise ValueError("hello reply without a body section")
-            size = struct.unpack_from("<i", payload, 5)[0]
-            return bson.decode(payload[5 : 5 + size])
-        finally:
-            writer.close()
-
-    return await asyncio.wait_for(run(), timeout or None)
-
-
-class PortAllocator:
-    """Listen ports for --upstream members from --listen-port-base upward, skipping taken ones."""
-
-    def __init__(self, hosts: tuple[str, ...], base: int, taken: set[int]) -> None:
-        self.hosts = hosts
-        self.base = base
-        self.next = base
-        self.taken = set(taken)
-
-    def bind(self, what: str) -> tuple[int, list[socket.socket]]:
-        """Bind (synchronously) the next free port on every listen host; StartupError when none is left."""
-        tried = 0
-        while self.next <= 65535 and tried < PORT_SEARCH:
-            port = self.next
-            self.next += 1
-            tried += 1
-            if port in self.taken:
-                continue
-            socks = []
-            try:
-                for host in self.hosts:
-                    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-                    sock = socket.socket(family, socket.SOCK_STREAM)
-                    socks.append(sock)
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                    if family == socket.AF_INET6:
-                        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                    sock.bind((host, port))
-                    sock.listen(1024)
-                    sock.setblocking(False)
-            except OSError as exc:
-                for s in socks:
-                    s.close()
-                if exc.errno in (errno.EADDRINUSE, errno.EACCES):
-                    continue
-                raise StartupError(
-                    f"cannot listen on {hostport(self.hosts[0], port)} for {what}: {exc.strerror}; check --listen-host"
-                ) from None
-            self.taken.add(port)
-            return port, socks
-        raise StartupError(
-            f"no free listen port for {what} from {self.base} to {min(self.next - 1, 65535)}: "
-            "the port range is exhausted; choose another --listen-port-base"
-        )
 
 
 class Topology:
@@ -282,7 +148,7 @@ class Topology:
         if self.proxy.config.load_balance:
             if self.deployment != "sharded":
                 raise StartupError(
-                    f"--load-balance needs mongos routers, but {_redact(self.uri)} is a {self.deployment} "
+                    f"--load-balance needs mongos routers, but {redact(self.uri)} is a {self.deployment} "
                     "deployment: drop --load-balance"
                 )
             port, socks = self.ports.bind("--load-balance")
@@ -297,7 +163,7 @@ class Topology:
         from pymongo.errors import ConfigurationError, InvalidURI
         from pymongo.uri_parser import parse_uri
 
-        shown = _redact(self.uri)
+        shown = redact(self.uri)
         try:
             # +srv resolves SRV and TXT records (blocking, dnspython): off the loop.
             parsed = await asyncio.get_running_loop().run_in_executor(None, parse_uri, self.uri)
@@ -330,7 +196,7 @@ class Topology:
         if not any(m.healthy for m in self._unique()):
             log.warning(
                 "no member of %s answered hello within %gs: listening anyway; /readyz answers 503 until one does",
-                _redact(self.uri),
+                redact(self.uri),
                 self.timeout,
             )
 
@@ -508,7 +374,7 @@ class Topology:
             except StartupError as exc:  # port range exhausted for a joining member: keep the rest going
                 log.warning("%s", exc)
             except Exception:  # noqa: BLE001 - the monitor must outlive one bad round
-                log.exception("topology refresh of %s failed", _redact(self.uri))
+                log.exception("topology refresh of %s failed", redact(self.uri))
 
     def pick(self) -> Member | None:
         """The next healthy mongos, round robin (any mongos when none is healthy)."""
@@ -533,7 +399,9 @@ class Topology:
             feed(data)
 
         def on_error(reason: str, detail: str) -> None:
-            self.proxy.bus.decode_error(DecodeErrorEvent(client.conn, "reply", reason, detail, _now(), False))
+            self.proxy.bus.decode_error(
+                DecodeErrorEvent(client.conn, "reply", reason, detail, time.monotonic_ns(), False)
+            )
 
         swap = hello.make_swap(self.address_map, self.unknown_address)
         gate = hellogate.ReplyGate(ids, client.upstream._write_client, swap, self.rewritten.inc, on_error)
@@ -570,12 +438,6 @@ class Topology:
             "members": members,
             "client_uri": self.client_uri(),
         }
-
-
-def _now() -> int:
-    import time
-
-    return time.monotonic_ns()
 
 
 class Cluster:

@@ -1,4 +1,4 @@
-"""topology helpers: URI checks, redaction, member states, addresses, the port allocator."""
+"""--upstream helpers: URI checks, redaction, member states, addresses, the port allocator."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import socket
 import pytest
 
 from mongoproxy import config as config_mod
-from mongoproxy import topology
+from mongoproxy import members
 from mongoproxy.errors import ConfigError, StartupError
 
 
@@ -41,7 +41,7 @@ def test_run_needs_a_proxy_or_an_upstream():
     ],
 )
 def test_credentials_are_redacted(uri, shown):
-    assert topology._redact(uri) == shown
+    assert members.redact(uri) == shown
 
 
 @pytest.mark.parametrize(
@@ -58,7 +58,7 @@ def test_credentials_are_redacted(uri, shown):
     ],
 )
 def test_member_state(doc, state):
-    assert topology.member_state(doc) == state
+    assert members.member_state(doc) == state
 
 
 @pytest.mark.parametrize(
@@ -66,7 +66,7 @@ def test_member_state(doc, state):
     [("db:27018", ("db", 27018)), ("db", ("db", 27017)), ("[::1]:5", ("::1", 5)), ("[::1]", ("::1", 27017))],
 )
 def test_split_address(address, parts):
-    assert topology.split_address(address) == parts
+    assert members.split_address(address) == parts
 
 
 def test_port_allocator_skips_taken_ports_and_reports_exhaustion():
@@ -75,12 +75,12 @@ def test_port_allocator_skips_taken_ports_and_reports_exhaustion():
     holder.listen()
     busy = holder.getsockname()[1]
     try:
-        alloc = topology.PortAllocator(("127.0.0.1",), busy, set())
+        alloc = members.PortAllocator(("127.0.0.1",), busy, set())
         port, socks = alloc.bind("member a")
         assert port > busy
         for s in socks:
             s.close()
-        last = topology.PortAllocator(("127.0.0.1",), 65535, {65535})
+        last = members.PortAllocator(("127.0.0.1",), 65535, {65535})
         with pytest.raises(StartupError, match="port range is exhausted; choose another --listen-port-base"):
             last.bind("member b")
     finally:
