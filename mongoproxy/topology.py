@@ -119,6 +119,7 @@ class Topology:
         self.deployment = "unknown"
         self.set_name: str | None = None
         self.expected_set: str | None = None
+        self.direct = False
         self.seeds: list[tuple[str, int]] = []
         self.tls = False
         self.members: dict[str, Member] = {}  # address (and aliases) -> member
@@ -181,6 +182,7 @@ class Topology:
             raise StartupError(f"--upstream {shown}: {exc}: fix the connection string") from None
         options = parsed["options"]
         self.expected_set = options.get("replicaSet")
+        self.direct = bool(options.get("directConnection"))  # one server, as a driver would: no members added
         self.tls = bool(options.get("tls") or options.get("ssl"))
         if self.tls:
             raise StartupError(
@@ -267,12 +269,12 @@ class Topology:
             member.healthy, member.error = True, ""
             self._set_state(member, state)
             names = [str(a).lower() for k in ("hosts", "passives", "arbiters") for a in doc.get(k, ())]
-            for n in names:
+            for n in names if not self.direct else ():
                 if n not in self.members:
                     self._add(n)
                     if not initial:
                         log.info("member %s joined %s: listening on %s", n, self.set_name, self.address_map.get(n))
-            if state == "primary":
+            if state == "primary" and not self.direct:
                 listed = set(names)
         for m in self._unique():
             gone = listed is not None and m.address not in listed
@@ -293,7 +295,10 @@ class Topology:
 
     def _classify(self, replies: list) -> None:
         docs = [d for *_, d in replies]
-        if any(d.get("msg") == "isdbgrid" for d in docs):
+        if self.direct:
+            self.deployment = "single"
+            self.set_name = next((d["setName"] for d in docs if "setName" in d), None)
+        elif any(d.get("msg") == "isdbgrid" for d in docs):
             self.deployment = "sharded"
         elif any("setName" in d for d in docs) or self.expected_set:
             self.deployment = "replicaset"

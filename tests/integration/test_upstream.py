@@ -340,6 +340,24 @@ def test_sharded_without_load_balance_one_listener_per_mongos_and_nothing_rewrit
             assert all(r.peers for r in routers.members)
 
 
+def test_direct_connection_is_one_server(rs):
+    base = port_base()
+    uri = f"mongodb://{rs.members[1].address}/?directConnection=true"
+    with run_proxy_process(["--upstream", uri, "--listen-port-base", str(base)]) as proxy:
+        err = proxy.stderr_text()
+        assert f"{base} → {rs.members[1].address} (secondary)" in err
+        assert f"connect clients with: mongodb://127.0.0.1:{base}/?directConnection=true" in err
+        assert f"{base + 1} →" not in err
+        client = pymongo.MongoClient(
+            f"mongodb://127.0.0.1:{base}/?directConnection=true", serverSelectionTimeoutMS=5000
+        )
+        try:
+            assert client.admin.command("ping")["ok"] == 1.0
+        finally:
+            client.close()
+        assert labelled(proxy, "mongoproxy_rewritten_replies_total") == 0
+
+
 def test_no_member_reachable_starts_unready_until_one_answers():
     port = free_port()
     base = port_base()
