@@ -194,7 +194,7 @@ class ReplyGate:
             self.ids.pop(response_to, None)
         try:
             out, changes = hello.rewrite_reply(message, self.swap)
-        except hello.HelloRewriteError as exc:
+        except Exception as exc:  # noqa: BLE001 - nothing may raise into the pump: forward it as it came, counted
             self.on_error("hello_malformed", f"hello reply not rewritten: {exc}")
             self.write(message)
             return

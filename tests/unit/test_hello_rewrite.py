@@ -255,3 +255,17 @@ def test_a_chunk_without_hello_replies_is_written_once_unchanged():
     chunk = b"".join(wire.encode_op_msg({"ok": 1, "i": i}, response_to=100 + i) for i in range(3))
     gate.feed(chunk)
     assert out == [chunk]
+
+
+@settings(max_examples=400, deadline=None)
+@given(hello_docs(), st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), min_size=1, max_size=4))
+def test_corrupted_hello_replies_raise_only_the_rewrite_error(case, flips):
+    doc, members = case
+    raw = bytearray(wire.encode_op_msg(doc, response_to=1))
+    for pos, value in flips:
+        raw[16 + pos % (len(raw) - 16)] = value  # the body; the header's length stays right
+    try:
+        out, _ = hello.rewrite_reply(bytes(raw), hello.make_swap(listener_map(members)))
+    except hello.HelloRewriteError:
+        return
+    assert struct.unpack_from("<i", out)[0] == len(out)
