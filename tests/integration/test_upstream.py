@@ -304,6 +304,7 @@ def test_sharded_load_balance_spreads_connections_over_both_mongos():
     with ScriptedReplicaSet(2, mongos=True) as routers:
         base = port_base()
         args = ["--upstream", routers.seed_uri, "--listen-port-base", str(base), "--load-balance"]
+        args += ["--topology-interval", "0.3"]
         with run_proxy_process(args) as proxy:
             err = proxy.stderr_text()
             assert f"{base} → load balanced over {routers.addresses[0]}, {routers.addresses[1]}" in err
@@ -320,6 +321,17 @@ def test_sharded_load_balance_spreads_connections_over_both_mongos():
             finally:
                 client.close()
             assert labelled(proxy, "mongoproxy_rewritten_replies_total") == 0
+            # Health checks: a router that stops answering gets no new connections.
+            routers.call(routers.members[0].server.astop)
+            wait_for(
+                lambda: f"member {routers.addresses[0]} stopped answering hello" in proxy.stderr_text(),
+                what="the health check to notice",
+            )
+            before = [r.commands["ping"] for r in routers.members]
+            for _ in range(10):
+                with socket.create_connection(("127.0.0.1", base), timeout=5) as s:
+                    assert wire.roundtrip(s, wire.encode_op_msg({"ping": 1, "$db": "admin"})).doc["ok"] == 1.0
+            assert [r.commands["ping"] - b for r, b in zip(routers.members, before)] == [0, 10]
 
 
 def test_sharded_without_load_balance_one_listener_per_mongos_and_nothing_rewritten():
