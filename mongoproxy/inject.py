@@ -26,6 +26,7 @@ from typing import Any, TextIO, TypeGuard
 from mongoproxy import __version__
 from mongoproxy.errors import ConfigError
 from mongoproxy.iptables import parse_port_list, parse_uid, port_in
+from mongoproxy.shutdown import SHUTDOWN_MARGIN_SECONDS, grace_seconds
 
 ANNOTATION_PREFIX = "mongoproxy.io/"
 ANN_INJECT = "mongoproxy.io/inject"
@@ -443,6 +444,7 @@ class _Status:
         self.volumes: list[str] = []
         self.annotations: list[str] = []
         self.labels: list[str] = []
+        self.grace: Any = None  # terminationGracePeriodSeconds before injection: a number, "unset", or None
         if raw is None:
             return
         try:
@@ -452,6 +454,7 @@ class _Status:
             self.volumes = [str(x) for x in data.get("volumes", [])]
             self.annotations = [str(x) for x in data.get("annotations", [])]
             self.labels = [str(x) for x in data.get("labels", [])]
+            self.grace = data.get("grace")
         except (ValueError, AttributeError, TypeError):
             raise ConfigError(
                 f"{where}: annotation {ANN_STATUS} is not what mongoproxy inject writes: remove it "
@@ -460,7 +463,12 @@ class _Status:
 
     @staticmethod
     def render(
-        init_containers: list[str], containers: list[str], volumes: list[str], annotations: list[str], labels: list[str]
+        init_containers: list[str],
+        containers: list[str],
+        volumes: list[str],
+        annotations: list[str],
+        labels: list[str],
+        grace: Any = None,
     ) -> str:
         data = {
             "version": __version__,
@@ -469,6 +477,7 @@ class _Status:
             "volumes": volumes,
             "annotations": annotations,
             "labels": labels,
+            "grace": grace,
         }
         return json.dumps({k: v for k, v in data.items() if v}, separators=(",", ":"))
 
@@ -527,6 +536,10 @@ def inject_pod(
     if _is_map(meta) and _is_map(meta.get("labels")):
         for key in status.labels:
             meta["labels"].pop(key, None)
+    if status.grace == "unset":
+        spec.pop("terminationGracePeriodSeconds", None)
+    elif status.grace is not None:
+        spec["terminationGracePeriodSeconds"] = status.grace
 
     names = _container_names(spec)
     for ours in (SIDECAR_NAME, INIT_NAME):
@@ -553,16 +566,29 @@ def inject_pod(
                         )
     _check_uids(spec, opts, where)
 
+    original_grace = spec.get("terminationGracePeriodSeconds", "unset")
     grace_raw = spec.get("terminationGracePeriodSeconds", DEFAULT_GRACE_SECONDS)
     try:
         grace = int(grace_raw)
     except (TypeError, ValueError):
         raise ConfigError(f"{where}: terminationGracePeriodSeconds {grace_raw!r} is not a number") from None
     drain, prestop = drain_timing(grace, opts.legacy_sidecar, opts.drain_seconds)
-    if opts.drain_seconds is not None and drain + prestop >= grace > 0:
+    # The pod's grace period must hold the preStop pause, the drain and the shutdown margin (closing the sinks).
+    needed = grace_seconds(drain, prestop)
+    if grace < needed:
         report.notes.append(
-            f"{where}: drain {drain}s does not fit terminationGracePeriodSeconds {grace}: the proxy "
-            "may be killed before replies in flight are delivered"
+            f"{where}: terminationGracePeriodSeconds raised from {grace} to {needed} so that the preStop pause "
+            f"({prestop}s), the drain ({drain}s) and the shutdown margin ({SHUTDOWN_MARGIN_SECONDS:g}s) fit"
+        )
+        grace = needed
+    if "terminationGracePeriodSeconds" in spec:
+        spec["terminationGracePeriodSeconds"] = grace
+    else:
+        _insert_key(
+            spec,
+            "terminationGracePeriodSeconds",
+            grace,
+            before="initContainers" if "initContainers" in spec else "containers",
         )
 
     cmap = _map_type()
@@ -626,7 +652,9 @@ def inject_pod(
     if LABEL_SIDECAR not in meta["labels"]:
         meta["labels"][LABEL_SIDECAR] = "true"
         added_labels.append(LABEL_SIDECAR)
-    ann[ANN_STATUS] = _Status.render(added_init, added_containers, [XTABLES_VOLUME], added_ann, added_labels)
+    ann[ANN_STATUS] = _Status.render(
+        added_init, added_containers, [XTABLES_VOLUME], added_ann, added_labels, original_grace
+    )
     report.injected.append(where)
     return True
 

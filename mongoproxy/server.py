@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
-import signal
 import socket
 import time
 from collections.abc import Callable
@@ -26,6 +25,7 @@ from mongoproxy import __version__, dstaddr, wire
 from mongoproxy.config import Config, ProxySpec
 from mongoproxy.errors import StartupError
 from mongoproxy.events import Connection, DecodeErrorEvent, SinkBus, UpstreamConnectError, hostport
+from mongoproxy.limits import DEFAULT_MAX_CONNECTIONS, ConnectionLimiter, RateLimitedLog
 from mongoproxy.tracker import Tracker
 
 log = logging.getLogger("mongoproxy")
@@ -61,6 +61,10 @@ class ClientSide(asyncio.Protocol):
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
+        if not self.proxy.limiter.admit(len(self.proxy.connections)):
+            self.closed = True  # refused at accept: reset, counted by the limiter, no Connection
+            transport.abort()
+            return
         transport.pause_reading()
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         _nodelay(transport)
@@ -166,9 +170,11 @@ class ClientSide(asyncio.Protocol):
             )
         except asyncio.CancelledError:
             return
-        except BaseException as exc:  # noqa: BLE001 - every failure closes the client and is counted
+        except Exception as exc:  # noqa: BLE001 - every failure closes the client and is counted
             reason, detail = _connect_failure(exc)
-            log.warning(
+            # Once a minute per upstream and reason: a dead upstream must not turn every client into a log line.
+            proxy.upstream_log.warning(
+                (target, reason),
                 "connection %d from %s: cannot reach upstream %s: %s",
                 self.conn.id,
                 self.conn.client,
@@ -178,6 +184,9 @@ class ClientSide(asyncio.Protocol):
             proxy.bus.upstream_error(UpstreamConnectError(self.conn, reason, detail, monotonic_ns()))
             self.close()
             return
+        except BaseException:  # SystemExit, KeyboardInterrupt: not a connect failure; close, then let it through
+            self.close()
+            raise
         if self.closed:  # the client went away while we were connecting
             upstream.transport.close()
             return
@@ -363,7 +372,11 @@ class Proxy:
         self.ready = False
         self._next_id = 0
         self._own_addresses: set[tuple[str, int]] = set()
-        self.components: list[Any] = []  # objects offering admin_routes() and/or reload()
+        self.limiter = ConnectionLimiter(config.get("max_connections", DEFAULT_MAX_CONNECTIONS))
+        self.upstream_log = RateLimitedLog(log)
+        self.components: list = []  # objects offering admin_routes()/reload(), like sinks (see admin, signals)
+        self.unresolved: set[ProxySpec] = set()  # static upstreams whose name did not resolve yet
+        self._dns_task: asyncio.Task | None = None
         render = 0
         if config.get("log_query") or config.get("trace_query"):
             render = 2 if config.get("no_redact") else 1
@@ -384,14 +397,8 @@ class Proxy:
         hosts = list(self.config.listen_host)
         host = ",".join(hosts)
         for spec in self.config.proxy:
-            if not spec.transparent:
-                try:
-                    await loop.getaddrinfo(spec.upstream_host, spec.upstream_port, type=socket.SOCK_STREAM)
-                except socket.gaierror as exc:
-                    raise StartupError(
-                        f"cannot resolve upstream host {spec.upstream_host!r} in --proxy "
-                        f"{spec.text} ({exc.strerror}): check the name or use an IP address"
-                    ) from None
+            if not spec.transparent and not await _resolves(spec):
+                self.unresolved.add(spec)  # like Envoy's STRICT_DNS: serve, stay unready, retry
             try:
                 server = await loop.create_server(
                     lambda spec=spec: ClientSide(self, spec),
@@ -423,7 +430,22 @@ class Proxy:
                 else hostport(spec.upstream_host, spec.upstream_port)
             )
             log.info("listening on %s -> %s", hostport(host, server.sockets[0].getsockname()[1]), target)
-        self.ready = True
+        self.ready = not self.unresolved
+        if self.unresolved:
+            self._dns_task = loop.create_task(self._resolve_until_ready())
+
+    async def _resolve_until_ready(self) -> None:
+        """Retry unresolved static upstreams with a capped backoff; ready once every one resolves."""
+        delay = DNS_RETRY_FIRST
+        while self.unresolved and not self.draining:
+            await asyncio.sleep(delay)
+            for spec in list(self.unresolved):
+                if await _resolves(spec):
+                    self.unresolved.discard(spec)
+                    log.info("upstream host %r of --proxy %s resolves now", spec.upstream_host, spec.text)
+            delay = min(delay * 2, DNS_RETRY_MAX)
+        if not self.unresolved and not self.draining:
+            self.ready = True
 
     def is_own_listener(self, dst: tuple[str, int], sockname: tuple) -> bool:
         """True when a transparent connection's original destination is one of our listeners."""
@@ -454,6 +476,8 @@ class Proxy:
         """
         self.draining = True
         self.ready = False
+        if self._dns_task is not None:
+            self._dns_task.cancel()
         for _, server in self.servers:
             server.close()
         for c in list(self.connections):
@@ -476,6 +500,28 @@ class Proxy:
             c.abort()
 
 
+DNS_RETRY_FIRST = 1.0
+DNS_RETRY_MAX = 30.0
+_dns_log = RateLimitedLog(log)
+
+
+async def _resolves(spec: ProxySpec) -> bool:
+    """True when the static upstream's host resolves; a failure is logged (once a minute per host)."""
+    try:
+        await asyncio.get_running_loop().getaddrinfo(spec.upstream_host, spec.upstream_port, type=socket.SOCK_STREAM)
+        return True
+    except (socket.gaierror, UnicodeError) as exc:
+        _dns_log.warning(
+            spec.upstream_host,
+            "cannot resolve upstream host %r in --proxy %s (%s): not ready; retrying (check the name or use an "
+            "IP address)",
+            spec.upstream_host,
+            spec.text,
+            getattr(exc, "strerror", None) or exc,
+        )
+        return False
+
+
 def _is_local_address(host: str) -> bool:
     try:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -490,7 +536,7 @@ async def serve(config: Config, on_started: Callable[[Proxy], Any] | None = None
     """Run until SIGTERM/SIGINT, then drain; the exit code. on_started(proxy) runs once listening."""
     from prometheus_client import CollectorRegistry, disable_created_metrics
 
-    from mongoproxy import admin, topology
+    from mongoproxy import admin, limits, shutdown, signals, topology
     from mongoproxy.sinks import SinkContext, build_sinks
 
     loop = asyncio.get_running_loop()
@@ -511,15 +557,17 @@ async def serve(config: Config, on_started: Callable[[Proxy], Any] | None = None
     admin_server = None
     try:
         if config.admin_port:
-            admin_server = await admin.start(config.admin_host, config.admin_port, registry, proxy)
+            admin_server = await admin.start(config.admin_host, config.admin_port, registry, proxy, config)
+            proxy.components.append(admin_server)  # its reload() re-reads the token and TLS files on SIGHUP
         await proxy.start()
         if cluster is not None:
             await cluster.start()  # discovery and a listener per member
+        limits.install(proxy, registry, loop)
     except BaseException:
         if admin_server is not None:
-            admin_server.close()
+            await admin_server.aclose()
         await proxy.close_listeners()
-        bus.close()
+        shutdown.close_sinks(bus.sinks)
         raise
 
     if admin_server is not None:
@@ -544,18 +592,20 @@ async def serve(config: Config, on_started: Callable[[Proxy], Any] | None = None
             proxy.abort_all()
             loop.stop()
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_signal, sig.name)
+    handled = signals.install(loop, proxy, on_signal)
     try:
         await stop.wait()
         clean = await proxy.drain(config.drain_seconds)
-        log.info("drained %s; exiting", "cleanly" if clean else "at the deadline")
+        log.info(
+            "drained %s; closing the sinks (within %gs)",
+            "cleanly" if clean else "at the deadline",
+            shutdown.SHUTDOWN_MARGIN_SECONDS,
+        )
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)
+        signals.remove(loop, handled)
         if admin_server is not None:
-            admin_server.close()
-        bus.close()
+            await admin_server.aclose(timeout=0.5)
+        shutdown.close_sinks(bus.sinks)
     return 0
 
 
@@ -570,6 +620,9 @@ def _new_loop() -> asyncio.AbstractEventLoop:
 def run(config: Config) -> int:
     """Blocking entry point of `mongoproxy run`."""
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from mongoproxy import signals
+
+    signals.ignore_hangup()
     with asyncio.Runner(loop_factory=_new_loop) as runner:
         try:
             return runner.run(serve(config))

@@ -486,7 +486,7 @@ class Cluster:
         """Ready while every deployment has a member that answered its last hello."""
         if self.proxy.draining:
             return
-        now = self.reachable
+        now = self.reachable and not getattr(self.proxy, "unresolved", ())  # and every --proxy upstream resolves
         if now and not self.proxy.ready and self.started:
             log.info("a member of every --upstream deployment answers hello: ready")
         self.proxy.ready = now

@@ -119,6 +119,17 @@ def test_replica_set_through_the_proxy(rs):
             assert f"{listeners[i]} → {member.address} ({state})" in err
         client_uri = f"mongodb://127.0.0.1:{base},127.0.0.1:{base + 1},127.0.0.1:{base + 2}/?replicaSet=rs0"
         assert f"connect clients with: {client_uri}" in err
+        status, body = proxy.admin_get("/topology")
+        assert status == 200, body
+        assert json.loads(body) == {
+            "deployment": "replicaset",
+            "set_name": "rs0",
+            "members": [
+                {"host": m.address, "listen": f"127.0.0.1:{p}", "state": "primary" if i == 0 else "secondary"}
+                for i, (m, p) in enumerate(zip(rs.members, listeners))
+            ],
+            "client_uri": client_uri,
+        }
 
         commands = Commands()
         client = pymongo.MongoClient(
@@ -202,6 +213,8 @@ def test_failover_the_driver_follows_and_writes_succeed(rs, tmp_path):
                 lambda: f"member {rs.members[1].address} is now primary" in proxy.stderr_text(),
                 what="the proxy to see the new primary",
             )
+            states = [m["state"] for m in json.loads(proxy.admin_get("/topology")[1])["members"]]
+            assert states == ["secondary", "primary", "secondary"]
             client.app.orders.insert_one({"n": 3, "after": True})
             assert [d["n"] for d in client.app.orders.find({})] == [1, 2, 3]
             assert client.primary == ("127.0.0.1", base + 1)

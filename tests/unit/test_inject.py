@@ -16,6 +16,7 @@ from ruamel.yaml import YAML
 
 from mongoproxy import cli, inject
 from mongoproxy.errors import ConfigError
+from mongoproxy.shutdown import SHUTDOWN_MARGIN_SECONDS, grace_seconds
 
 GOLDEN = Path(__file__).resolve().parent / "golden" / "inject"
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
@@ -217,7 +218,8 @@ def check_injected_pod(
         prestop = int(cmd[1])
     else:
         assert not legacy
-    assert 0 < drain and prestop + drain < grace  # fits terminationGracePeriodSeconds
+    # The grace period holds the preStop pause, the drain and the shutdown margin (closing the sinks).
+    assert 0 < drain and prestop + drain + SHUTDOWN_MARGIN_SECONDS < grace
     for probe, path in (
         (sidecar.liveness_probe, "/healthz"),
         (sidecar.readiness_probe, "/readyz"),
@@ -357,6 +359,28 @@ def test_rerun_with_other_flags_replaces_in_place(capsys, tmp_path):
     code, fresh, _ = run_inject(capsys, str(GOLDEN / "deployment.in.yaml"), "--image", "mongoproxy:0.2.0")
     assert out == fresh
     assert "mongoproxy:0.1.0" not in out
+
+
+def test_grace_period_is_raised_to_fit_the_drain_and_restored_on_rerun(capsys, tmp_path):
+    """A drain that does not fit terminationGracePeriodSeconds raises it (with a note); a rerun starts over."""
+    src = tmp_path / "in.yaml"
+    text = (GOLDEN / "deployment.in.yaml").read_text()
+    src.write_text(
+        text.replace(
+            "    metadata:\n      labels:\n",
+            "    metadata:\n      annotations:\n        mongoproxy.io/drain-seconds: '40'\n      labels:\n",
+            1,
+        )
+    )
+    code, out, err = run_inject(capsys, str(src))
+    assert code == 0, err
+    spec = load_all(out)[0]["spec"]["template"]["spec"]
+    assert spec["terminationGracePeriodSeconds"] == grace_seconds(40) == 47
+    assert "raised from 30 to 47" in err
+    first = tmp_path / "first.yaml"
+    first.write_text(out)
+    code, again, _ = run_inject(capsys, str(first))
+    assert again == out  # the recorded original (unset) is restored first, so a rerun does not stack
 
 
 def test_legacy_job_gets_a_note(capsys):

@@ -507,3 +507,35 @@ def test_error_counters_exist_at_zero_for_every_known_reason(reg, sink):
             assert val(reg, "mongoproxy_decode_errors_total", {"direction": direction, "reason": reason}) == 0
     for reason in UPSTREAM_ERROR_REASONS:
         assert val(reg, "mongoproxy_upstream_connect_errors_total", {"reason": reason}) == 0
+
+
+def test_series_cap_per_family_sends_the_rest_to_other_and_counts_it(reg):
+    """--max-series: label values each under the per-label cap still make at most N series per family."""
+    sink = MetricsSink(reg, max_label_values=1000, max_series=5)
+    c = conn()
+    for op in ("find", "insert", "update"):
+        for i in range(10):
+            sink.on_command(command(c, op=op, coll=f"coll{i}", ok=False, code_name="BadValue"))
+    text = generate_latest(reg).decode()
+    lat = [line for line in text.splitlines() if line.startswith("mongoproxy_response_latency_seconds_count")]
+    assert len(lat) == 6  # five label sets and the overflow series
+    other = {k: "_other" for k in L}
+    assert val(reg, "mongoproxy_response_latency_seconds_count", other) == 25
+    assert val(reg, "mongoproxy_series_overflow_total", {"metric": "mongoproxy_response_latency_seconds"}) == 25
+    errors = [line for line in text.splitlines() if line.startswith("mongoproxy_command_errors_total")]
+    assert len(errors) == 6
+    assert val(reg, "mongoproxy_series_overflow_total", {"metric": "mongoproxy_command_errors_total"}) == 25
+    # connect time: one series per server
+    for i in range(8):
+        sc = conn(cid=100 + i, server=(f"db{i}", 27017))
+        sc.upstream_connect_ns = 1_000_000
+        sink.on_connection_open(sc)
+    assert val(reg, "mongoproxy_server_connect_time_seconds_count", {"server": "_other"}) == 3
+    assert val(reg, "mongoproxy_series_overflow_total", {"metric": "mongoproxy_server_connect_time_seconds"}) == 3
+
+
+def test_max_series_option():
+    assert config_mod.build({}, env={}).max_series == 10_000
+    assert config_mod.build({"max_series": "50"}, env={}).max_series == 50
+    with pytest.raises(ConfigError):
+        config_mod.build({"max_series": "0"}, env={})
