@@ -29,6 +29,7 @@ OPTION_MODULES = (
     "mongoproxy.sinks.commandlog",
     "mongoproxy.sinks.tracing",
     "mongoproxy.sinks.capture",
+    "mongoproxy.tls",
     "mongoproxy.topology",
 )
 

@@ -43,6 +43,11 @@ class Connection:
     replica_set: str = ""
     member_state: str = ""  # --upstream listeners: primary, secondary, arbiter, mongos, standalone, other
     max_wire_version: int | None = None
+    # TLS (mongoproxy.tls): whether each side is encrypted, the client's SNI and verified certificate subject.
+    client_tls: bool = False
+    upstream_tls: bool = False
+    tls_server_name: str = ""
+    client_cert_subject: str = ""
     # Byte counters, bumped by the data path.
     bytes_from_client: int = 0
     bytes_from_server: int = 0
@@ -133,7 +138,7 @@ class DecodeErrorEvent:
 
 
 # Every UpstreamConnectError.reason (metric label values).
-UPSTREAM_ERROR_REASONS = ("refused", "timeout", "unreachable", "dns", "loop", "no_original_dst", "error")
+UPSTREAM_ERROR_REASONS = ("refused", "timeout", "unreachable", "dns", "loop", "no_original_dst", "tls", "error")
 
 
 @dataclass(slots=True, eq=False)

@@ -669,6 +669,9 @@ class CaptureSink:
         via = f"listener port {conn.listen_port}" + (", transparent" if conn.transparent else "")
         resolved = f" ({conn.upstream_host} resolved to {c.server_ip})" if c.server_ip != conn.upstream_host else ""
         comment = f"mongoproxy connection {conn.id}: client {conn.client} -> server {conn.server}{resolved} via {via}"
+        if conn.client_tls or conn.upstream_tls:  # the wire was encrypted: these are the decrypted messages
+            sides = " and ".join(n for n, on in (("client", conn.client_tls), ("server", conn.upstream_tls)) if on)
+            comment += f"; TLS on the {sides} side, recorded decrypted"
         ((p_ts, parts),) = c.flow.syn(ts)
         self._write_packet(c, p_ts, parts, comment, fresh=True)
         self._stats("connections")

@@ -347,6 +347,7 @@ class CommandLogSink:
             "server": conn.server,
             "app": conn.app_name,
             "replicaset": conn.replica_set,
+            "client_cert_subject": conn.client_cert_subject or None,
             "db": event.database,
             "collection": event.collection,
             "ns": _ns(event),

@@ -246,6 +246,7 @@ class MetricsSink:
         max_label_values: int = 1000,
         latency_buckets: Iterable[float] = DEFAULT_LATENCY_BUCKETS,
         max_series: int = 10_000,
+        upstream_tls: str = "off",
     ) -> None:
         self.max_series = max_series
         self.labels = tuple(labels)
@@ -280,8 +281,13 @@ class MetricsSink:
             registry=r,
         )
         self._series_overflow_children: dict[str, Any] = {}
-        info = Gauge("mongoproxy_info", "Always 1; the proxy's version and mode.", ["version", "mode"], registry=r)
-        info.labels(version, mode).set(1)
+        info = Gauge(
+            "mongoproxy_info",
+            "Always 1; the proxy's version, mode and upstream TLS (off, verify, or insecure: not verified).",
+            ["version", "mode", "upstream_tls"],
+            registry=r,
+        )
+        info.labels(version, mode, upstream_tls).set(1)
         self._established = Counter(
             "mongoproxy_client_connections_established",
             "Client connections accepted and paired with an upstream.",
@@ -625,7 +631,14 @@ def create(config: Any, ctx: Any) -> MetricsSink:
         max_label_values=getattr(config, "max_label_values", 1000),
         latency_buckets=getattr(config, "latency_buckets", DEFAULT_LATENCY_BUCKETS),
         max_series=getattr(config, "max_series", 10_000),
+        upstream_tls=_upstream_tls_label(config),
     )
+
+
+def _upstream_tls_label(config: Any) -> str:
+    if not config.get("upstream_tls"):
+        return "off"
+    return "insecure" if config.get("upstream_tls_insecure") else "verify"
 
 
 def find(sinks: Iterable[Any]) -> MetricsSink | None:
