@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import socket
+import ssl
 import struct
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +30,23 @@ def redact(uri: str) -> str:
     if at and "/" not in auth:
         return f"{scheme}://***@{hosts}"
     return uri
+
+
+def uri_tls_context(options: Any) -> ssl.SSLContext | None:
+    """The client TLS context a connection string asks for (tls=true, tlsCAFile, ...); None for plaintext."""
+    if not (options.get("tls") or options.get("ssl")):
+        return None
+    ctx = ssl.create_default_context(cafile=options.get("tlsCAFile"))
+    if options.get("tlsCertificateKeyFile"):
+        ctx.load_cert_chain(
+            options["tlsCertificateKeyFile"], password=options.get("tlsCertificateKeyFilePassword") or None
+        )
+    if options.get("tlsInsecure") or options.get("tlsAllowInvalidCertificates"):
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    elif options.get("tlsAllowInvalidHostnames"):
+        ctx.check_hostname = False
+    return ctx
 
 
 def member_state(doc: dict) -> str:
@@ -82,11 +100,11 @@ def _encode_hello(request_id: int) -> bytes:
     return struct.pack("<iiii", 16 + len(payload), request_id, 0, hello.OP_MSG) + payload
 
 
-async def probe(host: str, port: int, timeout: float) -> dict:
+async def probe(host: str, port: int, timeout: float, tls_args: dict | None = None) -> dict:
     """One discovery hello (it needs no authentication); raises OSError, TimeoutError or ValueError."""
 
     async def run() -> dict:
-        reader, writer = await asyncio.open_connection(host, port)
+        reader, writer = await asyncio.open_connection(host, port, **(tls_args or {}))
         try:
             writer.write(_encode_hello(1))
             header = await reader.readexactly(16)

@@ -202,7 +202,8 @@ class ClientSide(asyncio.Protocol):
         started = monotonic_ns()
         try:
             sni = self.conn.tls_server_name if self.spec.transparent else ""  # static: verify the upstream's name
-            tls_args = proxy.tls.upstream_args(target[0], sni)
+            upstream_tls = getattr(self.spec, "upstream_tls", None) or proxy.tls.upstream_args  # --upstream: its URI's
+            tls_args = upstream_tls(target[0], sni)
             _, upstream = await asyncio.wait_for(
                 loop.create_connection(lambda: UpstreamSide(self), target[0], target[1], **tls_args),
                 timeout=proxy.config.connect_timeout or None,

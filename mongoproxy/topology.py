@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import ssl
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -25,7 +26,16 @@ from mongoproxy import hellogate
 from mongoproxy.config import ConfigError, Option, ProxySpec, non_negative_float, parse_bool, parse_port
 from mongoproxy.errors import StartupError
 from mongoproxy.events import DecodeErrorEvent, hostport
-from mongoproxy.members import DEFAULT_PORT_BASE, Member, PortAllocator, member_state, probe, redact, split_address
+from mongoproxy.members import (
+    DEFAULT_PORT_BASE,
+    Member,
+    PortAllocator,
+    member_state,
+    probe,
+    redact,
+    split_address,
+    uri_tls_context,
+)
 from mongoproxy.protocol import hello
 
 log = logging.getLogger("mongoproxy.topology")
@@ -102,6 +112,10 @@ class MemberSpec(ProxySpec):
         client.member = member
         return member.host, member.port
 
+    def upstream_tls(self, host: str, client_sni: str = "") -> dict:
+        """create_connection() TLS arguments for a member: the URI's tls=, else the --upstream-tls flags."""
+        return self.topology.tls_args(host, client_sni)
+
     def gate(self, client: Any) -> None:
         """Put the hello gate on a connected pair (replica sets only: nothing else needs rewriting)."""
         if self.topology.deployment == "replicaset":
@@ -121,7 +135,7 @@ class Topology:
         self.expected_set: str | None = None
         self.direct = False
         self.seeds: list[tuple[str, int]] = []
-        self.tls = False
+        self.ssl: ssl.SSLContext | None = None
         self.members: dict[str, Member] = {}  # address (and aliases) -> member
         self.address_map: dict[str, str] = {}  # member address (lower case) -> listener address
         self.balancer: MemberSpec | None = None
@@ -183,13 +197,20 @@ class Topology:
         options = parsed["options"]
         self.expected_set = options.get("replicaSet")
         self.direct = bool(options.get("directConnection"))  # one server, as a driver would: no members added
-        self.tls = bool(options.get("tls") or options.get("ssl"))
-        if self.tls:
+        try:
+            self.ssl = uri_tls_context(options)  # tls=true: the proxy originates TLS, clients stay plaintext
+        except (OSError, ssl.SSLError) as exc:
             raise StartupError(
-                f"--upstream {shown}: TLS to the deployment (tls=true) is not supported by this build yet: "
-                "reach the members in plaintext, or put them behind --proxy with the TLS options"
-            )
+                f"--upstream {shown}: cannot load its TLS files ({exc}): check tlsCAFile and the key"
+            ) from None
         self.seeds = [(h, int(p)) for h, p in parsed["nodelist"]]
+
+    def tls_args(self, host: str, client_sni: str = "") -> dict:
+        """TLS arguments to reach a member ({} in plaintext)."""
+        if self.ssl is not None:
+            return {"ssl": self.ssl, "server_hostname": host, "ssl_handshake_timeout": self.timeout}
+        tls = getattr(self.proxy, "tls", None)
+        return tls.upstream_args(host, client_sni) if tls is not None else {}
 
     def _report(self) -> None:
         for line in self.listener_lines():
@@ -208,9 +229,10 @@ class Topology:
         if self.balancer is not None:
             names = ", ".join(m.address for m in self._unique())
             lines.append(f"{self.balancer_port} → load balanced over {names}")
+        tls = ", TLS" if self.tls_args("") else ""
         for m in self._unique():
             if m.listen_port:
-                lines.append(f"{m.listen_port} → {m.address} ({m.state})")
+                lines.append(f"{m.listen_port} → {m.address} ({m.state}{tls})")
         return lines
 
     def client_uri(self) -> str:
@@ -289,7 +311,7 @@ class Topology:
 
     async def _probe(self, host: str, port: int) -> dict | str:
         try:
-            return await probe(host, port, self.timeout)
+            return await probe(host, port, self.timeout, self.tls_args(host))
         except (OSError, TimeoutError, ValueError, IndexError, bson.errors.BSONError) as exc:
             return str(exc) or type(exc).__name__
 

@@ -328,6 +328,33 @@ def test_secantus_all_commands_go_through_the_proxy():
                 client.close()
 
 
+def test_tls_upstream_from_the_uri_clients_in_plaintext(tmp_path):
+    from tests.support.tlscerts import TlsSecantus, make_pki
+
+    pki = make_pki(str(tmp_path))
+    with TlsSecantus(pki.server_cert, pki.server_key, pki.ca) as server:
+        base = port_base()
+        uri = f"mongodb://127.0.0.1:{server.port}/?replicaSet=secantus&tls=true&tlsCAFile={pki.ca}"
+        with run_proxy_process(["--upstream", uri, "--listen-port-base", str(base)]) as proxy:
+            assert f"{base} → 127.0.0.1:{server.port} (primary, TLS)" in proxy.stderr_text()
+            client = pymongo.MongoClient(
+                f"mongodb://127.0.0.1:{base}/?replicaSet=secantus", serverSelectionTimeoutMS=10000
+            )
+            try:
+                client.app.tls.insert_one({"over": "tls"})
+                assert client.app.tls.find_one({"over": "tls"})["over"] == "tls"
+                assert client.nodes == {("127.0.0.1", base)}
+            finally:
+                client.close()
+            assert labelled(proxy, "mongoproxy_rewritten_replies_total") > 0
+        # A CA that did not issue the server's certificate: nothing answers, the proxy starts unready and says so.
+        uri = f"mongodb://127.0.0.1:{server.port}/?replicaSet=secantus&tls=true&tlsCAFile={pki.rogue_ca}"
+        args = ["--upstream", uri, "--listen-port-base", str(base), "--connect-timeout", "2"]
+        with run_proxy_process(args, ready=False) as proxy:
+            wait_for(lambda: "listening anyway" in proxy.stderr_text(), what="the warning")
+            assert proxy.admin_get("/readyz")[0] == 503
+
+
 def _without_hello(counts: Counter) -> Counter:
     # The driver's handshake and monitoring hellos are not command-monitoring events; everything else is.
     return +Counter({k: v for k, v in counts.items() if k.lower() not in ("hello", "ismaster")})
@@ -422,7 +449,7 @@ def test_no_member_reachable_starts_unready_until_one_answers():
     [
         (["--upstream", "http://db.example.net/"], "is not a MongoDB connection string"),
         (["--upstream", "mongodb://db.example.net:notaport/"], "does not parse"),
-        (["--upstream", "mongodb://127.0.0.1:1/?tls=true"], "TLS to the deployment"),
+        (["--upstream", "mongodb://127.0.0.1:1/?tls=true&tlsCAFile=/nonexistent/ca.pem"], "fix the connection string"),
     ],
 )
 def test_bad_input_is_one_line(args, needle):
@@ -434,7 +461,7 @@ def test_bad_input_is_one_line(args, needle):
 
 
 def test_credentials_never_logged(rs):
-    uri = f"mongodb://alice:s3cr3t@{rs.members[0].address}/?replicaSet=rs0&tls=true"
+    uri = f"mongodb://alice:s3cr3t@{rs.members[0].address}/?replicaSet=rs0&tls=true&tlsCAFile=/nonexistent/ca.pem"
     res = run_proxy_cli(["run", "--admin-port", "0", "--upstream", uri])
     assert res.returncode == 2 and "s3cr3t" not in res.stderr and "***@" in res.stderr, res.stderr
 
