@@ -22,6 +22,8 @@ COMMAND_MODULES: tuple[str, ...] = (
     "mongoproxy.iptables",
     "mongoproxy.inject",
     "mongoproxy.replay",
+    "mongoproxy.top",
+    "mongoproxy.recdigest",
     "mongoproxy.webhook",
 )
 

@@ -43,6 +43,8 @@ ANN_CPU_LIMIT = "mongoproxy.io/cpu-limit"
 ANN_MEMORY_LIMIT = "mongoproxy.io/memory-limit"
 ANN_METRIC_LABELS = "mongoproxy.io/metric-labels"
 ANN_LOG_COMMANDS = "mongoproxy.io/log-commands"
+ANN_TLS_SECRET = "mongoproxy.io/tls-secret"
+ANN_TLS_UPSTREAM_CA = "mongoproxy.io/tls-upstream-ca"
 ANN_DEFAULT_CONTAINER = "kubectl.kubernetes.io/default-container"
 LABEL_SIDECAR = "mongoproxy.io/sidecar"  # on every injected pod: what PodMonitors select
 PROMETHEUS_ANNOTATIONS = ("prometheus.io/scrape", "prometheus.io/port", "prometheus.io/path")
@@ -161,6 +163,18 @@ def parse_switch(value: Any, where: str) -> bool:
     if text in ("false", "no", "off", "0"):
         return False
     raise ConfigError(f'{where} {value!r} is not valid: use "true" or "false"')
+
+
+def _secret_name(value: Any, where: str) -> str | None:
+    """A Secret's name; empty means none (an annotation may turn off a ConfigMap's default)."""
+    if value is None:
+        return None
+    name = str(value).strip()
+    if not name:
+        return None
+    if not re.fullmatch(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?", name):
+        raise ConfigError(f"{where} {value!r} is not a Secret name: lower-case letters, digits, '-' and '.'")
+    return name
 
 
 def parse_labels(value: Any, where: str) -> str:
@@ -412,6 +426,8 @@ ANNOTATION_OVERRIDES: dict[str, tuple[str, Any]] = {
     ANN_MEMORY_LIMIT: ("memory_limit", parse_quantity),
     ANN_METRIC_LABELS: ("metric_labels", parse_labels),
     ANN_LOG_COMMANDS: ("log_commands", parse_switch),
+    ANN_TLS_SECRET: ("tls_secret", _secret_name),
+    ANN_TLS_UPSTREAM_CA: ("tls_upstream_ca", parse_switch),
     ANN_PROXY_ARGS: ("proxy_args", None),  # added to the flag's arguments, not replacing them
 }
 
@@ -431,7 +447,13 @@ def _effective_options(opts: InjectOptions, annotations: dict, where: str) -> In
             raise
         except ConfigError as exc:
             raise AnnotationError(key, str(exc)) from None
-    return replace(opts, **changes) if changes else opts
+    if not changes:
+        return opts
+    opts = replace(opts, **changes)
+    if opts.tls_upstream_ca and not opts.tls_secret:
+        key = ANN_TLS_UPSTREAM_CA if "tls_upstream_ca" in changes else ANN_TLS_SECRET
+        raise AnnotationError(key, f"{where}: {key}: {_TLS_UPSTREAM_CA_NEEDS_SECRET}")
+    return opts
 
 
 def _check_ports(opts: InjectOptions, where: str) -> None:
@@ -970,7 +992,10 @@ SETTINGS: dict[str, Any] = {
     "memory_limit": parse_quantity,
     "metric_labels": parse_labels,
     "log_commands": parse_switch,
+    "tls_secret": _secret_name,
+    "tls_upstream_ca": parse_switch,
 }
+_TLS_UPSTREAM_CA_NEEDS_SECRET = "--tls-upstream-ca uses the ca.crt of --tls-secret: give --tls-secret NAME"
 
 
 def options_from_settings(values: dict[str, Any], source: str = "") -> InjectOptions:
@@ -992,27 +1017,14 @@ def options_from_settings(values: dict[str, Any], source: str = "") -> InjectOpt
             raise ConfigError(f"{prefix}{exc}") from None
     opts = InjectOptions(**parsed)
     _check_ports(opts, source or "flags")
+    if opts.tls_upstream_ca and not opts.tls_secret:
+        raise ConfigError(f"{prefix}{_TLS_UPSTREAM_CA_NEEDS_SECRET}")
     return opts
 
 
 def options_from_args(args: argparse.Namespace) -> InjectOptions:
     """InjectOptions from parsed flags; ConfigError names the fix."""
-    opts = options_from_settings({name: getattr(args, name, None) for name in SETTINGS})
-    # TLS is a flag of `inject` only (not yet a webhook setting): the Secret is mounted by the pod mutation.
-    tls_secret = _secret_name(getattr(args, "tls_secret", None))
-    tls_upstream_ca = bool(getattr(args, "tls_upstream_ca", False))
-    if tls_upstream_ca and not tls_secret:
-        raise ConfigError("--tls-upstream-ca uses the ca.crt of --tls-secret: give --tls-secret NAME")
-    return replace(opts, tls_secret=tls_secret, tls_upstream_ca=tls_upstream_ca)
-
-
-def _secret_name(value: str | None) -> str | None:
-    if value is None:
-        return None
-    name = str(value).strip()
-    if not re.fullmatch(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?", name):
-        raise ConfigError(f"--tls-secret {value!r} is not a Secret name: lower-case letters, digits, '-' and '.'")
-    return name
+    return options_from_settings({name: getattr(args, name, None) for name in SETTINGS})
 
 
 def _read(path: str, stdin: TextIO) -> str:

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from typing import Any
 
 from mongoproxy import __version__, dstaddr, tlslisten, wire
+from mongoproxy._bson_parser import RENDER_OFF, RENDER_REDACTED, RENDER_VALUES
 from mongoproxy.config import Config, ProxySpec
 from mongoproxy.errors import StartupError
 from mongoproxy.events import Connection, DecodeErrorEvent, SinkBus, UpstreamConnectError, hostport
@@ -69,7 +70,9 @@ class ClientSide(asyncio.Protocol):
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
         if not self.proxy.limiter.admit(len(self.proxy.connections)):
-            self.closed = True  # refused at accept: reset, counted by the limiter, no Connection
+            # Refused at accept: reset, counted by the limiter, no Connection. (A TLS listener admitted its
+            # clients before the handshake, counting them until here: they always pass this check.)
+            self.closed = True
             transport.abort()
             return
         transport.pause_reading()
@@ -96,19 +99,24 @@ class ClientSide(asyncio.Protocol):
         cfg = proxy.config
         bus = proxy.bus
         self.tracker = Tracker(conn, bus, cfg.max_pending_requests)
-        render = proxy.render
         self.requests = wire.FrameScanner(
             False,
             self.tracker.on_request,
             self._request_error,
             cfg.max_message_bytes,
-            render,
+            proxy.query_rendering,
             verify_checksums=cfg.verify_checksums,
+            max_observed_compressed_bytes=cfg.max_observed_compressed_bytes,
         )
         # A plaintext listener looks at the first chunk once for a TLS ClientHello (passthrough).
         self._feed_requests = self.requests.feed if conn.client_tls else self._first_chunk
         self.replies = wire.FrameScanner(
-            True, self._on_reply, self._reply_error, cfg.max_message_bytes, verify_checksums=cfg.verify_checksums
+            True,
+            self._on_reply,
+            self._reply_error,
+            cfg.max_message_bytes,
+            verify_checksums=cfg.verify_checksums,
+            max_observed_compressed_bytes=cfg.max_observed_compressed_bytes,
         )
         bus.connection_open(conn)
         self._connecting = asyncio.get_running_loop().create_task(self._connect(target))
@@ -433,14 +441,18 @@ class Proxy:
         self.components: list = [self.tls]
         self.unresolved: set[ProxySpec] = set()  # static upstreams whose name did not resolve yet
         self._dns_task: asyncio.Task | None = None
-        render = 0
-        if config.get("log_query") or config.get("trace_query"):
-            render = 2 if config.get("no_redact") else 1
-        self.render = render
+        # One scanner rendering per request serves the command log, tracing, the digest and the live view;
+        # the digest is on by default, so shapes are rendered unless every consumer is off.
+        self.query_rendering = RENDER_OFF
+        if config.get("log_query") or config.get("trace_query") or not config.get("no_digest", True):
+            self.query_rendering = RENDER_VALUES if config.get("no_redact") else RENDER_REDACTED
 
     def next_id(self) -> int:
         self._next_id += 1
         return self._next_id
+
+    def _open_connections(self) -> int:
+        return len(self.connections)
 
     @property
     def ports(self) -> list[int]:
@@ -457,7 +469,9 @@ class Proxy:
                 self.unresolved.add(spec)  # like Envoy's STRICT_DNS: serve, stay unready, retry
             try:
                 factory = functools.partial(ClientSide, self, spec)
-                server = await tlslisten.create_server(self.tls, factory, hosts, spec.listen_port, backlog=1024)
+                server = await tlslisten.create_server(
+                    self.tls, factory, hosts, spec.listen_port, self.limiter, self._open_connections, backlog=1024
+                )
             except OSError as exc:
                 await self.close_listeners()
                 if exc.errno == errno.EADDRINUSE:

@@ -524,23 +524,6 @@ def test_create_switches_on(flags):
         sink.close()
 
 
-def test_render_mode_for_the_tracker():
-    b = lambda **f: config_mod.build(f, env={})  # noqa: E731
-    assert commandlog.render_mode(b()) == commandlog.RENDER_OFF
-    assert commandlog.render_mode(b(log_commands=True)) == commandlog.RENDER_OFF
-    assert commandlog.render_mode(b(log_query=True)) == commandlog.RENDER_REDACTED
-    assert commandlog.render_mode(b(log_query=True, no_redact=True)) == commandlog.RENDER_VALUES
-    try:
-        from mongoproxy import _bson_parser
-    except ImportError:
-        return
-    assert (commandlog.RENDER_OFF, commandlog.RENDER_REDACTED, commandlog.RENDER_VALUES) == (
-        _bson_parser.RENDER_OFF,
-        _bson_parser.RENDER_REDACTED,
-        _bson_parser.RENDER_VALUES,
-    )
-
-
 def test_log_file_errors_at_start_up(tmp_path):
     missing = tmp_path / "nope" / "c.log"
     with pytest.raises(ConfigError) as exc:

@@ -20,6 +20,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind, StatusCode  # noqa: E402
 
 from mongoproxy import config as config_mod  # noqa: E402
+from mongoproxy import querylog  # noqa: E402
 from mongoproxy.errors import ConfigError  # noqa: E402
 from mongoproxy.events import CommandEvent, Connection, wall_ns  # noqa: E402
 from mongoproxy.sinks import (
@@ -369,7 +370,9 @@ def test_trace_query_adds_the_redacted_query_text(make):
     shape = '{"find": "users", "filter": {"email": "?"}}'
     sink, exp = make(trace_query=True)
     sink.on_command(command(comment=TP, query_shape=shape))
-    assert spans_of(sink, exp)[0].attributes["db.query.text"] == shape
+    attrs = spans_of(sink, exp)[0].attributes
+    assert attrs["db.query.text"] == '{"find":"users","filter":{"email":"?"}}'  # the command log's text
+    assert attrs["mongoproxy.query.shape"] == querylog.prepare(shape, "find", False)[1]
     quiet, exp2 = make(trace_query=False)
     quiet.on_command(command(comment=TP, query_shape=shape))
     assert "db.query.text" not in spans_of(quiet, exp2)[0].attributes
