@@ -15,12 +15,10 @@ from collections.abc import Callable
 from typing import Any
 
 from mongoproxy.protocol import hello
+from mongoproxy.protocol.commands import HELLO_COMMANDS
+from mongoproxy.protocol.opcodes import OP_MSG, OP_QUERY, OP_REPLY
 
-OP_QUERY = 2004
-OP_MSG = hello.OP_MSG
-OP_REPLY = hello.OP_REPLY
-OP_COMPRESSED = 2012
-HELLO_NAMES = frozenset((b"hello", b"ismaster"))
+HELLO_NAMES = frozenset(name.encode() for name in HELLO_COMMANDS)
 REQUEST_PREFIX = 256  # bytes of each request kept to read its command name
 MAX_TRACKED = 128  # hello request ids (and exhaust reply ids) remembered per connection
 DEFAULT_MAX_HELLO_BYTES = 64 * 1024

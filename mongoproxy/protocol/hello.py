@@ -13,11 +13,10 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable, Mapping
 
-OP_REPLY = 1
-OP_MSG = 2013
-CHECKSUM_PRESENT = 1
-MORE_TO_COME = 2
-HEADER = struct.Struct("<iiii")
+from mongoproxy.protocol.opcodes import CHECKSUM_PRESENT, HEADER, MORE_TO_COME, OP_MSG, OP_REPLY
+
+__all__ = ["CHECKSUM_PRESENT", "HEADER", "MORE_TO_COME", "OP_MSG", "OP_REPLY", "HelloRewriteError", "rewrite_reply"]
+
 # Top-level fields of a hello reply that name members: string arrays, then single strings.
 ADDRESS_LISTS = frozenset((b"hosts", b"passives", b"arbiters"))
 ADDRESS_STRINGS = frozenset((b"primary", b"me"))
