@@ -9,8 +9,9 @@ from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client import CollectorRegistry
 
 from mongoproxy import topology
-from mongoproxy.events import CollectingSink, SinkBus
+from mongoproxy.events import SinkBus
 from mongoproxy.server import Proxy
+from tests.support.collecting import CollectingSink
 from tests.support.inprocess import make_config, run
 from tests.support.replset import ScriptedReplicaSet
 from tests.support.wire import decode_message, encode_op_msg, read_message
