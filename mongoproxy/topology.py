@@ -237,16 +237,19 @@ class Topology:
 
     def client_uri(self) -> str:
         """The connection string to give clients."""
+        tls = getattr(self.proxy, "tls", None)
+        options = ["tls=true"] if tls is not None and tls.terminating else []
         if self.balancer is not None:
-            return f"mongodb://{hostport(self.advertise_host, self.balancer_port)}/"
-        hosts = ",".join(
-            hostport(self.advertise_host, m.listen_port) for m in self._unique() if m.listen_port and not m.removed
-        )
-        if self.deployment == "replicaset" and self.set_name:
-            return f"mongodb://{hosts}/?replicaSet={self.set_name}"
-        if self.deployment == "single":
-            return f"mongodb://{hosts}/?directConnection=true"
-        return f"mongodb://{hosts}/"
+            hosts = hostport(self.advertise_host, self.balancer_port)
+        else:
+            hosts = ",".join(
+                hostport(self.advertise_host, m.listen_port) for m in self._unique() if m.listen_port and not m.removed
+            )
+            if self.deployment == "replicaset" and self.set_name:
+                options.insert(0, f"replicaSet={self.set_name}")
+            elif self.deployment == "single":
+                options.insert(0, "directConnection=true")
+        return f"mongodb://{hosts}/" + (f"?{'&'.join(options)}" if options else "")
 
     def _unique(self) -> list[Member]:
         return list(dict.fromkeys(self.members.values()))
@@ -348,12 +351,24 @@ class Topology:
     async def _serve(self, spec: MemberSpec, socks: list[socket.socket], member: Member | None) -> None:
         from mongoproxy.server import ClientSide
 
-        loop = asyncio.get_running_loop()
-        for sock in socks:
-            server = await loop.create_server(lambda: ClientSide(self.proxy, spec), sock=sock, backlog=1024)
+        def factory() -> ClientSide:
+            return ClientSide(self.proxy, spec)
+
+        tls = getattr(self.proxy, "tls", None)
+        if tls is not None and tls.terminating:  # --tls-cert: clients speak TLS to the member listeners too
+            from mongoproxy.tlslisten import TlsListener
+
+            servers: list[Any] = [TlsListener(tls, factory, socks, self.proxy.limiter, self._open_connections)]
+        else:
+            loop = asyncio.get_running_loop()
+            servers = [await loop.create_server(factory, sock=sock, backlog=1024) for sock in socks]
+        for server in servers:
             self.proxy.servers.append((spec, server))
             if member is not None:
                 member.servers.append(server)
+
+    def _open_connections(self) -> int:
+        return len(self.proxy.connections)
 
     def unknown_address(self, address: str) -> str | None:
         """A hello reply named a member not seen yet: give it a listener now, so the driver never bypasses us."""

@@ -355,6 +355,26 @@ def test_tls_upstream_from_the_uri_clients_in_plaintext(tmp_path):
             assert proxy.admin_get("/readyz")[0] == 503
 
 
+def test_tls_listeners_for_the_members_with_tls_cert(rs, tmp_path):
+    from tests.support.tlscerts import make_pki
+
+    pki = make_pki(str(tmp_path))
+    base = port_base()
+    args = ["--upstream", rs.seed_uri, "--listen-port-base", str(base), "--tls-cert", pki.server_cert]
+    args += ["--tls-key", pki.server_key]
+    with run_proxy_process(args) as proxy:
+        uri = f"mongodb://127.0.0.1:{base},127.0.0.1:{base + 1},127.0.0.1:{base + 2}/?replicaSet=rs0&tls=true"
+        assert f"connect clients with: {uri}" in proxy.stderr_text()
+        client = pymongo.MongoClient(f"{uri}&tlsCAFile={pki.ca}", serverSelectionTimeoutMS=10000)
+        try:
+            client.app.t.insert_one({"tls": 1})
+            assert client.app.t.find_one({"tls": 1})["tls"] == 1
+            wait_for(lambda: len(client.nodes) == 3, what="three members over TLS")
+        finally:
+            client.close()
+        assert labelled(proxy, "mongoproxy_rewritten_replies_total") > 0
+
+
 def _without_hello(counts: Counter) -> Counter:
     # The driver's handshake and monitoring hellos are not command-monitoring events; everything else is.
     return +Counter({k: v for k, v in counts.items() if k.lower() not in ("hello", "ismaster")})
