@@ -25,6 +25,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "mongoproxy.top",
     "mongoproxy.recdigest",
     "mongoproxy.webhook",
+    "mongoproxy.faults.cli",
 )
 
 PROG = "mongoproxy"

@@ -32,6 +32,7 @@ OPTION_MODULES = (
     "mongoproxy.sinks.digest",
     "mongoproxy.sinks.live",
     "mongoproxy.tls",
+    "mongoproxy.faults",
     "mongoproxy.topology",
 )
 

@@ -113,6 +113,7 @@ class CommandEvent:
     decode_error: str = ""  # reason token when the request or reply failed to decode
     # The querylog.Query once a sink asked for it: the shape is computed once per command.
     query_cache: Any = None
+    fault: str = ""  # the fault rule applied to this command (mongoproxy.faults), "" when none
 
     @property
     def duration_ns(self) -> int:

@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from mongoproxy.protocol.builders import CODE_NAMES
 from mongoproxy.protocol.commands import SECRET_KEYS, is_secret
 
 REDACTED = "?"
@@ -208,43 +209,8 @@ def redact_errmsg(errmsg: str) -> str:
     return _DUP_KEY.sub(r"\1{ ? }", errmsg)
 
 
-# Names of the codes a writeErrors / writeConcernError entry usually carries. Servers send codeName for
-# ok:0 replies but not inside writeErrors, so without this a duplicate key would be labelled "11000".
-CODE_NAMES = {
-    2: "BadValue",
-    9: "FailedToParse",
-    13: "Unauthorized",
-    14: "TypeMismatch",
-    20: "IllegalOperation",
-    26: "NamespaceNotFound",
-    28: "PathNotViable",
-    40: "ConflictingUpdateOperators",
-    50: "MaxTimeMSExpired",
-    52: "DollarPrefixedFieldName",
-    53: "InvalidIdField",
-    55: "InvalidDBRef",
-    56: "EmptyFieldName",
-    57: "DottedFieldName",
-    61: "ShardKeyNotFound",
-    64: "WriteConcernTimeout",
-    66: "ImmutableField",
-    79: "UnknownReplWriteConcern",
-    91: "ShutdownInProgress",
-    100: "UnsatisfiableWriteConcern",
-    112: "WriteConflict",
-    121: "DocumentValidationFailure",
-    189: "PrimarySteppedDown",
-    10003: "CannotGrowDocumentInCappedNamespace",
-    10107: "NotWritablePrimary",
-    10334: "BSONObjectTooLarge",
-    11000: "DuplicateKey",
-    11600: "InterruptedAtShutdown",
-    11601: "Interrupted",
-    11602: "InterruptedDueToReplStateChange",
-    13435: "NotPrimaryNoSecondaryOk",
-}
-
-
+# Servers send codeName for ok:0 replies but not inside writeErrors: without a table a duplicate key would be
+# labelled "11000". The table of real server codes lives with the replies the proxy builds.
 def code_name(name: str | None, code: int | None) -> str:
     """The codeName sent, else the known name of `code`, else the code as text, else "unknown"."""
     if name:

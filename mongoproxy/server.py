@@ -23,11 +23,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from mongoproxy import __version__, dstaddr, tlslisten, wire
+from mongoproxy import __version__, dstaddr, faults, tlslisten, wire
 from mongoproxy._bson_parser import RENDER_OFF, RENDER_REDACTED, RENDER_VALUES
 from mongoproxy.config import Config, ProxySpec
 from mongoproxy.errors import StartupError
 from mongoproxy.events import Connection, DecodeErrorEvent, SinkBus, UpstreamConnectError, hostport
+from mongoproxy.faults import gate as fault_gate
 from mongoproxy.limits import DEFAULT_MAX_CONNECTIONS, ConnectionLimiter, RateLimitedLog
 from mongoproxy.tls import TlsManager
 from mongoproxy.tracker import Tracker
@@ -62,6 +63,7 @@ class ClientSide(asyncio.Protocol):
         # Bound methods of the pump, looked up once: the upstream's write (None until connected), the request feed.
         self._write_upstream: Callable[[bytes], Any] | None = None
         self._feed_requests: Any = None
+        self.fault_gate: Any = None  # mongoproxy.faults.gate.RequestGate while a fault rule could match
         self.passthrough = False  # a TLS stream this listener cannot open: forwarded, never framed
         self._last_from_client = False
 
@@ -165,7 +167,10 @@ class ClientSide(asyncio.Protocol):
         upstream = self.upstream
         if upstream is not None and upstream.transport is not None:
             if upstream.transport.can_write_eof():
-                upstream.transport.write_eof()
+                if self.fault_gate is not None:  # after any request a fault delay still holds
+                    self.fault_gate.valve.call(upstream.transport.write_eof)
+                else:
+                    upstream.transport.write_eof()
             else:  # a TLS upstream has no half-close: finish the pair
                 self.close()
         if self.upstream_eof:
@@ -246,6 +251,8 @@ class ClientSide(asyncio.Protocol):
         gate = getattr(self.spec, "gate", None)
         if gate is not None:  # an --upstream listener: hello replies are rewritten (topology.install_gate)
             gate(self)
+        if proxy.faults is not None and proxy.faults.active:
+            fault_gate.install(proxy.faults, self)  # swaps the write functions; nothing else on the data path
         early, self._early = self._early, []
         for chunk in early:
             self.data_received(chunk)
@@ -323,6 +330,8 @@ class ClientSide(asyncio.Protocol):
             return
         self.closed = True
         self.proxy.connections.discard(self)
+        if self.fault_gate is not None:
+            self.fault_gate.close()
         if self._connecting is not None and not self._connecting.done():
             self._connecting.cancel()
         if self.transport is not None:
@@ -376,7 +385,10 @@ class UpstreamSide(asyncio.Protocol):
         client = self.client
         client.upstream_eof = True
         if client.transport.can_write_eof():
-            client.transport.write_eof()
+            if client.fault_gate is not None:  # after any reply a fault delay or throttle still holds
+                client.fault_gate.replies.valve.call(client.transport.write_eof)
+            else:
+                client.transport.write_eof()
         else:  # a TLS client has no half-close: finish the pair
             client.close()
         if client.client_eof:
@@ -441,6 +453,7 @@ class Proxy:
         self.components: list = [self.tls]
         self.unresolved: set[ProxySpec] = set()  # static upstreams whose name did not resolve yet
         self._dns_task: asyncio.Task | None = None
+        self.faults: Any = None  # FaultEngine, set by serve() (or a test) when fault injection is configured
         # One scanner rendering per request serves the command log, tracing, the digest and the live view;
         # the digest is on by default, so shapes are rendered unless every consumer is off.
         self.query_rendering = RENDER_OFF
@@ -624,6 +637,8 @@ async def serve(config: Config, on_started: Callable[[Proxy], Any] | None = None
         wire.checksum_function()  # fail at start-up, not at the first message, when the library is missing
     proxy = Proxy(config, bus, registry)
     cluster = topology.create(proxy, registry)  # --upstream: a component before the admin endpoint collects routes
+    proxy.faults = faults.create(config, registry)
+    proxy.components.append(proxy.faults)
     admin_server = None
     try:
         if config.admin_port:
@@ -633,6 +648,7 @@ async def serve(config: Config, on_started: Callable[[Proxy], Any] | None = None
         if cluster is not None:
             await cluster.start()  # discovery and a listener per member
         limits.install(proxy, registry, loop)
+        proxy.faults.attach(proxy)
     except BaseException:
         if admin_server is not None:
             await admin_server.aclose()
@@ -675,6 +691,7 @@ async def serve(config: Config, on_started: Callable[[Proxy], Any] | None = None
         signals.remove(loop, handled)
         if admin_server is not None:
             await admin_server.aclose(timeout=0.5)
+        proxy.faults.close()
         shutdown.close_sinks(bus.sinks)
     return 0
 

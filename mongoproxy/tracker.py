@@ -115,6 +115,12 @@ class Tracker:
             del pending[next(iter(pending))]
             self.bus.requests_dropped(self.conn, 1)
 
+    def unanswered(self, request_id: int) -> None:
+        """Emit, without a reply, the event of a request that will never get one (the proxy swallowed it)."""
+        p = self.pending.pop(request_id, None)
+        if p is not None:
+            self.bus.command(self._event(p))
+
     def on_reply(self, msg: Message) -> None:
         """A complete server-to-client message."""
         p = self.pending.pop(msg.response_to, None)

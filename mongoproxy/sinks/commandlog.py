@@ -372,6 +372,7 @@ class CommandLogSink:
             "decode_error": event.decode_error or None,
             "query": query,
             "shape": shape,
+            "fault": event.fault or None,
         }
 
     def text(self, event: Any) -> str:
@@ -399,6 +400,8 @@ class CommandLogSink:
         comment = getattr(event.request, "comment", None) if event.request is not None else None
         if comment:
             parts.append("comment=" + json.dumps(comment, ensure_ascii=False))
+        if event.fault:
+            parts.append("fault=" + _word(event.fault))
         query, shape = self._query(event)
         if query is not None:
             parts.append(f"shape={shape} query={query}")

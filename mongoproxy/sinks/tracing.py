@@ -600,6 +600,8 @@ class TracingSink:
         if cursor_id:
             attrs["db.mongodb.cursor_id"] = cursor_id
         attrs["mongoproxy.request.size"] = event.request_size
+        if event.fault:
+            attrs["mongoproxy.fault"] = event.fault  # a drill rule acted on this command (mongoproxy.faults)
         if event.reply_size:
             attrs["mongoproxy.response.size"] = event.reply_size
         status = self._UNSET

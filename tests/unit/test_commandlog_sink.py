@@ -566,3 +566,13 @@ def test_log_file_is_0600_and_reload_reopens_it(tmp_path):
     assert os.stat(path).st_mode & 0o777 == 0o600
     assert "shop.users find" in path.read_text()
     assert (tmp_path / "c.log.1").read_text().count("shop.users find") == 1
+
+
+def test_a_faulted_command_names_its_rule_in_text_and_json():
+    event = command(op="insert", ok=False, code=91, code_name="ShutdownInProgress")
+    event.fault = "failover"
+    (line,) = run([event])
+    assert line.endswith("91 ShutdownInProgress fault=failover")
+    (record,) = [validate(x) for x in run([event], fmt="json")]
+    assert record["fault"] == "failover"
+    assert validate(run([command()], fmt="json")[0])["fault"] is None

@@ -993,3 +993,14 @@ def test_shipped_otlp_exporter_uses_the_fast_encoder():
         assert exporter.fast_path, "this SDK version's exporter layout changed: spans fall back to the SDK encoder"
     finally:
         exporter.shutdown()
+
+
+def test_a_faulted_command_is_marked_on_its_span(make):
+    sink, exp = make()
+    event = command("find", comment=TP, ok=False, code=91, code_name="ShutdownInProgress")
+    event.fault = "failover"
+    sink.on_command(event)
+    sink.on_command(command("find", comment=TP))
+    faulted, plain = spans_of(sink, exp)
+    assert faulted.attributes["mongoproxy.fault"] == "failover"
+    assert "mongoproxy.fault" not in plain.attributes
