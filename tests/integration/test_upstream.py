@@ -265,6 +265,29 @@ def test_failover_the_driver_follows_and_writes_succeed(rs, tmp_path):
     assert all(r["replicaset"] == "rs0" for r in records if r["op"] == "insert")
 
 
+def test_fault_rules_and_hello_rewriting_compose(rs, tmp_path):
+    rules = tmp_path / "drill.toml"
+    rules.write_text(
+        '[[rule]]\nname = "stepdown"\nop = "insert"\naction = "error"\ncode = 91\n'
+        'labels = ["RetryableWriteError"]\nmax_count = 1\n'
+    )
+    base = port_base()
+    args = ["--upstream", rs.seed_uri, "--listen-port-base", str(base), "--allow-faults", "--faults", str(rules)]
+    with run_proxy_process(args) as proxy:
+        client = pymongo.MongoClient(f"mongodb://127.0.0.1:{base}/?replicaSet=rs0", serverSelectionTimeoutMS=10000)
+        try:
+            client.app.f.insert_one({"k": 1})  # the first attempt gets the injected error, the retry goes through
+            assert client.app.f.find_one({"k": 1})["k"] == 1
+            wait_for(lambda: len(client.nodes) == 3, what="three members")
+            assert client.nodes == {("127.0.0.1", base + i) for i in range(3)}
+        finally:
+            client.close()
+        assert proxy.metric("mongoproxy_faults_injected_total", rule="stepdown", action="error") == 1.0
+        assert rs.writes == [(0, "insert")]
+        assert labelled(proxy, "mongoproxy_rewritten_replies_total") > 0
+        assert sum(labelled(proxy, "mongoproxy_decode_errors_total", direction=d) for d in ("request", "reply")) == 0
+
+
 def test_a_member_added_gets_a_listener(rs):
     base = port_base()
     args = ["--upstream", rs.seed_uri, "--listen-port-base", str(base), "--topology-interval", "0.3"]
