@@ -122,9 +122,6 @@ def test_a_512mb_recording_replays_dry_in_bounded_memory(secantus, tmp_path):
     check_streaming(secantus, tmp_path, 512 * 2**20, "ci-512mb")
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(
-    not os.environ.get("MONGOPROXY_SLOW_TESTS"), reason="the 2 GB recording runs only with MONGOPROXY_SLOW_TESTS=1"
-)
+@pytest.mark.slow  # deselected unless MONGOPROXY_SLOW_TESTS=1 (tests/conftest.py)
 def test_a_2gb_recording_replays_dry_in_bounded_memory(secantus, tmp_path):
     check_streaming(secantus, tmp_path, 2 * 2**30, "full-2gb")
