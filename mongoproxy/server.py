@@ -486,6 +486,7 @@ async def serve(config: Config, on_started: Callable[[Proxy], Any] | None = None
     from prometheus_client import CollectorRegistry, disable_created_metrics
 
     from mongoproxy import admin
+    from mongoproxy.runtime_gauges import RuntimeGauges
     from mongoproxy.sinks import SinkContext, build_sinks
 
     loop = asyncio.get_running_loop()
@@ -502,6 +503,7 @@ async def serve(config: Config, on_started: Callable[[Proxy], Any] | None = None
     if config.verify_checksums:
         wire.checksum_function()  # fail at start-up, not at the first message, when the library is missing
     proxy = Proxy(config, bus)
+    registry.register(RuntimeGauges(proxy, loop))
     admin_server = None
     try:
         if config.admin_port:
