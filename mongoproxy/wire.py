@@ -445,7 +445,12 @@ class FrameScanner:
             return
         self._inflated += len(out)
         if self._inflated > self._inflated_limit:
-            raise DecodeError("bad_uncompressed_size", f"more than uncompressedSize {self._inflated_limit} bytes")
+            # Too much output: _finish reports bad_uncompressed_size unless the decompressor fails later in the
+            # body, so the reason does not depend on where the chunks were cut (zlib drops a failing call's
+            # output). Inflating on, unscanned, is bounded by the message limit.
+            if self._inflated > self.max_message_bytes:
+                raise DecodeError("bad_uncompressed_size", f"more than uncompressedSize {self._inflated_limit} bytes")
+            return
         if self._scan_error is None:
             try:
                 self.scanner.feed(out, 0, len(out))
