@@ -250,7 +250,8 @@ class Run:
         start = time.monotonic()
         log(f"{name} ...")
         what = action() if action else "steady load"
-        recovered = self.settle(start, start + slot)
+        # Recovery counts from the end of the fault (the upstream listening again, the sockets closed).
+        recovered = self.settle(time.monotonic(), start + slot)
         after = sample(self.proxy, self.t0)
         row = {
             "phase": name,
