@@ -183,7 +183,9 @@ cdef class BodyScanner:
     cdef int _begin_step(self, int64_t pos) except -1
     cdef int _layout_fixed(self, const unsigned char* v, int64_t pos) except -1
     cdef int _layout_cstring(self, int field) except -1
-    cdef int _begin_doc(self, int64_t pos, int64_t limit, const SpecNode* node, int flags, int after, int short_reason) except -1
+    cdef int _begin_doc(
+        self, int64_t pos, int64_t limit, const SpecNode* node, int flags, int after, int short_reason
+    ) except -1
     cdef int _root_len(self, int64_t length, int64_t pos) except -1
     cdef int _push(self, int64_t end, const SpecNode* node, int count_field, int flags) except -1
     cdef int _pop(self) except -1

@@ -99,7 +99,7 @@ class AdminProtocol(asyncio.Protocol):
         self.transport.close()
 
 
-async def start(hosts: Any, port: int, registry: Any, proxy: Any) -> asyncio.AbstractServer:
+async def start(hosts: Any, port: int, registry: Any, proxy: Any) -> asyncio.Server:
     """Serve the admin endpoint on one host or several; StartupError names the fix when the port is taken."""
     loop = asyncio.get_running_loop()
     hosts = [hosts] if isinstance(hosts, str) else list(hosts)

@@ -219,6 +219,16 @@ class CollectingSink:
 class SinkBus:
     """Fans events out to sinks; a sink that raises is logged once, counted, and never reaches the caller."""
 
+    # Set in __init__, one per name in HOOKS: the bound hook methods of the sinks that define it.
+    _on_connection_open: list[Any]
+    _on_connection_close: list[Any]
+    _on_command: list[Any]
+    _on_decode_error: list[Any]
+    _on_upstream_error: list[Any]
+    _on_unmatched_reply: list[Any]
+    _on_requests_dropped: list[Any]
+    _on_data: list[Any]
+
     def __init__(self, sinks: list, logger: Any = None) -> None:
         import logging
 

@@ -20,7 +20,7 @@ import shlex
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
-from typing import Any, TextIO
+from typing import Any, TextIO, TypeGuard
 
 from mongoproxy import __version__
 from mongoproxy.errors import ConfigError
@@ -261,7 +261,7 @@ def _map_type():
     return CommentedMap
 
 
-def _is_map(x: Any) -> bool:
+def _is_map(x: Any) -> TypeGuard[dict]:
     return isinstance(x, dict)
 
 

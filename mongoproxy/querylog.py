@@ -87,7 +87,7 @@ def _shape(value: Any, top: bool = False) -> Any:
     if _is_scalar(value):
         return REDACTED
     if isinstance(value, dict):
-        items = value.items()
+        items: Any = value.items()
         if top:  # the command name's value is a collection name (or 1) and stays
             items = list(items)
             first = items[:1]
@@ -144,11 +144,11 @@ def prepare(rendered: str, op: str, show_values: bool) -> tuple[str, str]:
         return shown, shape_hash(redacted)
     display = {k: v for i, (k, v) in enumerate(body.items()) if i == 0 or k not in ENVELOPE_FIELDS}
     if show_values and op.lower() not in SECRET_COMMANDS:
-        shown = _scrub(display)
+        shown_doc = _scrub(display)
     else:
         first = next(iter(display), None)
-        shown = {k: (v if k == first and isinstance(v, str) else _redact_all(v)) for k, v in display.items()}
-    return _dumps(shown), shape_hash(_dumps(_shape(body, top=True)))
+        shown_doc = {k: (v if k == first and isinstance(v, str) else _redact_all(v)) for k, v in display.items()}
+    return _dumps(shown_doc), shape_hash(_dumps(_shape(body, top=True)))
 
 
 def redact_errmsg(errmsg: str) -> str:

@@ -24,6 +24,7 @@ import hashlib
 import os
 import struct
 import zlib
+from typing import cast
 
 from mongoproxy.errors import DecodeError
 
@@ -210,8 +211,8 @@ class Rewriter:
             if mode == BLANK:
                 buf[pos:stop] = bytes(8) + (0x3040 << 48).to_bytes(8, "little")
             elif mode == PSEUDO:
-                h = int.from_bytes(self._stream(b"\x13", bytes(buf[pos:stop]), 8), "little") & ((1 << 53) - 1)
-                buf[pos:stop] = h.to_bytes(8, "little") + (0x3040 << 48).to_bytes(8, "little")
+                coeff = int.from_bytes(self._stream(b"\x13", bytes(buf[pos:stop]), 8), "little") & ((1 << 53) - 1)
+                buf[pos:stop] = coeff.to_bytes(8, "little") + (0x3040 << 48).to_bytes(8, "little")
             return stop
         raise DecodeError("unknown_type", f"type 0x{t:02x}")
 
@@ -345,7 +346,7 @@ _MEASURE = Rewriter()
 
 def value_end(doc: bytes, t: int, pos: int, end: int) -> int:
     """Where the BSON value of type t at pos ends (DecodeError when it runs past `end`); nothing is changed."""
-    return _MEASURE._value(doc, t, pos, end, KEEP)
+    return _MEASURE._value(cast(bytearray, doc), t, pos, end, KEEP)  # KEEP only reads
 
 
 def first_key(msg: bytes) -> tuple[str, bool] | None:
@@ -383,7 +384,7 @@ def first_key(msg: bytes) -> tuple[str, bool] | None:
     return key, True
 
 
-def decompress(compressor_id: int, data: bytes, size: int) -> bytes:
+def decompress(compressor_id: int, data: bytes | memoryview, size: int) -> bytes:
     """The original body of an OP_COMPRESSED message; DecodeError when it cannot be had."""
     try:
         if compressor_id == 0:

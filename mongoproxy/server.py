@@ -354,7 +354,7 @@ class Proxy:
         self.config = config
         self.bus = bus
         self.connections: set[ClientSide] = set()
-        self.servers: list[tuple[ProxySpec, asyncio.AbstractServer]] = []
+        self.servers: list[tuple[ProxySpec, asyncio.Server]] = []
         self.draining = False
         self.ready = False
         self._next_id = 0

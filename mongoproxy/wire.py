@@ -148,7 +148,7 @@ class _Inflater:
         self._emit = emit
         self._pending: bytearray | None = None
         if compressor_id == 2:
-            self._obj = zlib.decompressobj()
+            self._obj: Any = zlib.decompressobj()
         elif compressor_id == 3:
             try:
                 import zstandard
@@ -158,7 +158,9 @@ class _Inflater:
                     "zstd needs the zstandard package (a mongoproxy dependency): `pip install zstandard`",
                 ) from None
             self._obj = zstandard.ZstdDecompressor().stream_writer(
-                _Emitter(emit), write_size=_INFLATE_SLICE, closefd=False
+                _Emitter(emit),  # type: ignore[arg-type]  # stream_writer only calls write()
+                write_size=_INFLATE_SLICE,
+                closefd=False,
             )
         elif compressor_id == 1:
             try:

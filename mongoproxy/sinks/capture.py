@@ -681,7 +681,7 @@ class CaptureSink:
             got = host
         except ValueError:
             try:
-                got = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)[0][4][0]
+                got = str(socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)[0][4][0])
             except (OSError, IndexError):
                 got = "0.0.0.0"
         self._resolved[host] = got

@@ -262,7 +262,7 @@ class CommandLogSink:
         while True:
             stopping = stop.wait(WRITER_POLL_SECONDS)
             while q:
-                lines = []
+                lines: list[str] = []
                 while q and len(lines) < 1024:
                     event = q.popleft()
                     try:

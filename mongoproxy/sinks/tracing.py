@@ -285,7 +285,7 @@ class _Export:
         batch = min(max_export_batch_size or 512, max_queue_size)
         try:
             self.processor = BatchSpanProcessor(
-                self,
+                self,  # type: ignore[arg-type]  # duck-typed: export(), shutdown() and force_flush() are all it calls
                 max_queue_size=max_queue_size,
                 schedule_delay_millis=schedule_delay_millis or 5000,
                 max_export_batch_size=batch,
@@ -1040,7 +1040,7 @@ def create(config: Any, ctx: Any) -> TracingSink | None:
     if service:
         attributes["service.name"] = service
     resource = Resource.create(attributes)
-    if not service and resource.attributes.get("service.name", "").startswith("unknown_service"):
+    if not service and str(resource.attributes.get("service.name", "")).startswith("unknown_service"):
         resource = resource.merge(Resource({"service.name": "mongoproxy"}))
     trace_query = bool(config.trace_query)
     if trace_query and config.get("no_redact"):

@@ -8,7 +8,7 @@ import signal
 import subprocess
 import threading
 
-from mongoproxy.replay import load
+from mongoproxy.replay.extract import load
 from tests.integration.test_capture_replay import run_workload, snapshot
 from tests.support.proxy import run_proxy_cli, run_proxy_process
 from tests.support.secantus import SecantusServer

@@ -17,7 +17,8 @@ from mongoproxy import config as config_mod
 from mongoproxy import redact
 from mongoproxy.errors import ConfigError
 from mongoproxy.events import Connection, UpstreamConnectError, wall_ns
-from mongoproxy.replay import Reassembler, iter_packets, load
+from mongoproxy.replay.extract import load
+from mongoproxy.replay.reader import Reassembler, iter_packets
 from mongoproxy.sinks import SinkContext
 from mongoproxy.sinks import capture as capture_mod
 from mongoproxy.sinks.capture import CaptureSink
@@ -447,7 +448,7 @@ def test_unreachable_upstream_is_a_syn_answered_by_a_reset(tmp_path):
     sink.on_connection_close(c)
     sink.close()
     [path] = finished_files(tmp_path)
-    from mongoproxy.replay import decode_tcp
+    from mongoproxy.replay.reader import decode_tcp
 
     flags = [decode_tcp(p.linktype, p.data)[6] for p in iter_packets(path, [])]
     assert flags == [0x02, 0x14]

@@ -12,7 +12,7 @@ import pytest
 
 from mongoproxy import pcapng
 from mongoproxy.pcapng import MAX_PACKET, PcapngWriter, TcpFlow, checksum_sum
-from mongoproxy.replay import decode_tcp, iter_packets
+from mongoproxy.replay.reader import decode_tcp, iter_packets
 
 
 def reference_checksum(data: bytes) -> int:

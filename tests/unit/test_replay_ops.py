@@ -12,7 +12,10 @@ from bson import Int64, Timestamp
 
 from mongoproxy import cli
 from mongoproxy.errors import ReplayError
-from mongoproxy.replay import SKIP_FILTERED, Filters, Outcome, apply_filters, build_report, load, percentile
+from mongoproxy.replay.extract import load
+from mongoproxy.replay.filters import Filters, apply_filters
+from mongoproxy.replay.model import SKIP_FILTERED, Outcome
+from mongoproxy.replay.report import build_report, percentile
 from tests.unit.test_replay_reader import Capture, op_msg, reply, write_pcap_exact
 
 LSID = {"id": bson.Binary(b"\x01" * 16, 4)}

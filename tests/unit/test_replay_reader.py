@@ -11,7 +11,8 @@ import dpkt
 import pytest
 
 from mongoproxy.errors import ReplayError
-from mongoproxy.replay import iter_packets, load
+from mongoproxy.replay.extract import load
+from mongoproxy.replay.reader import iter_packets
 
 T0 = 1_700_000_000 * 10**9
 
