@@ -12,6 +12,6 @@ HARNESSES = {
 INSTRUMENT = {
     "scanner": ("mongoproxy.wire",),
     "tracker": ("mongoproxy.tracker",),
-    "replay": ("mongoproxy.replay",),
+    "replay": ("mongoproxy.replay.reader", "mongoproxy.replay.extract"),
     "hello": (),
 }

@@ -1,7 +1,8 @@
 """Every import of the code under fuzzing, in one place: re-point here when modules move.
 
-The framer is moving to mongoproxy/protocol/ and replay is becoming a package (mongoproxy/replay/); the
-harnesses only use the names below.
+The framer is moving to mongoproxy/protocol/ (issue 17); replay is the package mongoproxy/replay/, whose `load`
+reads capture files. The harnesses only use the names below; tests/fuzz/registry.py names the modules to
+instrument.
 """
 
 from __future__ import annotations
