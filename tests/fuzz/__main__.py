@@ -5,7 +5,8 @@
 Each harness runs in its own process for --minutes N (per harness), or until --runs executions, whichever
 comes first. Its working corpus (DIR/NAME, default .fuzz/corpus/NAME, kept between runs) is seeded with
 tests/fuzz/seeds.py; a crash or invariant violation is written to --artifacts (default .fuzz/artifacts)
-as crash-*, to be turned into a regression test in tests/unit. Exit status 1 when any harness crashed.
+as crash-*, to be turned into a regression test in tests/unit, and libFuzzer's progress to ARTIFACTS/NAME.log.
+Exit status 1 when any harness crashed.
 """
 
 from __future__ import annotations
@@ -84,19 +85,22 @@ def run_one(name: str, seconds: float, runs: int, corpus_root: Path, artifacts_r
         cmd.append(f"-runs={runs}")
     cmd.append(str(corpus))
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    log_path = artifacts_root / f"{name}.log"  # libFuzzer's progress lines (#N pulse/NEW ... exec/s), as they come
     t0 = time.monotonic()
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    with open(log_path, "w") as log:
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     out = Outcome(name, seconds=time.monotonic() - t0)
-    m = re.findall(r"stat::number_of_executed_units:\s*(\d+)", proc.stdout)
+    text = log_path.read_text(errors="replace")
+    m = re.findall(r"stat::number_of_executed_units:\s*(\d+)", text)
     if m:
         out.runs = int(m[-1])
     else:
-        done = re.findall(r"Done (\d+) runs", proc.stdout)
+        done = re.findall(r"Done (\d+) runs", text)
         out.runs = int(done[-1]) if done else 0
     out.crashes = sorted(str(p) for p in set(artifacts.iterdir()) - before)
     if out.crashes or proc.returncode != 0:
         out.status = f"CRASH (exit {proc.returncode})"
-        out.log_tail = proc.stdout[-4000:]
+        out.log_tail = text[-4000:]
     return out
 
 
