@@ -28,6 +28,11 @@ _HEADER = struct.Struct("<iiii")
 _I32 = struct.Struct("<i")
 
 
+def _comparable(value: object) -> object:
+    """NaN (a reply's `ok` may be one) as a token, since NaN != NaN would make equal outcomes differ."""
+    return "NaN" if isinstance(value, float) and math.isnan(value) else value
+
+
 def chunks(stream: bytes, size: int, seed: int) -> list[bytes]:
     """The stream cut into chunks: `size` bytes each, or random sizes (1..64, sometimes larger) from `seed`."""
     if size:
@@ -57,7 +62,7 @@ def observe(stream_chunks: list[bytes], is_reply: bool, render: int, verify: boo
                 m.wire_op_code,
                 m.compressor,
                 m.error,
-                None if r is None else tuple(sorted(r.as_dict().items(), key=lambda kv: kv[0])),
+                None if r is None else tuple(sorted((k, _comparable(v)) for k, v in r.as_dict().items())),
             )
         )
 
