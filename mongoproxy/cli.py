@@ -18,7 +18,12 @@ from mongoproxy import __version__
 from mongoproxy.errors import MongoProxyError
 
 # Modules offering add_parser(subparsers) for further sub-commands.
-COMMAND_MODULES: tuple[str, ...] = ("mongoproxy.iptables", "mongoproxy.inject", "mongoproxy.replay")
+COMMAND_MODULES: tuple[str, ...] = (
+    "mongoproxy.iptables",
+    "mongoproxy.inject",
+    "mongoproxy.replay",
+    "mongoproxy.webhook",
+)
 
 PROG = "mongoproxy"
 

@@ -23,10 +23,13 @@ ENV_PREFIX = "MONGOPROXY_"
 
 # Modules that contribute an OPTIONS list, in the order their flags appear in --help.
 OPTION_MODULES = (
+    "mongoproxy.limits",
+    "mongoproxy.admin",
     "mongoproxy.sinks.metrics",
     "mongoproxy.sinks.commandlog",
     "mongoproxy.sinks.tracing",
     "mongoproxy.sinks.capture",
+    "mongoproxy.tls",
 )
 
 
@@ -226,7 +229,7 @@ CORE_OPTIONS: list[Option] = [
     Option(
         "connect_timeout",
         ("--connect-timeout",),
-        "seconds to wait for the upstream TCP connect",
+        "seconds to wait for the upstream TCP connect; 0 waits as long as the kernel does (no timeout)",
         non_negative_float("--connect-timeout"),
         10.0,
         metavar="SECONDS",

@@ -42,6 +42,11 @@ class Connection:
     compression: str = ""  # the compressor the server accepted first, "" when none
     replica_set: str = ""
     max_wire_version: int | None = None
+    # TLS (mongoproxy.tls): whether each side is encrypted, the client's SNI and verified certificate subject.
+    client_tls: bool = False
+    upstream_tls: bool = False
+    tls_server_name: str = ""
+    client_cert_subject: str = ""
     # Byte counters, bumped by the data path.
     bytes_from_client: int = 0
     bytes_from_server: int = 0
@@ -132,7 +137,7 @@ class DecodeErrorEvent:
 
 
 # Every UpstreamConnectError.reason (metric label values).
-UPSTREAM_ERROR_REASONS = ("refused", "timeout", "unreachable", "dns", "loop", "no_original_dst", "error")
+UPSTREAM_ERROR_REASONS = ("refused", "timeout", "unreachable", "dns", "loop", "no_original_dst", "tls", "error")
 
 
 @dataclass(slots=True, eq=False)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import re
 import shlex
 import sys
 from collections.abc import Iterable
@@ -25,6 +26,7 @@ from typing import Any, TextIO, TypeGuard
 from mongoproxy import __version__
 from mongoproxy.errors import ConfigError
 from mongoproxy.iptables import parse_port_list, parse_uid, port_in
+from mongoproxy.shutdown import SHUTDOWN_MARGIN_SECONDS, grace_seconds
 
 ANNOTATION_PREFIX = "mongoproxy.io/"
 ANN_INJECT = "mongoproxy.io/inject"
@@ -34,6 +36,13 @@ ANN_PROXY_PORT = "mongoproxy.io/proxy-port"
 ANN_ADMIN_PORT = "mongoproxy.io/admin-port"
 ANN_DRAIN_SECONDS = "mongoproxy.io/drain-seconds"
 ANN_PROXY_ARGS = "mongoproxy.io/proxy-args"
+ANN_IMAGE = "mongoproxy.io/image"
+ANN_CPU_REQUEST = "mongoproxy.io/cpu-request"
+ANN_MEMORY_REQUEST = "mongoproxy.io/memory-request"
+ANN_CPU_LIMIT = "mongoproxy.io/cpu-limit"
+ANN_MEMORY_LIMIT = "mongoproxy.io/memory-limit"
+ANN_METRIC_LABELS = "mongoproxy.io/metric-labels"
+ANN_LOG_COMMANDS = "mongoproxy.io/log-commands"
 ANN_DEFAULT_CONTAINER = "kubectl.kubernetes.io/default-container"
 LABEL_SIDECAR = "mongoproxy.io/sidecar"  # on every injected pod: what PodMonitors select
 PROMETHEUS_ANNOTATIONS = ("prometheus.io/scrape", "prometheus.io/port", "prometheus.io/path")
@@ -41,6 +50,8 @@ PROMETHEUS_ANNOTATIONS = ("prometheus.io/scrape", "prometheus.io/port", "prometh
 SIDECAR_NAME = "mongoproxy"
 INIT_NAME = "mongoproxy-init"
 XTABLES_VOLUME = "mongoproxy-xtables"
+TLS_VOLUME = "mongoproxy-tls"
+TLS_DIR = "/etc/mongoproxy/tls"  # the --tls-secret Secret: tls.crt, tls.key, optionally ca.crt
 ADMIN_PORT_NAME = "http-mongoproxy"
 DEFAULT_IMAGE = f"mongoproxy:{__version__}"
 DEFAULT_GRACE_SECONDS = 30  # Kubernetes' default terminationGracePeriodSeconds
@@ -85,6 +96,22 @@ class InjectOptions:
     iptables_backend: str = "auto"
     proxy_args: tuple[str, ...] = ()
     drain_seconds: int | None = None  # None: derived from terminationGracePeriodSeconds
+    cpu_request: str = "50m"
+    memory_request: str = "64Mi"
+    cpu_limit: str = "1"
+    memory_limit: str = "256Mi"
+    metric_labels: str | None = None  # None: the proxy's default label set
+    log_commands: bool = False
+    tls_secret: str | None = None  # a kubernetes.io/tls Secret mounted at TLS_DIR for the listener
+    tls_upstream_ca: bool = False  # the Secret's ca.crt verifies the servers (--upstream-tls)
+
+
+class AnnotationError(ConfigError):
+    """A pod's mongoproxy.io/* annotation has a value that cannot be used; `annotation` names it."""
+
+    def __init__(self, annotation: str, message: str) -> None:
+        super().__init__(message)
+        self.annotation = annotation
 
 
 @dataclass
@@ -103,6 +130,48 @@ def _port(value: Any, where: str) -> int:
     if not text.isdigit() or not 1 <= int(text) <= 65535:
         raise ConfigError(f"{where} {value!r} is not a port: use an integer from 1 to 65535")
     return int(text)
+
+
+_QUANTITY = re.compile(r"(\d+(\.\d+)?|\.\d+)(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?")
+
+
+def parse_quantity(value: Any, where: str) -> str:
+    """A Kubernetes resource quantity such as 50m, 1, 0.5 or 256Mi."""
+    text = str(value).strip()
+    if not _QUANTITY.fullmatch(text):
+        raise ConfigError(f"{where} {value!r} is not a Kubernetes quantity: use e.g. 100m, 0.5, 128Mi or 1Gi")
+    return text
+
+
+def parse_image(value: Any, where: str = "--image") -> str:
+    """An image reference without spaces."""
+    image = str(value).strip()
+    if not image or any(ch.isspace() for ch in image):
+        raise ConfigError(f"{where} {value!r} is not an image reference: give e.g. registry/mongoproxy:0.1.0")
+    return image
+
+
+def parse_switch(value: Any, where: str) -> bool:
+    """true/false (also yes/no, on/off, 1/0)."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "yes", "on", "1"):
+        return True
+    if text in ("false", "no", "off", "0"):
+        return False
+    raise ConfigError(f'{where} {value!r} is not valid: use "true" or "false"')
+
+
+def parse_labels(value: Any, where: str) -> str:
+    """Metric labels for the proxy's --metric-labels, checked by the metrics sink's own parser."""
+    from mongoproxy.sinks.metrics import parse_metric_labels
+
+    try:
+        return ",".join(parse_metric_labels(value))
+    except ConfigError as exc:
+        reason = str(exc).removeprefix("--metric-labels: ").removeprefix("--metric-labels ")
+        raise ConfigError(f"{where} {value!r}: {reason}") from None
 
 
 def check_proxy_args(args: Iterable[str], where: str = "--proxy-args") -> tuple[str, ...]:
@@ -177,8 +246,22 @@ def sidecar_args(opts: InjectOptions, drain: int) -> list[str]:
         str(opts.admin_port),
         "--drain-seconds",
         str(drain),
+        *tls_args(opts),
         *opts.proxy_args,
+        # After proxy_args: a pod's annotation beats the injector's defaults (the last flag wins).
+        *(["--metric-labels", opts.metric_labels] if opts.metric_labels else []),
+        *(["--log-commands"] if opts.log_commands else []),
     ]
+
+
+def tls_args(opts: InjectOptions) -> list[str]:
+    """With --tls-secret: the listener's certificate from the mounted Secret, TLS and plaintext both accepted."""
+    if not opts.tls_secret:
+        return []
+    args = ["--tls-cert", f"{TLS_DIR}/tls.crt", "--tls-key", f"{TLS_DIR}/tls.key", "--tls-listen", "allow"]
+    if opts.tls_upstream_ca:
+        args += ["--upstream-tls", "--upstream-tls-ca", f"{TLS_DIR}/ca.crt"]
+    return args
 
 
 def init_args(opts: InjectOptions) -> list[str]:
@@ -211,7 +294,12 @@ def sidecar_container(opts: InjectOptions, grace: int = DEFAULT_GRACE_SECONDS) -
     c["readinessProbe"] = _http_probe("/readyz", opts.admin_port, period=5, failures=2)
     if prestop:
         c["lifecycle"] = {"preStop": {"exec": {"command": _flow(["sleep", str(prestop)])}}}
-    c["resources"] = {"requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {"cpu": "1", "memory": "256Mi"}}
+    c["resources"] = {
+        "requests": {"cpu": opts.cpu_request, "memory": opts.memory_request},
+        "limits": {"cpu": opts.cpu_limit, "memory": opts.memory_limit},
+    }
+    if opts.tls_secret:  # the kubelet updates the files in place when the Secret is renewed: the proxy reloads
+        c["volumeMounts"] = [{"name": TLS_VOLUME, "mountPath": TLS_DIR, "readOnly": True}]
     c["securityContext"] = {
         "runAsUser": opts.proxy_uid,
         "runAsGroup": opts.proxy_uid,
@@ -291,28 +379,58 @@ def _opt_out(value: Any, where: str) -> bool:
         return True
     if text in ("true", "enabled", "yes", "on", ""):
         return False
-    raise ConfigError(f'{where}: {ANN_INJECT}: {value!r} is not valid: use "true" or "false"')
+    raise AnnotationError(ANN_INJECT, f'{where}: {ANN_INJECT}: {value!r} is not valid: use "true" or "false"')
+
+
+def opted_out(annotations: dict, where: str) -> bool:
+    """True when `annotations` hold mongoproxy.io/inject: "false"; AnnotationError for a value that is neither."""
+    return ANN_INJECT in annotations and _opt_out(annotations[ANN_INJECT], where)
+
+
+def _drain(value: Any, where: str) -> int:
+    text = str(value).strip()
+    if not text.isdigit():
+        raise ConfigError(f'{where} {text!r} is not a whole number of seconds, e.g. "10"')
+    return int(text)
+
+
+def _extra_args(opts: InjectOptions, value: Any, where: str) -> tuple[str, ...]:
+    return opts.proxy_args + check_proxy_args(split_proxy_args(str(value), where), where)
+
+
+# Per-pod overrides: annotation -> (InjectOptions field, parse(value, where), or parse(opts, value, where)).
+# Each annotation is named like the `inject` flag it overrides. A new setting is one row here.
+ANNOTATION_OVERRIDES: dict[str, tuple[str, Any]] = {
+    ANN_IMAGE: ("image", parse_image),
+    ANN_MONGO_PORTS: ("mongo_ports", parse_port_list),
+    ANN_PROXY_PORT: ("proxy_port", lambda v, w: _port(v, w)),
+    ANN_ADMIN_PORT: ("admin_port", lambda v, w: _port(v, w)),
+    ANN_DRAIN_SECONDS: ("drain_seconds", _drain),
+    ANN_CPU_REQUEST: ("cpu_request", parse_quantity),
+    ANN_MEMORY_REQUEST: ("memory_request", parse_quantity),
+    ANN_CPU_LIMIT: ("cpu_limit", parse_quantity),
+    ANN_MEMORY_LIMIT: ("memory_limit", parse_quantity),
+    ANN_METRIC_LABELS: ("metric_labels", parse_labels),
+    ANN_LOG_COMMANDS: ("log_commands", parse_switch),
+    ANN_PROXY_ARGS: ("proxy_args", None),  # added to the flag's arguments, not replacing them
+}
 
 
 def _effective_options(opts: InjectOptions, annotations: dict, where: str) -> InjectOptions:
-    """Command-line options with this pod's mongoproxy.io/* overrides applied."""
+    """Command-line options with this pod's mongoproxy.io/* overrides applied; AnnotationError names a bad one."""
     changes: dict[str, Any] = {}
-    if ANN_MONGO_PORTS in annotations:
-        changes["mongo_ports"] = parse_port_list(annotations[ANN_MONGO_PORTS], f"{where}: {ANN_MONGO_PORTS}")
-    if ANN_PROXY_PORT in annotations:
-        changes["proxy_port"] = _port(annotations[ANN_PROXY_PORT], f"{where}: {ANN_PROXY_PORT}")
-    if ANN_ADMIN_PORT in annotations:
-        changes["admin_port"] = _port(annotations[ANN_ADMIN_PORT], f"{where}: {ANN_ADMIN_PORT}")
-    if ANN_DRAIN_SECONDS in annotations:
-        text = str(annotations[ANN_DRAIN_SECONDS]).strip()
-        if not text.isdigit():
-            raise ConfigError(f'{where}: {ANN_DRAIN_SECONDS} {text!r} is not a whole number of seconds, e.g. "10"')
-        changes["drain_seconds"] = int(text)
-    if ANN_PROXY_ARGS in annotations:
-        where_args = f"{where}: {ANN_PROXY_ARGS}"
-        changes["proxy_args"] = opts.proxy_args + check_proxy_args(
-            split_proxy_args(str(annotations[ANN_PROXY_ARGS]), where_args), where_args
-        )
+    for key, (attr, parse) in ANNOTATION_OVERRIDES.items():
+        if key not in annotations:
+            continue
+        try:
+            if parse is None:
+                changes[attr] = _extra_args(opts, annotations[key], f"{where}: {key}")
+            else:
+                changes[attr] = parse(annotations[key], f"{where}: {key}")
+        except AnnotationError:
+            raise
+        except ConfigError as exc:
+            raise AnnotationError(key, str(exc)) from None
     return replace(opts, **changes) if changes else opts
 
 
@@ -343,6 +461,7 @@ class _Status:
         self.volumes: list[str] = []
         self.annotations: list[str] = []
         self.labels: list[str] = []
+        self.grace: Any = None  # terminationGracePeriodSeconds before injection: a number, "unset", or None
         if raw is None:
             return
         try:
@@ -352,6 +471,7 @@ class _Status:
             self.volumes = [str(x) for x in data.get("volumes", [])]
             self.annotations = [str(x) for x in data.get("annotations", [])]
             self.labels = [str(x) for x in data.get("labels", [])]
+            self.grace = data.get("grace")
         except (ValueError, AttributeError, TypeError):
             raise ConfigError(
                 f"{where}: annotation {ANN_STATUS} is not what mongoproxy inject writes: remove it "
@@ -360,7 +480,12 @@ class _Status:
 
     @staticmethod
     def render(
-        init_containers: list[str], containers: list[str], volumes: list[str], annotations: list[str], labels: list[str]
+        init_containers: list[str],
+        containers: list[str],
+        volumes: list[str],
+        annotations: list[str],
+        labels: list[str],
+        grace: Any = None,
     ) -> str:
         data = {
             "version": __version__,
@@ -369,6 +494,7 @@ class _Status:
             "volumes": volumes,
             "annotations": annotations,
             "labels": labels,
+            "grace": grace,
         }
         return json.dumps({k: v for k, v in data.items() if v}, separators=(",", ":"))
 
@@ -404,7 +530,7 @@ def inject_pod(
         raise ConfigError(f"{where}: the pod template has no spec: fix the manifest")
     annotations = dict(workload_annotations or {})
     annotations.update(_annotations(meta))
-    if ANN_INJECT in annotations and _opt_out(annotations[ANN_INJECT], where):
+    if opted_out(annotations, where):
         report.notes.append(f'{where}: skipped ({ANN_INJECT}: "false")')
         return False
     if spec.get("hostNetwork") is True:
@@ -427,6 +553,10 @@ def inject_pod(
     if _is_map(meta) and _is_map(meta.get("labels")):
         for key in status.labels:
             meta["labels"].pop(key, None)
+    if status.grace == "unset":
+        spec.pop("terminationGracePeriodSeconds", None)
+    elif status.grace is not None:
+        spec["terminationGracePeriodSeconds"] = status.grace
 
     names = _container_names(spec)
     for ours in (SIDECAR_NAME, INIT_NAME):
@@ -435,8 +565,9 @@ def inject_pod(
                 f"{where}: it already has a container named {ours!r} that mongoproxy inject did not "
                 f'add: rename that container, or opt the workload out with {ANN_INJECT}: "false"'
             )
-    if any(_is_map(v) and v.get("name") == XTABLES_VOLUME for v in spec.get("volumes") or ()):
-        raise ConfigError(f"{where}: it already has a volume named {XTABLES_VOLUME!r}: rename that volume")
+    for volume in (XTABLES_VOLUME, TLS_VOLUME):
+        if any(_is_map(v) and v.get("name") == volume for v in spec.get("volumes") or ()):
+            raise ConfigError(f"{where}: it already has a volume named {volume!r}: rename that volume")
     for key in ("initContainers", "containers"):
         for c in spec.get(key) or ():
             for p in (c.get("ports") or ()) if _is_map(c) else ():
@@ -453,16 +584,29 @@ def inject_pod(
                         )
     _check_uids(spec, opts, where)
 
+    original_grace = spec.get("terminationGracePeriodSeconds", "unset")
     grace_raw = spec.get("terminationGracePeriodSeconds", DEFAULT_GRACE_SECONDS)
     try:
         grace = int(grace_raw)
     except (TypeError, ValueError):
         raise ConfigError(f"{where}: terminationGracePeriodSeconds {grace_raw!r} is not a number") from None
     drain, prestop = drain_timing(grace, opts.legacy_sidecar, opts.drain_seconds)
-    if opts.drain_seconds is not None and drain + prestop >= grace > 0:
+    # The pod's grace period must hold the preStop pause, the drain and the shutdown margin (closing the sinks).
+    needed = grace_seconds(drain, prestop)
+    if grace < needed:
         report.notes.append(
-            f"{where}: drain {drain}s does not fit terminationGracePeriodSeconds {grace}: the proxy "
-            "may be killed before replies in flight are delivered"
+            f"{where}: terminationGracePeriodSeconds raised from {grace} to {needed} so that the preStop pause "
+            f"({prestop}s), the drain ({drain}s) and the shutdown margin ({SHUTDOWN_MARGIN_SECONDS:g}s) fit"
+        )
+        grace = needed
+    if "terminationGracePeriodSeconds" in spec:
+        spec["terminationGracePeriodSeconds"] = grace
+    else:
+        _insert_key(
+            spec,
+            "terminationGracePeriodSeconds",
+            grace,
+            before="initContainers" if "initContainers" in spec else "containers",
         )
 
     cmap = _map_type()
@@ -495,6 +639,10 @@ def inject_pod(
         volumes = []
         spec["volumes"] = volumes
     volumes.append(xtables_volume())
+    added_volumes = [XTABLES_VOLUME]
+    if opts.tls_secret:
+        volumes.append({"name": TLS_VOLUME, "secret": {"secretName": opts.tls_secret}})
+        added_volumes.append(TLS_VOLUME)
 
     if not _is_map(meta):
         raise ConfigError(f"{where}: the pod template's metadata is not a mapping: fix the manifest")
@@ -526,7 +674,9 @@ def inject_pod(
     if LABEL_SIDECAR not in meta["labels"]:
         meta["labels"][LABEL_SIDECAR] = "true"
         added_labels.append(LABEL_SIDECAR)
-    ann[ANN_STATUS] = _Status.render(added_init, added_containers, [XTABLES_VOLUME], added_ann, added_labels)
+    ann[ANN_STATUS] = _Status.render(
+        added_init, added_containers, added_volumes, added_ann, added_labels, original_grace
+    )
     report.injected.append(where)
     return True
 
@@ -696,9 +846,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "with the mongoproxy sidecar added to every pod template (Deployment, StatefulSet, DaemonSet, "
         "ReplicaSet, Job, CronJob, Pod): an init container running 'mongoproxy init-iptables' and the "
         "proxy as a native sidecar (Kubernetes >= 1.29). Injecting twice gives the same output. Pods "
-        f'annotated {ANN_INJECT}: "false" are left alone; the annotations {ANN_MONGO_PORTS}, '
-        f"{ANN_PROXY_PORT}, {ANN_ADMIN_PORT}, {ANN_DRAIN_SECONDS} and {ANN_PROXY_ARGS} override the "
-        "flags per workload. Example: kubectl get deploy web -o yaml | mongoproxy inject - | kubectl apply -f -",
+        f'annotated {ANN_INJECT}: "false" are left alone; the annotations '
+        f"{', '.join(ANNOTATION_OVERRIDES)} override the flags per workload. Example: kubectl get deploy web -o yaml | mongoproxy inject - | kubectl apply -f -",
     )
     p.add_argument("files", nargs="*", metavar="FILE", help="YAML files to read; - (or none) reads stdin")
     p.add_argument(
@@ -755,32 +904,115 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="extra 'mongoproxy run' arguments as one shell-quoted string, e.g. "
         "--proxy-args='--log-commands --slow-ms 100' (repeatable)",
     )
+    for name, default, what in (
+        ("cpu-request", "50m", "CPU request of the proxy container"),
+        ("memory-request", "64Mi", "memory request of the proxy container"),
+        ("cpu-limit", "1", "CPU limit of the proxy container"),
+        ("memory-limit", "256Mi", "memory limit of the proxy container"),
+    ):
+        p.add_argument(f"--{name}", default=default, metavar="QUANTITY", help=f"{what} (default: {default})")
+    p.add_argument(
+        "--metric-labels",
+        default=None,
+        metavar="LABELS",
+        help="the proxy's --metric-labels, e.g. op,db,collection (default: the proxy's own default)",
+    )
+    p.add_argument("--log-commands", action="store_true", help="the proxy logs one line per command")
+    p.add_argument(
+        "--tls-secret",
+        metavar="NAME",
+        help="a kubernetes.io/tls Secret (tls.crt, tls.key, optionally ca.crt) mounted into the sidecar: the "
+        "listener opens the apps' TLS with it (--tls-listen allow); apps must trust its CA (see docs/tls.md)",
+    )
+    p.add_argument(
+        "--tls-upstream-ca",
+        action="store_true",
+        help="with --tls-secret: speak TLS to the servers and verify them with the Secret's ca.crt",
+    )
     p.set_defaults(func=handler)
     return p
 
 
+def _proxy_args(value: Any, where: str) -> tuple[str, ...]:
+    # One shell-quoted string, or a list of them (the repeatable flag; a TOML array).
+    texts = [value] if isinstance(value, str) else list(value or ())
+    extra: tuple[str, ...] = ()
+    for text in texts:
+        extra += split_proxy_args(str(text), where)
+    return check_proxy_args(extra, where)
+
+
+def _choice(choices: tuple[str, ...]):
+    def parse(value: Any, where: str) -> str:
+        if str(value) not in choices:
+            raise ConfigError(f"{where} {value!r} is not valid: use one of {', '.join(choices)}")
+        return str(value)
+
+    return parse
+
+
+# Injection settings by name (the flags of `inject` with underscores): parse(value, flag). The webhook's
+# --config file and ConfigMap use the same names, so `inject` and the webhook read defaults one way.
+SETTINGS: dict[str, Any] = {
+    "image": parse_image,
+    "image_pull_policy": _choice(("Always", "IfNotPresent", "Never")),
+    "mongo_ports": parse_port_list,
+    "proxy_port": _port,
+    "admin_port": _port,
+    "proxy_uid": lambda v, w: parse_uid(str(v)),
+    "legacy_sidecar": parse_switch,
+    "ipv6": parse_switch,
+    "iptables_backend": _choice(("auto", "nft", "legacy")),
+    "proxy_args": _proxy_args,
+    "cpu_request": parse_quantity,
+    "memory_request": parse_quantity,
+    "cpu_limit": parse_quantity,
+    "memory_limit": parse_quantity,
+    "metric_labels": parse_labels,
+    "log_commands": parse_switch,
+}
+
+
+def options_from_settings(values: dict[str, Any], source: str = "") -> InjectOptions:
+    """InjectOptions from raw settings named like the flags (TOML values or strings); ConfigError names the fix."""
+    prefix = f"{source}: " if source else ""
+    unknown = sorted(set(values) - set(SETTINGS))
+    if unknown:
+        raise ConfigError(
+            f"{prefix}unknown injection setting(s) {', '.join(unknown)}: valid names are {', '.join(SETTINGS)}"
+        )
+    parsed: dict[str, Any] = {}
+    for name, value in values.items():
+        if value is None:
+            continue
+        flag = "--" + name.replace("_", "-")
+        try:
+            parsed[name] = SETTINGS[name](value, flag)
+        except ConfigError as exc:
+            raise ConfigError(f"{prefix}{exc}") from None
+    opts = InjectOptions(**parsed)
+    _check_ports(opts, source or "flags")
+    return opts
+
+
 def options_from_args(args: argparse.Namespace) -> InjectOptions:
     """InjectOptions from parsed flags; ConfigError names the fix."""
-    image = str(args.image).strip()
-    if not image or any(ch.isspace() for ch in image):
-        raise ConfigError(f"--image {args.image!r} is not an image reference: give e.g. registry/mongoproxy:0.1.0")
-    extra: tuple[str, ...] = ()
-    for text in args.proxy_args:
-        extra += split_proxy_args(text)
-    opts = InjectOptions(
-        image=image,
-        image_pull_policy=args.image_pull_policy,
-        mongo_ports=parse_port_list(args.mongo_ports, "--mongo-ports"),
-        proxy_port=_port(args.proxy_port, "--proxy-port"),
-        admin_port=_port(args.admin_port, "--admin-port"),
-        proxy_uid=parse_uid(args.proxy_uid),
-        legacy_sidecar=bool(args.legacy_sidecar),
-        ipv6=bool(args.ipv6),
-        iptables_backend=args.iptables_backend,
-        proxy_args=check_proxy_args(extra),
-    )
-    _check_ports(opts, "flags")
-    return opts
+    opts = options_from_settings({name: getattr(args, name, None) for name in SETTINGS})
+    # TLS is a flag of `inject` only (not yet a webhook setting): the Secret is mounted by the pod mutation.
+    tls_secret = _secret_name(getattr(args, "tls_secret", None))
+    tls_upstream_ca = bool(getattr(args, "tls_upstream_ca", False))
+    if tls_upstream_ca and not tls_secret:
+        raise ConfigError("--tls-upstream-ca uses the ca.crt of --tls-secret: give --tls-secret NAME")
+    return replace(opts, tls_secret=tls_secret, tls_upstream_ca=tls_upstream_ca)
+
+
+def _secret_name(value: str | None) -> str | None:
+    if value is None:
+        return None
+    name = str(value).strip()
+    if not re.fullmatch(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?", name):
+        raise ConfigError(f"--tls-secret {value!r} is not a Secret name: lower-case letters, digits, '-' and '.'")
+    return name
 
 
 def _read(path: str, stdin: TextIO) -> str:

@@ -15,17 +15,20 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import logging
-import signal
 import socket
+import ssl
 import time
 from collections.abc import Callable
 from typing import Any
 
-from mongoproxy import __version__, dstaddr, wire
+from mongoproxy import __version__, dstaddr, tlslisten, wire
 from mongoproxy.config import Config, ProxySpec
 from mongoproxy.errors import StartupError
 from mongoproxy.events import Connection, DecodeErrorEvent, SinkBus, UpstreamConnectError, hostport
+from mongoproxy.limits import DEFAULT_MAX_CONNECTIONS, ConnectionLimiter, RateLimitedLog
+from mongoproxy.tls import TlsManager
 from mongoproxy.tracker import Tracker
 
 log = logging.getLogger("mongoproxy")
@@ -36,6 +39,8 @@ monotonic_ns = time.monotonic_ns
 
 class ClientSide(asyncio.Protocol):
     """The client's connection to the proxy; owns the pair and the observation tap."""
+
+    tls_server_name = ""  # the SNI of a TLS-terminated client, set by the TLS listener
 
     def __init__(self, proxy: Proxy, spec: ProxySpec) -> None:
         self.proxy = proxy
@@ -56,11 +61,17 @@ class ClientSide(asyncio.Protocol):
         # Bound methods of the pump, looked up once: the upstream's write (None until connected), the request feed.
         self._write_upstream: Callable[[bytes], Any] | None = None
         self._feed_requests: Any = None
+        self.passthrough = False  # a TLS stream this listener cannot open: forwarded, never framed
+        self._last_from_client = False
 
     # ---- client → upstream ----
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
+        if not self.proxy.limiter.admit(len(self.proxy.connections)):
+            self.closed = True  # refused at accept: reset, counted by the limiter, no Connection
+            transport.abort()
+            return
         transport.pause_reading()
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         _nodelay(transport)
@@ -74,7 +85,9 @@ class ClientSide(asyncio.Protocol):
             listen_port=int(sockname[1]),
             transparent=self.spec.transparent,
             opened_ns=monotonic_ns(),
+            tls_server_name=self.tls_server_name,
         )
+        proxy.tls.describe_client(transport, conn)
         proxy.connections.add(self)
         target = self._target(transport, sockname)
         if target is None:
@@ -92,7 +105,8 @@ class ClientSide(asyncio.Protocol):
             render,
             verify_checksums=cfg.verify_checksums,
         )
-        self._feed_requests = self.requests.feed
+        # A plaintext listener looks at the first chunk once for a TLS ClientHello (passthrough).
+        self._feed_requests = self.requests.feed if conn.client_tls else self._first_chunk
         self.replies = wire.FrameScanner(
             True, self._on_reply, self._reply_error, cfg.max_message_bytes, verify_checksums=cfg.verify_checksums
         )
@@ -114,11 +128,38 @@ class ClientSide(asyncio.Protocol):
         if self.wants_data:
             self.proxy.bus.data(self.conn, True, data, now)
 
+    def _first_chunk(self, data: bytes, now: int) -> None:
+        self._feed_requests = self.requests.feed
+        if tlslisten.looks_like_tls(data):
+            self._start_passthrough(self.proxy.tls.passthrough_reason())
+        else:
+            self._feed_requests(data, now)
+
+    def _start_passthrough(self, reason: str) -> None:
+        self.passthrough = True
+        self.wants_data = False  # capture frames what it is given: give it nothing
+        self._last_from_client = True  # the ClientHello awaits its answer
+        self._feed_requests = self._passthrough_request
+        self.upstream._feed_replies = self._passthrough_reply
+        self.proxy.tls.passthrough(self.conn, reason)
+
+    # In passthrough the feeds only note which side spoke last: the connection is idle when the server did.
+    def _passthrough_request(self, data: bytes, now: int) -> None:
+        self._last_from_client = True
+
+    def _passthrough_reply(self, data: bytes, now: int) -> None:
+        self._last_from_client = False
+        if self.proxy.draining:
+            self.close_if_idle()
+
     def eof_received(self) -> bool:
         self.client_eof = True
         upstream = self.upstream
-        if upstream is not None and upstream.transport is not None and upstream.transport.can_write_eof():
-            upstream.transport.write_eof()
+        if upstream is not None and upstream.transport is not None:
+            if upstream.transport.can_write_eof():
+                upstream.transport.write_eof()
+            else:  # a TLS upstream has no half-close: finish the pair
+                self.close()
         if self.upstream_eof:
             self.close()
         return True  # keep the other half open
@@ -159,15 +200,21 @@ class ClientSide(asyncio.Protocol):
         loop = asyncio.get_running_loop()
         started = monotonic_ns()
         try:
+            sni = self.conn.tls_server_name if self.spec.transparent else ""  # static: verify the upstream's name
+            tls_args = proxy.tls.upstream_args(target[0], sni)
             _, upstream = await asyncio.wait_for(
-                loop.create_connection(lambda: UpstreamSide(self), target[0], target[1]),
+                loop.create_connection(lambda: UpstreamSide(self), target[0], target[1], **tls_args),
                 timeout=proxy.config.connect_timeout or None,
             )
         except asyncio.CancelledError:
             return
-        except BaseException as exc:  # noqa: BLE001 - every failure closes the client and is counted
+        except Exception as exc:  # noqa: BLE001 - every failure closes the client and is counted
             reason, detail = _connect_failure(exc)
-            log.warning(
+            if tls_args and reason in ("tls", "timeout"):
+                proxy.tls.upstream_handshake_error(exc, hostport(*target))
+            # Once a minute per upstream and reason: a dead upstream must not turn every client into a log line.
+            proxy.upstream_log.warning(
+                (target, reason),
                 "connection %d from %s: cannot reach upstream %s: %s",
                 self.conn.id,
                 self.conn.client,
@@ -177,6 +224,9 @@ class ClientSide(asyncio.Protocol):
             proxy.bus.upstream_error(UpstreamConnectError(self.conn, reason, detail, monotonic_ns()))
             self.close()
             return
+        except BaseException:  # SystemExit, KeyboardInterrupt: not a connect failure; close, then let it through
+            self.close()
+            raise
         if self.closed:  # the client went away while we were connecting
             upstream.transport.close()
             return
@@ -238,9 +288,17 @@ class ClientSide(asyncio.Protocol):
         """No request awaits a reply and no message is half-seen in either direction."""
         if self.tracker is None:
             return True
+        if self.passthrough:  # no bytes in flight: nothing buffered, and the server spoke last
+            return not self._last_from_client and self._buffered() == 0
         if self.requests.stopped or self.replies.stopped:
             return False  # unknown: wait for the drain deadline
         return self.tracker.in_flight == 0 and not self.requests.mid_message and not self.replies.mid_message
+
+    def _buffered(self) -> int:
+        n = self.transport.get_write_buffer_size() if self.transport is not None else 0
+        if self.upstream is not None and self.upstream.transport is not None:
+            n += self.upstream.transport.get_write_buffer_size()
+        return n
 
     def close_if_idle(self) -> None:
         if not self.closed and self.idle:
@@ -284,7 +342,7 @@ class UpstreamSide(asyncio.Protocol):
         self.transport: Any = None
         # Looked up once (the client side is set up before its upstream connects).
         self._write_client = client.transport.write
-        self._feed_replies = client.replies.feed
+        self._feed_replies: Callable[[Any, int], None] = client.replies.feed
         self._conn = client.conn
 
     def connection_made(self, transport: Any) -> None:
@@ -306,6 +364,8 @@ class UpstreamSide(asyncio.Protocol):
         client.upstream_eof = True
         if client.transport.can_write_eof():
             client.transport.write_eof()
+        else:  # a TLS client has no half-close: finish the pair
+            client.close()
         if client.client_eof:
             client.close()
         return True
@@ -335,6 +395,8 @@ def _connect_failure(exc: BaseException) -> tuple[str, str]:
         return "timeout", "connect timed out"
     if isinstance(exc, socket.gaierror):
         return "dns", f"cannot resolve host ({exc.strerror or exc})"
+    if isinstance(exc, ssl.SSLError) or "SSL" in str(exc):  # a TCP connect that got through; TLS failed
+        return "tls", f"TLS handshake failed: {getattr(exc, 'verify_message', '') or exc}"
     if isinstance(exc, ConnectionRefusedError):
         return "refused", "connection refused"
     if isinstance(exc, OSError):
@@ -350,15 +412,22 @@ def _connect_failure(exc: BaseException) -> tuple[str, str]:
 class Proxy:
     """All listeners of one process, their connections, and the drain state."""
 
-    def __init__(self, config: Config, bus: SinkBus) -> None:
+    def __init__(self, config: Config, bus: SinkBus, registry: Any = None) -> None:
         self.config = config
         self.bus = bus
+        self.tls = TlsManager(config, registry)  # contexts, reload and the TLS counters
         self.connections: set[ClientSide] = set()
-        self.servers: list[tuple[ProxySpec, asyncio.Server]] = []
+        self.servers: list[tuple[ProxySpec, Any]] = []  # asyncio.Server or tlslisten.TlsListener
         self.draining = False
         self.ready = False
         self._next_id = 0
         self._own_addresses: set[tuple[str, int]] = set()
+        self.limiter = ConnectionLimiter(config.get("max_connections", DEFAULT_MAX_CONNECTIONS))
+        self.upstream_log = RateLimitedLog(log)
+        # Objects offering admin_routes()/reload(), like sinks (see admin, signals); TLS reloads its certificates.
+        self.components: list = [self.tls]
+        self.unresolved: set[ProxySpec] = set()  # static upstreams whose name did not resolve yet
+        self._dns_task: asyncio.Task | None = None
         render = 0
         if config.get("log_query") or config.get("trace_query"):
             render = 2 if config.get("no_redact") else 1
@@ -379,22 +448,11 @@ class Proxy:
         hosts = list(self.config.listen_host)
         host = ",".join(hosts)
         for spec in self.config.proxy:
-            if not spec.transparent:
-                try:
-                    await loop.getaddrinfo(spec.upstream_host, spec.upstream_port, type=socket.SOCK_STREAM)
-                except socket.gaierror as exc:
-                    raise StartupError(
-                        f"cannot resolve upstream host {spec.upstream_host!r} in --proxy "
-                        f"{spec.text} ({exc.strerror}): check the name or use an IP address"
-                    ) from None
+            if not spec.transparent and not await _resolves(spec):
+                self.unresolved.add(spec)  # like Envoy's STRICT_DNS: serve, stay unready, retry
             try:
-                server = await loop.create_server(
-                    lambda spec=spec: ClientSide(self, spec),
-                    hosts if len(hosts) > 1 else hosts[0],
-                    spec.listen_port,
-                    reuse_address=True,
-                    backlog=1024,
-                )
+                factory = functools.partial(ClientSide, self, spec)
+                server = await tlslisten.create_server(self.tls, factory, hosts, spec.listen_port, backlog=1024)
             except OSError as exc:
                 await self.close_listeners()
                 if exc.errno == errno.EADDRINUSE:
@@ -417,8 +475,26 @@ class Proxy:
                 if spec.transparent
                 else hostport(spec.upstream_host, spec.upstream_port)
             )
-            log.info("listening on %s -> %s", hostport(host, server.sockets[0].getsockname()[1]), target)
-        self.ready = True
+            tls = f" (TLS {self.tls.listen_mode})" if self.tls.terminating else ""
+            up = f" (TLS, {self.tls.info_label})" if self.tls.upstream else ""
+            log.info("listening on %s%s -> %s%s", hostport(host, server.sockets[0].getsockname()[1]), tls, target, up)
+        self.tls.start()
+        self.ready = not self.unresolved
+        if self.unresolved:
+            self._dns_task = loop.create_task(self._resolve_until_ready())
+
+    async def _resolve_until_ready(self) -> None:
+        """Retry unresolved static upstreams with a capped backoff; ready once every one resolves."""
+        delay = DNS_RETRY_FIRST
+        while self.unresolved and not self.draining:
+            await asyncio.sleep(delay)
+            for spec in list(self.unresolved):
+                if await _resolves(spec):
+                    self.unresolved.discard(spec)
+                    log.info("upstream host %r of --proxy %s resolves now", spec.upstream_host, spec.text)
+            delay = min(delay * 2, DNS_RETRY_MAX)
+        if not self.unresolved and not self.draining:
+            self.ready = True
 
     def is_own_listener(self, dst: tuple[str, int], sockname: tuple) -> bool:
         """True when a transparent connection's original destination is one of our listeners."""
@@ -434,6 +510,7 @@ class Proxy:
         ) and _is_local_address(dst[0])
 
     async def close_listeners(self) -> None:
+        self.tls.close()
         for _, server in self.servers:
             server.close()
         for _, server in self.servers:
@@ -449,6 +526,9 @@ class Proxy:
         """
         self.draining = True
         self.ready = False
+        self.tls.close()
+        if self._dns_task is not None:
+            self._dns_task.cancel()
         for _, server in self.servers:
             server.close()
         for c in list(self.connections):
@@ -471,6 +551,28 @@ class Proxy:
             c.abort()
 
 
+DNS_RETRY_FIRST = 1.0
+DNS_RETRY_MAX = 30.0
+_dns_log = RateLimitedLog(log)
+
+
+async def _resolves(spec: ProxySpec) -> bool:
+    """True when the static upstream's host resolves; a failure is logged (once a minute per host)."""
+    try:
+        await asyncio.get_running_loop().getaddrinfo(spec.upstream_host, spec.upstream_port, type=socket.SOCK_STREAM)
+        return True
+    except (socket.gaierror, UnicodeError) as exc:
+        _dns_log.warning(
+            spec.upstream_host,
+            "cannot resolve upstream host %r in --proxy %s (%s): not ready; retrying (check the name or use an "
+            "IP address)",
+            spec.upstream_host,
+            spec.text,
+            getattr(exc, "strerror", None) or exc,
+        )
+        return False
+
+
 def _is_local_address(host: str) -> bool:
     try:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -485,7 +587,7 @@ async def serve(config: Config, on_started: Callable[[Proxy], Any] | None = None
     """Run until SIGTERM/SIGINT, then drain; the exit code. on_started(proxy) runs once listening."""
     from prometheus_client import CollectorRegistry, disable_created_metrics
 
-    from mongoproxy import admin
+    from mongoproxy import admin, limits, shutdown, signals
     from mongoproxy.runtime_gauges import RuntimeGauges
     from mongoproxy.sinks import SinkContext, build_sinks
 
@@ -502,18 +604,20 @@ async def serve(config: Config, on_started: Callable[[Proxy], Any] | None = None
             watch(bus, sinks)
     if config.verify_checksums:
         wire.checksum_function()  # fail at start-up, not at the first message, when the library is missing
-    proxy = Proxy(config, bus)
+    proxy = Proxy(config, bus, registry)
     registry.register(RuntimeGauges(proxy, loop))
     admin_server = None
     try:
         if config.admin_port:
-            admin_server = await admin.start(config.admin_host, config.admin_port, registry, proxy)
+            admin_server = await admin.start(config.admin_host, config.admin_port, registry, proxy, config)
+            proxy.components.append(admin_server)  # its reload() re-reads the token and TLS files on SIGHUP
         await proxy.start()
+        limits.install(proxy, registry, loop)
     except BaseException:
         if admin_server is not None:
-            admin_server.close()
+            await admin_server.aclose()
         await proxy.close_listeners()
-        bus.close()
+        shutdown.close_sinks(bus.sinks)
         raise
 
     if admin_server is not None:
@@ -538,18 +642,20 @@ async def serve(config: Config, on_started: Callable[[Proxy], Any] | None = None
             proxy.abort_all()
             loop.stop()
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_signal, sig.name)
+    handled = signals.install(loop, proxy, on_signal)
     try:
         await stop.wait()
         clean = await proxy.drain(config.drain_seconds)
-        log.info("drained %s; exiting", "cleanly" if clean else "at the deadline")
+        log.info(
+            "drained %s; closing the sinks (within %gs)",
+            "cleanly" if clean else "at the deadline",
+            shutdown.SHUTDOWN_MARGIN_SECONDS,
+        )
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)
+        signals.remove(loop, handled)
         if admin_server is not None:
-            admin_server.close()
-        bus.close()
+            await admin_server.aclose(timeout=0.5)
+        shutdown.close_sinks(bus.sinks)
     return 0
 
 
@@ -564,6 +670,9 @@ def _new_loop() -> asyncio.AbstractEventLoop:
 def run(config: Config) -> int:
     """Blocking entry point of `mongoproxy run`."""
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from mongoproxy import signals
+
+    signals.ignore_hangup()
     with asyncio.Runner(loop_factory=_new_loop) as runner:
         try:
             return runner.run(serve(config))

@@ -40,6 +40,14 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
 _skipped: list[str] = []
 
 
+def pytest_collectreport(report: pytest.CollectReport) -> None:
+    # A module-level importorskip (or any skip raised while collecting) removes the whole module's tests
+    # without a test report: under the guard it is a failure like any other skip.
+    if report.skipped and system_required():
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        _skipped.append(f"{report.nodeid} (collection): {reason}")
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if _skipped and system_required():
         session.exitstatus = pytest.ExitCode.TESTS_FAILED

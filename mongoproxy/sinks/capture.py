@@ -15,18 +15,28 @@ Invariants:
   speculativeAuthenticate blanked (mongoproxy.redact). Other messages stream
   through the writer without being buffered, unless --record-redact or
   --record-ns needs each whole message.
-- Files are written as NAME.pcapng.part and renamed to NAME.pcapng once
-  complete; they rotate by size and by age. The format is documented in
+- Files are written as NAME.pcapng.part (mode 0600) and renamed to NAME.pcapng
+  once complete; they rotate by size and by age. The format is documented in
   docs/capture-replay.md.
+- The disk: finished files older than --record-max-age, then the oldest past
+  --record-max-total-bytes, are deleted. A write that fails (ENOSPC, EIO...)
+  stops recording: the unfinished .part file is deleted (no orphan), the
+  connections being recorded are cut and counted, the error is counted, and
+  recording resumes for new connections after a pause. Forwarding never notices.
+- Each file's summary counts what was dropped while it was written (connections
+  cut or not recorded, messages left out, disk errors); a summary that could not
+  be written hands its counts on to the next file.
 """
 
 from __future__ import annotations
 
 import collections
 import datetime
+import errno
 import ipaddress
 import logging
 import os
+import re
 import socket
 import struct
 import threading
@@ -48,6 +58,8 @@ ITEM_OVERHEAD = 100  # bytes charged per queued chunk for the tuple and its refe
 WRITER_POLL_SECONDS = 0.02
 FLUSH_SECONDS = 1.0
 DISK_RETRY_SECONDS = 10.0
+RETENTION_CHECK_SECONDS = 10.0
+FILE_PATTERN = re.compile(r"^mongoproxy-\d{8}T\d{6}\.\d{6}Z-p\d+-\d{4,}\.pcapng$")  # finished recordings
 SUMMARY_SPACE = 1024
 PREFIX_MAX = 512  # request bytes the writer looks at to decide whether a message carries secrets
 MAX_TRACKED_REQUESTS = 4096
@@ -74,6 +86,27 @@ _SIZE_UNITS = {
     "gi": 1024**3,
     "gib": 1024**3,
 }
+
+
+_DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(flag: str):
+    """Seconds: 3600, 90m, 12h, 7d."""
+
+    def parse(value: Any) -> float:
+        text = str(value).strip().lower()
+        digits = text.rstrip("smhd")
+        unit = text[len(digits) :]
+        try:
+            seconds = float(digits) * _DURATION_UNITS[unit]
+        except (ValueError, KeyError):
+            raise ConfigError(f"{flag} {value!r} is not a duration: give seconds or e.g. 90m, 12h, 7d") from None
+        if not 0 < seconds < float("inf"):
+            raise ConfigError(f"{flag} must be positive, got {value!r}")
+        return seconds
+
+    return parse
 
 
 def parse_size(flag: str):
@@ -124,6 +157,25 @@ OPTIONS: list[Option] = [
         non_negative_float("--record-rotate-seconds"),
         DEFAULT_ROTATE_SECONDS,
         metavar="S",
+        group=G,
+    ),
+    Option(
+        "record_max_total_bytes",
+        ("--record-max-total-bytes",),
+        "keep the recordings in the directory under this total, deleting the oldest finished files first "
+        "(each file is then at most half of it), e.g. 10GB",
+        parse_size("--record-max-total-bytes"),
+        None,
+        metavar="N",
+        group=G,
+    ),
+    Option(
+        "record_max_age",
+        ("--record-max-age",),
+        "delete finished recordings older than this, e.g. 7d or 12h",
+        parse_duration("--record-max-age"),
+        None,
+        metavar="AGE",
         group=G,
     ),
     Option(
@@ -357,8 +409,16 @@ class CaptureSink:
         max_message_bytes: int = 48_000_000,
         logger: logging.Logger | None = None,
         start: bool = True,
+        max_total_bytes: int | None = None,
+        max_age_seconds: float | None = None,
+        disk_retry_seconds: float = DISK_RETRY_SECONDS,
     ) -> None:
         self.directory = directory
+        self.max_total_bytes = max_total_bytes
+        self.max_age_seconds = max_age_seconds
+        self.disk_retry_seconds = disk_retry_seconds
+        if max_total_bytes:  # so that deleting older files can always bring the total under the cap
+            max_bytes = min(max_bytes, max(max_total_bytes // 2, 1))
         self.max_bytes = max_bytes
         self.rotate_ns = int(rotate_seconds * 1e9)
         self.namespaces = tuple(namespaces)
@@ -389,7 +449,11 @@ class CaptureSink:
         self._file_seq = 0
         self._file_opened_ns = 0
         self._file_stats: dict[str, int] = {}
-        self._drops_reported = 0
+        self._reported = (0, 0, 0)  # (connections, messages, disk errors) counted in finished summaries
+        self.messages_dropped = 0  # writer only: held messages left out because they could not be checked
+        self.disk_errors: dict[str, int] = {}  # writer only: errno name -> failures
+        self.files_deleted: dict[str, int] = {}  # writer only: "max_age"/"max_total_bytes" -> files deleted
+        self._next_retention_ns = 0
         self._last_flush_ns = 0
         self._resolved: dict[str, str] = {}
         self._errors_logged: set[str] = set()
@@ -406,6 +470,8 @@ class CaptureSink:
         if registry is None:
             return
         from prometheus_client import Counter, Gauge
+
+        registry.register(_DiskCollector(self))
 
         self._m_dropped = Counter(
             "mongoproxy_capture_dropped",
@@ -545,6 +611,7 @@ class CaptureSink:
             self._log.error(msg, *args, exc_info=exc_info)
 
     def _idle(self) -> None:
+        self._enforce_retention()
         if self._writer is None:
             return
         now = time.monotonic_ns()
@@ -602,6 +669,9 @@ class CaptureSink:
         via = f"listener port {conn.listen_port}" + (", transparent" if conn.transparent else "")
         resolved = f" ({conn.upstream_host} resolved to {c.server_ip})" if c.server_ip != conn.upstream_host else ""
         comment = f"mongoproxy connection {conn.id}: client {conn.client} -> server {conn.server}{resolved} via {via}"
+        if conn.client_tls or conn.upstream_tls:  # the wire was encrypted: these are the decrypted messages
+            sides = " and ".join(n for n, on in (("client", conn.client_tls), ("server", conn.upstream_tls)) if on)
+            comment += f"; TLS on the {sides} side, recorded decrypted"
         ((p_ts, parts),) = c.flow.syn(ts)
         self._write_packet(c, p_ts, parts, comment, fresh=True)
         self._stats("connections")
@@ -690,7 +760,14 @@ class CaptureSink:
     # ---- messages (called by framers for held messages) ----
 
     def process(self, c: _Conn, is_reply: bool, msg: bytes) -> bytes | None:
-        """A held message as it is to be recorded, or None to leave it out."""
+        """A held message as it is to be recorded, or None to leave it out (counted when it cannot be parsed)."""
+        try:
+            return self._process(c, is_reply, msg)
+        except (DecodeError, struct.error, IndexError, ValueError):
+            self.messages_dropped += 1  # the framer leaves it out and logs it once
+            raise
+
+    def _process(self, c: _Conn, is_reply: bool, msg: bytes) -> bytes | None:
         _, request_id, response_to, op_code = _HEADER.unpack_from(msg)
         plain = redact.uncompressed(msg) if op_code == redact.OP_COMPRESSED else msg
         flags = (
@@ -788,7 +865,9 @@ class CaptureSink:
         name = f"mongoproxy-{stamp}-p{os.getpid()}-{self._file_seq:04d}.pcapng"
         self._path = os.path.join(self.directory, name)
         self._part_path = self._path + ".part"
-        f = open(self._part_path, "xb", buffering=1 << 20)
+        # 0600: a recording holds the application's data.
+        fd = os.open(self._part_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
+        f = open(fd, "wb", buffering=1 << 20)
         comment = (
             f"mongoproxy {__version__} recording. Each proxied connection is a TCP flow between the real "
             "client and server addresses; segments are synthesized from the forwarded bytes at the time the "
@@ -814,31 +893,41 @@ class CaptureSink:
         self._file_stats = {}
         self._log.info("recording to %s", self._part_path)
 
-    def _summary(self, w: PcapngWriter) -> str:
+    def _counts(self) -> tuple[int, int, int]:
+        return self.dropped, self.messages_dropped, sum(self.disk_errors.values())
+
+    def _summary(self, w: PcapngWriter, counts: tuple[int, int, int]) -> str:
         st = self._file_stats
-        drops = self.dropped - self._drops_reported  # since the previous file was finished
-        self._drops_reported += drops
+        # Since the last summary that was written: a file lost to a disk failure hands its counts on.
+        conns, messages, disk = (now - before for now, before in zip(counts, self._reported))
         text = (
             f"mongoproxy summary: {w.packets} packets; {st.get('connections', 0)} connection(s) started in this "
             f"file, {st.get('continued', 0)} continued from the previous one. "
         )
-        if drops:
+        if conns:
             text += (
-                f"{drops} connection(s) were not recorded or were cut short while this file was written, because "
-                f"the recorder fell behind (queue limit {self.queue_limit} bytes) or the disk failed; a cut "
-                "connection ends with a comment saying so. No recorded connection has a hole."
+                f"{conns} connection(s) were not recorded or were cut short, because the recorder fell behind "
+                f"(queue limit {self.queue_limit} bytes) or the disk failed; a cut connection ends with a comment "
+                "saying so. "
             )
-        else:
-            text += "No connection was dropped."
-        return text
+        if messages:
+            text += f"{messages} message(s) were left out because they could not be checked for secrets. "
+        if disk:
+            text += f"{disk} disk error(s) stopped the recording for a while; the file being written was deleted. "
+        if not (conns or messages or disk):
+            text += "No connection was dropped; no message was left out."
+        elif not messages:
+            text += "No recorded connection has a hole."
+        return text.rstrip()
 
     def _finish_file(self) -> None:
         w, f = self._writer, self._file
         if w is None:
             return
         self._writer = self._file = None
+        counts = self._counts()
         try:
-            w.finish_summary(self._summary(w))
+            w.finish_summary(self._summary(w, counts))
             f.close()
         except OSError:
             try:
@@ -847,20 +936,24 @@ class CaptureSink:
                 pass
             raise
         os.replace(self._part_path, self._path)
+        self._reported = counts
         self.files.append(self._path)
         if self._m_files is not None:
             self._m_files.inc()
+        self._enforce_retention(force=True)
         self._log.info("recording %s finished (%d packets, %d bytes)", self._path, w.packets, w.bytes_written)
 
     def _disk_failed(self, exc: OSError) -> None:
+        reason = errno.errorcode.get(exc.errno or 0, "error").lower()
+        self.disk_errors[reason] = self.disk_errors.get(reason, 0) + 1
         self._log.error(
             "recording to %s failed (%s): recording pauses for %gs; the connections being recorded "
             "are cut short and counted in mongoproxy_capture_dropped_total",
             self.directory,
             exc.strerror or exc,
-            DISK_RETRY_SECONDS,
+            self.disk_retry_seconds,
         )
-        self._fail_until_ns = time.monotonic_ns() + int(DISK_RETRY_SECONDS * 1e9)
+        self._fail_until_ns = time.monotonic_ns() + int(self.disk_retry_seconds * 1e9)
         for c in list(self._active.values()):
             c.done = True
             if c.recording:
@@ -875,7 +968,106 @@ class CaptureSink:
                 f.close()
             except OSError:
                 pass
-            self._log.error("the unfinished recording %s is left as it is", self._part_path)
+        if self._part_path:
+            # An unfinished file cannot be read to its end; deleting it frees the space that failed.
+            try:
+                os.unlink(self._part_path)
+                self._log.error("the unfinished recording %s was deleted", self._part_path)
+            except FileNotFoundError:
+                pass
+            except OSError as err:
+                self._log.error("cannot delete the unfinished recording %s: %s", self._part_path, err.strerror)
+        self._enforce_retention(force=True)
+
+    # ---- retention ----
+
+    def _enforce_retention(self, force: bool = False) -> None:
+        """Delete finished files past --record-max-age, then the oldest past --record-max-total-bytes."""
+        if not (self.max_total_bytes or self.max_age_seconds):
+            return
+        now_ns = time.monotonic_ns()
+        if not force and now_ns < self._next_retention_ns:
+            return
+        self._next_retention_ns = now_ns + int(RETENTION_CHECK_SECONDS * 1e9)
+        files = []
+        try:
+            with os.scandir(self.directory) as it:
+                for e in it:
+                    if FILE_PATTERN.match(e.name):
+                        try:
+                            st = e.stat()
+                        except OSError:
+                            continue
+                        files.append((st.st_mtime, e.name, st.st_size))
+        except OSError as exc:
+            self._once("retention", "cannot list %s to apply retention: %s", self.directory, exc.strerror)
+            return
+        files.sort()
+        now = time.time()
+        total = sum(size for _, _, size in files) + (self._writer.bytes_written if self._writer is not None else 0)
+        for mtime, name, size in files:
+            if self.max_age_seconds and now - mtime > self.max_age_seconds:
+                why = "max_age"
+            elif self.max_total_bytes and total > self.max_total_bytes:
+                why = "max_total_bytes"
+            else:
+                continue
+            try:
+                os.unlink(os.path.join(self.directory, name))
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                self._once("retention-unlink", "cannot delete the old recording %s: %s", name, exc.strerror)
+                continue
+            total -= size
+            self.files_deleted[why] = self.files_deleted.get(why, 0) + 1
+            self._log.info(
+                "recording %s deleted (%s)",
+                name,
+                "older than --record-max-age" if why == "max_age" else "over --record-max-total-bytes",
+            )
+
+
+class _DiskCollector:
+    """mongoproxy_capture_messages_dropped_total, _disk_errors_total{reason}, _files_deleted_total{reason}."""
+
+    def __init__(self, sink: CaptureSink) -> None:
+        self._sink = sink
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily
+
+        sink = self._sink
+        yield CounterMetricFamily(
+            "mongoproxy_capture_messages_dropped",
+            "Messages left out of a recorded connection because they could not be checked for secrets.",
+            value=sink.messages_dropped,
+        )
+        disk = CounterMetricFamily(
+            "mongoproxy_capture_disk_errors",
+            "Failed writes to the recording directory (recording pauses, forwarding goes on), by errno.",
+            labels=["reason"],
+        )
+        for reason, n in sorted({"enospc": 0, **sink.disk_errors}.items()):
+            disk.add_metric([reason], n)
+        yield disk
+        deleted = CounterMetricFamily(
+            "mongoproxy_capture_files_deleted",
+            "Finished recordings deleted by --record-max-age or --record-max-total-bytes.",
+            labels=["reason"],
+        )
+        for reason in ("max_age", "max_total_bytes"):
+            deleted.add_metric([reason], sink.files_deleted.get(reason, 0))
+        yield deleted
+
+    def describe(self):
+        from prometheus_client.core import CounterMetricFamily
+
+        return [
+            CounterMetricFamily("mongoproxy_capture_messages_dropped", ""),
+            CounterMetricFamily("mongoproxy_capture_disk_errors", "", labels=["reason"]),
+            CounterMetricFamily("mongoproxy_capture_files_deleted", "", labels=["reason"]),
+        ]
 
 
 def create(config: Any, ctx: Any) -> CaptureSink | None:
@@ -891,7 +1083,7 @@ def create(config: Any, ctx: Any) -> CaptureSink | None:
     if os.path.exists(directory) and not os.path.isdir(directory):
         raise ConfigError(f"--record {directory} is a file: give a directory for the recordings")
     try:
-        os.makedirs(directory, exist_ok=True)
+        os.makedirs(directory, mode=0o700, exist_ok=True)
     except OSError as exc:
         raise ConfigError(
             f"--record {directory}: cannot create the directory ({exc.strerror}); create it or choose another path"
@@ -911,4 +1103,6 @@ def create(config: Any, ctx: Any) -> CaptureSink | None:
         registry=getattr(ctx, "registry", None),
         max_message_bytes=getattr(config, "max_message_bytes", 48_000_000),
         logger=logger.getChild("capture") if logger is not None else None,
+        max_total_bytes=getattr(config, "record_max_total_bytes", None),
+        max_age_seconds=getattr(config, "record_max_age", None),
     )

@@ -184,8 +184,11 @@ class CommandLogSink:
         queue_size: int = QUEUE_SIZE,
         owns_stream: bool = False,
         logger: logging.Logger | None = None,
+        path: str | None = None,
     ) -> None:
         self.stream = stream
+        self.path = path  # the file to reopen on reload() (log rotation); None for stderr
+        self._reopen = threading.Event()
         self.fmt = fmt
         self.slow_ms = slow_ms
         self._slow_ns = None if slow_ms is None else int(slow_ms * 1e6)
@@ -254,13 +257,36 @@ class CommandLogSink:
             except OSError:
                 pass
 
+    def reload(self) -> None:
+        """SIGHUP: reopen the log file (after logrotate moved it); done by the writer before its next write."""
+        if self.path is not None:
+            self._reopen.set()
+
     # ---- writer thread ----
+
+    def _reopen_file(self) -> None:
+        self._reopen.clear()
+        if self.path is None:
+            return
+        try:
+            stream = _open_append(self.path)
+        except OSError as exc:
+            self._log.warning("cannot reopen the command log %s (%s): writing on to the old file", self.path, exc)
+            return
+        old, self.stream = self.stream, stream
+        try:
+            old.close()
+        except (OSError, ValueError):
+            pass
+        self._log.info("command log %s reopened", self.path)
 
     def _run(self) -> None:
         q = self._queue
         stop = self._stop
         while True:
             stopping = stop.wait(WRITER_POLL_SECONDS)
+            if self._reopen.is_set():
+                self._reopen_file()
             while q:
                 lines: list[str] = []
                 while q and len(lines) < 1024:
@@ -321,6 +347,7 @@ class CommandLogSink:
             "server": conn.server,
             "app": conn.app_name,
             "replicaset": conn.replica_set,
+            "client_cert_subject": conn.client_cert_subject or None,
             "db": event.database,
             "collection": event.collection,
             "ns": _ns(event),
@@ -444,6 +471,12 @@ def _isatty(stream: Any) -> bool:
         return False
 
 
+def _open_append(path: str) -> TextIO:
+    """PATH opened for appending; a file it creates is readable by its owner only (0600): it may hold queries."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
+    return open(fd, "a", encoding="utf-8", errors="replace", buffering=1 << 16)
+
+
 def open_log_file(path: str) -> TextIO:
     """Open PATH for appending, or raise the one-line ConfigError naming the fix."""
     directory = os.path.dirname(os.path.abspath(path))
@@ -454,7 +487,7 @@ def open_log_file(path: str) -> TextIO:
             f"--log-file {path} is a directory; give a file path, e.g. {os.path.join(path, 'commands.log')}"
         )
     try:
-        return open(path, "a", encoding="utf-8", errors="replace", buffering=1 << 16)
+        return _open_append(path)
     except OSError as exc:
         raise ConfigError(
             f"--log-file {path}: cannot open for writing ({exc.strerror}); check its permissions or choose another path"
@@ -491,4 +524,5 @@ def create(config: Any, ctx: Any) -> CommandLogSink | None:
         show_values=bool(getattr(config, "no_redact", False)),
         owns_stream=owns,
         logger=logger,
+        path=path if owns else None,
     )

@@ -130,6 +130,16 @@ OPTIONS: list[Option] = [
         group="metrics",
     ),
     Option(
+        "max_series",
+        ("--max-series",),
+        "label sets kept per metric family, on top of --max-label-values; later ones go to a series whose "
+        f"labels are all {OTHER}, counted in mongoproxy_series_overflow_total",
+        positive_int("--max-series"),
+        10_000,
+        metavar="N",
+        group="metrics",
+    ),
+    Option(
         "latency_buckets",
         ("--latency-buckets",),
         "upper bounds in seconds of the latency histogram buckets, comma-separated",
@@ -234,7 +244,10 @@ class MetricsSink:
         labels: Iterable[str] = DEFAULT_LABELS,
         max_label_values: int = 1000,
         latency_buckets: Iterable[float] = DEFAULT_LATENCY_BUCKETS,
+        max_series: int = 10_000,
+        upstream_tls: str = "off",
     ) -> None:
+        self.max_series = max_series
         self.labels = tuple(labels)
         if not self.labels or any(n not in LABEL_SOURCES for n in self.labels):
             parse_metric_labels(",".join(self.labels))  # raises the one-line ConfigError
@@ -260,8 +273,20 @@ class MetricsSink:
             registry=r,
         )
         self._capper = _LabelCap(max_label_values, self._overflow)
-        info = Gauge("mongoproxy_info", "Always 1; the proxy's version and mode.", ["version", "mode"], registry=r)
-        info.labels(version, mode).set(1)
+        self._series_overflow = Counter(
+            "mongoproxy_series_overflow",
+            f"Observations sent to the all-{OTHER} series because their metric family reached --max-series.",
+            ["metric"],
+            registry=r,
+        )
+        self._series_overflow_children: dict[str, Any] = {}
+        info = Gauge(
+            "mongoproxy_info",
+            "Always 1; the proxy's version, mode and upstream TLS (off, verify, or insecure: not verified).",
+            ["version", "mode", "upstream_tls"],
+            registry=r,
+        )
+        info.labels(version, mode, upstream_tls).set(1)
         self._established = Counter(
             "mongoproxy_client_connections_established",
             "Client connections accepted and paired with an upstream.",
@@ -308,6 +333,7 @@ class MetricsSink:
             registry=r,
         )
         self._error_children: dict[tuple, Any] = {}
+        self._error_seen: set[tuple] = set()  # label tuples of mongoproxy_command_errors_total created so far
         connect_labels = ["server"] if "server" in self.labels else []
         self._connect_time = _Histogram(
             "mongoproxy_server_connect_time_seconds",
@@ -388,6 +414,12 @@ class MetricsSink:
             overflowed |= o
         ckey = tuple(capped)
         s = self._series.get(ckey)
+        if s is None and len(self._series) >= self.max_series:
+            # The family is full: one all-_other series takes the rest (so at most max_series + 1 exist).
+            self._count_series_overflow("mongoproxy_response_latency_seconds")
+            overflowed = True
+            ckey = (OTHER,) * len(self.labels)
+            s = self._series.get(ckey)
         if s is None:
             s = _Series(len(self.latency_buckets))
             with self._series_lock:
@@ -395,6 +427,12 @@ class MetricsSink:
         if not overflowed:  # overflowing tuples take this path each time, so each is counted
             self._cache[key] = s
         return s
+
+    def _count_series_overflow(self, family: str) -> None:
+        child = self._series_overflow_children.get(family)
+        if child is None:
+            child = self._series_overflow_children[family] = self._series_overflow.labels(family)
+        child.inc()
 
     def _count_errors(self, event: Any) -> None:
         names = []
@@ -417,6 +455,10 @@ class MetricsSink:
                     v, o = self._capper.cap(label, v)
                     capped.append(v)
                     overflowed |= o
+                if len(self._error_seen) >= self.max_series and tuple(capped) not in self._error_seen:
+                    self._count_series_overflow("mongoproxy_command_errors_total")
+                    capped, overflowed = [OTHER] * len(capped), True
+                self._error_seen.add(tuple(capped))
                 child = self._command_errors.labels(*capped)
                 if not overflowed:
                     self._error_children[raw] = child
@@ -447,6 +489,9 @@ class MetricsSink:
         counts = self._connect_children.get(key)
         if counts is None:
             capped = tuple(self._capper.cap("server", v)[0] for v in key)
+            if capped not in self._connect_time._children and len(self._connect_time._children) >= self.max_series:
+                self._count_series_overflow("mongoproxy_server_connect_time_seconds")
+                capped = (OTHER,) * len(capped)
             counts = self._connect_time.child(capped)
             if capped == key:
                 self._connect_children[key] = counts
@@ -584,7 +629,15 @@ def create(config: Any, ctx: Any) -> MetricsSink:
         labels=getattr(config, "metric_labels", DEFAULT_LABELS),
         max_label_values=getattr(config, "max_label_values", 1000),
         latency_buckets=getattr(config, "latency_buckets", DEFAULT_LATENCY_BUCKETS),
+        max_series=getattr(config, "max_series", 10_000),
+        upstream_tls=_upstream_tls_label(config),
     )
+
+
+def _upstream_tls_label(config: Any) -> str:
+    if not config.get("upstream_tls"):
+        return "off"
+    return "insecure" if config.get("upstream_tls_insecure") else "verify"
 
 
 def find(sinks: Iterable[Any]) -> MetricsSink | None:

@@ -68,13 +68,6 @@ def test_admin_port_in_use():
         )
 
 
-def test_unresolvable_host():
-    one_line_error(
-        mongoproxy("run", "--proxy", f"{free_port()}:no-such-host.invalid:27017", "--admin-port", "0"),
-        "cannot resolve upstream host 'no-such-host.invalid'",
-    )
-
-
 def test_duplicate_listen_port():
     port = free_port()
     one_line_error(

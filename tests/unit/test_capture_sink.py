@@ -541,3 +541,99 @@ def test_first_key_and_decompress():
     body = zlib.compress(plain[16:])
     comp = struct.pack("<iiii", 16 + 9 + len(body), 3, 0, 2012) + struct.pack("<iiB", 2013, len(plain) - 16, 2) + body
     assert redact.uncompressed(comp) == plain
+
+
+def _finished_names(tmp_path) -> list[str]:
+    return sorted(n for n in os.listdir(tmp_path) if n.endswith(".pcapng"))
+
+
+def test_recordings_are_created_mode_0600(tmp_path):
+    """A recording holds application data: owner-only, whatever the umask."""
+    old = os.umask(0o022)
+    try:
+        sink = new_sink(tmp_path)
+        c = conn()
+        sink.on_connection_open(c)
+        sink.on_data(c, True, op_msg(1, 0, {"ping": 1, "$db": "admin"}), time.monotonic_ns())
+        deadline = time.monotonic() + 10
+        while not os.listdir(tmp_path) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        [part] = os.listdir(tmp_path)
+        assert oct(os.stat(tmp_path / part).st_mode & 0o777) == "0o600"
+        sink.close()
+    finally:
+        os.umask(old)
+    [path] = finished_files(tmp_path)
+    assert oct(os.stat(path).st_mode & 0o777) == "0o600"
+
+
+def test_max_total_bytes_deletes_the_oldest_files_first(tmp_path):
+    """--record-max-total-bytes: the directory stays under the cap, the newest files are kept, deletions counted."""
+    registry = CollectorRegistry()
+    older = tmp_path / "mongoproxy-20200101T000000.000000Z-p1-0001.pcapng"  # a previous run's file
+    older.write_bytes(b"\0" * 3000)
+    os.utime(older, (1_600_000_000, 1_600_000_000))
+    unrelated = tmp_path / "notes.txt"
+    unrelated.write_bytes(b"\0" * 5000)
+    sink = new_sink(tmp_path, max_total_bytes=8000, registry=registry)
+    assert sink.max_bytes == 4000  # a file is at most half of the total
+    c = conn()
+    sink.on_connection_open(c)
+    t = time.monotonic_ns()
+    for i in range(60):
+        sink.on_data(c, True, op_msg(i + 1, 0, {"find": "c", "filter": {"_id": i}, "$db": "d"}), t + i)
+    sink.close()
+    names = _finished_names(tmp_path)
+    total = sum(os.path.getsize(tmp_path / n) for n in names)
+    assert total <= 8000, (names, total)
+    assert not older.exists() and unrelated.exists()
+    own = sorted(os.path.basename(p) for p in sink.files)
+    assert len(own) >= 4 and names == own[-len(names) :]  # what is left is the newest
+    deleted = registry.get_sample_value("mongoproxy_capture_files_deleted_total", {"reason": "max_total_bytes"})
+    assert deleted == len(own) - len(names) + 1
+
+
+def test_max_age_deletes_old_files(tmp_path):
+    registry = CollectorRegistry()
+    old = tmp_path / "mongoproxy-20200101T000000.000000Z-p1-0001.pcapng"
+    young = tmp_path / "mongoproxy-20200101T000000.000000Z-p1-0002.pcapng"
+    old_part = tmp_path / "mongoproxy-20200101T000000.000000Z-p1-0003.pcapng.part"  # maybe another writer's
+    for f in (old, young, old_part):
+        f.write_bytes(b"x")
+    hour_ago = time.time() - 3600
+    os.utime(old, (hour_ago, hour_ago))
+    os.utime(old_part, (hour_ago, hour_ago))
+    sink = new_sink(tmp_path, max_age_seconds=600, registry=registry)
+    c = conn()
+    sink.on_connection_open(c)
+    sink.on_data(c, True, op_msg(1, 0, {"ping": 1, "$db": "admin"}), time.monotonic_ns())
+    sink.close()
+    assert not old.exists() and young.exists() and old_part.exists()
+    assert registry.get_sample_value("mongoproxy_capture_files_deleted_total", {"reason": "max_age"}) == 1
+
+
+def test_record_max_options():
+    cfg = config_mod.build({"record": "/tmp/x", "record_max_total_bytes": "10GB", "record_max_age": "7d"}, env={})
+    assert cfg.record_max_total_bytes == 10 * 1000**3 and cfg.record_max_age == 7 * 86400
+    with pytest.raises(ConfigError, match="duration"):
+        config_mod.build({"record_max_age": "soon"}, env={})
+
+
+def test_a_message_left_out_is_counted_and_the_summary_says_so(tmp_path):
+    """A held message that cannot be checked for secrets is left out: counted on /metrics and in the summary."""
+    registry = CollectorRegistry()
+    sink = new_sink(tmp_path, pseudonymise=True, registry=registry)
+    c = conn()
+    sink.on_connection_open(c)
+    body = struct.pack("<iiB", 2013, 100, 2) + b"this is not zlib data at all"
+    bad = struct.pack("<iiii", 16 + len(body), 5, 0, 2012) + body
+    t = time.monotonic_ns()
+    sink.on_data(c, True, op_msg(1, 0, {"ping": 1, "$db": "admin"}), t)
+    sink.on_data(c, True, bad, t + 1)
+    sink.on_connection_close(c)
+    sink.close()
+    [path] = finished_files(tmp_path)
+    summary = [text for i, text in epb_comments(path) if i < 0][1]
+    assert "1 message(s) were left out" in summary
+    assert "No connection was dropped" not in summary
+    assert registry.get_sample_value("mongoproxy_capture_messages_dropped_total") == 1

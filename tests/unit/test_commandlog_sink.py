@@ -8,6 +8,7 @@ import logging
 import os
 import pty
 import threading
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -558,3 +559,27 @@ def test_log_file_appends(tmp_path):
     sink.close()
     lines = path.read_text().splitlines()
     assert lines[0] == "earlier" and "shop.users find" in lines[1] and "\x1b[" not in lines[1]
+
+
+def test_log_file_is_0600_and_reload_reopens_it(tmp_path):
+    """The log may hold query shapes: owner-only. reload() (SIGHUP) reopens it after logrotate moved it."""
+    path = tmp_path / "c.log"
+    old = os.umask(0o022)
+    try:
+        sink = commandlog.create(config_mod.build({"log_file": str(path)}, env={}), CTX)
+        sink.on_command(command())
+        deadline = time.monotonic() + 10
+        while "find" not in path.read_text() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        os.rename(path, tmp_path / "c.log.1")
+        sink.reload()
+        deadline = time.monotonic() + 10
+        while not path.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        sink.on_command(command())
+        sink.close()
+    finally:
+        os.umask(old)
+    assert os.stat(path).st_mode & 0o777 == 0o600
+    assert "shop.users find" in path.read_text()
+    assert (tmp_path / "c.log.1").read_text().count("shop.users find") == 1

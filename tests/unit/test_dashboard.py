@@ -33,7 +33,7 @@ EXPORTED: dict[str, tuple[str, set[str]]] = {
     "mongoproxy_decode_errors": ("counter", {"direction", "reason"}),
     "mongoproxy_unmatched_replies": ("counter", set()),
     "mongoproxy_events_dropped": ("counter", {"sink"}),
-    "mongoproxy_info": ("gauge", {"version", "mode"}),
+    "mongoproxy_info": ("gauge", {"version", "mode", "upstream_tls"}),
     # Also exported by the metrics sink, beyond the list.
     "mongoproxy_requests_dropped": ("counter", set()),
     "mongoproxy_label_overflow": ("counter", {"label"}),

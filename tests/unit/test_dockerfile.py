@@ -142,9 +142,11 @@ def test_builder_compiles_the_wheel(builder):
     # The full python image carries the C compiler the Cython extension needs.
     assert re.fullmatch(r"python:3\.11(-\w+)?", builder.base) and "slim" not in builder.base
     runs = [shlex.split(r.text) for r in builder.all("RUN")]
-    # The image carries the tracing extra: a sidecar exports spans without a rebuild.
+    # The image carries the tracing extra (a sidecar exports spans without a rebuild) and the webhook extra
+    # (the same image serves `mongoproxy webhook`, deploy/webhook/).
     assert any(
-        cmd[:4] == ["python", "-m", "pip", "wheel"] and "--wheel-dir" in cmd and cmd[-1] == ".[tracing]" for cmd in runs
+        cmd[:4] == ["python", "-m", "pip", "wheel"] and "--wheel-dir" in cmd and cmd[-1] == ".[tracing,webhook]"
+        for cmd in runs
     ), runs
 
 
@@ -184,7 +186,7 @@ def test_runtime_installs_only_the_wheels(runtime):
     cmd = shlex.split(run.text)
     assert cmd[:4] == ["python", "-m", "pip", "install"]
     assert "--no-index" in cmd and cmd[cmd.index("--find-links") + 1] == "/wheels"
-    assert cmd[-1] == "mongoproxy[tracing]"
+    assert cmd[-1] == "mongoproxy[tracing,webhook]"
 
 
 def test_runs_as_numeric_non_root_uid(runtime):

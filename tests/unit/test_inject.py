@@ -16,6 +16,7 @@ from ruamel.yaml import YAML
 
 from mongoproxy import cli, inject
 from mongoproxy.errors import ConfigError
+from mongoproxy.shutdown import SHUTDOWN_MARGIN_SECONDS, grace_seconds
 
 GOLDEN = Path(__file__).resolve().parent / "golden" / "inject"
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
@@ -43,6 +44,7 @@ CASES = {
     "deployment": ("deployment", []),
     "deployment-legacy": ("deployment", ["--legacy-sidecar"]),
     "deployment-custom": ("deployment", CUSTOM),
+    "deployment-tls": ("deployment", ["--tls-secret", "orders-mongoproxy-tls", "--tls-upstream-ca"]),
     "statefulset": ("statefulset", []),
     "daemonset": ("daemonset", []),
     "replicaset": ("replicaset", []),
@@ -151,6 +153,7 @@ def check_injected_pod(
     mongo_ports: str = "27017",
     ipv6: bool = False,
     backend: str = "auto",
+    tls_secret: str | None = None,
 ) -> None:
     """Every field of the two containers, with the model's types."""
     inits = spec.init_containers or []
@@ -217,7 +220,8 @@ def check_injected_pod(
         prestop = int(cmd[1])
     else:
         assert not legacy
-    assert 0 < drain and prestop + drain < grace  # fits terminationGracePeriodSeconds
+    # The grace period holds the preStop pause, the drain and the shutdown margin (closing the sinks).
+    assert 0 < drain and prestop + drain + SHUTDOWN_MARGIN_SECONDS < grace
     for probe, path in (
         (sidecar.liveness_probe, "/healthz"),
         (sidecar.readiness_probe, "/readyz"),
@@ -232,7 +236,10 @@ def check_injected_pod(
     assert set(res.requests) == {"cpu", "memory"} and set(res.limits) == {"cpu", "memory"}
     assert all(isinstance(v, str) for v in {**res.requests, **res.limits}.values())
     status = json.loads(meta.annotations[inject.ANN_STATUS])
-    assert status["volumes"] == [inject.XTABLES_VOLUME]
+    assert status["volumes"] == [inject.XTABLES_VOLUME] + ([inject.TLS_VOLUME] if tls_secret else [])
+    if tls_secret:
+        vol = next(v for v in spec.volumes if v.name == inject.TLS_VOLUME)
+        assert vol.secret.secret_name == tls_secret
     assert meta.labels[inject.LABEL_SIDECAR] == "true"  # what deploy/monitoring/podmonitor.yaml selects
 
 
@@ -281,6 +288,8 @@ def test_golden(case, capsys):
                     ipv6=True,
                     backend="legacy",
                 )
+            if "--tls-secret" in flags:
+                kwargs["tls_secret"] = flags[flags.index("--tls-secret") + 1]
             if inject.ANN_ADMIN_PORT in ann:
                 kwargs["admin_port"] = int(ann[inject.ANN_ADMIN_PORT])
             if inject.ANN_MONGO_PORTS in ann:
@@ -359,6 +368,28 @@ def test_rerun_with_other_flags_replaces_in_place(capsys, tmp_path):
     assert "mongoproxy:0.1.0" not in out
 
 
+def test_grace_period_is_raised_to_fit_the_drain_and_restored_on_rerun(capsys, tmp_path):
+    """A drain that does not fit terminationGracePeriodSeconds raises it (with a note); a rerun starts over."""
+    src = tmp_path / "in.yaml"
+    text = (GOLDEN / "deployment.in.yaml").read_text()
+    src.write_text(
+        text.replace(
+            "    metadata:\n      labels:\n",
+            "    metadata:\n      annotations:\n        mongoproxy.io/drain-seconds: '40'\n      labels:\n",
+            1,
+        )
+    )
+    code, out, err = run_inject(capsys, str(src))
+    assert code == 0, err
+    spec = load_all(out)[0]["spec"]["template"]["spec"]
+    assert spec["terminationGracePeriodSeconds"] == grace_seconds(40) == 47
+    assert "raised from 30 to 47" in err
+    first = tmp_path / "first.yaml"
+    first.write_text(out)
+    code, again, _ = run_inject(capsys, str(first))
+    assert again == out  # the recorded original (unset) is restored first, so a rerun does not stack
+
+
 def test_legacy_job_gets_a_note(capsys):
     code, out, err = run_inject(capsys, str(GOLDEN / "job.in.yaml"), "--legacy-sidecar")
     assert code == 0
@@ -389,6 +420,29 @@ def test_sidecar_args_are_accepted_by_run():
     assert args.command == "run" and args.admin_host == "0.0.0.0" and args.slow_ms == "5"
     init = cli.build_parser().parse_args(inject.init_container(opts)["args"])
     assert init.command == "init-iptables" and init.proxy_uid == 9999
+
+
+def test_tls_secret_mounts_the_secret_and_sets_the_flags(capsys, tmp_path):
+    code, out, _ = run_inject(capsys, str(GOLDEN / "deployment.in.yaml"), "--tls-secret", "db-tls")
+    assert code == 0
+    spec = load_all(out)[0]["spec"]["template"]["spec"]
+    sidecar = next(c for c in spec["initContainers"] if c["name"] == "mongoproxy")
+    (mount,) = sidecar["volumeMounts"]
+    assert {"name": "mongoproxy-tls", "secret": {"secretName": "db-tls"}} in spec["volumes"]
+    args = cli.build_parser().parse_args(sidecar["args"])
+    assert args.tls_cert == [f"{mount['mountPath']}/tls.crt"] and args.tls_key == [f"{mount['mountPath']}/tls.key"]
+    assert args.tls_listen == "allow" and args.upstream_tls is None and mount["readOnly"] is True
+    # Injecting again without --tls-secret removes the volume and the mount.
+    first = tmp_path / "tls.yaml"
+    first.write_text(out)
+    code, again, _ = run_inject(capsys, str(first))
+    code, fresh, _ = run_inject(capsys, str(GOLDEN / "deployment.in.yaml"))
+    assert again == fresh and "mongoproxy-tls" not in again
+
+
+def test_tls_upstream_ca_needs_the_secret(capsys, tmp_path):
+    assert "give --tls-secret NAME" in _bad(capsys, tmp_path, (GOLDEN / "pod.in.yaml").read_text(), "--tls-upstream-ca")
+    assert "is not a Secret name" in _bad(capsys, tmp_path, (GOLDEN / "pod.in.yaml").read_text(), "--tls-secret", "A_b")
 
 
 @pytest.mark.parametrize("grace,legacy", [(0, False), (1, True), (5, True), (10, False), (30, True), (300, True)])

@@ -110,7 +110,7 @@ def val(reg, name, labels=None):
 
 
 def test_info_gauge(reg, sink):
-    assert val(reg, "mongoproxy_info", {"version": "9.9.9", "mode": "static"}) == 1
+    assert val(reg, "mongoproxy_info", {"version": "9.9.9", "mode": "static", "upstream_tls": "off"}) == 1
 
 
 def test_histograms_count_and_sum_per_label_set(reg, sink):
@@ -486,7 +486,7 @@ def test_create_uses_the_config_and_is_always_on(reg):
     assert sink is not None and sink.labels == ("op",) and sink.latency_buckets == (0.01, 0.1)
     for op in ("a", "b", "c"):
         sink.on_command(command(conn(), op=op, latency_ms=50))
-    assert val(reg, "mongoproxy_info", {"version": "1.2.3", "mode": "transparent"}) == 1
+    assert val(reg, "mongoproxy_info", {"version": "1.2.3", "mode": "transparent", "upstream_tls": "off"}) == 1
     assert val(reg, "mongoproxy_response_latency_seconds_bucket", {"op": "a", "le": "0.1"}) == 1
     assert val(reg, "mongoproxy_response_latency_seconds_bucket", {"op": "a", "le": "0.01"}) == 0
     assert val(reg, "mongoproxy_response_latency_seconds_count", {"op": "_other"}) == 1
@@ -507,3 +507,35 @@ def test_error_counters_exist_at_zero_for_every_known_reason(reg, sink):
             assert val(reg, "mongoproxy_decode_errors_total", {"direction": direction, "reason": reason}) == 0
     for reason in UPSTREAM_ERROR_REASONS:
         assert val(reg, "mongoproxy_upstream_connect_errors_total", {"reason": reason}) == 0
+
+
+def test_series_cap_per_family_sends_the_rest_to_other_and_counts_it(reg):
+    """--max-series: label values each under the per-label cap still make at most N series per family."""
+    sink = MetricsSink(reg, max_label_values=1000, max_series=5)
+    c = conn()
+    for op in ("find", "insert", "update"):
+        for i in range(10):
+            sink.on_command(command(c, op=op, coll=f"coll{i}", ok=False, code_name="BadValue"))
+    text = generate_latest(reg).decode()
+    lat = [line for line in text.splitlines() if line.startswith("mongoproxy_response_latency_seconds_count")]
+    assert len(lat) == 6  # five label sets and the overflow series
+    other = {k: "_other" for k in L}
+    assert val(reg, "mongoproxy_response_latency_seconds_count", other) == 25
+    assert val(reg, "mongoproxy_series_overflow_total", {"metric": "mongoproxy_response_latency_seconds"}) == 25
+    errors = [line for line in text.splitlines() if line.startswith("mongoproxy_command_errors_total")]
+    assert len(errors) == 6
+    assert val(reg, "mongoproxy_series_overflow_total", {"metric": "mongoproxy_command_errors_total"}) == 25
+    # connect time: one series per server
+    for i in range(8):
+        sc = conn(cid=100 + i, server=(f"db{i}", 27017))
+        sc.upstream_connect_ns = 1_000_000
+        sink.on_connection_open(sc)
+    assert val(reg, "mongoproxy_server_connect_time_seconds_count", {"server": "_other"}) == 3
+    assert val(reg, "mongoproxy_series_overflow_total", {"metric": "mongoproxy_server_connect_time_seconds"}) == 3
+
+
+def test_max_series_option():
+    assert config_mod.build({}, env={}).max_series == 10_000
+    assert config_mod.build({"max_series": "50"}, env={}).max_series == 50
+    with pytest.raises(ConfigError):
+        config_mod.build({"max_series": "0"}, env={})
