@@ -13,6 +13,7 @@ message body to the Cython BodyScanner. Invariants:
 from __future__ import annotations
 
 import struct
+import weakref
 import zlib
 from collections.abc import Callable
 from typing import Any
@@ -222,12 +223,23 @@ class _Inflater:
 
 
 class _Emitter:
-    """The file-like sink zstandard's stream_writer writes each decompressed slice to."""
+    """The file-like sink zstandard's stream_writer writes each decompressed slice to.
+
+    It holds the scanner's method weakly: the writer is a C object the cycle collector cannot traverse, so a
+    strong reference would keep a scanner whose connection ended mid-body (and its zstd context) alive forever.
+    """
 
     __slots__ = ("write",)
 
     def __init__(self, emit: Callable[[Any], None]) -> None:
-        self.write = emit
+        ref = weakref.WeakMethod(emit)
+
+        def write(data: Any) -> None:
+            target = ref()
+            if target is not None:
+                target(data)
+
+        self.write = write
 
 
 def checksum_function() -> Callable[[int, bytes], int]:
