@@ -29,7 +29,12 @@ OPTION_MODULES = (
     "mongoproxy.sinks.commandlog",
     "mongoproxy.sinks.tracing",
     "mongoproxy.sinks.capture",
+    "mongoproxy.sinks.mirror",
+    "mongoproxy.sinks.digest",
+    "mongoproxy.sinks.live",
     "mongoproxy.tls",
+    "mongoproxy.faults",
+    "mongoproxy.topology",
 )
 
 
@@ -46,6 +51,7 @@ class Option:
     switch: bool = False  # a flag without a value (store_true)
     metavar: str | None = None
     group: str = "proxy"
+    separator: str | None = ","  # how env/file strings of a repeatable option split (None: on whitespace)
 
     @property
     def env(self) -> str:
@@ -227,6 +233,15 @@ CORE_OPTIONS: list[Option] = [
         metavar="N",
     ),
     Option(
+        "max_observed_compressed_bytes",
+        ("--max-observed-compressed-bytes",),
+        "snappy bodies up to this many compressed bytes are buffered and decompressed whole to be observed; "
+        "larger ones are decoded as they stream, with a bounded window (forwarding never waits)",
+        positive_int("--max-observed-compressed-bytes"),
+        1_000_000,
+        metavar="N",
+    ),
+    Option(
         "connect_timeout",
         ("--connect-timeout",),
         "seconds to wait for the upstream TCP connect; 0 waits as long as the kernel does (no timeout)",
@@ -323,10 +338,10 @@ class Config(Mapping[str, Any]):
         return f"Config({self._values!r})"
 
 
-def _split_list(raw: Any) -> list[str]:
+def _split_list(raw: Any, separator: str | None = ",") -> list[str]:
     if isinstance(raw, (list, tuple)):
         return [str(x) for x in raw]
-    return [p for p in (s.strip() for s in str(raw).split(",")) if p]
+    return [p for p in (s.strip() for s in str(raw).split(separator)) if p]
 
 
 def load_file(path: str) -> dict[str, Any]:
@@ -377,7 +392,7 @@ def build(
             if o.switch:
                 values[o.dest] = raw if isinstance(raw, bool) else parse_bool(raw)
             elif o.multiple:
-                values[o.dest] = tuple(o.parse(x) for x in _split_list(raw))
+                values[o.dest] = tuple(o.parse(x) for x in _split_list(raw, o.separator))
             else:
                 values[o.dest] = o.parse(raw)
         except ConfigError as exc:
@@ -391,8 +406,10 @@ def build(
 
 def check_proxies(config: Config) -> None:
     """Cross-option checks for `run`: at least one listener, no duplicate ports."""
-    if not config.proxy:
-        raise ConfigError("no listener: give at least one --proxy PORT:HOST:PORT (or set MONGOPROXY_PROXY)")
+    if not config.proxy and not config.get("upstream"):
+        raise ConfigError(
+            "no listener: give at least one --proxy PORT:HOST:PORT or --upstream URI (or set MONGOPROXY_PROXY)"
+        )
     seen: dict[int, str] = {}
     for spec in config.proxy:
         if spec.listen_port in seen:

@@ -23,10 +23,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from mongoproxy import __version__, dstaddr, tlslisten, wire
+from mongoproxy import __version__, dstaddr, faults, tlslisten, wire
+from mongoproxy._bson_parser import RENDER_OFF, RENDER_REDACTED, RENDER_VALUES
 from mongoproxy.config import Config, ProxySpec
 from mongoproxy.errors import StartupError
 from mongoproxy.events import Connection, DecodeErrorEvent, SinkBus, UpstreamConnectError, hostport
+from mongoproxy.faults import gate as fault_gate
 from mongoproxy.limits import DEFAULT_MAX_CONNECTIONS, ConnectionLimiter, RateLimitedLog
 from mongoproxy.tls import TlsManager
 from mongoproxy.tracker import Tracker
@@ -61,6 +63,7 @@ class ClientSide(asyncio.Protocol):
         # Bound methods of the pump, looked up once: the upstream's write (None until connected), the request feed.
         self._write_upstream: Callable[[bytes], Any] | None = None
         self._feed_requests: Any = None
+        self.fault_gate: Any = None  # mongoproxy.faults.gate.RequestGate while a fault rule could match
         self.passthrough = False  # a TLS stream this listener cannot open: forwarded, never framed
         self._last_from_client = False
 
@@ -69,7 +72,9 @@ class ClientSide(asyncio.Protocol):
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
         if not self.proxy.limiter.admit(len(self.proxy.connections)):
-            self.closed = True  # refused at accept: reset, counted by the limiter, no Connection
+            # Refused at accept: reset, counted by the limiter, no Connection. (A TLS listener admitted its
+            # clients before the handshake, counting them until here: they always pass this check.)
+            self.closed = True
             transport.abort()
             return
         transport.pause_reading()
@@ -96,19 +101,24 @@ class ClientSide(asyncio.Protocol):
         cfg = proxy.config
         bus = proxy.bus
         self.tracker = Tracker(conn, bus, cfg.max_pending_requests)
-        render = proxy.render
         self.requests = wire.FrameScanner(
             False,
             self.tracker.on_request,
             self._request_error,
             cfg.max_message_bytes,
-            render,
+            proxy.query_rendering,
             verify_checksums=cfg.verify_checksums,
+            max_observed_compressed_bytes=cfg.max_observed_compressed_bytes,
         )
         # A plaintext listener looks at the first chunk once for a TLS ClientHello (passthrough).
         self._feed_requests = self.requests.feed if conn.client_tls else self._first_chunk
         self.replies = wire.FrameScanner(
-            True, self._on_reply, self._reply_error, cfg.max_message_bytes, verify_checksums=cfg.verify_checksums
+            True,
+            self._on_reply,
+            self._reply_error,
+            cfg.max_message_bytes,
+            verify_checksums=cfg.verify_checksums,
+            max_observed_compressed_bytes=cfg.max_observed_compressed_bytes,
         )
         bus.connection_open(conn)
         self._connecting = asyncio.get_running_loop().create_task(self._connect(target))
@@ -157,7 +167,10 @@ class ClientSide(asyncio.Protocol):
         upstream = self.upstream
         if upstream is not None and upstream.transport is not None:
             if upstream.transport.can_write_eof():
-                upstream.transport.write_eof()
+                if self.fault_gate is not None:  # after any request a fault delay still holds
+                    self.fault_gate.valve.call(upstream.transport.write_eof)
+                else:
+                    upstream.transport.write_eof()
             else:  # a TLS upstream has no half-close: finish the pair
                 self.close()
         if self.upstream_eof:
@@ -180,7 +193,8 @@ class ClientSide(asyncio.Protocol):
     def _target(self, transport: Any, sockname: tuple) -> tuple[str, int] | None:
         spec = self.spec
         if not spec.transparent:
-            return spec.upstream_host, spec.upstream_port
+            route = getattr(spec, "route", None)  # an --upstream listener (mongoproxy.topology.MemberSpec)
+            return route(self) if route is not None else (spec.upstream_host, spec.upstream_port)
         sock = transport.get_extra_info("socket")
         dst = dstaddr.original_dst(sock) if sock is not None else None
         if dst is None:
@@ -201,7 +215,8 @@ class ClientSide(asyncio.Protocol):
         started = monotonic_ns()
         try:
             sni = self.conn.tls_server_name if self.spec.transparent else ""  # static: verify the upstream's name
-            tls_args = proxy.tls.upstream_args(target[0], sni)
+            upstream_tls = getattr(self.spec, "upstream_tls", None) or proxy.tls.upstream_args  # --upstream: its URI's
+            tls_args = upstream_tls(target[0], sni)
             _, upstream = await asyncio.wait_for(
                 loop.create_connection(lambda: UpstreamSide(self), target[0], target[1], **tls_args),
                 timeout=proxy.config.connect_timeout or None,
@@ -233,6 +248,11 @@ class ClientSide(asyncio.Protocol):
         self.conn.upstream_connect_ns = monotonic_ns() - started
         self.upstream = upstream
         self._write_upstream = upstream.transport.write
+        gate = getattr(self.spec, "gate", None)
+        if gate is not None:  # an --upstream listener: hello replies are rewritten (topology.install_gate)
+            gate(self)
+        if proxy.faults is not None and proxy.faults.active:
+            fault_gate.install(proxy.faults, self)  # swaps the write functions; nothing else on the data path
         early, self._early = self._early, []
         for chunk in early:
             self.data_received(chunk)
@@ -310,6 +330,8 @@ class ClientSide(asyncio.Protocol):
             return
         self.closed = True
         self.proxy.connections.discard(self)
+        if self.fault_gate is not None:
+            self.fault_gate.close()
         if self._connecting is not None and not self._connecting.done():
             self._connecting.cancel()
         if self.transport is not None:
@@ -363,7 +385,10 @@ class UpstreamSide(asyncio.Protocol):
         client = self.client
         client.upstream_eof = True
         if client.transport.can_write_eof():
-            client.transport.write_eof()
+            if client.fault_gate is not None:  # after any reply a fault delay or throttle still holds
+                client.fault_gate.replies.valve.call(client.transport.write_eof)
+            else:
+                client.transport.write_eof()
         else:  # a TLS client has no half-close: finish the pair
             client.close()
         if client.client_eof:
@@ -428,14 +453,19 @@ class Proxy:
         self.components: list = [self.tls]
         self.unresolved: set[ProxySpec] = set()  # static upstreams whose name did not resolve yet
         self._dns_task: asyncio.Task | None = None
-        render = 0
-        if config.get("log_query") or config.get("trace_query"):
-            render = 2 if config.get("no_redact") else 1
-        self.render = render
+        self.faults: Any = None  # FaultEngine, set by serve() (or a test) when fault injection is configured
+        # One scanner rendering per request serves the command log, tracing, the digest and the live view;
+        # the digest is on by default, so shapes are rendered unless every consumer is off.
+        self.query_rendering = RENDER_OFF
+        if config.get("log_query") or config.get("trace_query") or not config.get("no_digest", True):
+            self.query_rendering = RENDER_VALUES if config.get("no_redact") else RENDER_REDACTED
 
     def next_id(self) -> int:
         self._next_id += 1
         return self._next_id
+
+    def _open_connections(self) -> int:
+        return len(self.connections)
 
     @property
     def ports(self) -> list[int]:
@@ -452,7 +482,9 @@ class Proxy:
                 self.unresolved.add(spec)  # like Envoy's STRICT_DNS: serve, stay unready, retry
             try:
                 factory = functools.partial(ClientSide, self, spec)
-                server = await tlslisten.create_server(self.tls, factory, hosts, spec.listen_port, backlog=1024)
+                server = await tlslisten.create_server(
+                    self.tls, factory, hosts, spec.listen_port, self.limiter, self._open_connections, backlog=1024
+                )
             except OSError as exc:
                 await self.close_listeners()
                 if exc.errno == errno.EADDRINUSE:
@@ -587,7 +619,7 @@ async def serve(config: Config, on_started: Callable[[Proxy], Any] | None = None
     """Run until SIGTERM/SIGINT, then drain; the exit code. on_started(proxy) runs once listening."""
     from prometheus_client import CollectorRegistry, disable_created_metrics
 
-    from mongoproxy import admin, limits, shutdown, signals
+    from mongoproxy import admin, limits, shutdown, signals, topology
     from mongoproxy.runtime_gauges import RuntimeGauges
     from mongoproxy.sinks import SinkContext, build_sinks
 
@@ -606,13 +638,19 @@ async def serve(config: Config, on_started: Callable[[Proxy], Any] | None = None
         wire.checksum_function()  # fail at start-up, not at the first message, when the library is missing
     proxy = Proxy(config, bus, registry)
     registry.register(RuntimeGauges(proxy, loop))
+    cluster = topology.create(proxy, registry)  # --upstream: a component before the admin endpoint collects routes
+    proxy.faults = faults.create(config, registry)
+    proxy.components.append(proxy.faults)
     admin_server = None
     try:
         if config.admin_port:
             admin_server = await admin.start(config.admin_host, config.admin_port, registry, proxy, config)
             proxy.components.append(admin_server)  # its reload() re-reads the token and TLS files on SIGHUP
         await proxy.start()
+        if cluster is not None:
+            await cluster.start()  # discovery and a listener per member
         limits.install(proxy, registry, loop)
+        proxy.faults.attach(proxy)
     except BaseException:
         if admin_server is not None:
             await admin_server.aclose()
@@ -655,6 +693,7 @@ async def serve(config: Config, on_started: Callable[[Proxy], Any] | None = None
         signals.remove(loop, handled)
         if admin_server is not None:
             await admin_server.aclose(timeout=0.5)
+        proxy.faults.close()
         shutdown.close_sinks(bus.sinks)
     return 0
 

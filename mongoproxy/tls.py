@@ -14,12 +14,12 @@ import asyncio
 import logging
 import os
 import ssl
-import time
 from dataclasses import dataclass
 from typing import Any
 
 from mongoproxy.config import Option, non_negative_float, parse_bool
 from mongoproxy.errors import ConfigError, StartupError
+from mongoproxy.limits import RateLimitedLog
 from mongoproxy.tlsfiles import CertInfo, cert_info, expiry_warning, format_subject, load_ca, load_chain
 
 log = logging.getLogger("mongoproxy")
@@ -237,7 +237,7 @@ class TlsManager:
                 self._handshake_errors.labels(side, reason)
         for reason in PASSTHROUGH_REASONS:
             self._passthrough.labels(reason)
-        self._last_log: dict[str, float] = {}
+        self._log = RateLimitedLog(log, LOG_EVERY_S)
         self._timer: asyncio.Task | None = None
 
         self.server_certs: list[ServerCert] = self._load_server()
@@ -415,7 +415,7 @@ class TlsManager:
         """Count a failed handshake and log it (at most one warning a minute per side and reason)."""
         self._handshake_errors.labels(side, reason).inc()
         what = "from client" if side == "client" else "to server"
-        self._log_limited(f"hs-{side}-{reason}", "TLS handshake %s %s failed (%s): %s", what, who, reason, detail)
+        self._log.warning(f"hs-{side}-{reason}", "TLS handshake %s %s failed (%s): %s", what, who, reason, detail)
 
     def upstream_handshake_error(self, exc: BaseException, who: str) -> None:
         """Count a failed handshake with the server."""
@@ -425,21 +425,13 @@ class TlsManager:
     def passthrough(self, conn: Any, reason: str) -> None:
         """Count a connection forwarded untouched (its TLS could not be opened)."""
         self._passthrough.labels(reason).inc()
-        self._log_limited(
+        self._log.warning(
             "passthrough",
             "connection %d from %s is TLS and cannot be opened (%s): forwarded untouched, not observed",
             conn.id,
             conn.client,
             reason,
         )
-
-    def _log_limited(self, key: str, msg: str, *args: Any) -> None:
-        now = time.monotonic()
-        if now - self._last_log.get(key, -LOG_EVERY_S) >= LOG_EVERY_S:
-            self._last_log[key] = now
-            log.warning(msg, *args)
-        else:
-            log.debug(msg, *args)
 
 
 # ---- handshake failures ----

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime
-import ipaddress
 import logging
 import ssl
 import time
@@ -61,19 +60,22 @@ def _escape_dn(value: str) -> str:
 
 
 def cert_info(path: str) -> CertInfo:
-    """Names, subject and expiry of the first certificate in a PEM file (ssl's own decoder)."""
-    # ssl has no public decoder for a file; _test_decode_cert is the one getpeercert() uses.
-    d = ssl._ssl._test_decode_cert(path)  # type: ignore[attr-defined]
-    dns = tuple(v for k, v in d.get("subjectAltName", ()) if k == "DNS")
-    ips = tuple(_norm_ip(v) for k, v in d.get("subjectAltName", ()) if k == "IP Address")
-    return CertInfo(dns, ips, format_subject(d.get("subject")), ssl.cert_time_to_seconds(d["notAfter"]))
+    """Names, subject and expiry of the first certificate in a PEM file; ValueError when there is none."""
+    # cryptography, not ssl: ssl has no public decoder for a certificate file (only the private
+    # _ssl._test_decode_cert, which any CPython release may drop), and SNI selection depends on these SANs.
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
 
-
-def _norm_ip(text: str) -> str:
+    with open(path, "rb") as f:
+        cert = x509.load_pem_x509_certificates(f.read())[0]
     try:
-        return str(ipaddress.ip_address(text.strip()))
-    except ValueError:
-        return text.strip()
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        dns = tuple(san.get_values_for_type(x509.DNSName))
+        ips = tuple(str(ip) for ip in san.get_values_for_type(x509.IPAddress))
+    except x509.ExtensionNotFound:
+        dns, ips = (), ()
+    subject = cert.subject.rfc4514_string({NameOID.EMAIL_ADDRESS: "emailAddress"})
+    return CertInfo(dns, ips, subject, cert.not_valid_after_utc.timestamp())
 
 
 def check_file(path: str, flag: str) -> None:

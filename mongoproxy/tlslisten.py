@@ -10,17 +10,21 @@ mode anything else is served as plaintext, in `require` mode it is counted
 as `plaintext` and closed. The protocol's connection_made() runs once the
 handshake is done, so its data_received() gets decrypted bytes: the tap sits
 after decryption on both asyncio and uvloop.
+
+Accepting goes through mongoproxy.limits (ConnectionLimiter.accept): a client
+over --max-connections is reset before any peek or handshake, and accept
+errors are counted and paused on exactly as on the plain listeners.
 """
 
 from __future__ import annotations
 
 import asyncio
-import errno
 import socket
 import struct
 from collections.abc import Callable
 from typing import Any
 
+from mongoproxy.limits import ConnectionLimiter
 from mongoproxy.tls import TlsManager, classify
 
 PEEK_BYTES = 16389  # one whole TLS record: 5-byte header + up to 2**14 bytes
@@ -68,29 +72,38 @@ def _record_complete(data: bytes) -> bool:
 class TlsListener:
     """Listening sockets with an accept loop; quacks like asyncio.Server where the proxy uses it."""
 
-    def __init__(self, tls: TlsManager, factory: Callable[[], Any], sockets: list[socket.socket]) -> None:
+    def __init__(
+        self,
+        tls: TlsManager,
+        factory: Callable[[], Any],
+        sockets: list[socket.socket],
+        limiter: ConnectionLimiter,
+        open_connections: Callable[[], int],
+    ) -> None:
         self.tls = tls
         self.factory = factory
         self.sockets = sockets
+        self.limiter = limiter
+        self.open_connections = open_connections
         self._tasks: set[asyncio.Task] = set()
         loop = asyncio.get_running_loop()
         self._accepting = [loop.create_task(self._accept(s)) for s in sockets]
 
     async def _accept(self, lsock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
+        limiter = self.limiter
         while True:
-            try:
-                sock, _ = await loop.sock_accept(lsock)
-            except asyncio.CancelledError:
-                raise
-            except OSError as exc:
-                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    await asyncio.sleep(0.1)  # out of descriptors: let connections close, then accept again
-                continue
-            sock.setblocking(False)
+            sock = await limiter.accept(lsock, self.open_connections)
+            # Counted until _open() ends (the protocol is then in the proxy's connections); a done callback,
+            # not a finally, so that a task cancelled before it ran is uncounted too.
+            limiter.handshaking += 1
             task = loop.create_task(self._open(sock))
             self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            task.add_done_callback(self._opened)
+
+    def _opened(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        self.limiter.handshaking -= 1
 
     async def _open(self, sock: socket.socket) -> None:
         tls = self.tls
@@ -198,9 +211,18 @@ def _bind(host: str, port: int, backlog: int) -> socket.socket:
 
 
 async def create_server(
-    tls: TlsManager, factory: Callable[[], Any], hosts: list[str], port: int, backlog: int = 1024
+    tls: TlsManager,
+    factory: Callable[[], Any],
+    hosts: list[str],
+    port: int,
+    limiter: ConnectionLimiter,
+    open_connections: Callable[[], int],
+    backlog: int = 1024,
 ) -> Any:
-    """A listener on every host: loop.create_server() for plain TCP, a TlsListener when TLS is opened."""
+    """A listener on every host: loop.create_server() for plain TCP, a TlsListener when TLS is opened.
+
+    Both admit clients with `limiter` (plain TCP: in the protocol's connection_made()).
+    """
     loop = asyncio.get_running_loop()
     if not tls.terminating:
         return await loop.create_server(
@@ -214,4 +236,4 @@ async def create_server(
         for s in socks:
             s.close()
         raise
-    return TlsListener(tls, factory, socks)
+    return TlsListener(tls, factory, socks, limiter, open_connections)

@@ -24,8 +24,9 @@ from prometheus_client.utils import floatToGoString
 from mongoproxy.config import Option, positive_int
 from mongoproxy.errors import ConfigError
 from mongoproxy.events import UPSTREAM_ERROR_REASONS
+from mongoproxy.protocol.commands import is_hello
+from mongoproxy.protocol.framing import DECODE_REASONS
 from mongoproxy.querylog import code_name
-from mongoproxy.wire import DECODE_REASONS
 
 # Label name -> expression over the event `e` and its connection `c`; the key builder is compiled from these.
 LABEL_SOURCES = {
@@ -35,6 +36,7 @@ LABEL_SOURCES = {
     "app": "c.app_name",
     "server": "c.server",
     "replicaset": "c.replica_set",
+    "member_state": "c.member_state",  # --upstream listeners only; moves with a failover
     "client": "c.client_host",  # the host only: the ephemeral port would make every connection a new series
 }
 VALID_LABELS = tuple(LABEL_SOURCES)
@@ -64,8 +66,6 @@ DEFAULT_LATENCY_BUCKETS = (
 DOCUMENT_BUCKETS = (0, 1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 100000)
 # 64 B to 16 MiB by powers of 4, then the largest message a server accepts.
 SIZE_BUCKETS = (64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216, 48000000)
-# The replies that carry a connection's negotiated compressor.
-HANDSHAKE_OPS = frozenset(("hello", "isMaster", "ismaster"))
 # Label values of mongoproxy_connections_compression_total; a name a server invents counts as "other".
 COMPRESSORS = frozenset(("snappy", "zlib", "zstd", "noop"))
 
@@ -395,7 +395,7 @@ class MetricsSink:
             s.chg_sum += n
         if event.failed:
             self._count_errors(event)
-        if event.op in HANDSHAKE_OPS and event.reply is not None:
+        if event.reply is not None and is_hello(event.op):  # the reply carries the negotiated compressor
             self._count_compression(event.connection)
 
     def _count_compression(self, conn: Any) -> None:

@@ -10,7 +10,7 @@ HARNESSES = {
 # Modules each harness instruments for coverage feedback: only the code under test, since every instrumented
 # branch costs a callback (the Cython scanner is not instrumented at all). Re-point with tests/fuzz/targets.py.
 INSTRUMENT = {
-    "scanner": ("mongoproxy.wire",),
+    "scanner": ("mongoproxy.protocol.framing", "mongoproxy.protocol.compression"),
     "tracker": ("mongoproxy.tracker",),
     "replay": ("mongoproxy.replay.reader", "mongoproxy.replay.extract"),
     "hello": (),

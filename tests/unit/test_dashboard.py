@@ -38,7 +38,22 @@ EXPORTED: dict[str, tuple[str, set[str]]] = {
     "mongoproxy_requests_dropped": ("counter", set()),
     "mongoproxy_label_overflow": ("counter", {"label"}),
     "mongoproxy_sink_errors": ("counter", {"sink"}),
+    # The query digest's own health (its shapes are never labels).
+    "mongoproxy_digest_shapes": ("gauge", set()),
+    "mongoproxy_digest_memory_bytes": ("gauge", set()),
+    "mongoproxy_digest_evictions": ("counter", set()),
 }
+# Exported by the mirror sink (run --mirror).
+MIRROR_EXPORTED: dict[str, tuple[str, set[str]]] = {
+    "mongoproxy_mirror_requests": ("counter", {"op"}),
+    "mongoproxy_mirror_dropped": ("counter", {"reason"}),
+    "mongoproxy_mirror_latency_seconds": ("histogram", {"target", "op", "collection"}),
+    "mongoproxy_mirror_divergences": ("counter", {"op", "collection", "kind"}),
+    "mongoproxy_mirror_shadow_errors": ("counter", {"op", "error"}),
+    "mongoproxy_mirror_compared": ("counter", {"op"}),
+    "mongoproxy_mirror_queue_depth": ("gauge", set()),
+}
+EXPORTED.update(MIRROR_EXPORTED)
 # Labels Prometheus itself attaches to every target (PodMonitor/ServiceMonitor and the usual pod relabelling).
 TARGET_LABELS = {"namespace", "pod", "container", "job", "instance", "endpoint", "service"}
 
@@ -195,16 +210,39 @@ def queries(dash: dict) -> list[tuple[str, str, str]]:
 
 
 def test_series_table_matches_the_metrics_sink():
-    """The names above are what the real metrics sink registers (no traffic needed)."""
+    """The names above are what the real metrics and digest sinks register (no traffic needed)."""
     from prometheus_client import CollectorRegistry
 
+    from mongoproxy.sinks.digest import DigestSink
     from mongoproxy.sinks.metrics import MetricsSink
 
     registry = CollectorRegistry()
     MetricsSink(registry, "test", "transparent")
+    registry.register(DigestSink())
     real = {fam.name: fam.type for fam in registry.collect()}
     for family, (kind, _) in EXPORTED.items():
-        assert real.get(family) == kind, f"{family}: the sink exports {real.get(family)!r}, the table says {kind!r}"
+        if family not in MIRROR_EXPORTED:
+            assert real.get(family) == kind, f"{family}: the sink exports {real.get(family)!r}, the table says {kind!r}"
+
+
+def test_series_table_matches_the_mirror_sink():
+    """The mirror's names and labels are what MirrorSink registers (its shadow thread is not started)."""
+    from prometheus_client import CollectorRegistry
+
+    from mongoproxy.sinks.mirror import MirrorSink
+
+    registry = CollectorRegistry()
+    sink = MirrorSink("mongodb://127.0.0.1:1", registry)
+    sink.latency.labels("shadow", "find", "c").observe(0.1)
+    for name, labels in (("divergences", ("find", "c", "ok")), ("mirrored", ("find",)), ("dropped", ("queue_full",))):
+        getattr(sink, name).labels(*labels).inc()
+    sink.shadow_errors.labels("find", "NetworkTimeout").inc()
+    sink.compared.labels("find").inc()
+    real = {fam.name: fam for fam in registry.collect()}
+    for family, (kind, labels) in MIRROR_EXPORTED.items():
+        assert real[family].type == kind, family
+        got = {k for s in real[family].samples for k in s.labels} - {"le"}
+        assert got == labels, (family, got)
 
 
 def test_required_panels_exist(dashboard):
@@ -221,9 +259,21 @@ def test_required_panels_exist(dashboard):
         "Client connections by pod",
         "Decode errors / s",
         "Events dropped / s",
+        "Mirror divergences / s",
+        "Mirror p99 latency: primary vs shadow",
     ):
         assert needed in titles
     assert len(set(p["id"] for p in all_panels(dashboard))) == len(all_panels(dashboard))
+
+
+def test_a_panel_links_to_the_query_digest(dashboard):
+    """Shapes are not labels, so the dashboard sends the reader to the digest: the web view and GET /digest."""
+    (panel,) = [p for p in all_panels(dashboard) if "digest" in p["title"].lower() and p["type"] != "row"]
+    urls = [link["url"] for link in panel["links"]]
+    assert "http://localhost:9898/" in urls and any("/digest?" in u for u in urls)
+    assert "port-forward" in panel["description"] and "mongoproxy top" in panel["description"]
+    used = {name for t in panel["targets"] for name, _ in analyse(t["expr"])[0]}
+    assert used == {"mongoproxy_digest_shapes", "mongoproxy_digest_memory_bytes", "mongoproxy_digest_evictions_total"}
 
 
 def test_every_query_names_exported_metrics_and_labels(dashboard):

@@ -11,9 +11,10 @@ import pytest
 
 from mongoproxy import wire
 from mongoproxy.errors import ReplayError
-from mongoproxy.events import CollectingSink, Connection, SinkBus
+from mongoproxy.events import Connection, SinkBus
 from mongoproxy.tracker import Tracker
 from tests.support import wire as tw
+from tests.support.collecting import CollectingSink
 
 
 def test_exhaust_table_stays_bounded_when_streams_never_end():

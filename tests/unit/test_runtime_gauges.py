@@ -6,10 +6,11 @@ from types import SimpleNamespace
 from prometheus_client import CollectorRegistry
 
 from mongoproxy import wire
-from mongoproxy.events import CollectingSink, Connection, SinkBus
+from mongoproxy.events import Connection, SinkBus
 from mongoproxy.runtime_gauges import RuntimeGauges
 from mongoproxy.tracker import Tracker
 from tests.support import wire as tw
+from tests.support.collecting import CollectingSink
 
 
 def _side(conn_id, pending_ids):

@@ -10,7 +10,7 @@ import pytest
 from mongoproxy import config as config_mod
 from mongoproxy.errors import ConfigError, StartupError
 from mongoproxy.tls import TlsManager, classify
-from mongoproxy.tlsfiles import CertInfo, format_subject
+from mongoproxy.tlsfiles import CertInfo, cert_info, format_subject
 from mongoproxy.tlslisten import client_hello_sni, looks_like_tls
 from tests.support.tlscerts import make_pki
 
@@ -51,6 +51,22 @@ def test_san_matching():
     assert not info.matches("a.b.shard.example.com")  # a wildcard covers one label
     assert not info.matches("shard.example.com")
     assert info.matches("10.0.0.1") and not info.matches("10.0.0.2")
+
+
+def test_cert_info_reads_sans_subject_and_expiry(pki, tmp_path):
+    import time
+
+    info = cert_info(pki.server_cert)
+    assert info.dns_names == ("localhost",) and info.ip_addresses == ("127.0.0.1", "::1")
+    assert info.subject.startswith("CN=localhost,") and info.not_after > time.time()
+    assert info.matches("localhost") and info.matches("::1") and not info.matches("other.test")
+    assert cert_info(pki.expired_cert).not_after < time.time()
+    chain = tmp_path / "chain.pem"  # leaf first, then its CA: the leaf is the one described
+    chain.write_text(open(pki.other_cert).read() + open(pki.ca).read())
+    assert cert_info(str(chain)).dns_names == ("other.test",)
+    chain.write_text("not a certificate\n")
+    with pytest.raises(ValueError):
+        cert_info(str(chain))
 
 
 def test_subject_is_rfc4514():
