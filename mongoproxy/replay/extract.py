@@ -397,7 +397,8 @@ def _op_from_message(
         return op
     try:
         _prepare(op, data, op_code)
-    except (DecodeError, struct.error, ValueError, IndexError, KeyError, TypeError) as exc:
+    except (DecodeError, struct.error, ValueError, IndexError, KeyError, TypeError, bson_errors()) as exc:
+        # bson_errors(): a recorded string that is not UTF-8 (InvalidBSON) is an undecodable command, not a crash.
         op.skip = SKIP_UNPARSEABLE
         warnings.append(
             f"connection {conn.label}: {command} (request {request_id}) cannot be decoded ({exc}); not replayed"
@@ -412,7 +413,16 @@ def _legacy_op(
     request_id = m.header[1]
     try:
         got = legacy.convert(data, op_code)
-    except (DecodeError, struct.error, ValueError, IndexError, KeyError, TypeError, UnicodeDecodeError) as exc:
+    except (
+        DecodeError,
+        struct.error,
+        ValueError,
+        IndexError,
+        KeyError,
+        TypeError,
+        UnicodeDecodeError,
+        bson_errors(),
+    ) as exc:
         warnings.append(f"connection {conn.label}: opcode {op_code} (request {request_id}) does not parse ({exc})")
         got = None
     if got is None:

@@ -10,7 +10,6 @@ import zlib
 import pytest
 
 from mongoproxy import wire
-from mongoproxy.errors import ReplayError
 from mongoproxy.events import Connection, SinkBus
 from mongoproxy.tracker import Tracker
 from tests.support import wire as tw
@@ -70,13 +69,12 @@ def test_scanner_cut_mid_compressed_body_is_freed(compressor):
     assert ref() is None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="replay is being rewritten (issue 17, mongoproxy/replay/): bson's InvalidBSON escapes load() for a "
-    "recorded command with invalid UTF-8; the rewrite must turn it into a skipped op or a ReplayError",
-)
 def test_replay_load_survives_a_command_with_invalid_utf8(tmp_path):
-    # Found by the replay harness. The client sends a find whose top-level `hint` string is not UTF-8.
+    # Found by the replay harness: a find whose top-level `hint` string is not UTF-8 made bson's InvalidBSON
+    # escape load(). It is now one undecodable op, not replayed, with the reason in the report.
+    from mongoproxy.replay.filters import Filters
+    from mongoproxy.replay.model import SKIP_UNPARSEABLE
+    from mongoproxy.replay.report import build_report
     from tests.fuzz.harness_replay import conversation
     from tests.fuzz.targets import replay_load
 
@@ -85,8 +83,8 @@ def test_replay_load_survives_a_command_with_invalid_utf8(tmp_path):
     reply = tw.encode_op_msg({"cursor": {"id": 0, "ns": "d.c", "firstBatch": []}, "ok": 1.0}, response_to=1)
     path = tmp_path / "c.pcapng"
     path.write_bytes(conversation(bytes(raw), reply, 1400))
-    try:
-        w = replay_load([str(path)])
-    except ReplayError:
-        return
-    assert all(o.op for o in w.ops)
+    w = replay_load([str(path)])
+    assert [(o.op, o.skip) for o in w.ops] == [("find", SKIP_UNPARSEABLE)]
+    report = build_report(w, None, Filters(), "mongodb://127.0.0.1:1/", None, dry_run=True)
+    assert report["skipped"] == {SKIP_UNPARSEABLE: 1}
+    assert any("find (request 1) cannot be decoded" in x and "utf-8" in x for x in report["warnings"])
