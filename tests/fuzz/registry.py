@@ -4,8 +4,7 @@ HARNESSES = {
     "scanner": ("tests.fuzz.harness_scanner", "frame scanner + body scanner, arbitrary streams and splits"),
     "tracker": ("tests.fuzz.harness_tracker", "request/reply matching, pending and exhaust tables"),
     "replay": ("tests.fuzz.harness_replay", "replay's pcap/pcapng reader, TCP reassembly, extraction"),
-    # The hello rewriter does not exist yet: tests/fuzz/targets.py has the slot (rewrite_hello = None).
-    "hello": ("tests.fuzz.harness_hello", "the hello rewriter (not written yet)"),
+    "hello": ("tests.fuzz.harness_hello", "the hello rewriter: arbitrary bytes and valid hello replies"),
 }
 # Modules each harness instruments for coverage feedback: only the code under test, since every instrumented
 # branch costs a callback (the Cython scanner is not instrumented at all). Re-point with tests/fuzz/targets.py.
@@ -13,5 +12,5 @@ INSTRUMENT = {
     "scanner": ("mongoproxy.protocol.framing", "mongoproxy.protocol.compression"),
     "tracker": ("mongoproxy.tracker",),
     "replay": ("mongoproxy.replay.reader", "mongoproxy.replay.extract"),
-    "hello": (),
+    "hello": ("mongoproxy.protocol.hello",),
 }

@@ -6,6 +6,8 @@ import random
 import struct
 from pathlib import Path
 
+import bson
+
 from tests.support import wire as tw
 
 MALFORMED = Path(__file__).resolve().parents[1] / "malformed"
@@ -115,4 +117,34 @@ def replay() -> list[bytes]:
     return out
 
 
-SEEDS = {"scanner": scanner, "tracker": tracker, "replay": replay}
+def hello() -> list[bytes]:
+    """Hello inputs: byte 0 even = one message as is (real hello replies, malformed replies); odd = builder bytes."""
+    members = ["db0.example.net:27017", "db1.example.net:27017", "DB2.example.net:27018", "[::1]:27019"]
+    doc = {
+        "topologyVersion": {"processId": bson.ObjectId(b"\x01" * 12), "counter": bson.Int64(6)},
+        "hosts": members[:3],
+        "passives": [members[3]],
+        "arbiters": [],
+        "setName": "rs0",
+        "setVersion": 1,
+        "isWritablePrimary": True,
+        "primary": members[0],
+        "me": members[1],
+        "maxWireVersion": 21,
+        "ok": 1.0,
+    }
+    messages = [
+        tw.encode_op_msg(doc, response_to=2),
+        tw.encode_op_msg(doc, response_to=2, checksum=True),
+        tw.encode_op_msg(doc, response_to=2, flags=tw.MORE_TO_COME, sequences=[("documents", [{"me": members[0]}])]),
+        tw.encode_op_reply([{"ismaster": True, **doc}], response_to=1),
+        tw.encode_op_reply([doc, {"hosts": members}], response_to=1),
+        tw.encode_op_msg({"isWritablePrimary": True, "maxWireVersion": 21, "ok": 1.0}, response_to=3),
+    ]
+    out = [b"\x00" + m for m in messages]
+    out += [b"\x00" + data for _, data in _malformed()]
+    out += [b"\x01" + random.Random(i).randbytes(32 + 16 * i) for i in range(16)]
+    return out
+
+
+SEEDS = {"scanner": scanner, "tracker": tracker, "replay": replay, "hello": hello}

@@ -1,8 +1,8 @@
 """Every import of the code under fuzzing, in one place: re-point here when modules move.
 
 The framer is in mongoproxy/protocol/ (issue 17); replay is the package mongoproxy/replay/, whose `load`
-reads capture files. The harnesses only use the names below; tests/fuzz/registry.py names the modules to
-instrument.
+reads capture files; the hello rewriter, which mongoproxy/hellogate.py calls, is mongoproxy/protocol/hello.py.
+The harnesses only use the names below; tests/fuzz/registry.py names the modules to instrument.
 """
 
 from __future__ import annotations
@@ -10,14 +10,13 @@ from __future__ import annotations
 from mongoproxy.errors import DecodeError, ReplayError
 from mongoproxy.events import Connection, SinkBus
 from mongoproxy.protocol.framing import DECODE_REASONS, FRAMING_REASONS, FrameScanner, Message
+from mongoproxy.protocol.hello import HelloRewriteError
+from mongoproxy.protocol.hello import make_swap as make_hello_swap
+from mongoproxy.protocol.hello import rewrite_reply as rewrite_hello
 from mongoproxy.protocol.opcodes import HEADER_SIZE
 from mongoproxy.replay import load as replay_load
 from mongoproxy.tracker import Tracker
 from tests.support.collecting import CollectingSink
-
-# The hello rewriter does not exist yet. When it lands, bind its entry point here (e.g. `rewrite_hello`)
-# and fill in tests/fuzz/harness_hello.py; until then that harness reports itself as not available.
-rewrite_hello = None
 
 __all__ = [
     "DECODE_REASONS",
@@ -27,10 +26,12 @@ __all__ = [
     "Connection",
     "DecodeError",
     "FrameScanner",
+    "HelloRewriteError",
     "Message",
     "ReplayError",
     "SinkBus",
     "Tracker",
+    "make_hello_swap",
     "replay_load",
     "rewrite_hello",
 ]
