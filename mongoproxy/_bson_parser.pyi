@@ -5,7 +5,7 @@ unknown_opcode, truncated, trailing_bytes, bad_length, missing_terminator,
 string_not_terminated, unknown_type, bad_section_kind, invalid_utf8.
 """
 
-# Op codes the scanner understands (the header is parsed by mongoproxy.wire).
+# Op codes the scanner understands (the header is parsed by mongoproxy.protocol.framing).
 OP_REPLY: int  # 1
 OP_UPDATE: int  # 2001
 OP_INSERT: int  # 2002

@@ -1,7 +1,7 @@
 # cython: language_level=3
 """Incremental, selective scanner for one MongoDB message body.
 
-The caller (mongoproxy.wire) parses the 16-byte header, undoes OP_COMPRESSED,
+The caller (mongoproxy.protocol.framing) parses the 16-byte header, undoes OP_COMPRESSED,
 then calls ``BodyScanner.reset(op_code, is_reply, body_length)`` and
 ``feed(chunk)`` until ``done``. The scanner never buffers a message or a
 document: it keeps O(1) state, reads in place when a field lies within one
