@@ -620,6 +620,7 @@ async def serve(config: Config, on_started: Callable[[Proxy], Any] | None = None
     from prometheus_client import CollectorRegistry, disable_created_metrics
 
     from mongoproxy import admin, limits, shutdown, signals, topology
+    from mongoproxy.runtime_gauges import RuntimeGauges
     from mongoproxy.sinks import SinkContext, build_sinks
 
     loop = asyncio.get_running_loop()
@@ -636,6 +637,7 @@ async def serve(config: Config, on_started: Callable[[Proxy], Any] | None = None
     if config.verify_checksums:
         wire.checksum_function()  # fail at start-up, not at the first message, when the library is missing
     proxy = Proxy(config, bus, registry)
+    registry.register(RuntimeGauges(proxy, loop))
     cluster = topology.create(proxy, registry)  # --upstream: a component before the admin endpoint collects routes
     proxy.faults = faults.create(config, registry)
     proxy.components.append(proxy.faults)

@@ -8,7 +8,8 @@ Replies are matched to requests by responseTo. Invariants:
   differ (the spec says the latter, some servers send the former); it is
   forgotten when a reply without moreToCome ends it.
 - At most `max_pending` requests wait for replies; the oldest are dropped
-  and counted past that.
+  and counted past that. The exhaust table holds at most 2 * max_pending
+  keys (two per stream); the oldest are forgotten past that.
 """
 
 from __future__ import annotations
@@ -156,9 +157,9 @@ class Tracker:
             p.last_reply_ns = msg.last_ns
             exhaust[p.msg.request_id] = p
             exhaust[msg.request_id] = p
-            if len(exhaust) > 2 * self.max_pending:
-                stale = next(iter(exhaust))
-                exhaust.pop(stale)
+            # Each new stream adds two keys: evict until the bound holds again, oldest first.
+            while len(exhaust) > 2 * self.max_pending:
+                exhaust.pop(next(iter(exhaust)))
         elif p.exhaust_index:  # the stream's last reply
             exhaust.pop(p.msg.request_id, None)
         if is_hello(p.op):

@@ -14,6 +14,7 @@ SnappyStream (bounded window) serves only `peek`, which decodes a few hundred by
 
 from __future__ import annotations
 
+import weakref
 import zlib
 from collections.abc import Callable
 from typing import Any
@@ -84,7 +85,7 @@ class Inflater:
     bad_uncompressed_size (output past `size`, or short of it at the end), too_large_to_observe.
     """
 
-    __slots__ = ("_obj", "_kind", "_pending", "_size", "_max_buffered", "_emit", "produced")
+    __slots__ = ("_obj", "_kind", "_pending", "_size", "_max_buffered", "_emit", "produced", "__weakref__")
 
     def __init__(
         self, compressor_id: int, size: int, emit: Callable[[Any], None], max_buffered: int = DEFAULT_MAX_BUFFERED
@@ -131,7 +132,12 @@ class Inflater:
             return
         self.produced += len(out)
         if self.produced > self._size:
-            raise DecodeError("bad_uncompressed_size", f"more than uncompressedSize {self._size} bytes")
+            # Too much output: finish() reports bad_uncompressed_size unless the decompressor fails later in the
+            # body, so the reason does not depend on where the chunks were cut (zlib drops a failing call's
+            # output). Inflating on, unscanned, is bounded by the message limit.
+            if self.produced > DEFAULT_MAX_MESSAGE_BYTES:
+                raise DecodeError("bad_uncompressed_size", f"more than uncompressedSize {self._size} bytes")
+            return
         self._emit(out)
 
     def feed(self, data: Any) -> None:
@@ -288,12 +294,24 @@ class SnappyStream:
 
 
 class _Writer:
-    """The file-like sink zstandard's stream_writer writes each decompressed slice to."""
+    """The file-like sink zstandard's stream_writer writes each decompressed slice to.
+
+    It holds the inflater's method weakly: the writer is a C object the cycle collector cannot traverse, so a
+    strong reference would keep an inflater whose connection ended mid-body (and its zstd context, and the
+    scanner behind it) alive forever.
+    """
 
     __slots__ = ("write",)
 
     def __init__(self, write: Callable[[Any], None]) -> None:
-        self.write = write
+        ref = weakref.WeakMethod(write)
+
+        def forward(data: Any) -> None:
+            target = ref()
+            if target is not None:
+                target(data)
+
+        self.write = forward
 
 
 def decompress(
