@@ -591,6 +591,29 @@ def plot(res: dict, path: str) -> None:
 # ---- entry point ----
 
 
+def _breakdown(args: argparse.Namespace) -> int:
+    """`--breakdown`: the layer-by-layer CPU table (Markdown on stdout, JSON to --json)."""
+    from benchmarks import breakdown
+
+    p = QUICK if args.quick else Params()
+    workdir = procs.make_workdir()
+    load0 = os.getloadavg()
+    try:
+        res = breakdown.run(workdir, p.raw_rounds, p.raw_per_round // 2, args.repeat)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    res["load_average_at_start"] = load0
+    print(breakdown.render(res))
+    print(
+        f"load average {load0[0]:.2f} at start, {res['load_average'][0]:.2f} at end; "
+        f"commands counted by the whole proxy: {res['mongoproxy_commands_observed']}"
+    )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"breakdown": res}, f, indent=2)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the scenarios, print the tables, write JSON (and a plot)."""
     ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
@@ -611,7 +634,16 @@ def main(argv: list[str] | None = None) -> int:
         help="also run the mongoproxy of another checkout (built in place) as variant 'baseline' in "
         "the hot-path scenarios: a before/after comparison in one interleaved run",
     )
+    ap.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="instead of the scenarios: CPU per round trip layer by layer (bare uvloop, framing, scanner, "
+        "tracker, each sink), the whole proxy and haproxy, interleaved and repeated (benchmarks/breakdown.py)",
+    )
+    ap.add_argument("--repeat", type=int, default=3, help="--breakdown: interleaved repetitions (default 3)")
     args = ap.parse_args(argv)
+    if args.breakdown:
+        return _breakdown(args)
     if args.plot:
         try:
             import matplotlib  # noqa: F401
