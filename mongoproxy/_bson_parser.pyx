@@ -585,6 +585,8 @@ cdef class BodyScanner:
             raise MemoryError()
         self.rbuf = NULL
         self.rcap = 0
+        self.stack = self.stack_inline
+        self.stack_cap = STACK_INLINE
         self.done = True
         self.state = ST_DONE
         self.res = ScanResult.__new__(ScanResult)
@@ -595,6 +597,8 @@ cdef class BodyScanner:
     def __dealloc__(self):
         PyMem_Free(self.cap)
         PyMem_Free(self.rbuf)
+        if self.stack != self.stack_inline:
+            PyMem_Free(self.stack)
 
     def reset(self, int op_code, bint is_reply, int64_t body_length, int render=RENDER_OFF,
               Py_ssize_t render_limit=4096):
@@ -621,6 +625,10 @@ cdef class BodyScanner:
         self.state = ST_STEP
         self.done = False
         self.depth = 0
+        if self.stack != self.stack_inline:
+            PyMem_Free(self.stack)
+            self.stack = self.stack_inline
+            self.stack_cap = STACK_INLINE
         self.acc_len = 0
         self.legacy_comment = None
         self.body_seen = False
@@ -1136,6 +1144,15 @@ cdef class BodyScanner:
         return 0
 
     cdef int _push(self, int64_t end, const SpecNode* node, int count_field, int flags) except -1:
+        cdef Frame* grown
+        if self.depth >= self.stack_cap:
+            # Callers never push past RENDER_DEPTH (< STACK_MAX), so one step of growth is enough.
+            grown = <Frame*>PyMem_Malloc(sizeof(Frame) * STACK_MAX)
+            if grown == NULL:
+                raise MemoryError()
+            memcpy(grown, self.stack, sizeof(Frame) * self.depth)
+            self.stack = grown
+            self.stack_cap = STACK_MAX
         cdef Frame* f = &self.stack[self.depth]
         f.end = end
         f.node = node
