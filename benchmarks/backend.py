@@ -1,6 +1,6 @@
 """A fast scripted MongoDB server for the hot-path benchmarks: canned replies, no database.
 
-    python -m benchmarks.backend [--port P] [--reply-size BYTES]
+    python -m benchmarks.backend [--port P] [--reply-size BYTES] [--tls-cert PEM --tls-key PEM]
 
 Prints "ready PORT" on stdout once listening (port 0 picks a free one) and
 serves until killed. One uvloop asyncio.Protocol per connection; requests are
@@ -207,11 +207,19 @@ def _first_key(m: memoryview, at: int) -> tuple[bytes, int]:
     return (raw[:end], at + end + 1) if end >= 0 else (b"", 0)
 
 
-async def serve(port: int, reply_size: int, host: str = "127.0.0.1") -> None:
-    """Listen and print "ready PORT"; runs until cancelled."""
+async def serve(port: int, reply_size: int, host: str = "127.0.0.1", tls: tuple[str, str] | None = None) -> None:
+    """Listen (over TLS when `tls` = (cert, key)) and print "ready PORT"; runs until cancelled."""
     replies = Replies(reply_size)
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(lambda: BackendProtocol(replies), host, port, backlog=4096, reuse_address=True)
+    ctx = None
+    if tls:
+        import ssl
+
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(*tls)
+    server = await loop.create_server(
+        lambda: BackendProtocol(replies), host, port, backlog=4096, reuse_address=True, ssl=ctx
+    )
     print("ready", server.sockets[0].getsockname()[1], flush=True)
     async with server:
         await server.serve_forever()
@@ -222,11 +230,13 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.backend", description=__doc__.split("\n\n")[0])
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--reply-size", type=int, default=200, help="BSON bytes of the canned document (default 200)")
+    ap.add_argument("--tls-cert", help="serve TLS with this PEM certificate (and --tls-key)")
+    ap.add_argument("--tls-key")
     args = ap.parse_args(argv)
     try:
         import uvloop
 
-        uvloop.run(serve(args.port, args.reply_size))
+        uvloop.run(serve(args.port, args.reply_size, tls=(args.tls_cert, args.tls_key) if args.tls_cert else None))
     except KeyboardInterrupt:
         pass
     return 0

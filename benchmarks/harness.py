@@ -22,12 +22,12 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from benchmarks import procs, scenarios
+from benchmarks import procs, scenarios, tlsbench
 
 MiB = scenarios.MiB
 VARIANTS = ("direct", "haproxy", "mongoproxy", "mongoproxy+log", "mongoproxy+trace")
 PROXIES = ("haproxy", "mongoproxy", "mongoproxy+log", "mongoproxy+trace")
-SCENARIOS = ("scanner", "hotpath", "memory", "driver")
+SCENARIOS = ("scanner", "hotpath", "memory", "driver", "tls")
 
 
 @dataclass(frozen=True)
@@ -49,6 +49,12 @@ class Params:
     driver_docs: int = 1000
     driver_inserts: int = 300  # SecantusDB's inserts slow down as documents accumulate
     reply_size: int = 200
+    tls_repeats: int = 3  # the TLS scenario is measured this many times in one run: median and spread
+    tls_rounds: int = 10
+    tls_per_round: int = 1000
+    tls_large_rounds: int = 5
+    tls_handshake_rounds: int = 5
+    tls_handshakes_per_round: int = 100
 
 
 QUICK = Params(
@@ -64,6 +70,12 @@ QUICK = Params(
     driver_commands=200,
     driver_docs=200,
     driver_inserts=100,
+    tls_repeats=2,
+    tls_rounds=2,
+    tls_per_round=300,
+    tls_large_rounds=2,
+    tls_handshake_rounds=2,
+    tls_handshakes_per_round=20,
 )
 
 
@@ -275,7 +287,10 @@ def goals(res: dict) -> list[dict]:
             ok = ok and r is not None and r <= 1.10
         add("P7", "driver-benchmark tasks through the proxy <= 1.10x direct", ", ".join(parts), ok)
     order = {f"P{i}": i for i in range(1, 8)}
-    return sorted(out, key=lambda g: order[g["id"]])
+    out = sorted(out, key=lambda g: order[g["id"]])
+    if sc.get("tls"):
+        out += tlsbench.goals(sc["tls"])
+    return out
 
 
 def _fmt_x(r: float | None) -> str:
@@ -506,6 +521,16 @@ def print_tables(res: dict) -> None:
                 *[_fmt_x(_ratio(v[n]["median_s"], v["direct"]["median_s"])) for n in variants if n != "direct"],
             )
         con.print(t)
+    tls = sc.get("tls")
+    if tls:
+        t = table(
+            f"7. TLS termination + origination, median of {len(tls['repeats'])} interleaved repeats (min-max)",
+            *tlsbench.TABLE_COLUMNS,
+        )
+        for row in tlsbench.table_rows(tls):
+            t.add_row(*row)
+        con.print(t)
+        con.print(f"   sanity: commands counted by mongoproxy's metrics: {tls.get('commands_observed')}")
     t = table("Goals", "goal", "target", "measured", "", text=True)
     for g in res["goals"]:
         mark = "[green]met[/green]" if g["met"] else ("[red]missed[/red]" if g["met"] is False else "n/a")
@@ -681,6 +706,8 @@ def main(argv: list[str] | None = None) -> int:
             res["scenarios"]["memory"] = run_memory(p, workdir)
         if "driver" in wanted:
             res["scenarios"]["driver"] = run_driver(p, workdir)
+        if "tls" in wanted:
+            res["scenarios"]["tls"] = tlsbench.run_tls(p, workdir, log)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     res["duration_s"] = round(time.monotonic() - t0, 1)

@@ -169,11 +169,12 @@ def _env(extra: dict | None = None, root: str = REPO_ROOT) -> dict:
     return env
 
 
-def start_backend(reply_size: int, workdir: str) -> Proc:
-    """The scripted OP_MSG server (benchmarks.backend) in its own process."""
+def start_backend(reply_size: int, workdir: str, tls: tuple[str, str] | None = None) -> Proc:
+    """The scripted OP_MSG server (benchmarks.backend) in its own process; over TLS with tls=(cert, key)."""
+    extra = ["--tls-cert", tls[0], "--tls-key", tls[1]] if tls else []
     p = Proc(
         "backend",
-        [sys.executable, "-m", "benchmarks.backend", "--port", "0", "--reply-size", str(reply_size)],
+        [sys.executable, "-m", "benchmarks.backend", "--port", "0", "--reply-size", str(reply_size), *extra],
         0,
         _env(),
         os.path.join(workdir, "backend.err"),
@@ -211,14 +212,26 @@ backend upstream
 """
 
 
-def start_haproxy(upstream: int, workdir: str, maxconn: int = 6000) -> Proc:
-    """haproxy in TCP mode with its defaults otherwise (threads = CPUs, 16 KB buffers, no splicing)."""
+def start_haproxy(upstream: int, workdir: str, maxconn: int = 6000, tls: tuple[str, str] | None = None) -> Proc:
+    """haproxy in TCP mode with its defaults otherwise (threads = CPUs, 16 KB buffers, no splicing).
+
+    tls=(PEM holding certificate and key, CA file): terminate TLS (`bind ... ssl crt`) and originate it
+    (`server ... ssl verify required ca-file`), with full handshakes to the server (`no-ssl-reuse`), as
+    mongoproxy does.
+    """
     if not os.path.exists(HAPROXY):
         raise RuntimeError("haproxy is not installed: apt-get install haproxy")
     listen = free_port()
     cfg = os.path.join(workdir, f"haproxy-{listen}.cfg")
+    text = HAPROXY_CONFIG.format(maxconn=maxconn, listen=listen, upstream=upstream)
+    if tls:
+        text = text.replace(f"bind 127.0.0.1:{listen}", f"bind 127.0.0.1:{listen} ssl crt {tls[0]}")
+        text = text.replace(
+            f"server s1 127.0.0.1:{upstream}",
+            f"server s1 127.0.0.1:{upstream} ssl verify required ca-file {tls[1]} verifyhost localhost no-ssl-reuse",
+        )
     with open(cfg, "w") as f:
-        f.write(HAPROXY_CONFIG.format(maxconn=maxconn, listen=listen, upstream=upstream))
+        f.write(text)
     p = Proc("haproxy", [HAPROXY, "-db", "-f", cfg], listen, _env(), os.path.join(workdir, f"haproxy-{listen}.err"))
     p.wait_listening(20)
     return p

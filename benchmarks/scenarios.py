@@ -138,11 +138,19 @@ def observed_commands(proc: procs.Proc) -> int | None:
 
 
 def small_round_trip_raw(
-    targets: dict[str, procs.Proc | None], ports: dict[str, int], rounds: int, per_round: int, warmup: int = 200
+    targets: dict[str, procs.Proc | None],
+    ports: dict[str, int],
+    rounds: int,
+    per_round: int,
+    warmup: int = 200,
+    connect: Callable[..., RawClient] = RawClient,
 ) -> dict:
-    """Raw-socket small find round trips: latency per variant and CPU per request of each proxy process."""
+    """Raw-socket small find round trips: latency per variant and CPU per request of each proxy process.
+
+    `connect(port)` makes the client (benchmarks.tlsbench passes one that speaks TLS).
+    """
     req = small_find()
-    clients = {name: RawClient(port) for name, port in ports.items()}
+    clients = {name: connect(port) for name, port in ports.items()}
     samples: dict[str, list[int]] = {name: [] for name in ports}
     try:
         for c in clients.values():
@@ -224,12 +232,17 @@ def small_round_trip_pymongo(ports: dict[str, int], rounds: int, per_round: int,
 
 
 def large_replies(
-    targets: dict[str, procs.Proc | None], ports: dict[str, int], sizes: Sequence[int], rounds: int, per_round: int
+    targets: dict[str, procs.Proc | None],
+    ports: dict[str, int],
+    sizes: Sequence[int],
+    rounds: int,
+    per_round: int,
+    connect: Callable[..., RawClient] = RawClient,
 ) -> dict:
     """MB/s of replies of each size per variant (request {benchReply: size}; reply of 1 KB documents),
     and the proxy process's CPU time per MB."""
     out: dict[str, Any] = {}
-    clients = {name: RawClient(port, max_reply=max(sizes) + MiB) for name, port in ports.items()}
+    clients = {name: connect(port, max_reply=max(sizes) + MiB) for name, port in ports.items()}
     try:
         for size in sizes:
             req = op_msg({"benchReply": size, "$db": "bench"})

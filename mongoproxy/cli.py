@@ -22,7 +22,10 @@ COMMAND_MODULES: tuple[str, ...] = (
     "mongoproxy.iptables",
     "mongoproxy.inject",
     "mongoproxy.replay",
+    "mongoproxy.top",
+    "mongoproxy.recdigest",
     "mongoproxy.webhook",
+    "mongoproxy.faults.cli",
 )
 
 PROG = "mongoproxy"

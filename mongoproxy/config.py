@@ -29,6 +29,10 @@ OPTION_MODULES = (
     "mongoproxy.sinks.commandlog",
     "mongoproxy.sinks.tracing",
     "mongoproxy.sinks.capture",
+    "mongoproxy.sinks.digest",
+    "mongoproxy.sinks.live",
+    "mongoproxy.tls",
+    "mongoproxy.faults",
 )
 
 
@@ -223,6 +227,15 @@ CORE_OPTIONS: list[Option] = [
         "largest message observed; a longer header is a decode error (forwarding goes on)",
         positive_int("--max-message-bytes"),
         48_000_000,
+        metavar="N",
+    ),
+    Option(
+        "max_observed_compressed_bytes",
+        ("--max-observed-compressed-bytes",),
+        "snappy bodies up to this many compressed bytes are buffered and decompressed whole to be observed; "
+        "larger ones are decoded as they stream, with a bounded window (forwarding never waits)",
+        positive_int("--max-observed-compressed-bytes"),
+        1_000_000,
         metavar="N",
     ),
     Option(

@@ -8,7 +8,7 @@ keep them but must not mutate them.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 _MONO_ANCHOR = time.monotonic_ns()
@@ -42,6 +42,11 @@ class Connection:
     compression: str = ""  # the compressor the server accepted first, "" when none
     replica_set: str = ""
     max_wire_version: int | None = None
+    # TLS (mongoproxy.tls): whether each side is encrypted, the client's SNI and verified certificate subject.
+    client_tls: bool = False
+    upstream_tls: bool = False
+    tls_server_name: str = ""
+    client_cert_subject: str = ""
     # Byte counters, bumped by the data path.
     bytes_from_client: int = 0
     bytes_from_server: int = 0
@@ -60,6 +65,11 @@ class Connection:
 def hostport(host: str, port: int) -> str:
     """host:port, with an IPv6 host in brackets."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def duration_ms(ns: int) -> float:
+    """Nanoseconds as milliseconds rounded to the microsecond (half up): the command log's and the digest's value."""
+    return ((ns + 500) // 1000) / 1000  # exact integer rounding, then the double nearest to k/1000
 
 
 @dataclass(slots=True, eq=False)
@@ -100,6 +110,9 @@ class CommandEvent:
     exhaust_index: int = 0  # 0 for the direct reply, 1.. for streamed replies
     awaitable: bool = False  # a monitoring hello the server may hold for maxAwaitTimeMS (exhaustAllowed)
     decode_error: str = ""  # reason token when the request or reply failed to decode
+    # The querylog.Query once a sink asked for it: the shape is computed once per command.
+    query_cache: Any = None
+    fault: str = ""  # the fault rule applied to this command (mongoproxy.faults), "" when none
 
     @property
     def duration_ns(self) -> int:
@@ -132,7 +145,7 @@ class DecodeErrorEvent:
 
 
 # Every UpstreamConnectError.reason (metric label values).
-UPSTREAM_ERROR_REASONS = ("refused", "timeout", "unreachable", "dns", "loop", "no_original_dst", "error")
+UPSTREAM_ERROR_REASONS = ("refused", "timeout", "unreachable", "dns", "loop", "no_original_dst", "tls", "error")
 
 
 @dataclass(slots=True, eq=False)
@@ -179,41 +192,6 @@ HOOKS = (
     "on_requests_dropped",
     "on_data",
 )
-
-
-@dataclass(slots=True, eq=False)
-class CollectingSink:
-    """A test sink that keeps everything it is given, in order."""
-
-    name: str = "collect"
-    commands: list = field(default_factory=list)
-    opened: list = field(default_factory=list)
-    closed: list = field(default_factory=list)
-    decode_errors: list = field(default_factory=list)
-    upstream_errors: list = field(default_factory=list)
-    unmatched: list = field(default_factory=list)
-    dropped: int = 0
-
-    def on_connection_open(self, conn: Connection) -> None:
-        self.opened.append(conn)
-
-    def on_connection_close(self, conn: Connection) -> None:
-        self.closed.append(conn)
-
-    def on_command(self, event: CommandEvent) -> None:
-        self.commands.append(event)
-
-    def on_decode_error(self, event: DecodeErrorEvent) -> None:
-        self.decode_errors.append(event)
-
-    def on_upstream_error(self, event: UpstreamConnectError) -> None:
-        self.upstream_errors.append(event)
-
-    def on_unmatched_reply(self, conn: Connection, response_to: int) -> None:
-        self.unmatched.append((conn, response_to))
-
-    def on_requests_dropped(self, conn: Connection, count: int) -> None:
-        self.dropped += count
 
 
 class SinkBus:

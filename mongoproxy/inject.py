@@ -43,6 +43,8 @@ ANN_CPU_LIMIT = "mongoproxy.io/cpu-limit"
 ANN_MEMORY_LIMIT = "mongoproxy.io/memory-limit"
 ANN_METRIC_LABELS = "mongoproxy.io/metric-labels"
 ANN_LOG_COMMANDS = "mongoproxy.io/log-commands"
+ANN_TLS_SECRET = "mongoproxy.io/tls-secret"
+ANN_TLS_UPSTREAM_CA = "mongoproxy.io/tls-upstream-ca"
 ANN_DEFAULT_CONTAINER = "kubectl.kubernetes.io/default-container"
 LABEL_SIDECAR = "mongoproxy.io/sidecar"  # on every injected pod: what PodMonitors select
 PROMETHEUS_ANNOTATIONS = ("prometheus.io/scrape", "prometheus.io/port", "prometheus.io/path")
@@ -50,6 +52,8 @@ PROMETHEUS_ANNOTATIONS = ("prometheus.io/scrape", "prometheus.io/port", "prometh
 SIDECAR_NAME = "mongoproxy"
 INIT_NAME = "mongoproxy-init"
 XTABLES_VOLUME = "mongoproxy-xtables"
+TLS_VOLUME = "mongoproxy-tls"
+TLS_DIR = "/etc/mongoproxy/tls"  # the --tls-secret Secret: tls.crt, tls.key, optionally ca.crt
 ADMIN_PORT_NAME = "http-mongoproxy"
 DEFAULT_IMAGE = f"mongoproxy:{__version__}"
 DEFAULT_GRACE_SECONDS = 30  # Kubernetes' default terminationGracePeriodSeconds
@@ -100,6 +104,8 @@ class InjectOptions:
     memory_limit: str = "256Mi"
     metric_labels: str | None = None  # None: the proxy's default label set
     log_commands: bool = False
+    tls_secret: str | None = None  # a kubernetes.io/tls Secret mounted at TLS_DIR for the listener
+    tls_upstream_ca: bool = False  # the Secret's ca.crt verifies the servers (--upstream-tls)
 
 
 class AnnotationError(ConfigError):
@@ -157,6 +163,18 @@ def parse_switch(value: Any, where: str) -> bool:
     if text in ("false", "no", "off", "0"):
         return False
     raise ConfigError(f'{where} {value!r} is not valid: use "true" or "false"')
+
+
+def _secret_name(value: Any, where: str) -> str | None:
+    """A Secret's name; empty means none (an annotation may turn off a ConfigMap's default)."""
+    if value is None:
+        return None
+    name = str(value).strip()
+    if not name:
+        return None
+    if not re.fullmatch(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?", name):
+        raise ConfigError(f"{where} {value!r} is not a Secret name: lower-case letters, digits, '-' and '.'")
+    return name
 
 
 def parse_labels(value: Any, where: str) -> str:
@@ -242,11 +260,22 @@ def sidecar_args(opts: InjectOptions, drain: int) -> list[str]:
         str(opts.admin_port),
         "--drain-seconds",
         str(drain),
+        *tls_args(opts),
         *opts.proxy_args,
         # After proxy_args: a pod's annotation beats the injector's defaults (the last flag wins).
         *(["--metric-labels", opts.metric_labels] if opts.metric_labels else []),
         *(["--log-commands"] if opts.log_commands else []),
     ]
+
+
+def tls_args(opts: InjectOptions) -> list[str]:
+    """With --tls-secret: the listener's certificate from the mounted Secret, TLS and plaintext both accepted."""
+    if not opts.tls_secret:
+        return []
+    args = ["--tls-cert", f"{TLS_DIR}/tls.crt", "--tls-key", f"{TLS_DIR}/tls.key", "--tls-listen", "allow"]
+    if opts.tls_upstream_ca:
+        args += ["--upstream-tls", "--upstream-tls-ca", f"{TLS_DIR}/ca.crt"]
+    return args
 
 
 def init_args(opts: InjectOptions) -> list[str]:
@@ -283,6 +312,8 @@ def sidecar_container(opts: InjectOptions, grace: int = DEFAULT_GRACE_SECONDS) -
         "requests": {"cpu": opts.cpu_request, "memory": opts.memory_request},
         "limits": {"cpu": opts.cpu_limit, "memory": opts.memory_limit},
     }
+    if opts.tls_secret:  # the kubelet updates the files in place when the Secret is renewed: the proxy reloads
+        c["volumeMounts"] = [{"name": TLS_VOLUME, "mountPath": TLS_DIR, "readOnly": True}]
     c["securityContext"] = {
         "runAsUser": opts.proxy_uid,
         "runAsGroup": opts.proxy_uid,
@@ -395,6 +426,8 @@ ANNOTATION_OVERRIDES: dict[str, tuple[str, Any]] = {
     ANN_MEMORY_LIMIT: ("memory_limit", parse_quantity),
     ANN_METRIC_LABELS: ("metric_labels", parse_labels),
     ANN_LOG_COMMANDS: ("log_commands", parse_switch),
+    ANN_TLS_SECRET: ("tls_secret", _secret_name),
+    ANN_TLS_UPSTREAM_CA: ("tls_upstream_ca", parse_switch),
     ANN_PROXY_ARGS: ("proxy_args", None),  # added to the flag's arguments, not replacing them
 }
 
@@ -414,7 +447,13 @@ def _effective_options(opts: InjectOptions, annotations: dict, where: str) -> In
             raise
         except ConfigError as exc:
             raise AnnotationError(key, str(exc)) from None
-    return replace(opts, **changes) if changes else opts
+    if not changes:
+        return opts
+    opts = replace(opts, **changes)
+    if opts.tls_upstream_ca and not opts.tls_secret:
+        key = ANN_TLS_UPSTREAM_CA if "tls_upstream_ca" in changes else ANN_TLS_SECRET
+        raise AnnotationError(key, f"{where}: {key}: {_TLS_UPSTREAM_CA_NEEDS_SECRET}")
+    return opts
 
 
 def _check_ports(opts: InjectOptions, where: str) -> None:
@@ -548,8 +587,9 @@ def inject_pod(
                 f"{where}: it already has a container named {ours!r} that mongoproxy inject did not "
                 f'add: rename that container, or opt the workload out with {ANN_INJECT}: "false"'
             )
-    if any(_is_map(v) and v.get("name") == XTABLES_VOLUME for v in spec.get("volumes") or ()):
-        raise ConfigError(f"{where}: it already has a volume named {XTABLES_VOLUME!r}: rename that volume")
+    for volume in (XTABLES_VOLUME, TLS_VOLUME):
+        if any(_is_map(v) and v.get("name") == volume for v in spec.get("volumes") or ()):
+            raise ConfigError(f"{where}: it already has a volume named {volume!r}: rename that volume")
     for key in ("initContainers", "containers"):
         for c in spec.get(key) or ():
             for p in (c.get("ports") or ()) if _is_map(c) else ():
@@ -621,6 +661,10 @@ def inject_pod(
         volumes = []
         spec["volumes"] = volumes
     volumes.append(xtables_volume())
+    added_volumes = [XTABLES_VOLUME]
+    if opts.tls_secret:
+        volumes.append({"name": TLS_VOLUME, "secret": {"secretName": opts.tls_secret}})
+        added_volumes.append(TLS_VOLUME)
 
     if not _is_map(meta):
         raise ConfigError(f"{where}: the pod template's metadata is not a mapping: fix the manifest")
@@ -653,7 +697,7 @@ def inject_pod(
         meta["labels"][LABEL_SIDECAR] = "true"
         added_labels.append(LABEL_SIDECAR)
     ann[ANN_STATUS] = _Status.render(
-        added_init, added_containers, [XTABLES_VOLUME], added_ann, added_labels, original_grace
+        added_init, added_containers, added_volumes, added_ann, added_labels, original_grace
     )
     report.injected.append(where)
     return True
@@ -896,6 +940,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="the proxy's --metric-labels, e.g. op,db,collection (default: the proxy's own default)",
     )
     p.add_argument("--log-commands", action="store_true", help="the proxy logs one line per command")
+    p.add_argument(
+        "--tls-secret",
+        metavar="NAME",
+        help="a kubernetes.io/tls Secret (tls.crt, tls.key, optionally ca.crt) mounted into the sidecar: the "
+        "listener opens the apps' TLS with it (--tls-listen allow); apps must trust its CA (see docs/tls.md)",
+    )
+    p.add_argument(
+        "--tls-upstream-ca",
+        action="store_true",
+        help="with --tls-secret: speak TLS to the servers and verify them with the Secret's ca.crt",
+    )
     p.set_defaults(func=handler)
     return p
 
@@ -937,7 +992,10 @@ SETTINGS: dict[str, Any] = {
     "memory_limit": parse_quantity,
     "metric_labels": parse_labels,
     "log_commands": parse_switch,
+    "tls_secret": _secret_name,
+    "tls_upstream_ca": parse_switch,
 }
+_TLS_UPSTREAM_CA_NEEDS_SECRET = "--tls-upstream-ca uses the ca.crt of --tls-secret: give --tls-secret NAME"
 
 
 def options_from_settings(values: dict[str, Any], source: str = "") -> InjectOptions:
@@ -959,6 +1017,8 @@ def options_from_settings(values: dict[str, Any], source: str = "") -> InjectOpt
             raise ConfigError(f"{prefix}{exc}") from None
     opts = InjectOptions(**parsed)
     _check_ports(opts, source or "flags")
+    if opts.tls_upstream_ca and not opts.tls_secret:
+        raise ConfigError(f"{prefix}{_TLS_UPSTREAM_CA_NEEDS_SECRET}")
     return opts
 
 

@@ -6,15 +6,22 @@ Invariants:
   once a minute.
 - The cap fits the process's file-descriptor limit: each proxied connection holds two descriptors (client
   and upstream), so the effective cap is lowered, with one log line, when RLIMIT_NOFILE cannot hold it.
-- Accept errors the loop reports (EMFILE, ENFILE: asyncio retries the listener after a pause) are counted
-  and logged at most once a minute instead of once per attempt with a traceback.
+- Accept errors (EMFILE, ENFILE, ...) are counted and logged at most once a minute instead of once per attempt
+  with a traceback, and the listener pauses ACCEPT_RETRY_SECONDS before accepting again, never spinning.
+- Every listener goes through this module: asyncio's own (connection_made() calls admit(), the loop's exception
+  handler calls accept_error()) and the TLS listener's accept loop (accept(), which admits before any handshake
+  work, so the handshakes in progress count against the cap too).
 """
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import logging
+import socket
+import struct
 import time
+from collections.abc import Callable
 from typing import Any
 
 from mongoproxy.config import Option, positive_int
@@ -24,6 +31,7 @@ log = logging.getLogger("mongoproxy")
 DEFAULT_MAX_CONNECTIONS = 10_000
 RESERVED_FDS = 64  # listeners, the admin endpoint, sink files, the loop's own descriptors
 LOG_INTERVAL_SECONDS = 60.0
+ACCEPT_RETRY_SECONDS = 1.0  # the pause of asyncio's own listeners after EMFILE (asyncio.constants.ACCEPT_RETRY_DELAY)
 ACCEPT_ERRNOS = {errno.EMFILE: "emfile", errno.ENFILE: "enfile", errno.ENOBUFS: "enobufs", errno.ENOMEM: "enomem"}
 
 OPTIONS: list[Option] = [
@@ -108,6 +116,9 @@ class ConnectionLimiter:
         self.max_connections = max_connections
         self.refused = 0
         self.accept_errors: dict[str, int] = {}
+        # Clients admitted by accept() whose TLS handshake runs: not in the proxy's connections yet. Each
+        # admission keeps connections + handshaking <= max_connections, so connection_made() admits them.
+        self.handshaking = 0
         self._log = RateLimitedLog(log)
 
     def admit(self, open_connections: int) -> bool:
@@ -124,24 +135,63 @@ class ConnectionLimiter:
         )
         return False
 
+    def accept_error(self, exc: OSError) -> None:
+        """Count an error accepting a client (by errno) and log it at most once a minute."""
+        reason = ACCEPT_ERRNOS.get(exc.errno or 0)
+        if reason is None:
+            self._log.warning(
+                ("accept", exc.errno), "cannot accept a client (%s): the listener pauses and retries", exc
+            )
+            return
+        self.accept_errors[reason] = self.accept_errors.get(reason, 0) + 1
+        self._log.warning(
+            ("accept", reason),
+            "cannot accept a client (%s): the listener pauses and retries; %d such error(s) so far",
+            exc.strerror,
+            self.accept_errors[reason],
+        )
+
     def on_loop_exception(self, loop: Any, context: dict) -> None:
         """Loop exception handler: accept errors are counted and rate-limited; the rest goes to the default."""
         exc = context.get("exception")
         if isinstance(exc, OSError) and exc.errno in ACCEPT_ERRNOS and "accept" in str(context.get("message", "")):
-            reason = ACCEPT_ERRNOS[exc.errno]
-            self.accept_errors[reason] = self.accept_errors.get(reason, 0) + 1
-            self._log.warning(
-                ("accept", reason),
-                "cannot accept a client (%s): the listener pauses and retries; %d such error(s) so far",
-                exc.strerror,
-                self.accept_errors[reason],
-            )
+            self.accept_error(exc)
             return
         loop.default_exception_handler(context)
+
+    async def accept(self, lsock: socket.socket, open_connections: Callable[[], int]) -> socket.socket:
+        """The next admitted client of a listening socket, for listeners with their own accept loop.
+
+        A client over the cap (open_connections() plus the handshakes in progress) is reset here, before
+        any other work; accept errors are counted and paused on like asyncio's own listeners.
+        """
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                sock, _ = await loop.sock_accept(lsock)
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                continue  # the client left before it was accepted
+            except OSError as exc:
+                self.accept_error(exc)
+                await asyncio.sleep(ACCEPT_RETRY_SECONDS)
+                continue
+            if self.admit(open_connections() + self.handshaking):
+                sock.setblocking(False)
+                return sock
+            reset(sock)
 
     def register(self, registry: Any) -> None:
         """Export the refusals and accept errors in `registry` (read at scrape time)."""
         registry.register(_Collector(self))
+
+
+def reset(sock: socket.socket) -> None:
+    """Close a client's socket with a reset (RST), not a FIN: it is refused, not served."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    except OSError:
+        pass  # already reset by the client: close() is all that is left
+    sock.close()
 
 
 class _Collector:

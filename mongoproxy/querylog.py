@@ -12,20 +12,19 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from dataclasses import dataclass
 from typing import Any
+
+from mongoproxy.protocol.builders import CODE_NAMES
+from mongoproxy.protocol.commands import SECRET_KEYS, is_secret
 
 REDACTED = "?"
 
 # Driver/session bookkeeping that every command carries; noise in a log and would split shapes.
 ENVELOPE_FIELDS = frozenset({"$db", "lsid", "$clusterTime", "txnNumber", "autocommit", "startTransaction"})
 
-# Commands whose whole body is a credential exchange: every value is redacted, even with --no-redact.
-SECRET_COMMANDS = frozenset(
-    {"saslstart", "saslcontinue", "authenticate", "copydbsaslstart", "copydbgetnonce", "getnonce"}
-)
-# Keys whose value (the whole subtree) is a secret wherever they appear: createUser/updateUser passwords and the
-# SASL exchange a handshake hello carries.
-SECRET_KEYS = frozenset({"pwd", "speculativeAuthenticate"})
+# Credentials in a connection string (addShard, $out/$merge to a URI, ...): user:password@ before the host.
+_URI_CREDENTIALS = re.compile(r"([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s\"?#]+@")
 
 # Extended-JSON wrappers of one BSON value: a scalar for shape purposes.
 _EXT_JSON = frozenset(
@@ -79,6 +78,8 @@ def _scrub(value: Any) -> Any:
         return {k: (_redact_all(v) if k in SECRET_KEYS else _scrub(v)) for k, v in value.items()}
     if isinstance(value, list):
         return [_scrub(v) for v in value]
+    if isinstance(value, str):
+        return _URI_CREDENTIALS.sub(r"\1?@", value)
     return value
 
 
@@ -130,9 +131,9 @@ def shape_hash(redacted_canonical: str) -> str:
 def prepare(rendered: str, op: str, show_values: bool) -> tuple[str, str]:
     """(text to log, shape hash) for a rendered command body.
 
-    Without `show_values` every literal is '?'. With it, values are shown
-    except secrets (credential commands, pwd, SASL payloads), which are
-    redacted in every case.
+    Without `show_values` every literal is '?' (but the command name's value). With it, values are shown
+    except secrets (credential commands, SECRET_KEYS, the user:password of a connection string), which
+    are redacted in every case.
     """
     try:
         body = json.loads(rendered)
@@ -140,15 +141,65 @@ def prepare(rendered: str, op: str, show_values: bool) -> tuple[str, str]:
         body = None
     if not isinstance(body, dict):
         redacted = redact_text(rendered)
-        shown = rendered if show_values and op.lower() not in SECRET_COMMANDS else redacted
+        shown = _URI_CREDENTIALS.sub(r"\1?@", rendered) if show_values and not is_secret(op) else redacted
         return shown, shape_hash(redacted)
     display = {k: v for i, (k, v) in enumerate(body.items()) if i == 0 or k not in ENVELOPE_FIELDS}
-    if show_values and op.lower() not in SECRET_COMMANDS:
+    if show_values and not is_secret(op):
         shown_doc = _scrub(display)
     else:
         first = next(iter(display), None)
-        shown_doc = {k: (v if k == first and isinstance(v, str) else _redact_all(v)) for k, v in display.items()}
+        shown_doc = {
+            k: (_scrub(v) if k == first and isinstance(v, str) else _redact_all(v)) for k, v in display.items()
+        }
     return _dumps(shown_doc), shape_hash(_dumps(_shape(body, top=True)))
+
+
+@dataclass(slots=True, frozen=True)
+class Query:
+    """One command's query text, computed once and shared by the command log, tracing and the digest."""
+
+    text: str  # what a log shows: literals '?' unless values were asked for (secrets always '?')
+    redacted: str  # every literal '?', whatever was asked for
+    shape: str  # 16 hex digits: the same for every command of this shape
+    values: bool = False  # whether `text` may show literal values (it was asked for with show_values)
+
+
+# Redacted renderings repeat (literals are already '?'), so their Query is looked up, not recomputed:
+# only the first command of each rendering pays for the parse. Cleared when full: bounded, O(1).
+_CACHE_MAX = 4096
+_cache: dict[str, Query] = {}
+
+
+def query_of(rendered: str, op: str, show_values: bool) -> Query:
+    """The Query of a rendered command body (see prepare); redacted renderings come from a bounded cache."""
+    if not show_values:
+        q = _cache.get(rendered)
+        if q is None:
+            text, shape = prepare(rendered, op, False)
+            q = Query(text, text, shape)
+            if len(_cache) >= _CACHE_MAX:
+                _cache.clear()
+            _cache[rendered] = q
+        return q
+    text, shape = prepare(rendered, op, True)
+    redacted, _ = prepare(rendered, op, False)
+    return Query(text, redacted, shape, True)
+
+
+def event_query(event: Any, show_values: bool) -> Query | None:
+    """The event's Query, computed on first use and kept on the event; None when its body was not rendered."""
+    q = event.query_cache
+    if q is not None and q.values is show_values:
+        return q
+    request = event.request
+    rendered = request.query_shape if request is not None else None
+    if not rendered:
+        return None
+    q = None if show_values else _cache.get(rendered)  # the usual case, without a call
+    if q is None:
+        q = query_of(rendered, event.op, show_values)
+    event.query_cache = q
+    return q
 
 
 def redact_errmsg(errmsg: str) -> str:
@@ -158,43 +209,8 @@ def redact_errmsg(errmsg: str) -> str:
     return _DUP_KEY.sub(r"\1{ ? }", errmsg)
 
 
-# Names of the codes a writeErrors / writeConcernError entry usually carries. Servers send codeName for
-# ok:0 replies but not inside writeErrors, so without this a duplicate key would be labelled "11000".
-CODE_NAMES = {
-    2: "BadValue",
-    9: "FailedToParse",
-    13: "Unauthorized",
-    14: "TypeMismatch",
-    20: "IllegalOperation",
-    26: "NamespaceNotFound",
-    28: "PathNotViable",
-    40: "ConflictingUpdateOperators",
-    50: "MaxTimeMSExpired",
-    52: "DollarPrefixedFieldName",
-    53: "InvalidIdField",
-    55: "InvalidDBRef",
-    56: "EmptyFieldName",
-    57: "DottedFieldName",
-    61: "ShardKeyNotFound",
-    64: "WriteConcernTimeout",
-    66: "ImmutableField",
-    79: "UnknownReplWriteConcern",
-    91: "ShutdownInProgress",
-    100: "UnsatisfiableWriteConcern",
-    112: "WriteConflict",
-    121: "DocumentValidationFailure",
-    189: "PrimarySteppedDown",
-    10003: "CannotGrowDocumentInCappedNamespace",
-    10107: "NotWritablePrimary",
-    10334: "BSONObjectTooLarge",
-    11000: "DuplicateKey",
-    11600: "InterruptedAtShutdown",
-    11601: "Interrupted",
-    11602: "InterruptedDueToReplStateChange",
-    13435: "NotPrimaryNoSecondaryOk",
-}
-
-
+# Servers send codeName for ok:0 replies but not inside writeErrors: without a table a duplicate key would be
+# labelled "11000". The table of real server codes lives with the replies the proxy builds.
 def code_name(name: str | None, code: int | None) -> str:
     """The codeName sent, else the known name of `code`, else the code as text, else "unknown"."""
     if name:

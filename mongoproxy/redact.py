@@ -1,11 +1,11 @@
-"""Rewriting recorded messages: blanking secrets, pseudonymising literal values, decompressing.
+"""Rewriting recorded messages: blanking secrets and pseudonymising literal values.
 
 Used by the capture writer thread (never on the data path) and by replay.
 Invariants:
 - Rewrites are in place and keep every length: a document stays a valid BSON
   document of the same size, so message and section lengths stay right.
-- Secrets (SASL/SCRAM `payload`s, `pwd`, legacy `key`/`nonce`, the whole
-  `speculativeAuthenticate` subtree) are blanked: strings become '*', binary
+- Secrets (protocol.commands.CREDENTIAL_KEYS: SASL/SCRAM `payload`s, `pwd`, legacy
+  `key`/`nonce`, the whole `speculativeAuthenticate` subtree) are blanked: strings become '*', binary
   and other values zero bytes. This is always done for recordings.
 - Pseudonymising (--record-redact) replaces a literal by a keyed hash of it of
   the same type and size, so equal values stay equal within one recording
@@ -23,35 +23,25 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
-import zlib
 from typing import cast
 
 from mongoproxy.errors import DecodeError
-
-OP_REPLY, OP_UPDATE, OP_INSERT, OP_QUERY, OP_GET_MORE, OP_DELETE, OP_KILL_CURSORS = (
-    1,
-    2001,
-    2002,
-    2004,
-    2005,
-    2006,
-    2007,
+from mongoproxy.protocol import opcodes
+from mongoproxy.protocol.commands import (  # noqa: F401 - AUTH_COMMANDS is read by replay
+    AUTH_COMMANDS,
+    CREDENTIAL_KEYS_BYTES,
+    HELLO_COMMANDS,
+    SENSITIVE_COMMANDS,
+    USER_MANAGEMENT_COMMANDS,
 )
-OP_COMMAND, OP_COMMANDREPLY, OP_COMPRESSED, OP_MSG = 2010, 2011, 2012, 2013
+from mongoproxy.protocol.compression import uncompressed  # noqa: F401 - read by replay
 
 _I32 = struct.Struct("<i")
-_HEADER = struct.Struct("<iiii")
-
-# Commands whose request and reply carry credentials (lower-case names).
-AUTH_COMMANDS = frozenset(
-    {"saslstart", "saslcontinue", "authenticate", "getnonce", "copydbsaslstart", "copydbgetnonce", "logout"}
-)
-USER_COMMANDS = frozenset({"createuser", "updateuser"})
-HELLO_COMMANDS = frozenset({"hello", "ismaster"})
-# Requests (and their replies) that are held whole in the recorder so their secrets can be blanked.
-SENSITIVE_COMMANDS = AUTH_COMMANDS | USER_COMMANDS | HELLO_COMMANDS
+_HEADER = opcodes.HEADER
+# Names replay reads from here (mongoproxy.replay is being split into a package; it moves to protocol then).
+USER_COMMANDS = USER_MANAGEMENT_COMMANDS
 # Keys whose value is a secret wherever it appears in a sensitive message; the subtree is blanked.
-SECRET_KEYS = frozenset({b"payload", b"pwd", b"key", b"nonce", b"speculativeAuthenticate"})
+SECRET_KEYS = CREDENTIAL_KEYS_BYTES
 
 # Request top-level fields kept verbatim when pseudonymising: what routing, sessions and replay depend on.
 REQUEST_KEEP = frozenset(
@@ -298,7 +288,7 @@ class Rewriter:
         self._secrets = sensitive
         length, _, _, op_code = _HEADER.unpack_from(msg)
         end = min(length, len(msg))
-        if op_code == OP_MSG:
+        if op_code == opcodes.OP_MSG:
             pos = 20
             flags = _I32.unpack_from(msg, 16)[0] & 0xFFFFFFFF
             if flags & 1:
@@ -318,23 +308,23 @@ class Rewriter:
                 else:
                     msg[pos:end] = bytes(end - pos)
                     break
-        elif op_code == OP_QUERY:
+        elif op_code == opcodes.OP_QUERY:
             pos = _cstring_end(msg, 20, end) + 9
             top_q = top
             while pos < end:
                 pos = self._doc_safely(msg, pos, end, mode, top_q)
                 top_q = ""
-        elif op_code == OP_REPLY:
+        elif op_code == opcodes.OP_REPLY:
             pos = 36
             while pos < end:
                 pos = self._doc_safely(msg, pos, end, mode, top)
-        elif op_code in (OP_INSERT, OP_UPDATE, OP_DELETE):
+        elif op_code in (opcodes.OP_INSERT, opcodes.OP_UPDATE, opcodes.OP_DELETE):
             pos = _cstring_end(msg, 20, end) + 1
-            if op_code != OP_INSERT:
+            if op_code != opcodes.OP_INSERT:
                 pos += 4
             while pos < end:
                 pos = self._doc_safely(msg, pos, end, mode)
-        elif op_code in (OP_GET_MORE, OP_KILL_CURSORS):
+        elif op_code in (opcodes.OP_GET_MORE, opcodes.OP_KILL_CURSORS):
             pass  # namespaces and cursor ids only
         elif self.pseudonymise or sensitive:
             msg[16:end] = bytes(end - 16)  # an opcode we cannot walk: its body is not recorded
@@ -358,13 +348,13 @@ def first_key(msg: bytes) -> tuple[str, bool] | None:
     if len(msg) < 16:
         return None
     op_code = _HEADER.unpack_from(msg)[3]
-    if op_code == OP_MSG:
+    if op_code == opcodes.OP_MSG:
         if len(msg) < 26:
             return None
         if msg[20] != 0:
             return "", False
         pos = 26
-    elif op_code == OP_QUERY:
+    elif op_code == opcodes.OP_QUERY:
         ns_end = msg.find(b"\0", 20)
         if ns_end < 0:
             return None
@@ -379,46 +369,6 @@ def first_key(msg: bytes) -> tuple[str, bool] | None:
     if k_end < 0:
         return None
     key = msg[pos:k_end].decode("utf-8", "replace")
-    if op_code == OP_QUERY and key in ("$query", "query"):
+    if op_code == opcodes.OP_QUERY and key in ("$query", "query"):
         return key, False
     return key, True
-
-
-def decompress(compressor_id: int, data: bytes | memoryview, size: int) -> bytes:
-    """The original body of an OP_COMPRESSED message; DecodeError when it cannot be had."""
-    try:
-        if compressor_id == 0:
-            out = bytes(data)
-        elif compressor_id == 2:
-            out = zlib.decompress(data)
-        elif compressor_id == 3:
-            import zstandard
-
-            out = zstandard.ZstdDecompressor().decompress(bytes(data), max_output_size=max(size, 1))
-        elif compressor_id == 1:
-            import cramjam
-
-            out = bytes(cramjam.snappy.decompress_raw(bytes(data)))
-        else:
-            raise DecodeError("unknown_compressor", f"compressorId {compressor_id}")
-    except DecodeError:
-        raise
-    except ImportError as exc:
-        raise DecodeError("compressor_unavailable", f"{exc.name} is not installed") from None
-    except Exception as exc:  # zlib.error, zstd/snappy errors
-        raise DecodeError("decompress_failed", str(exc)) from None
-    if len(out) != size:
-        raise DecodeError("bad_uncompressed_size", f"uncompressedSize {size}, got {len(out)}")
-    return out
-
-
-def uncompressed(msg: bytes) -> bytes:
-    """An OP_COMPRESSED message as the message it wraps (same requestID/responseTo); others unchanged."""
-    length, request_id, response_to, op_code = _HEADER.unpack_from(msg)
-    if op_code != OP_COMPRESSED:
-        return msg
-    if len(msg) < 25:
-        raise DecodeError("truncated", "OP_COMPRESSED shorter than its 9-byte prefix")
-    original, size, compressor = struct.unpack_from("<iiB", msg, 16)
-    body = decompress(compressor, memoryview(msg)[25:length], size)
-    return _HEADER.pack(16 + len(body), request_id, response_to, original) + body

@@ -15,17 +15,22 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import logging
 import socket
+import ssl
 import time
 from collections.abc import Callable
 from typing import Any
 
-from mongoproxy import __version__, dstaddr, wire
+from mongoproxy import __version__, dstaddr, faults, tlslisten, wire
+from mongoproxy._bson_parser import RENDER_OFF, RENDER_REDACTED, RENDER_VALUES
 from mongoproxy.config import Config, ProxySpec
 from mongoproxy.errors import StartupError
 from mongoproxy.events import Connection, DecodeErrorEvent, SinkBus, UpstreamConnectError, hostport
+from mongoproxy.faults import gate as fault_gate
 from mongoproxy.limits import DEFAULT_MAX_CONNECTIONS, ConnectionLimiter, RateLimitedLog
+from mongoproxy.tls import TlsManager
 from mongoproxy.tracker import Tracker
 
 log = logging.getLogger("mongoproxy")
@@ -36,6 +41,8 @@ monotonic_ns = time.monotonic_ns
 
 class ClientSide(asyncio.Protocol):
     """The client's connection to the proxy; owns the pair and the observation tap."""
+
+    tls_server_name = ""  # the SNI of a TLS-terminated client, set by the TLS listener
 
     def __init__(self, proxy: Proxy, spec: ProxySpec) -> None:
         self.proxy = proxy
@@ -56,13 +63,18 @@ class ClientSide(asyncio.Protocol):
         # Bound methods of the pump, looked up once: the upstream's write (None until connected), the request feed.
         self._write_upstream: Callable[[bytes], Any] | None = None
         self._feed_requests: Any = None
+        self.fault_gate: Any = None  # mongoproxy.faults.gate.RequestGate while a fault rule could match
+        self.passthrough = False  # a TLS stream this listener cannot open: forwarded, never framed
+        self._last_from_client = False
 
     # ---- client → upstream ----
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
         if not self.proxy.limiter.admit(len(self.proxy.connections)):
-            self.closed = True  # refused at accept: reset, counted by the limiter, no Connection
+            # Refused at accept: reset, counted by the limiter, no Connection. (A TLS listener admitted its
+            # clients before the handshake, counting them until here: they always pass this check.)
+            self.closed = True
             transport.abort()
             return
         transport.pause_reading()
@@ -78,7 +90,9 @@ class ClientSide(asyncio.Protocol):
             listen_port=int(sockname[1]),
             transparent=self.spec.transparent,
             opened_ns=monotonic_ns(),
+            tls_server_name=self.tls_server_name,
         )
+        proxy.tls.describe_client(transport, conn)
         proxy.connections.add(self)
         target = self._target(transport, sockname)
         if target is None:
@@ -87,18 +101,24 @@ class ClientSide(asyncio.Protocol):
         cfg = proxy.config
         bus = proxy.bus
         self.tracker = Tracker(conn, bus, cfg.max_pending_requests)
-        render = proxy.render
         self.requests = wire.FrameScanner(
             False,
             self.tracker.on_request,
             self._request_error,
             cfg.max_message_bytes,
-            render,
+            proxy.query_rendering,
             verify_checksums=cfg.verify_checksums,
+            max_observed_compressed_bytes=cfg.max_observed_compressed_bytes,
         )
-        self._feed_requests = self.requests.feed
+        # A plaintext listener looks at the first chunk once for a TLS ClientHello (passthrough).
+        self._feed_requests = self.requests.feed if conn.client_tls else self._first_chunk
         self.replies = wire.FrameScanner(
-            True, self._on_reply, self._reply_error, cfg.max_message_bytes, verify_checksums=cfg.verify_checksums
+            True,
+            self._on_reply,
+            self._reply_error,
+            cfg.max_message_bytes,
+            verify_checksums=cfg.verify_checksums,
+            max_observed_compressed_bytes=cfg.max_observed_compressed_bytes,
         )
         bus.connection_open(conn)
         self._connecting = asyncio.get_running_loop().create_task(self._connect(target))
@@ -118,11 +138,41 @@ class ClientSide(asyncio.Protocol):
         if self.wants_data:
             self.proxy.bus.data(self.conn, True, data, now)
 
+    def _first_chunk(self, data: bytes, now: int) -> None:
+        self._feed_requests = self.requests.feed
+        if tlslisten.looks_like_tls(data):
+            self._start_passthrough(self.proxy.tls.passthrough_reason())
+        else:
+            self._feed_requests(data, now)
+
+    def _start_passthrough(self, reason: str) -> None:
+        self.passthrough = True
+        self.wants_data = False  # capture frames what it is given: give it nothing
+        self._last_from_client = True  # the ClientHello awaits its answer
+        self._feed_requests = self._passthrough_request
+        self.upstream._feed_replies = self._passthrough_reply
+        self.proxy.tls.passthrough(self.conn, reason)
+
+    # In passthrough the feeds only note which side spoke last: the connection is idle when the server did.
+    def _passthrough_request(self, data: bytes, now: int) -> None:
+        self._last_from_client = True
+
+    def _passthrough_reply(self, data: bytes, now: int) -> None:
+        self._last_from_client = False
+        if self.proxy.draining:
+            self.close_if_idle()
+
     def eof_received(self) -> bool:
         self.client_eof = True
         upstream = self.upstream
-        if upstream is not None and upstream.transport is not None and upstream.transport.can_write_eof():
-            upstream.transport.write_eof()
+        if upstream is not None and upstream.transport is not None:
+            if upstream.transport.can_write_eof():
+                if self.fault_gate is not None:  # after any request a fault delay still holds
+                    self.fault_gate.valve.call(upstream.transport.write_eof)
+                else:
+                    upstream.transport.write_eof()
+            else:  # a TLS upstream has no half-close: finish the pair
+                self.close()
         if self.upstream_eof:
             self.close()
         return True  # keep the other half open
@@ -163,14 +213,18 @@ class ClientSide(asyncio.Protocol):
         loop = asyncio.get_running_loop()
         started = monotonic_ns()
         try:
+            sni = self.conn.tls_server_name if self.spec.transparent else ""  # static: verify the upstream's name
+            tls_args = proxy.tls.upstream_args(target[0], sni)
             _, upstream = await asyncio.wait_for(
-                loop.create_connection(lambda: UpstreamSide(self), target[0], target[1]),
+                loop.create_connection(lambda: UpstreamSide(self), target[0], target[1], **tls_args),
                 timeout=proxy.config.connect_timeout or None,
             )
         except asyncio.CancelledError:
             return
         except Exception as exc:  # noqa: BLE001 - every failure closes the client and is counted
             reason, detail = _connect_failure(exc)
+            if tls_args and reason in ("tls", "timeout"):
+                proxy.tls.upstream_handshake_error(exc, hostport(*target))
             # Once a minute per upstream and reason: a dead upstream must not turn every client into a log line.
             proxy.upstream_log.warning(
                 (target, reason),
@@ -192,6 +246,8 @@ class ClientSide(asyncio.Protocol):
         self.conn.upstream_connect_ns = monotonic_ns() - started
         self.upstream = upstream
         self._write_upstream = upstream.transport.write
+        if proxy.faults is not None and proxy.faults.active:
+            fault_gate.install(proxy.faults, self)  # swaps the write functions; nothing else on the data path
         early, self._early = self._early, []
         for chunk in early:
             self.data_received(chunk)
@@ -247,9 +303,17 @@ class ClientSide(asyncio.Protocol):
         """No request awaits a reply and no message is half-seen in either direction."""
         if self.tracker is None:
             return True
+        if self.passthrough:  # no bytes in flight: nothing buffered, and the server spoke last
+            return not self._last_from_client and self._buffered() == 0
         if self.requests.stopped or self.replies.stopped:
             return False  # unknown: wait for the drain deadline
         return self.tracker.in_flight == 0 and not self.requests.mid_message and not self.replies.mid_message
+
+    def _buffered(self) -> int:
+        n = self.transport.get_write_buffer_size() if self.transport is not None else 0
+        if self.upstream is not None and self.upstream.transport is not None:
+            n += self.upstream.transport.get_write_buffer_size()
+        return n
 
     def close_if_idle(self) -> None:
         if not self.closed and self.idle:
@@ -261,6 +325,8 @@ class ClientSide(asyncio.Protocol):
             return
         self.closed = True
         self.proxy.connections.discard(self)
+        if self.fault_gate is not None:
+            self.fault_gate.close()
         if self._connecting is not None and not self._connecting.done():
             self._connecting.cancel()
         if self.transport is not None:
@@ -293,7 +359,7 @@ class UpstreamSide(asyncio.Protocol):
         self.transport: Any = None
         # Looked up once (the client side is set up before its upstream connects).
         self._write_client = client.transport.write
-        self._feed_replies = client.replies.feed
+        self._feed_replies: Callable[[Any, int], None] = client.replies.feed
         self._conn = client.conn
 
     def connection_made(self, transport: Any) -> None:
@@ -314,7 +380,12 @@ class UpstreamSide(asyncio.Protocol):
         client = self.client
         client.upstream_eof = True
         if client.transport.can_write_eof():
-            client.transport.write_eof()
+            if client.fault_gate is not None:  # after any reply a fault delay or throttle still holds
+                client.fault_gate.replies.valve.call(client.transport.write_eof)
+            else:
+                client.transport.write_eof()
+        else:  # a TLS client has no half-close: finish the pair
+            client.close()
         if client.client_eof:
             client.close()
         return True
@@ -344,6 +415,8 @@ def _connect_failure(exc: BaseException) -> tuple[str, str]:
         return "timeout", "connect timed out"
     if isinstance(exc, socket.gaierror):
         return "dns", f"cannot resolve host ({exc.strerror or exc})"
+    if isinstance(exc, ssl.SSLError) or "SSL" in str(exc):  # a TCP connect that got through; TLS failed
+        return "tls", f"TLS handshake failed: {getattr(exc, 'verify_message', '') or exc}"
     if isinstance(exc, ConnectionRefusedError):
         return "refused", "connection refused"
     if isinstance(exc, OSError):
@@ -359,28 +432,35 @@ def _connect_failure(exc: BaseException) -> tuple[str, str]:
 class Proxy:
     """All listeners of one process, their connections, and the drain state."""
 
-    def __init__(self, config: Config, bus: SinkBus) -> None:
+    def __init__(self, config: Config, bus: SinkBus, registry: Any = None) -> None:
         self.config = config
         self.bus = bus
+        self.tls = TlsManager(config, registry)  # contexts, reload and the TLS counters
         self.connections: set[ClientSide] = set()
-        self.servers: list[tuple[ProxySpec, asyncio.Server]] = []
+        self.servers: list[tuple[ProxySpec, Any]] = []  # asyncio.Server or tlslisten.TlsListener
         self.draining = False
         self.ready = False
         self._next_id = 0
         self._own_addresses: set[tuple[str, int]] = set()
         self.limiter = ConnectionLimiter(config.get("max_connections", DEFAULT_MAX_CONNECTIONS))
         self.upstream_log = RateLimitedLog(log)
-        self.components: list = []  # objects offering admin_routes()/reload(), like sinks (see admin, signals)
+        # Objects offering admin_routes()/reload(), like sinks (see admin, signals); TLS reloads its certificates.
+        self.components: list = [self.tls]
         self.unresolved: set[ProxySpec] = set()  # static upstreams whose name did not resolve yet
         self._dns_task: asyncio.Task | None = None
-        render = 0
-        if config.get("log_query") or config.get("trace_query"):
-            render = 2 if config.get("no_redact") else 1
-        self.render = render
+        self.faults: Any = None  # FaultEngine, set by serve() (or a test) when fault injection is configured
+        # One scanner rendering per request serves the command log, tracing, the digest and the live view;
+        # the digest is on by default, so shapes are rendered unless every consumer is off.
+        self.query_rendering = RENDER_OFF
+        if config.get("log_query") or config.get("trace_query") or not config.get("no_digest", True):
+            self.query_rendering = RENDER_VALUES if config.get("no_redact") else RENDER_REDACTED
 
     def next_id(self) -> int:
         self._next_id += 1
         return self._next_id
+
+    def _open_connections(self) -> int:
+        return len(self.connections)
 
     @property
     def ports(self) -> list[int]:
@@ -396,12 +476,9 @@ class Proxy:
             if not spec.transparent and not await _resolves(spec):
                 self.unresolved.add(spec)  # like Envoy's STRICT_DNS: serve, stay unready, retry
             try:
-                server = await loop.create_server(
-                    lambda spec=spec: ClientSide(self, spec),
-                    hosts if len(hosts) > 1 else hosts[0],
-                    spec.listen_port,
-                    reuse_address=True,
-                    backlog=1024,
+                factory = functools.partial(ClientSide, self, spec)
+                server = await tlslisten.create_server(
+                    self.tls, factory, hosts, spec.listen_port, self.limiter, self._open_connections, backlog=1024
                 )
             except OSError as exc:
                 await self.close_listeners()
@@ -425,7 +502,10 @@ class Proxy:
                 if spec.transparent
                 else hostport(spec.upstream_host, spec.upstream_port)
             )
-            log.info("listening on %s -> %s", hostport(host, server.sockets[0].getsockname()[1]), target)
+            tls = f" (TLS {self.tls.listen_mode})" if self.tls.terminating else ""
+            up = f" (TLS, {self.tls.info_label})" if self.tls.upstream else ""
+            log.info("listening on %s%s -> %s%s", hostport(host, server.sockets[0].getsockname()[1]), tls, target, up)
+        self.tls.start()
         self.ready = not self.unresolved
         if self.unresolved:
             self._dns_task = loop.create_task(self._resolve_until_ready())
@@ -457,6 +537,7 @@ class Proxy:
         ) and _is_local_address(dst[0])
 
     async def close_listeners(self) -> None:
+        self.tls.close()
         for _, server in self.servers:
             server.close()
         for _, server in self.servers:
@@ -472,6 +553,7 @@ class Proxy:
         """
         self.draining = True
         self.ready = False
+        self.tls.close()
         if self._dns_task is not None:
             self._dns_task.cancel()
         for _, server in self.servers:
@@ -548,7 +630,9 @@ async def serve(config: Config, on_started: Callable[[Proxy], Any] | None = None
             watch(bus, sinks)
     if config.verify_checksums:
         wire.checksum_function()  # fail at start-up, not at the first message, when the library is missing
-    proxy = Proxy(config, bus)
+    proxy = Proxy(config, bus, registry)
+    proxy.faults = faults.create(config, registry)
+    proxy.components.append(proxy.faults)
     admin_server = None
     try:
         if config.admin_port:
@@ -556,6 +640,7 @@ async def serve(config: Config, on_started: Callable[[Proxy], Any] | None = None
             proxy.components.append(admin_server)  # its reload() re-reads the token and TLS files on SIGHUP
         await proxy.start()
         limits.install(proxy, registry, loop)
+        proxy.faults.attach(proxy)
     except BaseException:
         if admin_server is not None:
             await admin_server.aclose()
@@ -598,6 +683,7 @@ async def serve(config: Config, on_started: Callable[[Proxy], Any] | None = None
         signals.remove(loop, handled)
         if admin_server is not None:
             await admin_server.aclose(timeout=0.5)
+        proxy.faults.close()
         shutdown.close_sinks(bus.sinks)
     return 0
 

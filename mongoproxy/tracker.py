@@ -15,8 +15,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from mongoproxy import wire
 from mongoproxy.events import CommandEvent, Connection, SinkBus
+from mongoproxy.protocol import opcodes
+from mongoproxy.protocol.commands import is_hello
+from mongoproxy.protocol.framing import Message
 
 # Commands whose first value, when a string, names a collection. Others
 # (usersInfo: "name", getLog: "global", ...) would leak non-collection values.
@@ -29,32 +31,30 @@ COLLECTION_COMMANDS = frozenset(
     """.split()
 )
 
-HELLO_COMMANDS = frozenset(("hello", "isMaster", "ismaster"))
-
 LEGACY_OPS = {
-    wire.OP_INSERT: "op_insert",
-    wire.OP_UPDATE: "op_update",
-    wire.OP_DELETE: "op_delete",
-    wire.OP_GET_MORE: "op_get_more",
-    wire.OP_KILL_CURSORS: "op_kill_cursors",
+    opcodes.OP_INSERT: "op_insert",
+    opcodes.OP_UPDATE: "op_update",
+    opcodes.OP_DELETE: "op_delete",
+    opcodes.OP_GET_MORE: "op_get_more",
+    opcodes.OP_KILL_CURSORS: "op_kill_cursors",
 }
 # Legacy requests whose reply documents are user data, not a command reply.
 LEGACY_DATA_OPS = frozenset(("query", "op_get_more"))
 # Legacy requests that never get a reply.
-NO_REPLY_OPS = frozenset((wire.OP_INSERT, wire.OP_UPDATE, wire.OP_DELETE, wire.OP_KILL_CURSORS))
+NO_REPLY_OPS = frozenset((opcodes.OP_INSERT, opcodes.OP_UPDATE, opcodes.OP_DELETE, opcodes.OP_KILL_CURSORS))
 # OP_REPLY responseFlags bit 1.
 QUERY_FAILURE = 1 << 1
 # OP_QUERY flags bit 6: the server streams OP_REPLYs until the cursor is exhausted (pre-5.1 servers).
 QUERY_EXHAUST = 1 << 6
-_OP_MSG = wire.OP_MSG
-_OP_REPLY = wire.OP_REPLY
-_MORE_TO_COME = wire.MORE_TO_COME
+_OP_MSG = opcodes.OP_MSG
+_OP_REPLY = opcodes.OP_REPLY
+_MORE_TO_COME = opcodes.MORE_TO_COME
 
 
 class _Pending:
     __slots__ = ("msg", "op", "database", "collection", "exhaust_index", "last_reply_id", "last_reply_ns")
 
-    def __init__(self, msg: wire.Message, op: str, database: str, collection: str) -> None:
+    def __init__(self, msg: Message, op: str, database: str, collection: str) -> None:
         self.msg = msg
         self.op = op
         self.database = database
@@ -64,13 +64,13 @@ class _Pending:
         self.last_reply_ns = 0
 
 
-def attribute(msg: wire.Message) -> tuple[str, str, str]:
+def attribute(msg: Message) -> tuple[str, str, str]:
     """(op, database, collection) for a request message."""
     r = msg.result
     op_code = msg.op_code
     if r is None:
         return "unknown", "", ""
-    if op_code != _OP_MSG and (op_code in LEGACY_OPS or (op_code == wire.OP_QUERY and r.command is None)):
+    if op_code != _OP_MSG and (op_code in LEGACY_OPS or (op_code == opcodes.OP_QUERY and r.command is None)):
         db, _, coll = (r.namespace or "").partition(".")
         return LEGACY_OPS.get(op_code, "query"), db, coll
     op = r.command or "unknown"
@@ -95,11 +95,11 @@ class Tracker:
         """Requests still waiting for a reply (exhaust streams not included)."""
         return len(self.pending)
 
-    def on_request(self, msg: wire.Message) -> None:
+    def on_request(self, msg: Message) -> None:
         """A complete client-to-server message."""
         op, database, collection = attribute(msg)
         r = msg.result
-        if r is not None and op in HELLO_COMMANDS:
+        if r is not None and is_hello(op):
             self._handshake_request(r)
         if (msg.op_code == _OP_MSG and r is not None and r.flags & _MORE_TO_COME) or msg.op_code in NO_REPLY_OPS:
             event = self._event(_Pending(msg, op, database, collection))
@@ -115,7 +115,13 @@ class Tracker:
             del pending[next(iter(pending))]
             self.bus.requests_dropped(self.conn, 1)
 
-    def on_reply(self, msg: wire.Message) -> None:
+    def unanswered(self, request_id: int) -> None:
+        """Emit, without a reply, the event of a request that will never get one (the proxy swallowed it)."""
+        p = self.pending.pop(request_id, None)
+        if p is not None:
+            self.bus.command(self._event(p))
+
+    def on_reply(self, msg: Message) -> None:
         """A complete server-to-client message."""
         p = self.pending.pop(msg.response_to, None)
         if p is None:
@@ -138,7 +144,7 @@ class Tracker:
             more = (
                 msg.op_code == _OP_REPLY
                 and bool(r.cursor_id)
-                and p.msg.op_code == wire.OP_QUERY
+                and p.msg.op_code == opcodes.OP_QUERY
                 and bool(p.msg.flags & QUERY_EXHAUST)
             )
         exhaust = self.exhaust
@@ -155,15 +161,15 @@ class Tracker:
                 exhaust.pop(stale)
         elif p.exhaust_index:  # the stream's last reply
             exhaust.pop(p.msg.request_id, None)
-        if p.op in HELLO_COMMANDS:
+        if is_hello(p.op):
             if r is not None:
                 self._handshake_reply(r)
             req = p.msg.result
             # A monitoring hello that allows exhaust may be held for maxAwaitTimeMS: a long poll.
-            event.awaitable = req is not None and bool(req.flags & wire.EXHAUST_ALLOWED)
+            event.awaitable = req is not None and bool(req.flags & opcodes.EXHAUST_ALLOWED)
         self.bus.command(event)
 
-    def _event(self, p: _Pending, reply: wire.Message | None = None) -> CommandEvent:
+    def _event(self, p: _Pending, reply: Message | None = None) -> CommandEvent:
         req = p.msg
         if reply is None:
             return CommandEvent(

@@ -15,6 +15,8 @@ from typing import Any
 
 from mongoproxy import redact
 from mongoproxy.errors import DecodeError, ReplayError
+from mongoproxy.protocol.commands import AUTH_COMMANDS, HELLO_COMMANDS, USER_MANAGEMENT_COMMANDS
+from mongoproxy.protocol.opcodes import CHECKSUM_PRESENT, HEADER, MORE_TO_COME, OP_MSG, OP_QUERY, REQUEST_OPCODES
 from mongoproxy.replay.model import (
     SKIP_AUTH,
     SKIP_HANDSHAKE,
@@ -28,9 +30,7 @@ from mongoproxy.replay.model import (
     Workload,
 )
 from mongoproxy.replay.reader import (
-    HEADER,
     I32,
-    REQUEST_OPCODES,
     Flow,
     Reassembler,
     WireMessage,
@@ -38,13 +38,7 @@ from mongoproxy.replay.reader import (
     require_dpkt,
     uncompressed,
 )
-from mongoproxy.wire import OP_MSG, OP_QUERY
 
-MORE_TO_COME = 1 << 1
-CHECKSUM_PRESENT = 1 << 0
-
-HANDSHAKE_COMMANDS = frozenset({"hello", "ismaster"})
-AUTH_COMMANDS = redact.AUTH_COMMANDS
 SESSION_COMMANDS = frozenset({"endsessions"})
 # Fields never sent as recorded: the target session/cluster-time machinery replaces them.
 DROPPED_FIELDS = frozenset({"$db", "lsid", "$clusterTime"})
@@ -169,7 +163,7 @@ def _connection_from_flow(flow: Flow, warnings: list[str]) -> tuple[RecordedConn
         op = _op_from_message(conn, i, m, replies, warnings)
         if op is None:
             continue
-        if op.key in HANDSHAKE_COMMANDS:
+        if op.key in HELLO_COMMANDS:
             op.skip = SKIP_HANDSHAKE if first_hello else SKIP_MONITORING
             first_hello = False
         conn.ops.append(op)
@@ -235,7 +229,7 @@ def _op_from_message(
     if r.app_name and not conn.app:
         conn.app = r.app_name
     key = command.lower()
-    if key in AUTH_COMMANDS or key in redact.USER_COMMANDS:  # recorded passwords are blanked
+    if key in AUTH_COMMANDS or key in USER_MANAGEMENT_COMMANDS:  # recorded passwords are blanked
         op.skip = SKIP_AUTH
     elif key in SESSION_COMMANDS:
         op.skip = SKIP_SESSIONS
@@ -245,7 +239,7 @@ def _op_from_message(
         reply = got[0]
         op.recorded_ns = reply.last_ns - m.first_ns
         op.recorded = _reply_outcome(reply)
-    if op.skip or key in HANDSHAKE_COMMANDS:
+    if op.skip or key in HELLO_COMMANDS:
         return op
     try:
         _prepare(op, data, op_code)

@@ -6,80 +6,11 @@ from __future__ import annotations
 import dataclasses
 
 from mongoproxy.errors import ReplayError
+from mongoproxy.protocol.commands import DESTRUCTIVE_COMMANDS, READ_ONLY_COMMANDS
 from mongoproxy.replay.model import SKIP_DESTRUCTIVE, SKIP_FILTERED, Op, Workload
 
-# --read-only keeps these (aggregate only without $out/$merge); killCursors writes nothing and frees what they opened.
-READ_ONLY_COMMANDS = frozenset({"find", "aggregate", "count", "distinct", "getmore", "killcursors"})
-
-# Not replayed unless --allow-destructive: commands that stop, reconfigure or wipe the target's server, replica
-# set, cluster, users and roles, or a whole database. Collection-level drop, dropIndexes and delete are
-# application workload and are replayed. This is replay's one copy of the list, until mongoproxy/protocol/
-# holds the command-classification table (then its destructive set replaces this one).
-DESTRUCTIVE_COMMANDS = frozenset(
-    {
-        # the server
-        "shutdown",
-        "fsync",
-        "fsyncunlock",
-        "setparameter",
-        "setclusterparameter",
-        "setfeaturecompatibilityversion",
-        "setdefaultrwconcern",
-        "logrotate",
-        "compact",
-        "applyops",
-        "repairdatabase",
-        "resync",
-        "killop",
-        "killsessions",
-        "killallsessions",
-        "killallsessionsbypattern",
-        "dropconnections",
-        "configurefailpoint",
-        "sleep",
-        "emptycapped",
-        # a whole database
-        "dropdatabase",
-        # users and roles (createUser/updateUser are not replayed anyway: their passwords are blanked)
-        "dropuser",
-        "dropallusersfromdatabase",
-        "droprole",
-        "dropallrolesfromdatabase",
-        "revokerolesfromuser",
-        "revokerolesfromrole",
-        "revokeprivilegesfromrole",
-        # the replica set
-        "replsetinitiate",
-        "replsetreconfig",
-        "replsetstepdown",
-        "replsetfreeze",
-        "replsetmaintenance",
-        "replsetsyncfrom",
-        "replsetresizeoplog",
-        "replsetabortprimarycatchup",
-        # the sharded cluster
-        "addshard",
-        "removeshard",
-        "addshardtozone",
-        "removeshardfromzone",
-        "updatezonekeyrange",
-        "moveprimary",
-        "movechunk",
-        "moverange",
-        "movecollection",
-        "unshardcollection",
-        "reshardcollection",
-        "commitreshardcollection",
-        "abortreshardcollection",
-        "refinecollectionshardkey",
-        "cleanuporphaned",
-        "clearjumboflag",
-        "balancerstart",
-        "balancerstop",
-        "transitiontodedicatedconfigserver",
-        "transitionfromdedicatedconfigserver",
-    }
-)
+# --read-only keeps READ_ONLY_COMMANDS (aggregate only without $out/$merge); DESTRUCTIVE_COMMANDS are not
+# replayed unless --allow-destructive. Both live in the command-classification table.
 
 
 @dataclasses.dataclass(frozen=True)

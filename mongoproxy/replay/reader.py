@@ -1,8 +1,7 @@
 """Reading capture files: pcap/pcapng packets, TCP reassembly by sequence number, MongoDB message framing.
 
-Retransmissions are dropped; a direction with a hole that never fills reports its gap. The framing (`_Half`)
-and the decompression (`uncompressed`) stay here, in one place, until the shared framer of
-mongoproxy/protocol/ replaces them.
+Retransmissions are dropped; a direction with a hole that never fills reports its gap. Framing is
+mongoproxy.protocol's Framer (`_Half`), decompression its bounded decompressor (`uncompressed`).
 """
 
 from __future__ import annotations
@@ -13,24 +12,21 @@ import struct
 from collections.abc import Iterator
 from typing import Any
 
-from mongoproxy import redact
 from mongoproxy.errors import ConfigError, ReplayError
 from mongoproxy.events import hostport
-from mongoproxy.wire import DEFAULT_MAX_MESSAGE_BYTES as MAX_MESSAGE_BYTES
+from mongoproxy.protocol import compression
+from mongoproxy.protocol.framing import Framer
+from mongoproxy.protocol.opcodes import DEFAULT_MAX_MESSAGE_BYTES, HEADER, OPCODE_NAMES
 
 REPLAY_EXTRA = "pip install 'mongoproxy[replay]'"
 
-KNOWN_OPCODES = frozenset({1, 2001, 2002, 2004, 2005, 2006, 2007, 2010, 2011, 2012, 2013})
-REQUEST_OPCODES = frozenset({2001, 2002, 2004, 2005, 2006, 2007, 2010, 2012, 2013})
-
-HEADER = struct.Struct("<iiii")
 I32 = struct.Struct("<i")
 NS_PER_S = 1_000_000_000
 
 
 def uncompressed(data: bytes) -> bytes:
     """The message with OP_COMPRESSED undone (other messages as they are); DecodeError when it cannot be."""
-    return redact.uncompressed(data)
+    return compression.uncompressed(data)
 
 
 def require_dpkt() -> Any:
@@ -283,8 +279,8 @@ class WireMessage:
         return HEADER.unpack_from(self.data)
 
 
-class _Half:
-    """One direction of a TCP connection: reassembly by sequence number, then message framing."""
+class _Half(Framer):
+    """One direction of a TCP connection: reassembly by sequence number, then message framing (protocol.Framer)."""
 
     __slots__ = (
         "base",
@@ -302,6 +298,7 @@ class _Half:
     )
 
     def __init__(self) -> None:
+        super().__init__(DEFAULT_MAX_MESSAGE_BYTES)
         self.base: int | None = None  # sequence number of stream offset 0
         self.next = 0  # stream offset expected next
         self.pending: list = []  # heap of (offset, counter, payload, ts) past a hole
@@ -348,29 +345,32 @@ class _Half:
     def _deliver(self, data: bytes, ts: int) -> None:
         self.next += len(data)
         self.bytes += len(data)
-        if self.bad:
-            return
-        buf = self.buf
-        if not buf:
-            self.first_ts = ts
-        buf += data
-        while len(buf) >= 4:
-            length = I32.unpack_from(buf)[0]
-            if length < 16 or length > MAX_MESSAGE_BYTES:
-                self.bad = f"message length {length}"
-                buf.clear()
-                return
-            if len(buf) >= 16:
-                op_code = I32.unpack_from(buf, 12)[0]
-                if op_code not in KNOWN_OPCODES:
-                    self.bad = f"opcode {op_code}"
-                    buf.clear()
-                    return
-            if len(buf) < length:
-                return
-            self.messages.append(WireMessage(bytes(buf[:length]), self.first_ts, ts))
-            del buf[:length]
-            self.first_ts = ts
+        if not self.bad:
+            self._frame(data, ts)
+
+    # ---- framer hooks: each message is rebuilt whole in buf ----
+
+    def _on_header_bytes(self, data: Any, start: int, end: int, now_ns: int) -> None:
+        if not self.buf:
+            self.first_ts = now_ns
+        self.buf += data[start:end]
+
+    def _on_header(self, length: int, request_id: int, response_to: int, opcode: int) -> None:
+        if opcode not in OPCODE_NAMES:
+            self.bad = f"opcode {opcode}"
+            self.buf.clear()
+            self.stop()
+
+    def _on_body(self, data: Any, start: int, end: int) -> None:
+        self.buf += data[start:end]
+
+    def _on_end(self, now_ns: int) -> None:
+        self.messages.append(WireMessage(bytes(self.buf), self.first_ts, now_ns))
+        self.buf.clear()
+
+    def _on_bad_length(self, length: int, request_id: int, opcode: int) -> None:
+        self.bad = f"message length {length}"
+        self.buf.clear()
 
     @property
     def gap(self) -> int:

@@ -6,11 +6,11 @@ import threading
 import time
 from typing import Any
 
+from mongoproxy.protocol.opcodes import OP_MSG
 from mongoproxy.replay.model import SKIP_CURSOR, Op, Outcome, RecordedConnection, Workload
 from mongoproxy.replay.reader import NS_PER_S
 from mongoproxy.replay.rewrite import CursorMap, SessionMap
 from mongoproxy.replay.target import Target
-from mongoproxy.wire import OP_MSG
 
 
 class Replayer:

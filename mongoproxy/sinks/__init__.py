@@ -18,6 +18,8 @@ SINK_MODULES = (
     "mongoproxy.sinks.commandlog",
     "mongoproxy.sinks.tracing",
     "mongoproxy.sinks.capture",
+    "mongoproxy.sinks.digest",
+    "mongoproxy.sinks.live",
 )
 
 

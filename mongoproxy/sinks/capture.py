@@ -49,6 +49,18 @@ from mongoproxy.errors import ConfigError, DecodeError
 from mongoproxy.events import wall_ns
 from mongoproxy.namespaces import NamespaceFilter, ns_list_parser
 from mongoproxy.pcapng import PcapngWriter, TcpFlow
+from mongoproxy.protocol import compression
+from mongoproxy.protocol.commands import HELLO_COMMANDS, SENSITIVE_COMMANDS, is_sensitive
+from mongoproxy.protocol.framing import Framer
+from mongoproxy.protocol.opcodes import (
+    COMPRESSED_PREFIX,
+    HEADER,
+    HEADER_SIZE,
+    MORE_TO_COME,
+    OP_COMPRESSED,
+    OP_MSG,
+    OP_QUERY,
+)
 
 G = "recording"
 DEFAULT_MAX_BYTES = 1 << 30
@@ -67,8 +79,6 @@ MAX_TRACKED_REQUESTS = 4096
 DATA, OPEN, CLOSE, CUT, UPSTREAM_ERROR = range(5)
 _UNDECIDED, _STREAM, _HOLD = range(3)
 _DROP = "\0drop"  # request-tracking value: the request was filtered out, so is its reply
-_HEADER = struct.Struct("<iiii")
-_MORE_TO_COME = 2
 
 _SIZE_UNITS = {
     "": 1,
@@ -254,79 +264,90 @@ class _Conn:
             del requests[next(iter(requests))]
 
 
-class _Framer:
+class _Framer(Framer):
     """Frames one direction in the writer thread: streams ordinary messages, holds sensitive ones whole.
 
     feed() returns pieces (obj, start, end, ts) to write, in stream order; adjacent slices of one chunk
-    are merged so that a chunk normally stays one segment.
+    are merged so that a chunk normally stays one segment. A compressed request is decided on the first
+    PREFIX_MAX bytes its body inflates to (compression.peek, bounded), so a compressed auth command is
+    held and blanked like a plain one.
     """
 
-    __slots__ = ("sink", "c", "is_reply", "raw", "cur", "cur_len", "msg_len", "state", "header")
+    __slots__ = ("sink", "c", "is_reply", "cur", "cur_len", "msg_len", "state", "header", "_out", "_ts")
 
     def __init__(self, sink: CaptureSink, c: _Conn, is_reply: bool) -> None:
+        super().__init__(sink.max_message_bytes)
         self.sink = sink
         self.c = c
         self.is_reply = is_reply
-        self.raw = False  # not MongoDB framing: everything passes as is (zeroed with --record-redact)
         self.cur: list = []
         self.cur_len = 0
         self.msg_len = 0
         self.state = _UNDECIDED
         self.header: tuple = ()
+        self._out: list = []
+        self._ts = 0
 
     def feed(self, data: bytes, ts: int) -> list:
-        out: list = []
-        n = len(data)
-        if self.raw:
-            self._raw(out, data, 0, n, ts)
-            return out
-        pos = 0
-        while pos < n:
-            need = (16 if not self.msg_len else self.msg_len) - self.cur_len
-            take = min(need, n - pos)
-            if self.state == _STREAM:
-                _append(out, data, pos, pos + take, ts)
-            else:
-                self.cur.append((data, pos, pos + take, ts))
-            pos += take
-            self.cur_len += take
-            if not self.msg_len:
-                if self.cur_len < 16:
-                    break
-                length, request_id, response_to, op_code = _HEADER.unpack_from(self._prefix(16))
-                if length < 16 or length > self.sink.max_message_bytes:
-                    self.raw = True
-                    pending, self.cur = self.cur, []
-                    for piece in pending:
-                        self._raw(out, *piece)
-                    self._raw(out, data, pos, n, ts)
-                    return out
-                self.msg_len = length
-                self.header = (request_id, response_to, op_code)
-            if self.state == _UNDECIDED:
-                decision = self._decide()
-                if decision is None and self.cur_len == self.msg_len:
-                    decision = _HOLD
-                if decision == _STREAM:
-                    for piece in self.cur:
-                        _append(out, *piece)
-                    self.cur = []
-                    self.state = _STREAM
-                elif decision == _HOLD:
-                    self.state = _HOLD
-            if self.cur_len == self.msg_len:
-                if self.state == _HOLD:
-                    self._finish_held(out)
-                self.cur = []
-                self.cur_len = self.msg_len = 0
-                self.state = _UNDECIDED
+        out = self._out = []
+        self._ts = ts
+        self._frame(data, ts)
+        self._out = []
         return out
 
-    def _raw(self, out: list, obj: Any, start: int, end: int, ts: int) -> None:
+    # ---- framer hooks ----
+
+    def _on_header_bytes(self, data: Any, start: int, end: int, now_ns: int) -> None:
+        self.cur.append((data, start, end, self._ts))
+        self.cur_len += end - start
+
+    def _on_bad_length(self, length: int, request_id: int, opcode: int) -> None:
+        # Not MongoDB framing: everything from this header on passes as is (zeroed with --record-redact).
+        pending, self.cur = self.cur, []
+        for piece in pending:
+            self._raw(*piece)
+
+    def _on_dead(self, data: Any, start: int, end: int) -> None:
+        self._raw(data, start, end, self._ts)
+
+    def _on_header(self, length: int, request_id: int, response_to: int, opcode: int) -> None:
+        self.msg_len = length
+        self.header = (request_id, response_to, opcode)
+        self._decide_now()
+
+    def _on_body(self, data: Any, start: int, end: int) -> None:
+        if self.state == _STREAM:
+            _append(self._out, data, start, end, self._ts)
+        else:
+            self.cur.append((data, start, end, self._ts))
+        self.cur_len += end - start
+        if self.state == _UNDECIDED:
+            self._decide_now()
+
+    def _on_end(self, now_ns: int) -> None:
+        if self.state == _UNDECIDED:
+            self.state = _HOLD  # the whole message is here and still undecided: check it whole
+        if self.state == _HOLD:
+            self._finish_held(self._out)
+        self.cur = []
+        self.cur_len = self.msg_len = 0
+        self.state = _UNDECIDED
+
+    def _decide_now(self) -> None:
+        decision = self._decide()
+        if decision == _STREAM:
+            for piece in self.cur:
+                _append(self._out, *piece)
+            self.cur = []
+            self.state = _STREAM
+        elif decision == _HOLD:
+            self.state = _HOLD
+
+    def _raw(self, obj: Any, start: int, end: int, ts: int) -> None:
         """Bytes that are not MongoDB framing: kept as they are, or zeroed with --record-redact."""
         if self.sink.pseudonymise:
             obj, start, end = bytes(end - start), 0, end - start
-        _append(out, obj, start, end, ts)
+        _append(self._out, obj, start, end, ts)
 
     def _prefix(self, limit: int) -> bytes:
         parts = []
@@ -345,15 +366,35 @@ class _Framer:
             return _HOLD
         if self.is_reply:
             return _HOLD if self.header[1] in self.c.requests else _STREAM
-        if self.header[2] not in (redact.OP_MSG, redact.OP_QUERY):
+        opcode = self.header[2]
+        if opcode == OP_COMPRESSED:
+            prefix = self._inflated_prefix()
+            if prefix is None:
+                return _HOLD if self.cur_len >= PREFIX_MAX else None
+        elif opcode in (OP_MSG, OP_QUERY):
+            prefix = self._prefix(PREFIX_MAX)
+        else:
             return _STREAM
-        fk = redact.first_key(self._prefix(PREFIX_MAX))
+        fk = redact.first_key(prefix)
         if fk is None:
             return _HOLD if self.cur_len >= PREFIX_MAX else None
         key, complete = fk
-        if not complete or key.lower() in redact.SENSITIVE_COMMANDS:
+        if not complete or is_sensitive(key):
             return _HOLD
         return _STREAM
+
+    def _inflated_prefix(self) -> bytes | None:
+        """The message a compressed request wraps, as far as its first PREFIX_MAX compressed bytes inflate."""
+        raw = self._prefix(PREFIX_MAX)
+        if len(raw) < HEADER_SIZE + COMPRESSED_PREFIX.size:
+            return None
+        original, size, compressor = COMPRESSED_PREFIX.unpack_from(raw, HEADER_SIZE)
+        request_id, response_to, _ = self.header
+        try:
+            body = compression.peek(compressor, memoryview(raw)[HEADER_SIZE + COMPRESSED_PREFIX.size :], PREFIX_MAX)
+        except DecodeError:
+            return b""  # cannot be checked: first_key() finds no name, so the message is held
+        return HEADER.pack(HEADER_SIZE + size, request_id, response_to, original) + body
 
     def _finish_held(self, out: list) -> None:
         pieces = self.cur
@@ -669,6 +710,9 @@ class CaptureSink:
         via = f"listener port {conn.listen_port}" + (", transparent" if conn.transparent else "")
         resolved = f" ({conn.upstream_host} resolved to {c.server_ip})" if c.server_ip != conn.upstream_host else ""
         comment = f"mongoproxy connection {conn.id}: client {conn.client} -> server {conn.server}{resolved} via {via}"
+        if conn.client_tls or conn.upstream_tls:  # the wire was encrypted: these are the decrypted messages
+            sides = " and ".join(n for n, on in (("client", conn.client_tls), ("server", conn.upstream_tls)) if on)
+            comment += f"; TLS on the {sides} side, recorded decrypted"
         ((p_ts, parts),) = c.flow.syn(ts)
         self._write_packet(c, p_ts, parts, comment, fresh=True)
         self._stats("connections")
@@ -765,12 +809,10 @@ class CaptureSink:
             raise
 
     def _process(self, c: _Conn, is_reply: bool, msg: bytes) -> bytes | None:
-        _, request_id, response_to, op_code = _HEADER.unpack_from(msg)
-        plain = redact.uncompressed(msg) if op_code == redact.OP_COMPRESSED else msg
+        _, request_id, response_to, op_code = HEADER.unpack_from(msg)
+        plain = compression.uncompressed(msg, self.max_message_bytes) if op_code == OP_COMPRESSED else msg
         flags = (
-            struct.unpack_from("<I", plain, 16)[0]
-            if len(plain) >= 20 and _HEADER.unpack_from(plain)[3] == redact.OP_MSG
-            else 0
+            struct.unpack_from("<I", plain, 16)[0] if len(plain) >= 20 and HEADER.unpack_from(plain)[3] == OP_MSG else 0
         )
         if is_reply:
             entry = c.requests.get(response_to)
@@ -778,7 +820,7 @@ class CaptureSink:
                 command, original = "", 0
             else:
                 command, original = entry
-                if flags & _MORE_TO_COME:
+                if flags & MORE_TO_COME:
                     c.track(request_id, command, original)
                     if response_to != original:
                         c.requests.pop(response_to, None)
@@ -791,17 +833,17 @@ class CaptureSink:
             command, database, collection = self._attribute(plain)
             if (
                 self._ns_match is not None
-                and command not in redact.SENSITIVE_COMMANDS
+                and command not in SENSITIVE_COMMANDS
                 and not self._ns_match(database, collection)
             ):
-                if not flags & _MORE_TO_COME:
+                if not flags & MORE_TO_COME:
                     c.track(request_id, _DROP, request_id)
                 return None
-            if command in redact.HELLO_COMMANDS and c.app is None:
+            if command in HELLO_COMMANDS and c.app is None:
                 self._handshake(c, plain)
-            if (command in redact.SENSITIVE_COMMANDS or self.hold_all) and not flags & _MORE_TO_COME:
+            if (command in SENSITIVE_COMMANDS or self.hold_all) and not flags & MORE_TO_COME:
                 c.track(request_id, command, request_id)
-        if command not in redact.SENSITIVE_COMMANDS and not self.pseudonymise:
+        if command not in SENSITIVE_COMMANDS and not self.pseudonymise:
             return msg
         return bytes(self._rewriter.message(bytearray(plain), is_reply, command))
 
@@ -809,7 +851,7 @@ class CaptureSink:
         from mongoproxy import _bson_parser
         from mongoproxy.tracker import COLLECTION_COMMANDS
 
-        op_code = _HEADER.unpack_from(plain)[3]
+        op_code = HEADER.unpack_from(plain)[3]
         try:
             r = _bson_parser.scan_body(op_code, False, memoryview(plain)[16:])
         except (DecodeError, ValueError):
@@ -825,7 +867,7 @@ class CaptureSink:
         from mongoproxy import _bson_parser
 
         try:
-            r = _bson_parser.scan_body(_HEADER.unpack_from(plain)[3], False, memoryview(plain)[16:])
+            r = _bson_parser.scan_body(HEADER.unpack_from(plain)[3], False, memoryview(plain)[16:])
         except (DecodeError, ValueError):
             return
         c.app = r.app_name or ""

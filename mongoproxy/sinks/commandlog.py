@@ -22,11 +22,8 @@ from typing import Any, TextIO
 from mongoproxy import querylog
 from mongoproxy.config import Option, non_negative_float
 from mongoproxy.errors import ConfigError
-from mongoproxy.events import wall_ns
+from mongoproxy.events import duration_ms, wall_ns
 from mongoproxy.namespaces import NamespaceFilter, ns_list_parser
-
-# Rendering modes of the scanner (mongoproxy._bson_parser.RENDER_*).
-RENDER_OFF, RENDER_REDACTED, RENDER_VALUES = 0, 1, 2
 
 QUEUE_SIZE = 10000
 # The writer drains the queue this often (and at once on close): the event loop never signals it.
@@ -133,7 +130,7 @@ OPTIONS: list[Option] = [
     Option(
         "no_redact",
         ("--no-redact",),
-        "with --log-query, show literal values (credentials are still hidden)",
+        "with --log-query and in the web view's command stream, show literal values (credentials are still hidden)",
         switch=True,
         default=False,
         group=G,
@@ -150,13 +147,6 @@ def enabled(config: Any) -> bool:
         or getattr(config, "slow_ms", None) is not None
         or getattr(config, "log_query", False)
     )
-
-
-def render_mode(config: Any) -> int:
-    """The scanner render mode the tracker should ask for: RENDER_OFF unless the log shows queries."""
-    if not enabled(config) or not getattr(config, "log_query", False):
-        return RENDER_OFF
-    return RENDER_VALUES if getattr(config, "no_redact", False) else RENDER_REDACTED
 
 
 def _iso(mono_ns: int, digits: int) -> str:
@@ -323,10 +313,8 @@ class CommandLogSink:
     def _query(self, event: Any) -> tuple[str | None, str | None]:
         if not self.log_query:
             return None, None
-        rendered = getattr(event.request, "query_shape", None) if event.request is not None else None
-        if not rendered:
-            return None, None
-        return querylog.prepare(rendered, event.op, self.show_values)
+        q = querylog.event_query(event, self.show_values)
+        return (q.text, q.shape) if q is not None else (None, None)
 
     def _errmsg(self, event: Any) -> str:
         msg = event.errmsg or ""
@@ -347,12 +335,13 @@ class CommandLogSink:
             "server": conn.server,
             "app": conn.app_name,
             "replicaset": conn.replica_set,
+            "client_cert_subject": conn.client_cert_subject or None,
             "db": event.database,
             "collection": event.collection,
             "ns": _ns(event),
             "op": event.op,
             "request_id": event.request_id,
-            "duration_ms": round(duration / 1e6, 3) if has_reply else None,
+            "duration_ms": duration_ms(duration) if has_reply else None,
             "slow": bool(has_reply and duration >= self._color_slow_ns),
             "documents_returned": event.documents_returned,
             "documents_changed": event.documents_changed,
@@ -383,6 +372,7 @@ class CommandLogSink:
             "decode_error": event.decode_error or None,
             "query": query,
             "shape": shape,
+            "fault": event.fault or None,
         }
 
     def text(self, event: Any) -> str:
@@ -410,6 +400,8 @@ class CommandLogSink:
         comment = getattr(event.request, "comment", None) if event.request is not None else None
         if comment:
             parts.append("comment=" + json.dumps(comment, ensure_ascii=False))
+        if event.fault:
+            parts.append("fault=" + _word(event.fault))
         query, shape = self._query(event)
         if query is not None:
             parts.append(f"shape={shape} query={query}")

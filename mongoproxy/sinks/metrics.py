@@ -24,8 +24,9 @@ from prometheus_client.utils import floatToGoString
 from mongoproxy.config import Option, positive_int
 from mongoproxy.errors import ConfigError
 from mongoproxy.events import UPSTREAM_ERROR_REASONS, hostport
+from mongoproxy.protocol.commands import is_hello
+from mongoproxy.protocol.framing import DECODE_REASONS
 from mongoproxy.querylog import code_name
-from mongoproxy.wire import DECODE_REASONS
 
 # Label name -> expression over the event `e` and its connection `c`; the key builder is compiled from these.
 LABEL_SOURCES = {
@@ -67,8 +68,6 @@ DEFAULT_LATENCY_BUCKETS = (
 DOCUMENT_BUCKETS = (0, 1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 100000)
 # 64 B to 16 MiB by powers of 4, then the largest message a server accepts.
 SIZE_BUCKETS = (64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216, 48000000)
-# The replies that carry a connection's negotiated compressor.
-HANDSHAKE_OPS = frozenset(("hello", "isMaster", "ismaster"))
 # Label values of mongoproxy_connections_compression_total; a name a server invents counts as "other".
 COMPRESSORS = frozenset(("snappy", "zlib", "zstd", "noop"))
 
@@ -248,6 +247,7 @@ class MetricsSink:
         max_label_values: int = 1000,
         latency_buckets: Iterable[float] = DEFAULT_LATENCY_BUCKETS,
         max_series: int = 10_000,
+        upstream_tls: str = "off",
     ) -> None:
         self.max_series = max_series
         self.labels = tuple(labels)
@@ -282,8 +282,13 @@ class MetricsSink:
             registry=r,
         )
         self._series_overflow_children: dict[str, Any] = {}
-        info = Gauge("mongoproxy_info", "Always 1; the proxy's version and mode.", ["version", "mode"], registry=r)
-        info.labels(version, mode).set(1)
+        info = Gauge(
+            "mongoproxy_info",
+            "Always 1; the proxy's version, mode and upstream TLS (off, verify, or insecure: not verified).",
+            ["version", "mode", "upstream_tls"],
+            registry=r,
+        )
+        info.labels(version, mode, upstream_tls).set(1)
         self._established = Counter(
             "mongoproxy_client_connections_established",
             "Client connections accepted and paired with an upstream.",
@@ -396,7 +401,7 @@ class MetricsSink:
             # event.failed, inlined: ok:0, a write error or a write-concern error.
             if event.ok is False or reply.write_errors or reply.write_concern_error_code is not None:
                 self._count_errors(event)
-            if event.op in HANDSHAKE_OPS:
+            if is_hello(event.op):  # the reply carries the negotiated compressor
                 self._count_compression(conn)
         elif event.ok is False:
             self._count_errors(event)
@@ -637,7 +642,14 @@ def create(config: Any, ctx: Any) -> MetricsSink:
         max_label_values=getattr(config, "max_label_values", 1000),
         latency_buckets=getattr(config, "latency_buckets", DEFAULT_LATENCY_BUCKETS),
         max_series=getattr(config, "max_series", 10_000),
+        upstream_tls=_upstream_tls_label(config),
     )
+
+
+def _upstream_tls_label(config: Any) -> str:
+    if not config.get("upstream_tls"):
+        return "off"
+    return "insecure" if config.get("upstream_tls_insecure") else "verify"
 
 
 def find(sinks: Iterable[Any]) -> MetricsSink | None:

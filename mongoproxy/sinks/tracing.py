@@ -39,7 +39,9 @@ from mongoproxy import tracecontext
 from mongoproxy.config import Option, parse_bool
 from mongoproxy.errors import ConfigError
 from mongoproxy.events import CommandEvent, wall_ns
-from mongoproxy.querylog import CODE_NAMES
+from mongoproxy.protocol.commands import is_sensitive
+from mongoproxy.protocol.opcodes import OP_GET_MORE, OP_KILL_CURSORS
+from mongoproxy.querylog import CODE_NAMES, event_query
 
 TRACING_EXTRA = "pip install 'mongoproxy[tracing]'"
 GRPC_EXTRA = "pip install 'mongoproxy[grpc]'"
@@ -54,26 +56,8 @@ CURSOR_TTL_SECONDS = 600.0  # the server's default idle cursor timeout (cursorTi
 WARN_INTERVAL_SECONDS = 60.0
 CLOSE_TIMEOUT_SECONDS = 3.0  # flush budget at shutdown; an unreachable collector cannot hold the exit longer
 
-# Commands that never start a trace by ratio sampling: connection handshake/monitoring and the
-# sensitive commands the MongoDB drivers' own tracing leaves out.
-UNSAMPLED_COMMANDS = frozenset(
-    {
-        "hello",
-        "isMaster",
-        "ismaster",
-        "saslStart",
-        "saslContinue",
-        "authenticate",
-        "getnonce",
-        "createUser",
-        "updateUser",
-        "copydbgetnonce",
-        "copydbsaslstart",
-        "copydb",
-    }
-)
 _CURSOR_OPS = frozenset({"getMore", "killCursors"})
-_LEGACY_CURSOR_OP_CODES = (2005, 2007)  # OP_GET_MORE, OP_KILL_CURSORS
+_LEGACY_CURSOR_OP_CODES = (OP_GET_MORE, OP_KILL_CURSORS)
 _KILL = frozenset({"killCursors"})
 
 # Loggers of the export path whose per-batch messages we fold into one warning a minute.
@@ -489,7 +473,7 @@ class TracingSink:
                 parent = self._SpanContext(trace_id, ctx.span_id, True, self._SAMPLED, state)
             elif (
                 self.sample_ratio > 0.0
-                and op not in UNSAMPLED_COMMANDS
+                and not is_sensitive(op)  # handshake and credentials: never by ratio sampling
                 and (self.sample_ratio >= 1.0 or self._random() < self.sample_ratio)
             ):
                 trace_id = self._bits(128) or 1
@@ -539,7 +523,7 @@ class TracingSink:
             del self._cursors[key]
             self.cursors_expired += 1
             return None
-        if event.op in _KILL or event.request.op_code == 2007 or event.cursor_id == 0 or event.failed:
+        if event.op in _KILL or event.request.op_code == OP_KILL_CURSORS or event.cursor_id == 0 or event.failed:
             # killCursors, an exhausted cursor, or a getMore error (e.g. CursorNotFound): the cursor is gone.
             del self._cursors[key]
         else:
@@ -616,6 +600,8 @@ class TracingSink:
         if cursor_id:
             attrs["db.mongodb.cursor_id"] = cursor_id
         attrs["mongoproxy.request.size"] = event.request_size
+        if event.fault:
+            attrs["mongoproxy.fault"] = event.fault  # a drill rule acted on this command (mongoproxy.faults)
         if event.reply_size:
             attrs["mongoproxy.response.size"] = event.reply_size
         status = self._UNSET
@@ -627,9 +613,10 @@ class TracingSink:
             attrs["error.type"] = error_type
             status = self._Status(self._ERROR, error_type)
         if self.trace_query:
-            text = getattr(event.request, "query_shape", None)
-            if text:
-                attrs["db.query.text"] = text
+            q = event_query(event, False)  # shared with the command log and the digest: computed once
+            if q is not None:
+                attrs["db.query.text"] = q.redacted
+                attrs["mongoproxy.query.shape"] = q.shape
         end_ns = event.reply_last_ns or event.request_last_ns  # no reply to an unacknowledged write
         span = self._ReadableSpan(
             name=name,

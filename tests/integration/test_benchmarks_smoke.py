@@ -32,7 +32,7 @@ def test_quick_run_writes_json(tmp_path):
     res = json.loads(out.read_text())
     assert res["quick"] is True
     sc = res["scenarios"]
-    assert set(sc) == {"scanner", "hotpath", "memory", "driver"}
+    assert set(sc) == {"scanner", "hotpath", "memory", "driver", "tls"}
     variants = {"direct", "haproxy", "mongoproxy", "mongoproxy+log", "mongoproxy+trace"}
     for key in ("raw", "pymongo"):
         lat = sc["hotpath"][key]["latency"]
@@ -48,7 +48,11 @@ def test_quick_run_writes_json(tmp_path):
     assert set(sc["scanner"]["tap"]["mongoproxy"]) == {"bare_us", "metrics_us"}
     assert set(sc["memory"]) == {"mongoproxy", "haproxy"}
     assert set(sc["driver"]) == {"RunCommand", "FindOneByID", "SmallDocInsertOne", "FindManyAndEmptyCursor"}
-    assert [g["id"] for g in res["goals"]] == [f"P{i}" for i in range(1, 8)]
-    assert all(isinstance(g["met"], bool) for g in res["goals"])
+    tls = sc["tls"]
+    assert set(tls["summary"]) == {"direct", "haproxy", "mongoproxy", "mongoproxy_over_haproxy"}
+    tls_requests = sum(r["raw"]["requests_per_variant"] for r in tls["repeats"])
+    assert tls["commands_observed"] >= tls_requests  # the tap saw every command inside TLS
+    assert [g["id"] for g in res["goals"]] == [f"P{i}" for i in range(1, 8)] + [f"T{i}" for i in range(1, 5)]
+    assert all(isinstance(g["met"], bool) for g in res["goals"] if g["id"] != "T4")
     if plotting:
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -7,6 +7,7 @@ import contextlib
 import os
 import resource
 import socket
+import ssl
 import struct
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import time
 
 import pytest
 
-from mongoproxy.limits import RESERVED_FDS, install
+from mongoproxy.limits import ACCEPT_RETRY_SECONDS, RESERVED_FDS, install
 from tests.support.inprocess import LOOP_KINDS, run, running_proxy
 from tests.support.proxy import ProxyProcess, prepare_args, proxy_env
 from tests.support.system import REPO_ROOT
@@ -210,5 +211,120 @@ def test_emfile_is_counted_and_rate_limited_on_asyncio(caplog):
     finally:
         upstream.close()
     assert errors.get("emfile", 0) >= 2
+    lines = [r for r in caplog.records if "cannot accept a client" in r.getMessage()]
+    assert len(lines) == 1
+
+
+# ---- the TLS listener goes through the same limits ----
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    from tests.support.tlscerts import make_pki
+
+    return make_pki(str(tmp_path_factory.mktemp("pki")))
+
+
+def _tls_flags(pki) -> dict:
+    return {"tls_cert": [pki.server_cert], "tls_key": [pki.server_key]}
+
+
+def _client_handshake_errors(proxy) -> float:
+    from mongoproxy.tls import HANDSHAKE_REASONS
+
+    registry = proxy.tls.registry
+    return sum(
+        registry.get_sample_value("mongoproxy_tls_handshake_errors_total", {"side": "client", "reason": r}) or 0
+        for r in HANDSHAKE_REASONS
+    )
+
+
+@pytest.mark.parametrize("loop_kind", LOOP_KINDS)
+def test_tls_listener_refuses_over_max_connections_before_the_handshake(loop_kind, pki, caplog):
+    """Past --max-connections a TLS client is reset at accept: no handshake is done for it, it is counted as a
+    refusal (not as a handshake error), and a freed slot admits the next one."""
+    upstream = _silent_upstream()
+    ctx = ssl.create_default_context(cafile=pki.ca)
+
+    async def tls_client(port: int):
+        return await asyncio.wait_for(
+            asyncio.open_connection("127.0.0.1", port, ssl=ctx, server_hostname="localhost"), 5
+        )
+
+    async def main():
+        async with running_proxy(upstream.getsockname()[1], max_connections="2", **_tls_flags(pki)) as proxy:
+            port = proxy.ports[0]
+            first = [await tls_client(port) for _ in range(2)]
+            await _wait_for(lambda: len(proxy.connections) == 2)
+            outcomes = []
+            for _ in range(2):
+                try:
+                    _, writer = await tls_client(port)
+                    outcomes.append("handshake completed")
+                    writer.close()
+                except (OSError, EOFError) as exc:  # ssl.SSLError is an OSError
+                    outcomes.append(type(exc).__name__)
+            refused = proxy.limiter.refused
+            _reset(first[0][1])
+            await _wait_for(lambda: len(proxy.connections) == 1)
+            _, w3 = await tls_client(port)
+            await _wait_for(lambda: len(proxy.connections) == 2)
+            await _wait_for(lambda: proxy.limiter.handshaking == 0)  # every admitted handshake is uncounted
+            state = (refused, proxy.limiter.refused, _client_handshake_errors(proxy), proxy.limiter.handshaking)
+            for w in (first[1][1], w3):
+                w.close()
+            return outcomes, state
+
+    try:
+        outcomes, (refused, refused_after, hs_errors, handshaking) = run(main(), loop_kind)
+    finally:
+        upstream.close()
+    assert "handshake completed" not in outcomes, outcomes
+    assert refused == 2 and refused_after == 2
+    assert hs_errors == 0 and handshaking == 0
+    assert sum("refusing a client" in r.getMessage() for r in caplog.records) == 1
+
+
+@pytest.mark.parametrize("loop_kind", LOOP_KINDS)
+def test_tls_listener_emfile_is_counted_rate_limited_and_backs_off(loop_kind, pki, caplog):
+    """EMFILE on the TLS listener's accept is counted in mongoproxy_accept_errors_total, logged once, and retried
+    after the shared pause (ACCEPT_RETRY_SECONDS), not in a tight loop; once descriptors are free it serves."""
+    upstream = _silent_upstream()
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+
+    async def main():
+        async with running_proxy(upstream.getsockname()[1], **_tls_flags(pki)) as proxy:
+            from prometheus_client import CollectorRegistry
+
+            registry = CollectorRegistry()
+            install(proxy, registry, asyncio.get_running_loop())
+            clients = [socket.socket() for _ in range(10)]  # created before the limit drops
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")), hard))
+                started = time.monotonic()
+                for s in clients:
+                    s.setblocking(False)
+                    s.connect_ex(("127.0.0.1", proxy.ports[0]))  # needs no new descriptor here
+                await asyncio.sleep(2.5)
+                elapsed = time.monotonic() - started
+                errors = registry.get_sample_value("mongoproxy_accept_errors_total", {"reason": "emfile"})
+            finally:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+                for s in clients:
+                    s.close()
+            ctx = ssl.create_default_context(cafile=pki.ca)
+            _, w = await asyncio.wait_for(
+                asyncio.open_connection("127.0.0.1", proxy.ports[0], ssl=ctx, server_hostname="localhost"), 10
+            )
+            await _wait_for(lambda: len(proxy.connections) == 1, 10)
+            w.close()
+            return errors, elapsed
+
+    try:
+        errors, elapsed = run(main(), loop_kind)
+    finally:
+        upstream.close()
+    assert errors >= 2
+    assert errors <= elapsed / ACCEPT_RETRY_SECONDS + 1  # one attempt per pause at most: no busy retry
     lines = [r for r in caplog.records if "cannot accept a client" in r.getMessage()]
     assert len(lines) == 1

@@ -21,9 +21,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from pymongo import CursorType, MongoClient, WriteConcern
 
 from mongoproxy import wire as mwire
-from mongoproxy.events import CollectingSink
 from mongoproxy.sinks.metrics import MetricsSink
 from tests.support import wire
+from tests.support.collecting import CollectingSink
 from tests.support.inprocess import ProxyThread
 from tests.support.scripted_server import MongoHandler, ScriptedServer
 

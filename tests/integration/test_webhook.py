@@ -269,6 +269,60 @@ def test_annotation_overrides_match_inject(webhook, tmp_path):
     assert (run_args.metric_labels, run_args.log_commands, run_args.slow_ms) == ("op,db,collection", True, "50")
 
 
+def _tls_facts(pod: dict) -> tuple[str, list[str]]:
+    """The mounted Secret's name and the sidecar's TLS flags."""
+    (volume,) = [v for v in pod["spec"]["volumes"] if v["name"] == inject.TLS_VOLUME]
+    sidecar = next(c for c in pod["spec"]["initContainers"] if c["name"] == inject.SIDECAR_NAME)
+    return volume["secret"]["secretName"], [a for a in sidecar["args"] if a.startswith(("--tls", "--upstream-tls"))]
+
+
+def test_tls_by_annotation_equals_inject_tls_flags(webhook, tmp_path):
+    """mongoproxy.io/tls-secret and tls-upstream-ca give the pod that `inject --tls-secret --tls-upstream-ca` gives."""
+    pod = app_pod()
+    annotated = copy.deepcopy(pod)
+    annotated["metadata"].setdefault("annotations", {}).update(
+        {inject.ANN_TLS_SECRET: "orders-mongoproxy-tls", inject.ANN_TLS_UPSTREAM_CA: "true"}
+    )
+    result = patched(annotated, webhook.review(admission_review(annotated)))
+    code, expected, _ = inject_pod_file(annotated, tmp_path)
+    assert code == 0 and result == expected
+    code, by_flags, _ = inject_pod_file(pod, tmp_path, "--tls-secret", "orders-mongoproxy-tls", "--tls-upstream-ca")
+    assert code == 0
+    for key in (inject.ANN_TLS_SECRET, inject.ANN_TLS_UPSTREAM_CA):
+        del result["metadata"]["annotations"][key]
+    assert result == by_flags
+    secret, flags = _tls_facts(result)
+    assert secret == "orders-mongoproxy-tls" and "--upstream-tls" in flags
+    # tls-upstream-ca without a Secret: allowed, not injected, the warning names the annotation.
+    lone = copy.deepcopy(pod)
+    lone["metadata"].setdefault("annotations", {})[inject.ANN_TLS_UPSTREAM_CA] = "true"
+    resp = webhook.review(admission_review(lone))["response"]
+    assert resp["allowed"] is True and "patch" not in resp
+    assert any(inject.ANN_TLS_UPSTREAM_CA in w for w in resp["warnings"])
+
+
+def test_tls_from_configmap_equals_inject_tls_flags(certs, tmp_path):
+    """tls_secret in the ConfigMap gives every pod the Secret, as `inject --tls-secret` does; an empty
+    mongoproxy.io/tls-secret annotation turns it off for one pod."""
+    config = tmp_path / "inject.toml"
+    config.write_text(CONFIGMAP_DEFAULTS.read_text() + 'tls_secret = "shop-mongoproxy-tls"\n')
+    hook = WebhookProcess(certs, config=config).start()
+    try:
+        pod = app_pod()
+        result = patched(pod, hook.review(admission_review(pod)))
+        code, expected, _ = inject_pod_file(pod, tmp_path, "--tls-secret", "shop-mongoproxy-tls")
+        assert code == 0 and result == expected
+        assert _tls_facts(result)[0] == "shop-mongoproxy-tls"
+        off = copy.deepcopy(pod)
+        off["metadata"].setdefault("annotations", {})[inject.ANN_TLS_SECRET] = ""
+        result = patched(off, hook.review(admission_review(off)))
+        code, expected, _ = inject_pod_file(off, tmp_path)
+        assert code == 0 and result == expected
+        assert not any(v["name"] == inject.TLS_VOLUME for v in result["spec"]["volumes"])
+    finally:
+        assert hook.stop() == 0, hook.stderr_text()
+
+
 def test_legacy_sidecar_for_old_clusters(certs, tmp_path):
     """--kubernetes-version 1.28 gives what `inject --legacy-sidecar` gives (a Job's pod gets its note)."""
     hook = WebhookProcess(certs, "--kubernetes-version", "1.28", config=CONFIGMAP_DEFAULTS).start()

@@ -7,8 +7,9 @@ import contextlib
 from collections.abc import AsyncIterator
 
 from mongoproxy import config as config_mod
-from mongoproxy.events import CollectingSink, SinkBus
+from mongoproxy.events import SinkBus
 from mongoproxy.server import Proxy
+from tests.support.collecting import CollectingSink
 
 LOOP_KINDS = ("asyncio", "uvloop")
 

@@ -524,23 +524,6 @@ def test_create_switches_on(flags):
         sink.close()
 
 
-def test_render_mode_for_the_tracker():
-    b = lambda **f: config_mod.build(f, env={})  # noqa: E731
-    assert commandlog.render_mode(b()) == commandlog.RENDER_OFF
-    assert commandlog.render_mode(b(log_commands=True)) == commandlog.RENDER_OFF
-    assert commandlog.render_mode(b(log_query=True)) == commandlog.RENDER_REDACTED
-    assert commandlog.render_mode(b(log_query=True, no_redact=True)) == commandlog.RENDER_VALUES
-    try:
-        from mongoproxy import _bson_parser
-    except ImportError:
-        return
-    assert (commandlog.RENDER_OFF, commandlog.RENDER_REDACTED, commandlog.RENDER_VALUES) == (
-        _bson_parser.RENDER_OFF,
-        _bson_parser.RENDER_REDACTED,
-        _bson_parser.RENDER_VALUES,
-    )
-
-
 def test_log_file_errors_at_start_up(tmp_path):
     missing = tmp_path / "nope" / "c.log"
     with pytest.raises(ConfigError) as exc:
@@ -583,3 +566,13 @@ def test_log_file_is_0600_and_reload_reopens_it(tmp_path):
     assert os.stat(path).st_mode & 0o777 == 0o600
     assert "shop.users find" in path.read_text()
     assert (tmp_path / "c.log.1").read_text().count("shop.users find") == 1
+
+
+def test_a_faulted_command_names_its_rule_in_text_and_json():
+    event = command(op="insert", ok=False, code=91, code_name="ShutdownInProgress")
+    event.fault = "failover"
+    (line,) = run([event])
+    assert line.endswith("91 ShutdownInProgress fault=failover")
+    (record,) = [validate(x) for x in run([event], fmt="json")]
+    assert record["fault"] == "failover"
+    assert validate(run([command()], fmt="json")[0])["fault"] is None

@@ -8,10 +8,11 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from mongoproxy import wire
-from mongoproxy.events import CollectingSink, Connection, SinkBus
+from mongoproxy.events import Connection, SinkBus
 from mongoproxy.sinks.metrics import MetricsSink
 from mongoproxy.tracker import Tracker
 from tests.support import wire as tw
+from tests.support.collecting import CollectingSink
 
 METRIC = "mongoproxy_connections_compression_total"
 _ids = itertools.count(1)

@@ -33,11 +33,15 @@ EXPORTED: dict[str, tuple[str, set[str]]] = {
     "mongoproxy_decode_errors": ("counter", {"direction", "reason"}),
     "mongoproxy_unmatched_replies": ("counter", set()),
     "mongoproxy_events_dropped": ("counter", {"sink"}),
-    "mongoproxy_info": ("gauge", {"version", "mode"}),
+    "mongoproxy_info": ("gauge", {"version", "mode", "upstream_tls"}),
     # Also exported by the metrics sink, beyond the issue's list.
     "mongoproxy_requests_dropped": ("counter", set()),
     "mongoproxy_label_overflow": ("counter", {"label"}),
     "mongoproxy_sink_errors": ("counter", {"sink"}),
+    # The query digest's own health (its shapes are never labels).
+    "mongoproxy_digest_shapes": ("gauge", set()),
+    "mongoproxy_digest_memory_bytes": ("gauge", set()),
+    "mongoproxy_digest_evictions": ("counter", set()),
 }
 # Labels Prometheus itself attaches to every target (PodMonitor/ServiceMonitor and the usual pod relabelling).
 TARGET_LABELS = {"namespace", "pod", "container", "job", "instance", "endpoint", "service"}
@@ -195,13 +199,15 @@ def queries(dash: dict) -> list[tuple[str, str, str]]:
 
 
 def test_series_table_matches_the_metrics_sink():
-    """The names above are what the real metrics sink registers (no traffic needed)."""
+    """The names above are what the real metrics and digest sinks register (no traffic needed)."""
     from prometheus_client import CollectorRegistry
 
+    from mongoproxy.sinks.digest import DigestSink
     from mongoproxy.sinks.metrics import MetricsSink
 
     registry = CollectorRegistry()
     MetricsSink(registry, "test", "transparent")
+    registry.register(DigestSink())
     real = {fam.name: fam.type for fam in registry.collect()}
     for family, (kind, _) in EXPORTED.items():
         assert real.get(family) == kind, f"{family}: the sink exports {real.get(family)!r}, the table says {kind!r}"
@@ -224,6 +230,16 @@ def test_required_panels_exist(dashboard):
     ):
         assert needed in titles
     assert len(set(p["id"] for p in all_panels(dashboard))) == len(all_panels(dashboard))
+
+
+def test_a_panel_links_to_the_query_digest(dashboard):
+    """Shapes are not labels, so the dashboard sends the reader to the digest: the web view and GET /digest."""
+    (panel,) = [p for p in all_panels(dashboard) if "digest" in p["title"].lower() and p["type"] != "row"]
+    urls = [link["url"] for link in panel["links"]]
+    assert "http://localhost:9898/" in urls and any("/digest?" in u for u in urls)
+    assert "port-forward" in panel["description"] and "mongoproxy top" in panel["description"]
+    used = {name for t in panel["targets"] for name, _ in analyse(t["expr"])[0]}
+    assert used == {"mongoproxy_digest_shapes", "mongoproxy_digest_memory_bytes", "mongoproxy_digest_evictions_total"}
 
 
 def test_every_query_names_exported_metrics_and_labels(dashboard):

@@ -2,7 +2,8 @@
 
 import logging
 
-from mongoproxy.events import CollectingSink, CommandEvent, Connection, SinkBus, wall_ns
+from mongoproxy.events import CommandEvent, Connection, SinkBus, wall_ns
+from tests.support.collecting import CollectingSink
 
 
 def make_event(conn):

@@ -44,6 +44,7 @@ CASES = {
     "deployment": ("deployment", []),
     "deployment-legacy": ("deployment", ["--legacy-sidecar"]),
     "deployment-custom": ("deployment", CUSTOM),
+    "deployment-tls": ("deployment", ["--tls-secret", "orders-mongoproxy-tls", "--tls-upstream-ca"]),
     "statefulset": ("statefulset", []),
     "daemonset": ("daemonset", []),
     "replicaset": ("replicaset", []),
@@ -152,6 +153,7 @@ def check_injected_pod(
     mongo_ports: str = "27017",
     ipv6: bool = False,
     backend: str = "auto",
+    tls_secret: str | None = None,
 ) -> None:
     """Every field of the two containers, with the model's types."""
     inits = spec.init_containers or []
@@ -234,7 +236,10 @@ def check_injected_pod(
     assert set(res.requests) == {"cpu", "memory"} and set(res.limits) == {"cpu", "memory"}
     assert all(isinstance(v, str) for v in {**res.requests, **res.limits}.values())
     status = json.loads(meta.annotations[inject.ANN_STATUS])
-    assert status["volumes"] == [inject.XTABLES_VOLUME]
+    assert status["volumes"] == [inject.XTABLES_VOLUME] + ([inject.TLS_VOLUME] if tls_secret else [])
+    if tls_secret:
+        vol = next(v for v in spec.volumes if v.name == inject.TLS_VOLUME)
+        assert vol.secret.secret_name == tls_secret
     assert meta.labels[inject.LABEL_SIDECAR] == "true"  # what deploy/monitoring/podmonitor.yaml selects
 
 
@@ -283,6 +288,8 @@ def test_golden(case, capsys):
                     ipv6=True,
                     backend="legacy",
                 )
+            if "--tls-secret" in flags:
+                kwargs["tls_secret"] = flags[flags.index("--tls-secret") + 1]
             if inject.ANN_ADMIN_PORT in ann:
                 kwargs["admin_port"] = int(ann[inject.ANN_ADMIN_PORT])
             if inject.ANN_MONGO_PORTS in ann:
@@ -413,6 +420,29 @@ def test_sidecar_args_are_accepted_by_run():
     assert args.command == "run" and args.admin_host == "0.0.0.0" and args.slow_ms == "5"
     init = cli.build_parser().parse_args(inject.init_container(opts)["args"])
     assert init.command == "init-iptables" and init.proxy_uid == 9999
+
+
+def test_tls_secret_mounts_the_secret_and_sets_the_flags(capsys, tmp_path):
+    code, out, _ = run_inject(capsys, str(GOLDEN / "deployment.in.yaml"), "--tls-secret", "db-tls")
+    assert code == 0
+    spec = load_all(out)[0]["spec"]["template"]["spec"]
+    sidecar = next(c for c in spec["initContainers"] if c["name"] == "mongoproxy")
+    (mount,) = sidecar["volumeMounts"]
+    assert {"name": "mongoproxy-tls", "secret": {"secretName": "db-tls"}} in spec["volumes"]
+    args = cli.build_parser().parse_args(sidecar["args"])
+    assert args.tls_cert == [f"{mount['mountPath']}/tls.crt"] and args.tls_key == [f"{mount['mountPath']}/tls.key"]
+    assert args.tls_listen == "allow" and args.upstream_tls is None and mount["readOnly"] is True
+    # Injecting again without --tls-secret removes the volume and the mount.
+    first = tmp_path / "tls.yaml"
+    first.write_text(out)
+    code, again, _ = run_inject(capsys, str(first))
+    code, fresh, _ = run_inject(capsys, str(GOLDEN / "deployment.in.yaml"))
+    assert again == fresh and "mongoproxy-tls" not in again
+
+
+def test_tls_upstream_ca_needs_the_secret(capsys, tmp_path):
+    assert "give --tls-secret NAME" in _bad(capsys, tmp_path, (GOLDEN / "pod.in.yaml").read_text(), "--tls-upstream-ca")
+    assert "is not a Secret name" in _bad(capsys, tmp_path, (GOLDEN / "pod.in.yaml").read_text(), "--tls-secret", "A_b")
 
 
 @pytest.mark.parametrize("grace,legacy", [(0, False), (1, True), (5, True), (10, False), (30, True), (300, True)])

@@ -110,7 +110,7 @@ def val(reg, name, labels=None):
 
 
 def test_info_gauge(reg, sink):
-    assert val(reg, "mongoproxy_info", {"version": "9.9.9", "mode": "static"}) == 1
+    assert val(reg, "mongoproxy_info", {"version": "9.9.9", "mode": "static", "upstream_tls": "off"}) == 1
 
 
 def test_many_commands_land_in_the_buckets_their_values_name(reg, sink):
@@ -511,7 +511,7 @@ def test_create_uses_the_config_and_is_always_on(reg):
     assert sink is not None and sink.labels == ("op",) and sink.latency_buckets == (0.01, 0.1)
     for op in ("a", "b", "c"):
         sink.on_command(command(conn(), op=op, latency_ms=50))
-    assert val(reg, "mongoproxy_info", {"version": "1.2.3", "mode": "transparent"}) == 1
+    assert val(reg, "mongoproxy_info", {"version": "1.2.3", "mode": "transparent", "upstream_tls": "off"}) == 1
     assert val(reg, "mongoproxy_response_latency_seconds_bucket", {"op": "a", "le": "0.1"}) == 1
     assert val(reg, "mongoproxy_response_latency_seconds_bucket", {"op": "a", "le": "0.01"}) == 0
     assert val(reg, "mongoproxy_response_latency_seconds_count", {"op": "_other"}) == 1

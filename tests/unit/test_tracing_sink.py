@@ -20,6 +20,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind, StatusCode  # noqa: E402
 
 from mongoproxy import config as config_mod  # noqa: E402
+from mongoproxy import querylog  # noqa: E402
 from mongoproxy.errors import ConfigError  # noqa: E402
 from mongoproxy.events import CommandEvent, Connection, wall_ns  # noqa: E402
 from mongoproxy.sinks import (
@@ -369,7 +370,9 @@ def test_trace_query_adds_the_redacted_query_text(make):
     shape = '{"find": "users", "filter": {"email": "?"}}'
     sink, exp = make(trace_query=True)
     sink.on_command(command(comment=TP, query_shape=shape))
-    assert spans_of(sink, exp)[0].attributes["db.query.text"] == shape
+    attrs = spans_of(sink, exp)[0].attributes
+    assert attrs["db.query.text"] == '{"find":"users","filter":{"email":"?"}}'  # the command log's text
+    assert attrs["mongoproxy.query.shape"] == querylog.prepare(shape, "find", False)[1]
     quiet, exp2 = make(trace_query=False)
     quiet.on_command(command(comment=TP, query_shape=shape))
     assert "db.query.text" not in spans_of(quiet, exp2)[0].attributes
@@ -990,3 +993,14 @@ def test_shipped_otlp_exporter_uses_the_fast_encoder():
         assert exporter.fast_path, "this SDK version's exporter layout changed: spans fall back to the SDK encoder"
     finally:
         exporter.shutdown()
+
+
+def test_a_faulted_command_is_marked_on_its_span(make):
+    sink, exp = make()
+    event = command("find", comment=TP, ok=False, code=91, code_name="ShutdownInProgress")
+    event.fault = "failover"
+    sink.on_command(event)
+    sink.on_command(command("find", comment=TP))
+    faulted, plain = spans_of(sink, exp)
+    assert faulted.attributes["mongoproxy.fault"] == "failover"
+    assert "mongoproxy.fault" not in plain.attributes

@@ -1,9 +1,10 @@
 """Tracker: request/reply matching, moreToCome both ways, exhaust conventions, legacy pairs, the pending cap."""
 
 from mongoproxy import wire
-from mongoproxy.events import CollectingSink, Connection, SinkBus
+from mongoproxy.events import Connection, SinkBus
 from mongoproxy.tracker import Tracker
 from tests.support import wire as tw
+from tests.support.collecting import CollectingSink
 
 
 class Pair:
