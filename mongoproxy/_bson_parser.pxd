@@ -180,6 +180,8 @@ cdef class BodyScanner:
     cdef int64_t rstr_n
     cdef bint rstr_done
 
+    cdef int _reset(self, int op_code, bint is_reply, int64_t body_length, int render,
+                    Py_ssize_t render_limit) except -1
     cdef int _feed(self, const unsigned char* p, Py_ssize_t size, Py_ssize_t start, Py_ssize_t end) except -1
     cdef int _run(self, const unsigned char* p, Py_ssize_t n) except -1
     cdef int _fail(self, int reason, int64_t pos) except -1

@@ -603,6 +603,30 @@ cdef class BodyScanner:
     def reset(self, int op_code, bint is_reply, int64_t body_length, int render=RENDER_OFF,
               Py_ssize_t render_limit=4096):
         """Start a new body of `body_length` bytes (everything after the 16-byte header)."""
+        self._reset(op_code, is_reply, body_length, render, render_limit)
+
+    def scan(self, data, Py_ssize_t start, Py_ssize_t end, int op_code, bint is_reply, int render=RENDER_OFF,
+             Py_ssize_t render_limit=4096):
+        """One whole body, data[start:end], in one call: reset + feed + result.
+
+        DecodeError("truncated") when the body ends before its layout does.
+        """
+        cdef Py_buffer view
+        self._reset(op_code, is_reply, end - start, render, render_limit)
+        if PyBytes_CheckExact(data):
+            self._feed(<const unsigned char*>PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data), start, end)
+        else:
+            PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+            try:
+                self._feed(<const unsigned char*>view.buf, view.len, start, end)
+            finally:
+                PyBuffer_Release(&view)
+        if not self.done:
+            raise DecodeError("truncated", "message ended inside its body")
+        return self.res
+
+    cdef int _reset(self, int op_code, bint is_reply, int64_t body_length, int render,
+                    Py_ssize_t render_limit) except -1:
         cdef const Step* prog = _prog_for(op_code)
         cdef char* nbuf
         self.res = ScanResult.__new__(ScanResult)
@@ -652,6 +676,7 @@ cdef class BodyScanner:
                 self.rbuf = nbuf
                 self.rcap = render_limit + 8
             self.render_limit = render_limit
+        return 0
 
     def feed(self, data, Py_ssize_t start=0, Py_ssize_t end=-1):
         """Consume data[start:end] up to the body's end; return the bytes consumed."""
