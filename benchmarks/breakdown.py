@@ -54,6 +54,9 @@ class _NoScan:
     def result(self) -> Any:
         return self._result
 
+    def scan(self, *args: Any) -> Any:
+        return self._result
+
 
 def _make_tap(layer: str, otlp: str, logfile: str) -> Any:
     """A factory: (on_request_chunk, on_reply_chunk) feeds for one connection, or None for the bare layer."""
@@ -184,8 +187,11 @@ def serve_main(argv: list[str] | None = None) -> int:
 # ---- the run: every layer side by side ----
 
 
-def run(workdir: str, rounds: int, per_round: int, repeats: int) -> dict:
-    """Start every layer, the whole proxy and haproxy; `repeats` interleaved raw-socket runs; CPU µs per trip."""
+def run(workdir: str, rounds: int, per_round: int, repeats: int, baseline: str | None = None) -> dict:
+    """Start every layer, the whole proxy and haproxy; `repeats` interleaved raw-socket runs; CPU µs per trip.
+
+    `baseline`: another checkout whose whole proxy runs beside this one's, as row "baseline".
+    """
     from benchmarks import procs, scenarios
 
     started: list[procs.Proc] = []
@@ -221,6 +227,9 @@ def run(workdir: str, rounds: int, per_round: int, repeats: int) -> dict:
             targets[layer] = p
         targets["mongoproxy"] = procs.start_mongoproxy("mongoproxy", backend.port, workdir)
         started.append(targets["mongoproxy"])
+        if baseline:
+            targets["baseline"] = procs.start_mongoproxy("baseline", backend.port, workdir, root=baseline)
+            started.append(targets["baseline"])
         targets["haproxy"] = procs.start_haproxy(backend.port, workdir)
         started.append(targets["haproxy"])
         ports = {name: t.port for name, t in targets.items() if t is not None}

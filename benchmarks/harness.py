@@ -624,7 +624,7 @@ def _breakdown(args: argparse.Namespace) -> int:
     workdir = procs.make_workdir()
     load0 = os.getloadavg()
     try:
-        res = breakdown.run(workdir, p.raw_rounds, p.raw_per_round // 2, args.repeat)
+        res = breakdown.run(workdir, p.raw_rounds, p.raw_per_round // 2, args.repeat, args.baseline)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     res["load_average_at_start"] = load0
