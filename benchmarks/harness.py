@@ -238,9 +238,9 @@ def goals(res: dict) -> list[dict]:
         rc = _ratio(cpu["mongoproxy"]["us_per_request"], cpu["haproxy"]["us_per_request"])
         add(
             "P2",
-            "CPU per request <= 1.3x haproxy's (metrics on)",
+            "CPU per request <= 1.10x haproxy's (metrics on)",
             f"{_fmt_x(rc)} ({cpu['mongoproxy']['us_per_request']:.1f} vs {cpu['haproxy']['us_per_request']:.1f} µs)",
-            None if rc is None else rc <= 1.3,
+            None if rc is None else rc <= 1.10,
         )
         parts, ok = [], True
         for size, row in hot["large"].items():
@@ -274,9 +274,9 @@ def goals(res: dict) -> list[dict]:
         counts = "/".join(str(pt["connections"]) for pt in mem["idle"]["points"])
         add(
             "P5",
-            "<= 32 KB RSS per idle connection pair; < 8 MB RSS growth streaming 40 MB",
+            "<= 8 KB RSS per idle connection pair; < 8 MB RSS growth streaming 40 MB",
             f"{kb:.1f} KB per pair (worst of {counts}), {growth:.1f} MB growth",
-            kb <= 32 and growth < 8,
+            kb <= 8 and growth < 8,
         )
     drv = sc.get("driver")
     if drv:
@@ -588,7 +588,7 @@ def plot(res: dict, path: str) -> None:
         for name, row in mem.items():
             pts = row["idle"]["points"]
             axes[4].plot([p["connections"] for p in pts], [p["kb_per_connection"] for p in pts], marker="o", label=name)
-        axes[4].axhline(32, color="grey", linestyle="--", label="P5 target")
+        axes[4].axhline(8, color="grey", linestyle="--", label="P5 target")
         axes[4].set_title("RSS per idle connection pair, KB")
         axes[4].legend()
     drv = sc.get("driver")
