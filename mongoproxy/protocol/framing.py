@@ -71,13 +71,6 @@ _internal_logged: dict[tuple[str, str], float] = {}
 _per_thread = threading.local()
 
 
-def _shared_scanner() -> Any:
-    scanner = _per_thread.__dict__.get("scanner")
-    if scanner is None:
-        scanner = _per_thread.scanner = BodyScanner()
-    return scanner
-
-
 def log_internal_error(exc: BaseException) -> None:
     """Log a bug's traceback at WARNING, at most once a minute per exception type and place."""
     tb = exc.__traceback__
@@ -303,7 +296,10 @@ class FrameScanner(Framer):
                 n = len(data)
                 scanner = self._scanner
                 if scanner is None:
-                    scanner = _shared_scanner()
+                    try:
+                        scanner = _per_thread.scanner
+                    except AttributeError:
+                        scanner = _per_thread.scanner = BodyScanner()
                 while n - pos >= HEADER_SIZE:
                     length, request_id, response_to, op_code = _unpack_header(data, pos)
                     if not (
