@@ -31,6 +31,14 @@ log = logging.getLogger("mongoproxy.admin")
 
 G = "admin endpoint"
 OPEN_PATHS = frozenset(("/healthz", "/readyz"))  # probes: never behind the token
+
+
+def public(handler: Any) -> Any:
+    """Mark a contributed route handler that serves no data (a static page): reachable without the token."""
+    handler.admin_public = True
+    return handler
+
+
 MAX_HEAD_LINE = 8190  # aiohttp's request-line and header-field limits, named here so that docs can cite them
 MAX_HEADERS = 100
 
@@ -217,7 +225,12 @@ class AdminServer:
         if guard is not None:
             guard.disarm()  # the head arrived; a handler (an event stream, say) may run as long as it needs
         try:
-            if self.token is not None and request.path not in OPEN_PATHS and not self._authorized(request):
+            if (
+                self.token is not None
+                and request.path not in OPEN_PATHS
+                and not getattr(request.match_info.handler, "admin_public", False)
+                and not self._authorized(request)
+            ):
                 self.count("unauthorized")
                 return web.Response(
                     status=401, text="a bearer token is required\n", headers={"WWW-Authenticate": "Bearer"}

@@ -29,10 +29,12 @@ OPTION_MODULES = (
     "mongoproxy.sinks.commandlog",
     "mongoproxy.sinks.tracing",
     "mongoproxy.sinks.capture",
+    "mongoproxy.sinks.mirror",
     "mongoproxy.sinks.digest",
     "mongoproxy.sinks.live",
     "mongoproxy.tls",
     "mongoproxy.faults",
+    "mongoproxy.topology",
 )
 
 
@@ -49,6 +51,7 @@ class Option:
     switch: bool = False  # a flag without a value (store_true)
     metavar: str | None = None
     group: str = "proxy"
+    separator: str | None = ","  # how env/file strings of a repeatable option split (None: on whitespace)
 
     @property
     def env(self) -> str:
@@ -335,10 +338,10 @@ class Config(Mapping[str, Any]):
         return f"Config({self._values!r})"
 
 
-def _split_list(raw: Any) -> list[str]:
+def _split_list(raw: Any, separator: str | None = ",") -> list[str]:
     if isinstance(raw, (list, tuple)):
         return [str(x) for x in raw]
-    return [p for p in (s.strip() for s in str(raw).split(",")) if p]
+    return [p for p in (s.strip() for s in str(raw).split(separator)) if p]
 
 
 def load_file(path: str) -> dict[str, Any]:
@@ -389,7 +392,7 @@ def build(
             if o.switch:
                 values[o.dest] = raw if isinstance(raw, bool) else parse_bool(raw)
             elif o.multiple:
-                values[o.dest] = tuple(o.parse(x) for x in _split_list(raw))
+                values[o.dest] = tuple(o.parse(x) for x in _split_list(raw, o.separator))
             else:
                 values[o.dest] = o.parse(raw)
         except ConfigError as exc:
@@ -403,8 +406,10 @@ def build(
 
 def check_proxies(config: Config) -> None:
     """Cross-option checks for `run`: at least one listener, no duplicate ports."""
-    if not config.proxy:
-        raise ConfigError("no listener: give at least one --proxy PORT:HOST:PORT (or set MONGOPROXY_PROXY)")
+    if not config.proxy and not config.get("upstream"):
+        raise ConfigError(
+            "no listener: give at least one --proxy PORT:HOST:PORT or --upstream URI (or set MONGOPROXY_PROXY)"
+        )
     seen: dict[int, str] = {}
     for spec in config.proxy:
         if spec.listen_port in seen:

@@ -41,6 +41,7 @@ class Connection:
     compression_offered: tuple[str, ...] = ()
     compression: str = ""  # the compressor the server accepted first, "" when none
     replica_set: str = ""
+    member_state: str = ""  # --upstream listeners: primary, secondary, arbiter, mongos, standalone, other
     max_wire_version: int | None = None
     # TLS (mongoproxy.tls): whether each side is encrypted, the client's SNI and verified certificate subject.
     client_tls: bool = False

@@ -193,7 +193,8 @@ class ClientSide(asyncio.Protocol):
     def _target(self, transport: Any, sockname: tuple) -> tuple[str, int] | None:
         spec = self.spec
         if not spec.transparent:
-            return spec.upstream_host, spec.upstream_port
+            route = getattr(spec, "route", None)  # an --upstream listener (mongoproxy.topology.MemberSpec)
+            return route(self) if route is not None else (spec.upstream_host, spec.upstream_port)
         sock = transport.get_extra_info("socket")
         dst = dstaddr.original_dst(sock) if sock is not None else None
         if dst is None:
@@ -214,7 +215,8 @@ class ClientSide(asyncio.Protocol):
         started = monotonic_ns()
         try:
             sni = self.conn.tls_server_name if self.spec.transparent else ""  # static: verify the upstream's name
-            tls_args = proxy.tls.upstream_args(target[0], sni)
+            upstream_tls = getattr(self.spec, "upstream_tls", None) or proxy.tls.upstream_args  # --upstream: its URI's
+            tls_args = upstream_tls(target[0], sni)
             _, upstream = await asyncio.wait_for(
                 loop.create_connection(lambda: UpstreamSide(self), target[0], target[1], **tls_args),
                 timeout=proxy.config.connect_timeout or None,
@@ -246,6 +248,9 @@ class ClientSide(asyncio.Protocol):
         self.conn.upstream_connect_ns = monotonic_ns() - started
         self.upstream = upstream
         self._write_upstream = upstream.transport.write
+        gate = getattr(self.spec, "gate", None)
+        if gate is not None:  # an --upstream listener: hello replies are rewritten (topology.install_gate)
+            gate(self)
         if proxy.faults is not None and proxy.faults.active:
             fault_gate.install(proxy.faults, self)  # swaps the write functions; nothing else on the data path
         early, self._early = self._early, []
@@ -614,7 +619,7 @@ async def serve(config: Config, on_started: Callable[[Proxy], Any] | None = None
     """Run until SIGTERM/SIGINT, then drain; the exit code. on_started(proxy) runs once listening."""
     from prometheus_client import CollectorRegistry, disable_created_metrics
 
-    from mongoproxy import admin, limits, shutdown, signals
+    from mongoproxy import admin, limits, shutdown, signals, topology
     from mongoproxy.sinks import SinkContext, build_sinks
 
     loop = asyncio.get_running_loop()
@@ -631,6 +636,7 @@ async def serve(config: Config, on_started: Callable[[Proxy], Any] | None = None
     if config.verify_checksums:
         wire.checksum_function()  # fail at start-up, not at the first message, when the library is missing
     proxy = Proxy(config, bus, registry)
+    cluster = topology.create(proxy, registry)  # --upstream: a component before the admin endpoint collects routes
     proxy.faults = faults.create(config, registry)
     proxy.components.append(proxy.faults)
     admin_server = None
@@ -639,6 +645,8 @@ async def serve(config: Config, on_started: Callable[[Proxy], Any] | None = None
             admin_server = await admin.start(config.admin_host, config.admin_port, registry, proxy, config)
             proxy.components.append(admin_server)  # its reload() re-reads the token and TLS files on SIGHUP
         await proxy.start()
+        if cluster is not None:
+            await cluster.start()  # discovery and a listener per member
         limits.install(proxy, registry, loop)
         proxy.faults.attach(proxy)
     except BaseException:

@@ -81,7 +81,9 @@ class RequestGate:
         self.app = app
         self.generation = engine.generation
         upstream = client.upstream
-        self.valve = Valve(upstream.transport.write, self._block, self._unblock)
+        # The writes in place (the transport's, or an --upstream listener's hello gate) are kept and restored.
+        self._plain = (client._write_upstream, upstream._write_client)
+        self.valve = Valve(client._write_upstream, self._block, self._unblock)
         self.replies = ReplyGate(client)
         self.bus = TaggingBus(client.tracker.bus)
         client.tracker.bus = self.bus
@@ -109,8 +111,7 @@ class RequestGate:
         if not (self.valve.idle and replies.at_boundary and replies.valve.idle and not self.bus.tags):
             return False
         client = self.client
-        client._write_upstream = client.upstream.transport.write
-        client.upstream._write_client = client.transport.write
+        client._write_upstream, client.upstream._write_client = self._plain
         client.tracker.bus = self.bus.bus
         client.fault_gate = None
         return True
@@ -350,7 +351,7 @@ class ReplyGate:
     def __init__(self, client: Any) -> None:
         self.client = client
         upstream = client.upstream
-        self.valve = Valve(client.transport.write, upstream.transport.pause_reading, self._resume_upstream)
+        self.valve = Valve(upstream._write_client, upstream.transport.pause_reading, self._resume_upstream)
         self.delays: dict[int, float] = {}
         self.throttles: dict[int, int] = {}
         self._pending: list[bytes] = []  # injected replies waiting for a message boundary

@@ -2,7 +2,7 @@
 
 Framer splits one direction of a connection into messages as the bytes are fed, holding at most a
 partial header (16 bytes): subclasses get the header bytes, the parsed header, each body slice and the
-end of each message. The live tap (FrameScanner below), the recorder (sinks/capture.py) and replay's
+end of each message. The live tap (FrameScanner below), the recorder (sinks/capture/) and replay's
 pcap reader frame with it. Invariants:
 - A bad header length stops framing of the direction for good (the stream is not MongoDB or is out of
   sync); what follows goes to _on_dead.

@@ -7,18 +7,21 @@ and getMore/killCursors are linked to the op whose reply opened their cursor.
 
 from __future__ import annotations
 
+import collections
 import os
 import struct
-import uuid
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from mongoproxy import redact
+from mongoproxy.commandspec import command_spec, query_document
 from mongoproxy.errors import DecodeError, ReplayError
 from mongoproxy.protocol.commands import AUTH_COMMANDS, HELLO_COMMANDS, USER_MANAGEMENT_COMMANDS
-from mongoproxy.protocol.opcodes import CHECKSUM_PRESENT, HEADER, MORE_TO_COME, OP_MSG, OP_QUERY, REQUEST_OPCODES
+from mongoproxy.protocol.opcodes import HEADER, MORE_TO_COME, OP_MSG, OP_QUERY, REQUEST_OPCODES
+from mongoproxy.replay import legacy
+from mongoproxy.replay.legacy import compressor_of, conversion_name
 from mongoproxy.replay.model import (
     SKIP_AUTH,
+    SKIP_GLE,
     SKIP_HANDSHAKE,
     SKIP_LEGACY,
     SKIP_MONITORING,
@@ -27,10 +30,10 @@ from mongoproxy.replay.model import (
     Op,
     Outcome,
     RecordedConnection,
+    Stream,
     Workload,
 )
 from mongoproxy.replay.reader import (
-    I32,
     Flow,
     Reassembler,
     WireMessage,
@@ -74,106 +77,259 @@ def _first_ts(path: str) -> int:
     return 0
 
 
-def load(paths: Iterable[str]) -> Workload:
-    """Read, reassemble and parse capture files into a Workload; ReplayError for bad input."""
+# A connection whose client sends this many requests without any reply has its oldest emitted unanswered.
+MAX_PIPELINE = 1000
+# Recorded cursors followed at once (getMore/killCursors to their opening op); past it the oldest is forgotten.
+MAX_OPEN_CURSORS = 100_000
+
+
+class _FlowState:
+    """Extraction state of one TCP connection: whether it is MongoDB, its requests awaiting their replies."""
+
+    __slots__ = ("conn", "decided", "dead", "order", "inflight", "first_hello", "requests", "bad_warned", "emitted")
+
+    def __init__(self) -> None:
+        self.conn: RecordedConnection | None = None
+        self.decided = False
+        self.dead = False
+        self.order: collections.deque[Op] = collections.deque()
+        self.inflight: dict[int, Op] = {}
+        self.first_hello = True
+        self.requests = 0
+        self.bad_warned = False
+        self.emitted = False
+
+
+def iter_ops(paths: Iterable[str], stream: Stream | None = None, keep_documents: bool = False) -> Iterator[Any]:
+    """Operations as the capture is read, each once its reply is seen; a RecordedConnection once it has ended.
+
+    Memory is bounded by what is in flight in the capture (open connections, requests awaiting replies, open
+    cursors), not by the file size. ReplayError for bad input, at the point where it is found.
+    """
     files = expand_inputs(paths)
     require_dpkt()
-    warnings: list[str] = []
+    if stream is None:
+        stream = Stream(files)
+    stream.files = files
     files.sort(key=_first_ts)  # connections may continue from one file into the next
-    re = Reassembler()
+    re = Reassembler(keep_flows=False)
+    states: dict[Flow, _FlowState] = {}
+    creators: collections.OrderedDict[int, Op] = collections.OrderedDict()
+    warnings = stream.warnings
     for path in files:
         for pkt in iter_packets(path, warnings):
             try:
-                re.add(pkt, path)
+                flow = re.add(pkt, path)
             except ReplayError as exc:
                 raise ReplayError(f"{path}: packet at offset {pkt.offset}: {exc}") from None
+            stream.packets = re.packets
+            if flow is None:
+                continue
+            st = states.get(flow)
+            if st is None:
+                st = states[flow] = _FlowState()
+            yield from _advance(flow, st, stream, creators, keep_documents)
+            if flow.closed and not st.dead:
+                yield from _finish(flow, st, stream, creators)
+                states.pop(flow, None)
+                re.forget(flow)
+    for flow, st in list(states.items()):
+        if not st.dead:
+            yield from _finish(flow, st, stream, creators)
+    stream.tcp_packets, stream.flows = re.tcp_packets, re.flow_count
     where = files[0] if len(files) == 1 else f"{len(files)} files ({', '.join(files)})"
     if not re.packets:
         raise ReplayError(f"{where}: no packets")
-    connections: list[RecordedConnection] = []
-    mongo_flows = 0
-    for flow in re.flows:
-        conn, is_mongo = _connection_from_flow(flow, warnings)
-        flow.halves = {}  # the messages are parsed; let their bytes go
-        mongo_flows += is_mongo
-        if conn is not None and conn.ops:
-            conn.index = len(connections)
-            connections.append(conn)
-    if not mongo_flows:
+    if not stream.mongo_flows:
         raise ReplayError(
             f"{where}: no MongoDB traffic ({re.packets} packets, {re.tcp_packets} TCP, "
-            f"{len(re.flows)} TCP connections, none carrying the MongoDB wire protocol)"
+            f"{re.flow_count} TCP connections, none carrying the MongoDB wire protocol)"
         )
-    ops = sorted((o for c in connections for o in c.ops), key=lambda o: (o.ts_ns, o.conn.index, o.index))
-    _link_cursors(ops)
-    start = min((o.ts_ns for o in ops), default=0)
-    end = max((o.ts_ns for o in ops), default=0)
-    return Workload(files, connections, ops, warnings, re.packets, len(re.flows), mongo_flows, start, end)
+    stream.finished = True
 
 
-def _connection_from_flow(flow: Flow, warnings: list[str]) -> tuple[RecordedConnection | None, bool]:
-    """(the flow's requests and replies as a connection or None when skipped, whether it is MongoDB)."""
+def _decide(flow: Flow, st: _FlowState, stream: Stream) -> bool:
+    """Whether the flow is a MongoDB connection to extract, once enough of it is seen (marks it dead if not)."""
     ha, hb = flow.halves[flow.a], flow.halves[flow.b]
     if not (ha.messages or hb.messages):
-        return None, False  # no complete message: not MongoDB (or nothing was said)
+        if ha.bad or hb.bad:
+            st.dead = True
+            if ha.midstream or hb.midstream:
+                stream.mongo_flows += 1
+                stream.warnings.append(
+                    f"connection {flow.label()} ({flow.source}): the capture began in the middle of a message; skipped"
+                )
+        return False
     if (ha.bad and not ha.messages) or (hb.bad and not hb.messages):
+        st.dead = True
         if ha.midstream or hb.midstream:
-            warnings.append(
+            stream.mongo_flows += 1
+            stream.warnings.append(
                 f"connection {flow.label()} ({flow.source}): the capture began in the middle of a message; skipped"
             )
-            return None, True
-        return None, False  # one side never parsed as MongoDB
+        return False
     if flow.client is None:
         flow.client = _guess_client(flow)
         if flow.client is None:
-            warnings.append(
-                f"connection {flow.label()} ({flow.source}): cannot tell client from server (the capture "
-                "began after it opened and neither side looks like a MongoDB client); skipped"
-            )
-            return None, True
-    assert flow.server is not None  # flow.client is known, so the other endpoint is the server
-    client, server = flow.halves[flow.client], flow.halves[flow.server]
-    for half, side in ((client, "client"), (server, "server")):
-        if half.gap:
-            warnings.append(
-                f"connection {flow.label()} ({flow.source}): {half.gap} bytes from the {side} follow a "
-                f"gap at stream offset {half.next} (packets missing from the capture); skipped"
-            )
-            return None, True
-        if half.bad:
-            warnings.append(
-                f"connection {flow.label()} ({flow.source}): the {side}'s stream stops parsing as MongoDB "
-                f"after {len(half.messages)} messages ({half.bad}); skipped"
-            )
-            return None, True
-    if client.midstream or server.midstream:
+            if ha.messages and hb.messages:
+                st.dead = True
+                stream.mongo_flows += 1
+                stream.warnings.append(
+                    f"connection {flow.label()} ({flow.source}): cannot tell client from server (the capture "
+                    "began after it opened and neither side looks like a MongoDB client); skipped"
+                )
+            return False
+    stream.mongo_flows += 1
+    client = flow.halves[flow.client]
+    if flow.halves[flow.client].midstream or flow.halves[flow.server].midstream:  # type: ignore[index]
         msgs = client.messages
         if msgs and (msgs[0].header[2] != 0 or msgs[0].header[3] not in REQUEST_OPCODES):
-            warnings.append(
+            st.dead = True
+            stream.warnings.append(
                 f"connection {flow.label()} ({flow.source}): the capture began in the middle of it and "
                 "it does not start at a request; skipped"
             )
-            return None, True
-    conn = RecordedConnection(flow.index, flow.label(), flow.source)
-    replies: dict[int, list[WireMessage]] = {}
-    for m in server.messages:
-        replies.setdefault(m.header[2], []).append(m)
-    first_hello = True
-    for i, m in enumerate(client.messages):
-        op = _op_from_message(conn, i, m, replies, warnings)
+            return False
+    st.decided = True
+    st.conn = RecordedConnection(flow.index, flow.label(), flow.source)
+    return True
+
+
+def _advance(
+    flow: Flow, st: _FlowState, stream: Stream, creators: collections.OrderedDict, keep_documents: bool
+) -> Iterator[Any]:
+    """Turn the flow's newly framed messages into ops; yield those whose reply has come, in request order."""
+    if st.dead:
+        for half in flow.halves.values():
+            half.messages.clear()
+        return
+    if not st.decided and not _decide(flow, st, stream):
+        if st.dead:
+            for half in flow.halves.values():
+                half.messages.clear()
+        return
+    conn = st.conn
+    assert conn is not None and flow.client is not None and flow.server is not None
+    client, server = flow.halves[flow.client], flow.halves[flow.server]
+    for m in client.messages:
+        op = _op_from_message(conn, st.requests, m, stream.warnings, keep_documents)
+        st.requests += 1
         if op is None:
             continue
         if op.key in HELLO_COMMANDS:
-            op.skip = SKIP_HANDSHAKE if first_hello else SKIP_MONITORING
-            first_hello = False
-        conn.ops.append(op)
-    trailing = len(client.buf)
+            op.skip = SKIP_HANDSHAKE if st.first_hello else SKIP_MONITORING
+            st.first_hello = False
+        st.order.append(op)
+        if not op.unacknowledged and not op.skip:
+            st.inflight[op.request_id] = op
+    client.messages.clear()
+    for m in server.messages:
+        op = st.inflight.pop(m.header[2], None)  # later replies to the same request (exhaust) are not compared
+        if op is not None:
+            op.recorded_ns = m.last_ns - op.ts_ns
+            op.recorded, docs = _reply_outcome(m, keep_documents)
+            if keep_documents:
+                op.recorded_docs = docs
+    server.messages.clear()
+    for half, side in ((client, "client"), (server, "server")):
+        if half.bad and not st.bad_warned:
+            st.bad_warned = True
+            stream.warnings.append(
+                f"connection {conn.label} ({conn.source}): the {side}'s stream stops parsing as MongoDB "
+                f"after {st.requests} requests ({half.bad}); the rest is not replayed"
+            )
+    order = st.order
+    while order and (order[0].request_id not in st.inflight or len(order) > MAX_PIPELINE):
+        yield _emit(order.popleft(), st, stream, creators)
+
+
+def _finish(flow: Flow, st: _FlowState, stream: Stream, creators: collections.OrderedDict) -> Iterator[Any]:
+    """The flow has ended (or the capture has): emit what is left, warn about gaps, then the connection."""
+    st.dead = True
+    conn = st.conn
+    if conn is None:
+        return
+    while st.order:
+        yield _emit(st.order.popleft(), st, stream, creators)
+    st.inflight.clear()
+    assert flow.client is not None and flow.server is not None
+    for half, side in ((flow.halves[flow.client], "client"), (flow.halves[flow.server], "server")):
+        if half.gap:
+            stream.warnings.append(
+                f"connection {conn.label} ({conn.source}): {half.gap} bytes from the {side} follow a "
+                f"gap at stream offset {half.next} (packets missing from the capture); skipped from there on"
+            )
+    trailing = len(flow.halves[flow.client].buf)
     if trailing:
-        warnings.append(
-            f"connection {flow.label()} ({flow.source}): its last request is incomplete ({trailing} bytes "
+        stream.warnings.append(
+            f"connection {conn.label} ({conn.source}): its last request is incomplete ({trailing} bytes "
             "at the end of the capture); left out"
         )
-    return conn, True
+    for half in flow.halves.values():
+        half.buf.clear()
+    if st.emitted:
+        yield conn
+
+
+def _emit(op: Op, st: _FlowState, stream: Stream, creators: collections.OrderedDict) -> Op:
+    """Number the connection on its first op, count the op, and link cursors to the op that opened them."""
+    if not st.emitted:
+        st.emitted = True
+        assert st.conn is not None
+        st.conn.index = stream.connections
+        stream.connections += 1
+    stream.operations += 1
+    if not stream.start_ns or op.ts_ns < stream.start_ns:
+        stream.start_ns = op.ts_ns
+    stream.end_ns = max(stream.end_ns, op.ts_ns)
+    if op.conversion and not op.skip:
+        stream.conversions[op.conversion] = stream.conversions.get(op.conversion, 0) + 1
+    key = op.key
+    rec = op.recorded
+    if key == "getmore":
+        op.creator = creators.get(op.cursor_ref or 0)
+        if rec is not None and rec.cursor_id == 0:
+            creators.pop(op.cursor_ref or 0, None)
+    elif key == "killcursors":
+        op.creator = next((creators[c] for c in op.kill_ids if c in creators), None)
+        for c in op.kill_ids:
+            creators.pop(c, None)
+    elif rec is not None and rec.cursor_id:
+        creators[rec.cursor_id] = op
+        if len(creators) > MAX_OPEN_CURSORS:
+            creators.popitem(last=False)
+    return op
+
+
+def load(paths: Iterable[str], keep_documents: bool = False) -> Workload:
+    """Read, reassemble and parse capture files into a Workload held in memory; ReplayError for bad input."""
+    stream = Stream([])
+    connections: dict[int, RecordedConnection] = {}
+    ops: list[Op] = []
+    for x in iter_ops(paths, stream, keep_documents):
+        if isinstance(x, Op):
+            ops.append(x)
+            if x.conn.index not in connections:
+                connections[x.conn.index] = x.conn
+            x.conn.ops.append(x)
+    conns = [connections[i] for i in sorted(connections)]
+    for c in conns:
+        c.ops.sort(key=lambda o: o.index)
+    ops.sort(key=lambda o: (o.ts_ns, o.conn.index, o.index))
+    start = min((o.ts_ns for o in ops), default=0)
+    end = max((o.ts_ns for o in ops), default=0)
+    return Workload(
+        stream.files,
+        conns,
+        ops,
+        stream.warnings,
+        stream.packets,
+        stream.flows,
+        stream.mongo_flows,
+        start,
+        end,
+        dict(stream.conversions),
+    )
 
 
 def _guess_client(flow: Flow) -> tuple | None:
@@ -191,7 +347,7 @@ def _guess_client(flow: Flow) -> tuple | None:
 
 
 def _op_from_message(
-    conn: RecordedConnection, index: int, m: WireMessage, replies: dict, warnings: list[str]
+    conn: RecordedConnection, index: int, m: WireMessage, warnings: list[str], keep_documents: bool = False
 ) -> Op | None:
     from mongoproxy import _bson_parser
     from mongoproxy.tracker import COLLECTION_COMMANDS
@@ -212,13 +368,12 @@ def _op_from_message(
         return Op(conn, index, m.first_ns, "unknown", "", "", request_id, skip=SKIP_UNPARSEABLE)
     flags = r.flags or 0
     if r.command is None or op_code not in (OP_MSG, OP_QUERY):
-        db, _, coll = (r.namespace or "").partition(".")
-        return Op(conn, index, m.first_ns, f"opcode {op_code}", db, coll, request_id, skip=SKIP_LEGACY)
+        return _legacy_op(conn, index, m, data, op_code, r, warnings)
     command = r.command
     coll = (r.collection or "") if command in COLLECTION_COMMANDS else ""
     if op_code == OP_QUERY and command in ("$query", "query"):  # a wrapped legacy command
         try:
-            inner = _query_document(data)[command]
+            inner = query_document(data)[command]
             command = next(iter(inner))
             first = inner[command]
             coll = first if isinstance(first, str) and command in COLLECTION_COMMANDS else ""
@@ -233,12 +388,11 @@ def _op_from_message(
         op.skip = SKIP_AUTH
     elif key in SESSION_COMMANDS:
         op.skip = SKIP_SESSIONS
+    elif key == "getlasterror":
+        op.skip = SKIP_GLE
     op.unacknowledged = bool(op_code == OP_MSG and flags & MORE_TO_COME)
-    got = replies.get(request_id)
-    if got and not op.unacknowledged:
-        reply = got[0]
-        op.recorded_ns = reply.last_ns - m.first_ns
-        op.recorded = _reply_outcome(reply)
+    if op_code == OP_QUERY:
+        op.conversion = conversion_name("OP_QUERY $cmd", command, compressor_of(m.data))
     if op.skip or key in HELLO_COMMANDS:
         return op
     try:
@@ -251,15 +405,73 @@ def _op_from_message(
     return op
 
 
-def _reply_outcome(reply: WireMessage) -> Outcome | None:
+def _legacy_op(
+    conn: RecordedConnection, index: int, m: WireMessage, data: bytes, op_code: int, r: Any, warnings: list[str]
+) -> Op:
+    """A legacy request converted to a command (legacy.convert), or kept as not replayed when it has none."""
+    request_id = m.header[1]
+    try:
+        got = legacy.convert(data, op_code)
+    except (DecodeError, struct.error, ValueError, IndexError, KeyError, TypeError, UnicodeDecodeError) as exc:
+        warnings.append(f"connection {conn.label}: opcode {op_code} (request {request_id}) does not parse ({exc})")
+        got = None
+    if got is None:
+        db, _, coll = (r.namespace or "").partition(".")
+        return Op(conn, index, m.first_ns, f"opcode {op_code}", db, coll, request_id, skip=SKIP_LEGACY)
+    command, db, coll, spec, lsid = got
+    op = Op(conn, index, m.first_ns, command, db, coll, request_id, spec=spec, lsid_key=lsid)
+    op.conversion = conversion_name(legacy.OP_NAMES.get(op_code, str(op_code)), command, compressor_of(m.data))
+    op.unacknowledged = op_code in (legacy.OP_INSERT, legacy.OP_UPDATE, legacy.OP_DELETE)  # no reply on the wire
+    key = op.key
+    if key in HELLO_COMMANDS:
+        op.spec = None
+    elif key in AUTH_COMMANDS or key in USER_MANAGEMENT_COMMANDS:
+        op.skip = SKIP_AUTH
+    elif key == "getlasterror":
+        op.skip = SKIP_GLE
+    else:
+        _refs(op)
+    return op
+
+
+def _reply_outcome(reply: WireMessage, keep_documents: bool = False) -> tuple[Outcome | None, list | None]:
+    """What the recorded reply said, and (keep_documents) the documents it carried."""
     from mongoproxy import _bson_parser
 
     try:
         data = uncompressed(reply.data)
         op_code = HEADER.unpack_from(data)[3]
-        return Outcome.from_scan(_bson_parser.scan_body(op_code, True, memoryview(data)[16:]))
+        outcome = Outcome.from_scan(_bson_parser.scan_body(op_code, True, memoryview(data)[16:]))
     except (DecodeError, ValueError):
-        return None
+        return None, None
+    if not keep_documents:
+        return outcome, None
+    try:
+        return outcome, reply_documents(data, op_code)
+    except (DecodeError, struct.error, ValueError, IndexError, bson_errors()):
+        return outcome, None
+
+
+def reply_documents(data: bytes, op_code: int) -> list | None:
+    """The documents of an uncompressed reply: OP_MSG/OP_COMMANDREPLY cursor batch or values, OP_REPLY's documents."""
+    from bson.raw_bson import RawBSONDocument
+
+    from mongoproxy import compare
+    from mongoproxy.commandspec import message_body
+
+    if op_code == 1:  # OP_REPLY: responseFlags, cursorID, startingFrom, numberReturned, documents
+        docs, pos = [], 36
+        while pos < len(data):
+            n = struct.unpack_from("<i", data, pos)[0]
+            docs.append(RawBSONDocument(bytes(data[pos : pos + n])))
+            pos += n
+        if len(docs) == 1 and ("cursor" in docs[0] or "values" in docs[0]):  # a command's reply
+            return compare.reply_documents(docs[0])
+        return docs
+    if op_code == 2011:  # OP_COMMANDREPLY: commandReply, metadata, outputDocs
+        n = struct.unpack_from("<i", data, 16)[0]
+        return compare.reply_documents(RawBSONDocument(bytes(data[16 : 16 + n])))
+    return compare.reply_documents(RawBSONDocument(message_body(data, op_code)[0]))
 
 
 def bson_errors() -> type[Exception]:
@@ -269,102 +481,17 @@ def bson_errors() -> type[Exception]:
     return BSONError
 
 
-def _query_document(data: bytes) -> Any:
-    """The query document of an OP_QUERY message, as a RawBSONDocument."""
-    from bson.raw_bson import RawBSONDocument
-
-    pos = data.index(b"\0", 20) + 1 + 8
-    n = I32.unpack_from(data, pos)[0]
-    return RawBSONDocument(bytes(data[pos : pos + n]))
-
-
-def _elements(doc: bytes) -> Iterator[tuple[str, int, int, int]]:
-    """(key, type, value start, value end) of each top-level element of a BSON document."""
-    end = I32.unpack_from(doc)[0]
-    i = 4
-    while i < end - 1:
-        t = doc[i]
-        k_end = doc.index(b"\0", i + 1)
-        key = doc[i + 1 : k_end].decode("utf-8", "replace")
-        stop = redact.value_end(doc, t, k_end + 1, end - 1)
-        yield key, t, k_end + 1, stop
-        i = stop
-
-
 def _prepare(op: Op, data: bytes, op_code: int) -> None:
     """Build op.spec (top-level dict, nested values as RawBSONDocument so their types survive) and the refs."""
-    from bson import Int64
-    from bson.raw_bson import RawBSONDocument
+    op.spec, op.lsid_key = command_spec(data, op_code)
+    _refs(op)
 
-    sequences: list[tuple[str, list]] = []
-    if op_code == OP_MSG:
-        flags = I32.unpack_from(data, 16)[0] & 0xFFFFFFFF
-        end = len(data) - (4 if flags & CHECKSUM_PRESENT else 0)
-        pos = 20
-        doc = None
-        while pos < end:
-            kind = data[pos]
-            pos += 1
-            if kind == 0:
-                n = I32.unpack_from(data, pos)[0]
-                doc = bytes(data[pos : pos + n])
-                pos += n
-            elif kind == 1:
-                size = I32.unpack_from(data, pos)[0]
-                stop = pos + size
-                name_end = data.index(b"\0", pos + 4)
-                ident = data[pos + 4 : name_end].decode()
-                docs = []
-                d = name_end + 1
-                while d < stop:
-                    n = I32.unpack_from(data, d)[0]
-                    docs.append(RawBSONDocument(bytes(data[d : d + n])))
-                    d += n
-                sequences.append((ident, docs))
-                pos = stop
-            else:
-                raise DecodeError("bad_section_kind", f"kind {kind}")
-        if doc is None:
-            raise DecodeError("truncated", "no kind-0 section")
-    else:  # OP_QUERY on db.$cmd
-        doc = _query_document(data).raw
-    raw = RawBSONDocument(doc)
-    if op_code == OP_QUERY and next(iter(raw), "") in ("$query", "query"):
-        inner = raw[next(iter(raw))]
-        doc = inner.raw
-        raw = inner
-    int64_keys = {k for k, t, _, _ in _elements(doc) if t == 0x12}
-    spec: dict[str, Any] = {}
-    for k, v in raw.items():
-        if k in DROPPED_FIELDS:
-            if k == "lsid" and isinstance(v, RawBSONDocument) and "id" in v:
-                lid = v["id"]
-                op.lsid_key = bytes(lid.bytes if isinstance(lid, uuid.UUID) else lid)
-            continue
-        if k in int64_keys and isinstance(v, int):
-            v = Int64(v)
-        spec[k] = v
-    for ident, docs in sequences:
-        spec[ident] = docs
-    rc = spec.get("readConcern")
-    if isinstance(rc, RawBSONDocument) and ("afterClusterTime" in rc or "atClusterTime" in rc):
-        spec["readConcern"] = {k: v for k, v in rc.items() if k not in ("afterClusterTime", "atClusterTime")}
+
+def _refs(op: Op) -> None:
+    """The recorded cursor ids a getMore continues or a killCursors closes."""
+    spec = op.spec or {}
     key = op.key
     if key == "getmore":
         op.cursor_ref = int(spec["getMore"])
     elif key == "killcursors":
         op.kill_ids = tuple(int(x) for x in spec.get("cursors", ()))
-    op.spec = spec
-
-
-def _link_cursors(ops: list) -> None:
-    """Point each getMore/killCursors at the op whose recorded reply opened its cursor."""
-    creators: dict[int, Op] = {}
-    for o in ops:
-        key = o.key
-        if key == "getmore":
-            o.creator = creators.get(o.cursor_ref)
-        elif key == "killcursors":
-            o.creator = next((creators[c] for c in o.kill_ids if c in creators), None)
-        if o.recorded is not None and o.recorded.cursor_id and key != "getmore":
-            creators.setdefault(o.recorded.cursor_id, o)

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-import threading
-from typing import Any
+
+from mongoproxy.compare import Outcome
 
 # Why an operation is not replayed (report keys).
 SKIP_HANDSHAKE = "handshake"
@@ -16,54 +16,7 @@ SKIP_UNPARSEABLE = "unparseable"
 SKIP_FILTERED = "filtered"
 SKIP_DESTRUCTIVE = "destructive"
 SKIP_CURSOR = "cursor not open on target"
-
-
-@dataclasses.dataclass(slots=True)
-class Outcome:
-    """What a reply said: success, error, and the counts that are compared."""
-
-    ok: bool | None = None
-    code: int | None = None
-    code_name: str = ""
-    errmsg: str = ""
-    returned: int | None = None
-    cursor_id: int | None = None
-    n: int | None = None
-    write_errors: int = 0
-    write_concern_error: bool = False
-    exception: str = ""  # a client-side failure (network, timeout) instead of a reply
-
-    @property
-    def failed(self) -> bool:
-        return self.ok is False or self.write_errors > 0 or self.write_concern_error or bool(self.exception)
-
-    @property
-    def error_name(self) -> str:
-        if self.exception:
-            return self.exception
-        if self.ok is False:
-            return self.code_name or (f"code {self.code}" if self.code is not None else "error")
-        return self.code_name or (f"code {self.code}" if self.code is not None else "write error")
-
-    @classmethod
-    def from_scan(cls, r: Any) -> Outcome:
-        ok = None if r.ok is None else r.ok == 1.0
-        code, name = r.code, r.code_name or ""
-        if ok is not False and r.write_errors:
-            code, name = r.write_error_code, r.write_error_code_name or ""
-        elif ok is not False and r.write_concern_error_code is not None:
-            code, name = r.write_concern_error_code, r.write_concern_error_code_name or ""
-        return cls(
-            ok=ok,
-            code=code,
-            code_name=name,
-            errmsg=r.errmsg or "",
-            returned=r.returned,
-            cursor_id=r.cursor_id,
-            n=r.n,
-            write_errors=r.write_errors or 0,
-            write_concern_error=r.write_concern_error_code is not None,
-        )
+SKIP_GLE = "getLastError (the converted write is acknowledged itself)"
 
 
 @dataclasses.dataclass(eq=False)
@@ -86,12 +39,15 @@ class Op:
     recorded: Outcome | None = None
     recorded_ns: int | None = None  # request first byte to reply last byte
     unacknowledged: bool = False
+    conversion: str = ""  # how a legacy request became a command ("OP_INSERT -> insert"), "" for none
+    recorded_docs: list | None = None  # the recorded reply's documents (replay --verify documents)
     # Filled by replay.
     replayed: Outcome | None = None
     replayed_ns: int | None = None
     lag_ns: int = 0
     offset_ns: int = 0  # scheduled time relative to the start
-    done: threading.Event | None = None  # set once replayed, for getMores on other connections
+    copies_done: int = 0  # copies (--scale) replayed so far
+    done: list | None = None  # per copy, a threading.Event set once replayed (for getMores on other connections)
 
     @property
     def ns(self) -> str:
@@ -117,6 +73,24 @@ class RecordedConnection:
 
 
 @dataclasses.dataclass
+class Stream:
+    """What reading the capture found besides the operations: counts, warnings, conversions (filled as it goes)."""
+
+    files: list
+    warnings: list = dataclasses.field(default_factory=list)
+    packets: int = 0
+    tcp_packets: int = 0
+    flows: int = 0
+    mongo_flows: int = 0
+    connections: int = 0
+    operations: int = 0
+    start_ns: int = 0
+    end_ns: int = 0
+    conversions: dict = dataclasses.field(default_factory=dict)  # conversion name -> count
+    finished: bool = False
+
+
+@dataclasses.dataclass
 class Workload:
     """Everything read from the capture files, with skip reasons and warnings."""
 
@@ -129,6 +103,7 @@ class Workload:
     mongo_flows: int = 0
     start_ns: int = 0
     end_ns: int = 0
+    conversions: dict = dataclasses.field(default_factory=dict)
 
     def replayable(self) -> list:
         return [o for o in self.ops if not o.skip]

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import math
-
-from mongoproxy.replay.model import Workload
+from typing import Any
 
 PLOT_EXTRA = "pip install 'mongoproxy[plot]'"
 
 
-def write_plot(workload: Workload, path: str) -> None:
+def write_plot(tally: Any, path: str) -> None:
     """A latency CDF per busiest op, recorded (dashed) against replayed (solid), as PNG."""
     import matplotlib
 
@@ -17,21 +16,18 @@ def write_plot(workload: Workload, path: str) -> None:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-    ops = [o for o in workload.ops if not o.skip and o.replayed_ns is not None]
     counts: dict[str, int] = {}
-    for o in ops:
-        counts[o.op] = counts.get(o.op, 0) + 1
-    panels = [("all commands", ops)] + [
-        (name, [o for o in ops if o.op == name]) for name, _ in sorted(counts.items(), key=lambda kv: -kv[1])[:5]
-    ]
+    for (name, _), g in tally.groups.items():
+        counts[name] = counts.get(name, 0) + g.count
+    panels = [("all commands", None)] + [(name, name) for name, _ in sorted(counts.items(), key=lambda kv: -kv[1])[:5]]
     cols = min(3, len(panels))
     rows = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.6 * rows), squeeze=False)
     for ax, (name, group) in zip(axes.flat, panels):
         shown: list = []
         for label, values, style in (
-            ("recorded", [o.recorded_ns for o in group if o.recorded_ns is not None], "--"),
-            ("replayed", [o.replayed_ns for o in group], "-"),
+            ("recorded", tally.latencies(group, replayed=False), "--"),
+            ("replayed", tally.latencies(group), "-"),
         ):
             if not values:
                 continue
@@ -61,4 +57,28 @@ def write_plot(workload: Workload, path: str) -> None:
     fig.suptitle("mongoproxy replay: latency CDF, recorded vs replayed")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_sweep_plot(rows: list, path: str) -> None:
+    """Latency (p50, p90, p99) against offered load (or throughput at --max-speed), one point per --scale step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    timed = all(r["offered_ops_per_s"] for r in rows)
+    xs = [r["offered_ops_per_s"] if timed else r["ops_per_s"] for r in rows]
+    for q, style in (("p50", "o-"), ("p90", "s--"), ("p99", "^:")):
+        ax.plot(xs, [r[f"{q}_ms"] for r in rows], style, label=q)
+    for x, r in zip(xs, rows):
+        ax.annotate(f"x{r['scale']}", (x, r["p50_ms"]), textcoords="offset points", xytext=(4, -12), fontsize="small")
+    ax.set_xlabel("offered load (ops/s)" if timed else "throughput (ops/s, --max-speed)")
+    ax.set_ylabel("replayed latency (ms)")
+    ax.set_title("mongoproxy replay --scale: latency against load")
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="upper left", fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
     plt.close(fig)

@@ -408,18 +408,27 @@ class Flow:
 class Reassembler:
     """Turns packets into Flows: SYN starts a connection, the SYN's sender is the client."""
 
-    def __init__(self) -> None:
+    def __init__(self, keep_flows: bool = True) -> None:
         self.current: dict[tuple, Flow] = {}
-        self.flows: list[Flow] = []
+        self.flows: list[Flow] = []  # every flow, when keep_flows (streaming readers forget ended ones)
+        self.keep_flows = keep_flows
+        self.flow_count = 0
         self.tcp_packets = 0
         self.packets = 0
         self._counter = 0
 
-    def add(self, pkt: Packet, source: str) -> None:
+    def forget(self, flow: Flow) -> None:
+        """Drop an ended flow (a later packet of its ports starts a new one)."""
+        key = (flow.a, flow.b)
+        if self.current.get(key) is flow:
+            del self.current[key]
+
+    def add(self, pkt: Packet, source: str) -> Flow | None:
+        """Feed one packet; the flow it belongs to (None when it is not TCP)."""
         self.packets += 1
         t = decode_tcp(pkt.linktype, pkt.data)
         if t is None:
-            return
+            return None
         self.tcp_packets += 1
         src, sport, dst, dport, seq, ack, flags, payload = t
         a, b = (src, sport), (dst, dport)
@@ -435,8 +444,10 @@ class Reassembler:
             flow = None  # the ports are reused by a new connection
         if flow is None:
             flow = Flow(key[0], key[1], pkt.ts_ns, source)
-            flow.index = len(self.flows)
-            self.flows.append(flow)
+            flow.index = self.flow_count
+            self.flow_count += 1
+            if self.keep_flows:
+                self.flows.append(flow)
             self.current[key] = flow
         flow.last_ns = pkt.ts_ns
         half = flow.halves[a]
@@ -454,3 +465,4 @@ class Reassembler:
             half.fin = True
         if rst or (flow.halves[a].fin and flow.halves[b].fin):
             flow.closed = True
+        return flow

@@ -99,27 +99,6 @@ class Target:
         with self._lock:
             self._idle.append(client)
 
-    def warm_up(self, n: int) -> None:
-        """Open (and authenticate) n pinned connections before the clock starts, so that lag is the target's."""
-        with self._lock:
-            missing = n - len(self._idle)
-        for _ in range(max(0, missing)):
-            self.release(self._new_client())
-        with self._lock:
-            clients = list(self._idle)
-
-        def ping(client: Any) -> None:
-            try:
-                client.admin.command("ping")
-            except Exception:  # noqa: BLE001 - a failed warm-up only costs lag; replay reports real failures
-                pass
-
-        threads = [threading.Thread(target=ping, args=(c,), daemon=True) for c in clients]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(35)
-
     def close(self) -> None:
         """Close every client (their sessions end with them)."""
         with self._lock:

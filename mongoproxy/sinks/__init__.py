@@ -18,6 +18,7 @@ SINK_MODULES = (
     "mongoproxy.sinks.commandlog",
     "mongoproxy.sinks.tracing",
     "mongoproxy.sinks.capture",
+    "mongoproxy.sinks.mirror",
     "mongoproxy.sinks.digest",
     "mongoproxy.sinks.live",
 )

@@ -14,6 +14,7 @@ import logging
 from importlib import resources
 from typing import Any
 
+from mongoproxy.admin import public
 from mongoproxy.digest import error_name
 from mongoproxy.events import duration_ms, wall_ns
 from mongoproxy.querylog import event_query
@@ -95,10 +96,14 @@ class LiveSink:
             web.get("/live", self.handle_stream),
         ]
 
+    # The page and its files hold no data (the page sends the token it was given in #token= with each data
+    # request), so they are reachable without the token; /live and /digest are not.
+    @public
     async def handle_page(self, request: Any) -> Any:
         """The web view."""
         return _static("index.html")
 
+    @public
     async def handle_static(self, request: Any) -> Any:
         """The page's script and style sheet."""
         from aiohttp import web

@@ -36,6 +36,7 @@ LABEL_SOURCES = {
     "app": "c.app_name",
     "server": "c.server",
     "replicaset": "c.replica_set",
+    "member_state": "c.member_state",  # --upstream listeners only; moves with a failover
     "client": "c.client_host",  # the host only: the ephemeral port would make every connection a new series
 }
 VALID_LABELS = tuple(LABEL_SOURCES)

@@ -31,7 +31,11 @@ class RouteSink:
         async def hello(request: web.Request) -> web.Response:
             return web.json_response({"from": "sink"})
 
-        return [web.get("/api/sink", hello), web.post("/api/echo", echo)]
+        @admin.public
+        async def page(request: web.Request) -> web.Response:
+            return web.Response(text="<html>no data here</html>", content_type="text/html")
+
+        return [web.get("/api/sink", hello), web.post("/api/echo", echo), web.get("/api/page", page)]
 
 
 class RouteComponent:
@@ -159,7 +163,7 @@ def test_bearer_token_everywhere_but_probes_and_reload(tmp_path):
                 async with s.get(base + path, headers=headers) as r:
                     return r.status
 
-            for path in ("/healthz", "/readyz", "/metrics", "/api/sink", "/api/component", "/nowhere"):
+            for path in ("/healthz", "/readyz", "/api/page", "/metrics", "/api/sink", "/api/component", "/nowhere"):
                 out[path] = (await status(path), await status(path, "wrong"), await status(path, "s3cret-one"))
             token.write_text("s3cret-two")
             server.reload()
@@ -172,6 +176,7 @@ def test_bearer_token_everywhere_but_probes_and_reload(tmp_path):
     out, rejected = _with_admin(body, sinks=[RouteSink()], admin_token_file=str(token))
     assert out["/healthz"] == (200, 200, 200)
     assert out["/readyz"] == (200, 200, 200)
+    assert out["/api/page"] == (200, 200, 200)  # marked public: a static page with no data
     assert out["/metrics"] == (401, 401, 200)
     assert out["/api/sink"] == (401, 401, 200)
     assert out["/api/component"] == (401, 401, 200)

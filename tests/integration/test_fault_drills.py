@@ -330,7 +330,8 @@ def test_shape_matches_the_command_logs_hash(secantus, db_name):
     from mongoproxy.sinks.commandlog import CommandLogSink
 
     log = io.StringIO()
-    with faulty_proxy(secantus, log_query="true", extra_sinks=[CommandLogSink(log, log_query=True)]) as pt:
+    log_sink = CommandLogSink(log, log_query=True)
+    with faulty_proxy(secantus, log_query="true", extra_sinks=[log_sink]) as pt:
         with client(pt, retryReads=False) as c:
             c[db_name].things.insert_one({"_id": 1, "name": "a"})
             c[db_name].things.find_one({"_id": 1})
@@ -349,6 +350,7 @@ def test_shape_matches_the_command_logs_hash(secantus, db_name):
             s.sendall(compress("zlib", op_msg(9, doc)))
             assert bson.decode(read_message(s)[21:])["codeName"] == "MaxTimeMSExpired"
         pt.wait_until(lambda: len(faulted(pt, "by-shape")) == 2, what="the faulted finds")
+    log_sink.close()  # the writer thread has written every queued line (it may lag behind on a loaded machine)
     assert f"shape={shape}" in log.getvalue()
     assert [e.collection for e in faulted(pt, "by-shape")] == ["things", "things"]
 

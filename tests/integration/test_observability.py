@@ -356,7 +356,7 @@ def test_text_log_without_query_never_shows_values(secantus, db_name):
     "flags, needle",
     [
         (["--log-file", "/nonexistent-mongoproxy-dir/commands.log"], "/nonexistent-mongoproxy-dir does not exist"),
-        (["--metric-labels", "op,ip"], "op,db,collection,app,server,replicaset,client"),
+        (["--metric-labels", "op,ip"], "op,db,collection,app,server,replicaset,member_state,client"),
         (["--latency-buckets", ","], "--latency-buckets is empty"),
         (["--log-format", "yaml"], "use text or json"),
     ],

@@ -12,8 +12,10 @@ import bson
 from bson.binary import Binary
 
 from mongoproxy.replay import add_parser
-from mongoproxy.replay.extract import load
-from mongoproxy.replay.filters import Filters, apply_filters
+from mongoproxy.replay.extract import iter_ops
+from mongoproxy.replay.filters import Filters, StreamFilter
+from mongoproxy.replay.model import Stream
+from mongoproxy.replay.report import Tally
 from mongoproxy.replay.runner import Replayer
 from mongoproxy.replay.target import Target
 from tests.support.proxy import run_proxy_cli
@@ -62,12 +64,13 @@ class Recorder(MongoHandler):
 
 def replay_into(tmp_path, server, connections: list[Capture], speed: float | None = 1.0) -> Replayer:
     frames = sorted(f for c in connections for f in c.frames)
-    workload = load([write_pcap_exact(tmp_path / "rec.pcap", frames)])
-    apply_filters(workload, Filters())
+    path = write_pcap_exact(tmp_path / "rec.pcap", frames)
+    stream = Stream([])
+    tally = Tally(stream, Filters(), server.uri, speed)
     target = Target(server.uri, connect_timeout=5.0, retries=2)
     try:
         target.wait_ready()
-        replayer = Replayer(workload, target, speed)
+        replayer = Replayer(iter_ops([path], stream), target, speed, tally, StreamFilter(Filters(), []))
         replayer.run()
     finally:
         target.close()
@@ -85,7 +88,7 @@ def test_each_recorded_connection_is_pinned_and_each_lsid_maps_to_one_fresh_sess
         40001, [(200, insert(1, "b1", LSID_Y, 1)), (300, insert(2, "b2", LSID_Y, 2)), (800, insert(3, "b3", LSID_X, 3))]
     )
     replayer = replay_into(tmp_path, server, [a, b])
-    assert replayer.errors == 0 and len(replayer.sessions) == 2
+    assert replayer.errors == 0 and len(replayer.sessions[0]) == 2
 
     by_id = {}
     for conn_index, doc, docs in handler.received:

@@ -12,6 +12,7 @@ import copy
 import inspect
 import io
 import json
+import os
 import threading
 import time
 import uuid
@@ -433,14 +434,22 @@ def test_defaults_reload_and_a_broken_file_keeps_the_old(certs, tmp_path):
 
     try:
         assert image() == inject.DEFAULT_IMAGE
-        config.write_text(config.read_text().replace(inject.DEFAULT_IMAGE, "registry.example/mongoproxy:2.0"))
+        # Replaced atomically, as the kubelet updates a mounted ConfigMap: a plain write_text() truncates first,
+        # and a poll that lands in between reads an empty file, which is valid TOML (the built-in defaults).
+        _replace(config, config.read_text().replace(inject.DEFAULT_IMAGE, "registry.example/mongoproxy:2.0"))
         _wait(lambda: image() == "registry.example/mongoproxy:2.0", "the new image")
-        config.write_text('image = "has spaces in it"\n')
+        _replace(config, 'image = "has spaces in it"\n')
         _wait(lambda: _errors(hook, "config_reload") == 1, "the reload error to be counted")
         assert image() == "registry.example/mongoproxy:2.0"
         assert "injection defaults: not reloaded" in hook.stderr_text()
     finally:
         assert hook.stop() == 0
+
+
+def _replace(path, text: str) -> None:
+    tmp = path.with_name(path.name + ".new")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def _wait(check, what: str, attempts: int = 400) -> None:

@@ -43,6 +43,17 @@ EXPORTED: dict[str, tuple[str, set[str]]] = {
     "mongoproxy_digest_memory_bytes": ("gauge", set()),
     "mongoproxy_digest_evictions": ("counter", set()),
 }
+# Exported by the mirror sink (run --mirror).
+MIRROR_EXPORTED: dict[str, tuple[str, set[str]]] = {
+    "mongoproxy_mirror_requests": ("counter", {"op"}),
+    "mongoproxy_mirror_dropped": ("counter", {"reason"}),
+    "mongoproxy_mirror_latency_seconds": ("histogram", {"target", "op", "collection"}),
+    "mongoproxy_mirror_divergences": ("counter", {"op", "collection", "kind"}),
+    "mongoproxy_mirror_shadow_errors": ("counter", {"op", "error"}),
+    "mongoproxy_mirror_compared": ("counter", {"op"}),
+    "mongoproxy_mirror_queue_depth": ("gauge", set()),
+}
+EXPORTED.update(MIRROR_EXPORTED)
 # Labels Prometheus itself attaches to every target (PodMonitor/ServiceMonitor and the usual pod relabelling).
 TARGET_LABELS = {"namespace", "pod", "container", "job", "instance", "endpoint", "service"}
 
@@ -210,7 +221,28 @@ def test_series_table_matches_the_metrics_sink():
     registry.register(DigestSink())
     real = {fam.name: fam.type for fam in registry.collect()}
     for family, (kind, _) in EXPORTED.items():
-        assert real.get(family) == kind, f"{family}: the sink exports {real.get(family)!r}, the table says {kind!r}"
+        if family not in MIRROR_EXPORTED:
+            assert real.get(family) == kind, f"{family}: the sink exports {real.get(family)!r}, the table says {kind!r}"
+
+
+def test_series_table_matches_the_mirror_sink():
+    """The mirror's names and labels are what MirrorSink registers (its shadow thread is not started)."""
+    from prometheus_client import CollectorRegistry
+
+    from mongoproxy.sinks.mirror import MirrorSink
+
+    registry = CollectorRegistry()
+    sink = MirrorSink("mongodb://127.0.0.1:1", registry)
+    sink.latency.labels("shadow", "find", "c").observe(0.1)
+    for name, labels in (("divergences", ("find", "c", "ok")), ("mirrored", ("find",)), ("dropped", ("queue_full",))):
+        getattr(sink, name).labels(*labels).inc()
+    sink.shadow_errors.labels("find", "NetworkTimeout").inc()
+    sink.compared.labels("find").inc()
+    real = {fam.name: fam for fam in registry.collect()}
+    for family, (kind, labels) in MIRROR_EXPORTED.items():
+        assert real[family].type == kind, family
+        got = {k for s in real[family].samples for k in s.labels} - {"le"}
+        assert got == labels, (family, got)
 
 
 def test_required_panels_exist(dashboard):
@@ -227,6 +259,8 @@ def test_required_panels_exist(dashboard):
         "Client connections by pod",
         "Decode errors / s",
         "Events dropped / s",
+        "Mirror divergences / s",
+        "Mirror p99 latency: primary vs shadow",
     ):
         assert needed in titles
     assert len(set(p["id"] for p in all_panels(dashboard))) == len(all_panels(dashboard))

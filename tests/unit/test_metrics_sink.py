@@ -475,7 +475,7 @@ def test_metric_labels_rejects_unknown_or_empty(raw):
     with pytest.raises(ConfigError) as exc:
         config_mod.build({"metric_labels": raw}, env={}) if raw else metrics.parse_metric_labels(raw)
     msg = str(exc.value)
-    assert "\n" not in msg and "op,db,collection,app,server,replicaset,client" in msg
+    assert "\n" not in msg and "op,db,collection,app,server,replicaset,member_state,client" in msg
 
 
 def test_latency_buckets_option():

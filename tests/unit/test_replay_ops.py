@@ -128,7 +128,9 @@ def sample(tmp_path):
 
 def test_commands_become_replayable_specs(tmp_path):
     w = sample(tmp_path)
-    by_op = {o.op: o for o in w.ops}
+    by_op: dict = {}
+    for o in w.ops:
+        by_op.setdefault(o.op, o)
     assert [(o.op, o.skip) for o in w.ops] == [
         ("isMaster", "handshake"),
         ("saslStart", "auth"),
@@ -141,8 +143,11 @@ def test_commands_become_replayable_specs(tmp_path):
         ("hello", "monitoring"),
         ("update", ""),
         ("endSessions", "endSessions"),
-        ("opcode 2002", "legacy opcode"),
+        ("insert", ""),  # a legacy OP_INSERT, converted
     ]
+    assert w.ops[-1].conversion == "OP_INSERT -> insert" and w.ops[-1].unacknowledged
+    assert [dict(d) for d in w.ops[-1].spec["documents"]] == [{"_id": 9}]
+    assert w.conversions == {"OP_INSERT -> insert": 1}
     assert w.connections[0].app == "shop-web"
     insert = by_op["insert"].spec
     assert list(insert) == ["insert", "txnNumber", "documents"]  # $db, lsid and $clusterTime are not sent as is
@@ -183,12 +188,18 @@ def test_read_only_keeps_reads_and_their_cursors(tmp_path):
 @pytest.mark.parametrize(
     "filters,expected",
     [
-        (Filters(include_ns=("shop.orders",)), ["insert", "find", "getMore", "killCursors", "aggregate", "update"]),
+        (
+            Filters(include_ns=("shop.orders",)),
+            ["insert", "find", "getMore", "killCursors", "aggregate", "update", "insert"],
+        ),
         (Filters(include_ns=("crm",)), ["count"]),
         (Filters(include_ns=("crm.*",)), ["count"]),
         (Filters(exclude_ns=("shop.*",)), ["count"]),
         (Filters(ops=("find", "getMore")), ["find", "getMore"]),
-        (Filters(ops=("!find",)), ["insert", "aggregate", "count", "update"]),  # its cursor's getMore/killCursors too
+        (
+            Filters(ops=("!find",)),
+            ["insert", "aggregate", "count", "update", "insert"],
+        ),  # its cursor's getMore/killCursors too
     ],
 )
 def test_filters(tmp_path, filters, expected):
@@ -202,7 +213,7 @@ def test_a_filter_matching_nothing_is_an_error(tmp_path):
     w = sample(tmp_path)
     with pytest.raises(
         ReplayError,
-        match=r"the filters \(--include-ns nope.x --ops find\) match none of the 7 "
+        match=r"the filters \(--include-ns nope.x --ops find\) match none of the 8 "
         r"recorded operations; they are aggregate, count, find",
     ):
         apply_filters(w, Filters(include_ns=("nope.x",), ops=("find",)))
@@ -224,7 +235,9 @@ def test_percentile_is_nearest_rank():
 def test_report_counts_new_and_gone_errors_and_count_differences(tmp_path):
     w = sample(tmp_path)
     apply_filters(w, Filters())
-    ops = {o.op: o for o in w.ops}
+    ops: dict = {}
+    for o in w.ops:
+        ops.setdefault(o.op, o)
     for o in w.replayable():
         o.replayed = Outcome(
             ok=True, returned=o.recorded.returned if o.recorded else None, n=o.recorded.n if o.recorded else None
@@ -265,8 +278,8 @@ def test_report_counts_new_and_gone_errors_and_count_differences(tmp_path):
     ]
     find_row = next(r for r in report["by_op"] if r["op"] == "find")
     assert find_row["replayed_ms"] == {"p50": 2.0, "p90": 2.0, "p99": 2.0}
-    assert report["replayed"]["max_lag_ms"] == 5.0 and report["replayed"]["ops_per_s"] == 3.5
-    assert report["skipped"] == {"handshake": 1, "auth": 1, "monitoring": 1, "endSessions": 1, "legacy opcode": 1}
+    assert report["replayed"]["max_lag_ms"] == 5.0 and report["replayed"]["ops_per_s"] == 4.0
+    assert report["skipped"] == {"handshake": 1, "auth": 1, "monitoring": 1, "endSessions": 1}
 
 
 def run_cli(capsys, *argv):
@@ -285,7 +298,7 @@ def test_cli_bad_input_is_one_line(tmp_path, capsys):
         ((cap, "--target", "mongodb://h", "--speed", "2", "--max-speed"), "not allowed with argument"),
         ((cap, "--target", "http://nope"), "--target http://nope is not a usable MongoDB URI"),
         ((cap, "--dry-run", "--plot", tmp_path / "no" / "p.png"), "--plot"),
-        ((cap, "--dry-run", "--ops", "drop"), "match none of the 7 recorded operations"),
+        ((cap, "--dry-run", "--ops", "drop"), "match none of the 8 recorded operations"),
     ]
     for argv, message in cases:
         try:
