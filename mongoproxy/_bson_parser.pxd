@@ -5,6 +5,7 @@ from libc.stdint cimport int64_t
 
 cdef enum:
     STACK_MAX = 112      # frames; spec paths need < 10, rendering stops at RENDER_DEPTH
+    STACK_INLINE = 12    # frames held inline; deeper (rendered) documents grow the stack to STACK_MAX on demand
     RENDER_DEPTH = 100   # deepest rendered document nesting
     KEY_MAX = 64         # longer keys cannot match a spec key; they are only scanned to their NUL
     ACC_MAX = 16         # widest fixed-size value read through the accumulator (decimal128)
@@ -99,8 +100,11 @@ cdef class BodyScanner:
     cdef object legacy_comment
     cdef int error_reason
 
-    # document stack
-    cdef Frame stack[STACK_MAX]
+    # document stack: `stack` points at `stack_inline` until a document nests deeper than STACK_INLINE,
+    # then at a heap block of STACK_MAX frames, given back at the next reset (an idle scanner holds none)
+    cdef Frame* stack
+    cdef Frame stack_inline[STACK_INLINE]
+    cdef int stack_cap
     cdef int depth
 
     # current element
@@ -176,6 +180,8 @@ cdef class BodyScanner:
     cdef int64_t rstr_n
     cdef bint rstr_done
 
+    cdef int _reset(self, int op_code, bint is_reply, int64_t body_length, int render,
+                    Py_ssize_t render_limit) except -1
     cdef int _feed(self, const unsigned char* p, Py_ssize_t size, Py_ssize_t start, Py_ssize_t end) except -1
     cdef int _run(self, const unsigned char* p, Py_ssize_t n) except -1
     cdef int _fail(self, int reason, int64_t pos) except -1

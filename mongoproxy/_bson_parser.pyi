@@ -112,6 +112,20 @@ class BodyScanner:
         """Consume data[start:end] up to the body's end; return the bytes consumed."""
     def result(self) -> ScanResult:
         """A new ScanResult for the body scanned so far (complete once done)."""
+    def scan(
+        self,
+        data: bytes | bytearray | memoryview,
+        start: int,
+        end: int,
+        op_code: int,
+        is_reply: bool,
+        render: int = ...,
+        render_limit: int = ...,
+    ) -> ScanResult:
+        """One whole body, data[start:end], in one call: reset + feed + result.
+
+        DecodeError("truncated") when the body ends before its layout does.
+        """
 
 def scan_body(op_code: int, is_reply: bool, body: bytes | bytearray | memoryview) -> ScanResult:
     """Convenience: scan a complete body in one call."""

@@ -585,6 +585,8 @@ cdef class BodyScanner:
             raise MemoryError()
         self.rbuf = NULL
         self.rcap = 0
+        self.stack = self.stack_inline
+        self.stack_cap = STACK_INLINE
         self.done = True
         self.state = ST_DONE
         self.res = ScanResult.__new__(ScanResult)
@@ -595,10 +597,36 @@ cdef class BodyScanner:
     def __dealloc__(self):
         PyMem_Free(self.cap)
         PyMem_Free(self.rbuf)
+        if self.stack != self.stack_inline:
+            PyMem_Free(self.stack)
 
     def reset(self, int op_code, bint is_reply, int64_t body_length, int render=RENDER_OFF,
               Py_ssize_t render_limit=4096):
         """Start a new body of `body_length` bytes (everything after the 16-byte header)."""
+        self._reset(op_code, is_reply, body_length, render, render_limit)
+
+    def scan(self, data, Py_ssize_t start, Py_ssize_t end, int op_code, bint is_reply, int render=RENDER_OFF,
+             Py_ssize_t render_limit=4096):
+        """One whole body, data[start:end], in one call: reset + feed + result.
+
+        DecodeError("truncated") when the body ends before its layout does.
+        """
+        cdef Py_buffer view
+        self._reset(op_code, is_reply, end - start, render, render_limit)
+        if PyBytes_CheckExact(data):
+            self._feed(<const unsigned char*>PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data), start, end)
+        else:
+            PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+            try:
+                self._feed(<const unsigned char*>view.buf, view.len, start, end)
+            finally:
+                PyBuffer_Release(&view)
+        if not self.done:
+            raise DecodeError("truncated", "message ended inside its body")
+        return self.res
+
+    cdef int _reset(self, int op_code, bint is_reply, int64_t body_length, int render,
+                    Py_ssize_t render_limit) except -1:
         cdef const Step* prog = _prog_for(op_code)
         cdef char* nbuf
         self.res = ScanResult.__new__(ScanResult)
@@ -621,6 +649,10 @@ cdef class BodyScanner:
         self.state = ST_STEP
         self.done = False
         self.depth = 0
+        if self.stack != self.stack_inline:
+            PyMem_Free(self.stack)
+            self.stack = self.stack_inline
+            self.stack_cap = STACK_INLINE
         self.acc_len = 0
         self.legacy_comment = None
         self.body_seen = False
@@ -644,6 +676,7 @@ cdef class BodyScanner:
                 self.rbuf = nbuf
                 self.rcap = render_limit + 8
             self.render_limit = render_limit
+        return 0
 
     def feed(self, data, Py_ssize_t start=0, Py_ssize_t end=-1):
         """Consume data[start:end] up to the body's end; return the bytes consumed."""
@@ -1136,6 +1169,15 @@ cdef class BodyScanner:
         return 0
 
     cdef int _push(self, int64_t end, const SpecNode* node, int count_field, int flags) except -1:
+        cdef Frame* grown
+        if self.depth >= self.stack_cap:
+            # Callers never push past RENDER_DEPTH (< STACK_MAX), so one step of growth is enough.
+            grown = <Frame*>PyMem_Malloc(sizeof(Frame) * STACK_MAX)
+            if grown == NULL:
+                raise MemoryError()
+            memcpy(grown, self.stack, sizeof(Frame) * self.depth)
+            self.stack = grown
+            self.stack_cap = STACK_MAX
         cdef Frame* f = &self.stack[self.depth]
         f.end = end
         f.node = node

@@ -14,6 +14,7 @@ pcap reader frame with it. Invariants:
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -64,6 +65,10 @@ _HEADER, _BODY, _DEAD = range(3)  # Framer states
 _SCAN, _SKIP, _CPREFIX, _CBODY = range(4)  # FrameScanner body states
 
 _internal_logged: dict[tuple[str, str], float] = {}
+
+# One BodyScanner per thread for the bodies that arrive whole in one chunk: such a scan starts and ends
+# inside one FrameScanner.feed() call, so no connection needs its own scanner until a body spans chunks.
+_per_thread = threading.local()
 
 
 def log_internal_error(exc: BaseException) -> None:
@@ -252,7 +257,7 @@ class FrameScanner(Framer):
         self.render = 0 if is_reply else render
         self.render_limit = render_limit
         self.max_observed_compressed_bytes = max_observed_compressed_bytes
-        self.scanner = BodyScanner()
+        self._scanner: Any = None  # this direction's own BodyScanner, made when a body first spans chunks
         self.messages = 0
         self._body_state = _SCAN
         self._prefix = bytearray()  # a partial OP_COMPRESSED prefix
@@ -268,15 +273,33 @@ class FrameScanner(Framer):
         self._crc = 0
         self._crc_left = 0
 
+    @property
+    def scanner(self) -> Any:
+        """This direction's own BodyScanner (made on first use): it holds a body's state across chunks."""
+        scanner = self._scanner
+        if scanner is None:
+            scanner = self._scanner = BodyScanner()
+        return scanner
+
+    @scanner.setter
+    def scanner(self, scanner: Any) -> None:
+        self._scanner = scanner
+
     def feed(self, data: Any, now_ns: int) -> None:
         """Observe one forwarded chunk. Never raises."""
         try:
             pos = 0
             if self._state == _HEADER and self._fast and not self._buf:
-                # Fast path: each whole uncompressed message inside the chunk is scanned in one call, with the
-                # outcome the framer and _on_* hooks would reach. The rest of the chunk goes to _frame.
+                # Fast path: each whole uncompressed message inside the chunk is scanned in one C call
+                # (BodyScanner.scan), with the outcome the framer and _on_* hooks would reach. The rest of the
+                # chunk goes to _frame.
                 n = len(data)
-                scanner = self.scanner
+                scanner = self._scanner
+                if scanner is None:
+                    try:
+                        scanner = _per_thread.scanner
+                    except AttributeError:
+                        scanner = _per_thread.scanner = BodyScanner()
                 while n - pos >= HEADER_SIZE:
                     length, request_id, response_to, op_code = _unpack_header(data, pos)
                     if not (
@@ -284,12 +307,16 @@ class FrameScanner(Framer):
                     ):
                         break
                     msg = Message(length, request_id, response_to, op_code, now_ns)
-                    scanner.reset(op_code, self.is_reply, length - HEADER_SIZE, self.render, self.render_limit)
                     try:
-                        scanner.feed(data, pos + HEADER_SIZE, pos + length)
-                        if not scanner.done:
-                            raise DecodeError("truncated", "message ended inside its body")
-                        msg.result = scanner.result()
+                        msg.result = scanner.scan(
+                            data,
+                            pos + HEADER_SIZE,
+                            pos + length,
+                            op_code,
+                            self.is_reply,
+                            self.render,
+                            self.render_limit,
+                        )
                     except DecodeError as exc:
                         msg.error = exc.reason
                         self.on_error(exc.reason, exc.detail, False)

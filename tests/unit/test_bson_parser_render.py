@@ -299,6 +299,27 @@ def test_depth_is_bounded():
     assert (r.command, r.database) == ("find", "shop")
 
 
+def test_one_scanner_renders_deep_then_shallow_then_deep_in_chunks():
+    """The stack grows past its inline frames mid-chunk and is given back at reset: reuse stays exact."""
+    deep: dict = {"v": 1}
+    for _ in range(40):
+        deep = {"d": deep}
+    bodies = [
+        op_msg({"find": "c", "filter": deep, "$db": "shop"}),
+        op_msg({"find": "d", "filter": {"a": {"b": 1}}, "$db": "web"}),
+        op_msg({"find": "e", "filter": deep, "$db": "shop"}),
+    ]
+    s = bp.BodyScanner()
+    for body in bodies:
+        s.reset(bp.OP_MSG, False, len(body), bp.RENDER_REDACTED)
+        for start in range(0, len(body), 7):
+            s.feed(body, start, min(start + 7, len(body)))
+        r = s.result()
+        alone = scan(bp.OP_MSG, False, body, render=bp.RENDER_REDACTED)
+        assert (r.command, r.collection, r.query_shape) == (alone.command, alone.collection, alone.query_shape)
+    assert r.query_shape.count("{") == 42  # the root, the filter and the 40 documents nested in it
+
+
 def test_legacy_bodies_render_their_command_document():
     text = shape(
         bp.OP_QUERY,
