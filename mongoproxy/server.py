@@ -23,13 +23,14 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from mongoproxy import __version__, dstaddr, faults, tlslisten, wire
+from mongoproxy import __version__, dstaddr, faults, tlslisten
 from mongoproxy._bson_parser import RENDER_OFF, RENDER_REDACTED, RENDER_VALUES
 from mongoproxy.config import Config, ProxySpec
 from mongoproxy.errors import StartupError
 from mongoproxy.events import Connection, DecodeErrorEvent, SinkBus, UpstreamConnectError, hostport
 from mongoproxy.faults import gate as fault_gate
 from mongoproxy.limits import DEFAULT_MAX_CONNECTIONS, ConnectionLimiter, RateLimitedLog
+from mongoproxy.protocol.framing import FrameScanner, Message, checksum_function
 from mongoproxy.tls import TlsManager
 from mongoproxy.tracker import Tracker
 
@@ -51,8 +52,8 @@ class ClientSide(asyncio.Protocol):
         self.upstream: UpstreamSide | None = None
         self.conn: Connection | None = None
         self.tracker: Tracker | None = None
-        self.requests: wire.FrameScanner | None = None
-        self.replies: wire.FrameScanner | None = None
+        self.requests: FrameScanner | None = None
+        self.replies: FrameScanner | None = None
         self.client_eof = False
         self.upstream_eof = False
         self.closed = False
@@ -101,7 +102,7 @@ class ClientSide(asyncio.Protocol):
         cfg = proxy.config
         bus = proxy.bus
         self.tracker = Tracker(conn, bus, cfg.max_pending_requests)
-        self.requests = wire.FrameScanner(
+        self.requests = FrameScanner(
             False,
             self.tracker.on_request,
             self._request_error,
@@ -112,7 +113,7 @@ class ClientSide(asyncio.Protocol):
         )
         # A plaintext listener looks at the first chunk once for a TLS ClientHello (passthrough).
         self._feed_requests = self.requests.feed if conn.client_tls else self._first_chunk
-        self.replies = wire.FrameScanner(
+        self.replies = FrameScanner(
             True,
             self._on_reply,
             self._reply_error,
@@ -279,7 +280,7 @@ class ClientSide(asyncio.Protocol):
 
     # ---- observation callbacks ----
 
-    def _on_reply(self, msg: wire.Message) -> None:
+    def _on_reply(self, msg: Message) -> None:
         self.tracker.on_reply(msg)
         if self.proxy.draining:
             self.close_if_idle()
@@ -635,7 +636,7 @@ async def serve(config: Config, on_started: Callable[[Proxy], Any] | None = None
         if callable(watch):
             watch(bus, sinks)
     if config.verify_checksums:
-        wire.checksum_function()  # fail at start-up, not at the first message, when the library is missing
+        checksum_function()  # fail at start-up, not at the first message, when the library is missing
     proxy = Proxy(config, bus, registry)
     registry.register(RuntimeGauges(proxy, loop))
     cluster = topology.create(proxy, registry)  # --upstream: a component before the admin endpoint collects routes

@@ -28,8 +28,8 @@ from mongoproxy.config import Option
 from mongoproxy.errors import ConfigError
 from mongoproxy.namespaces import NamespaceFilter, ns_list_parser
 from mongoproxy.protocol.framing import Framer
+from mongoproxy.protocol.opcodes import HEADER, OP_COMPRESSED, OP_MSG, OP_QUERY, OP_REPLY
 
-HEADER = struct.Struct("<iiii")
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # larger requests (bulk writes) are not mirrored: counted as too_large
 PENDING_PER_CONNECTION = 64  # requests kept per connection awaiting their reply (pipelined, moreToCome)
 MAX_CURSORS = 100_000  # primary -> shadow cursor ids remapped at once; past it the oldest is forgotten
@@ -475,7 +475,7 @@ class MirrorSink:
             return
         elapsed = time.perf_counter() - started
         if reply is not None:
-            shadow = compare.Outcome.from_scan(_bson_parser.scan_body(2013, True, b"\0\0\0\0\0" + reply.raw))
+            shadow = compare.Outcome.from_scan(_bson_parser.scan_body(OP_MSG, True, b"\0\0\0\0\0" + reply.raw))
         self.latency.labels("primary", op, label).observe(primary_ns / 1e9)
         self.latency.labels("shadow", op, label).observe(elapsed)
         if primary.cursor_id and key in ("find", "aggregate"):
@@ -549,7 +549,7 @@ class MirrorSink:
 
 def _is_request(header: bytes) -> bool:
     """Keep OP_MSG, OP_QUERY and OP_COMPRESSED requests (their replies' events pick them up)."""
-    return HEADER.unpack_from(header)[3] in (2013, 2004, 2012)
+    return HEADER.unpack_from(header)[3] in (OP_MSG, OP_QUERY, OP_COMPRESSED)
 
 
 def _writes(spec: dict) -> bool:
@@ -571,7 +571,7 @@ def _reply_documents(reply: bytes) -> list | None:
 
     data = uncompressed(reply)
     op_code = HEADER.unpack_from(data)[3]
-    if op_code == 1:  # OP_REPLY: flags, cursorID, startingFrom, numberReturned, then documents
+    if op_code == OP_REPLY:  # flags, cursorID, startingFrom, numberReturned, then documents
         doc = RawBSONDocument(_first_doc(data, 36))
     else:
         doc = RawBSONDocument(message_body(data, op_code)[0])
