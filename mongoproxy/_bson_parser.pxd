@@ -46,7 +46,7 @@ cdef struct Step:
 
 
 cdef class ScanResult:
-    cdef public int op_code
+    cdef public int opcode
     cdef public unsigned int flags
     cdef public object checksum
     cdef public object command
@@ -91,7 +91,7 @@ cdef class BodyScanner:
 
     # message
     cdef int64_t body_length
-    cdef int op_code
+    cdef int opcode
     cdef bint is_reply
     cdef int state
     cdef const Step* prog
@@ -180,7 +180,7 @@ cdef class BodyScanner:
     cdef int64_t rstr_n
     cdef bint rstr_done
 
-    cdef int _reset(self, int op_code, bint is_reply, int64_t body_length, int render,
+    cdef int _reset(self, int opcode, bint is_reply, int64_t body_length, int render,
                     Py_ssize_t render_limit) except -1
     cdef int _feed(self, const unsigned char* p, Py_ssize_t size, Py_ssize_t start, Py_ssize_t end) except -1
     cdef int _run(self, const unsigned char* p, Py_ssize_t n) except -1

@@ -29,7 +29,7 @@ DECODE_REASONS: tuple[str, ...]  # every DecodeError.reason the scanner raises (
 class ScanResult:
     """Fields extracted from one message body. Absent fields are None."""
 
-    op_code: int
+    opcode: int
     flags: int  # OP_MSG flagBits, OP_QUERY flags, OP_REPLY responseFlags, OP_INSERT/UPDATE/DELETE flags; else 0
     checksum: int | None  # OP_MSG CRC-32C when checksumPresent
 
@@ -92,7 +92,7 @@ class BodyScanner:
     consumed: int  # body bytes consumed so far
 
     def __init__(self, max_string: int = ...) -> None: ...
-    def reset(self, op_code: int, is_reply: bool, body_length: int, render: int = ..., render_limit: int = ...) -> None:
+    def reset(self, opcode: int, is_reply: bool, body_length: int, render: int = ..., render_limit: int = ...) -> None:
         """Start a new body of body_length bytes (everything after the 16-byte header).
 
         render (default RENDER_OFF) fills ScanResult.query_shape with compact JSON of the
@@ -117,7 +117,7 @@ class BodyScanner:
         data: bytes | bytearray | memoryview,
         start: int,
         end: int,
-        op_code: int,
+        opcode: int,
         is_reply: bool,
         render: int = ...,
         render_limit: int = ...,
@@ -127,5 +127,5 @@ class BodyScanner:
         DecodeError("truncated") when the body ends before its layout does.
         """
 
-def scan_body(op_code: int, is_reply: bool, body: bytes | bytearray | memoryview) -> ScanResult:
+def scan_body(opcode: int, is_reply: bool, body: bytes | bytearray | memoryview) -> ScanResult:
     """Convenience: scan a complete body in one call."""

@@ -2,7 +2,7 @@
 """Incremental, selective scanner for one MongoDB message body.
 
 The caller (mongoproxy.protocol.framing) parses the 16-byte header, undoes OP_COMPRESSED,
-then calls ``BodyScanner.reset(op_code, is_reply, body_length)`` and
+then calls ``BodyScanner.reset(opcode, is_reply, body_length)`` and
 ``feed(chunk)`` until ``done``. The scanner never buffers a message or a
 document: it keeps O(1) state, reads in place when a field lies within one
 chunk and copies only across chunk boundaries into small fixed accumulators.
@@ -449,26 +449,26 @@ cdef Step* P_COMMAND = _build_prog([
 cdef Step* P_COMMANDREPLY = _build_prog([(K_DOC, D_REPLY), (K_SKIPDOC, 0), (K_DOCS, 0), (K_END, 0)])
 
 
-cdef const Step* _prog_for(int op_code) noexcept:
-    if op_code == C_OP_MSG:
+cdef const Step* _prog_for(int opcode) noexcept:
+    if opcode == C_OP_MSG:
         return P_MSG
-    if op_code == C_OP_QUERY:
+    if opcode == C_OP_QUERY:
         return P_QUERY
-    if op_code == C_OP_REPLY:
+    if opcode == C_OP_REPLY:
         return P_REPLY
-    if op_code == C_OP_INSERT:
+    if opcode == C_OP_INSERT:
         return P_INSERT
-    if op_code == C_OP_UPDATE:
+    if opcode == C_OP_UPDATE:
         return P_UPDATE
-    if op_code == C_OP_DELETE:
+    if opcode == C_OP_DELETE:
         return P_DELETE
-    if op_code == C_OP_GET_MORE:
+    if opcode == C_OP_GET_MORE:
         return P_GET_MORE
-    if op_code == C_OP_KILL_CURSORS:
+    if opcode == C_OP_KILL_CURSORS:
         return P_KILL_CURSORS
-    if op_code == C_OP_COMMAND:
+    if opcode == C_OP_COMMAND:
         return P_COMMAND
-    if op_code == C_OP_COMMANDREPLY:
+    if opcode == C_OP_COMMANDREPLY:
         return P_COMMANDREPLY
     return NULL
 
@@ -503,7 +503,7 @@ cdef inline const unsigned char* _take(BodyScanner s, const unsigned char* p, Py
 
 
 _FIELDS = (
-    "op_code", "flags", "checksum", "command", "collection", "database", "namespace", "cursor_id",
+    "opcode", "flags", "checksum", "command", "collection", "database", "namespace", "cursor_id",
     "comment", "comment_traceparent", "comment_tracestate", "app_name", "driver_name",
     "driver_version", "compression", "documents", "query_shape", "ok", "code", "code_name",
     "errmsg", "cursor_ns", "returned", "n", "n_modified", "upserted", "write_errors",
@@ -522,7 +522,7 @@ cdef class ScanResult:
 
     cdef ScanResult _copy(self):
         cdef ScanResult r = ScanResult.__new__(ScanResult)
-        r.op_code = self.op_code
+        r.opcode = self.opcode
         r.flags = self.flags
         r.checksum = self.checksum
         r.command = self.command
@@ -600,19 +600,19 @@ cdef class BodyScanner:
         if self.stack != self.stack_inline:
             PyMem_Free(self.stack)
 
-    def reset(self, int op_code, bint is_reply, int64_t body_length, int render=RENDER_OFF,
+    def reset(self, int opcode, bint is_reply, int64_t body_length, int render=RENDER_OFF,
               Py_ssize_t render_limit=4096):
         """Start a new body of `body_length` bytes (everything after the 16-byte header)."""
-        self._reset(op_code, is_reply, body_length, render, render_limit)
+        self._reset(opcode, is_reply, body_length, render, render_limit)
 
-    def scan(self, data, Py_ssize_t start, Py_ssize_t end, int op_code, bint is_reply, int render=RENDER_OFF,
+    def scan(self, data, Py_ssize_t start, Py_ssize_t end, int opcode, bint is_reply, int render=RENDER_OFF,
              Py_ssize_t render_limit=4096):
         """One whole body, data[start:end], in one call: reset + feed + result.
 
         DecodeError("truncated") when the body ends before its layout does.
         """
         cdef Py_buffer view
-        self._reset(op_code, is_reply, end - start, render, render_limit)
+        self._reset(opcode, is_reply, end - start, render, render_limit)
         if PyBytes_CheckExact(data):
             self._feed(<const unsigned char*>PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data), start, end)
         else:
@@ -625,23 +625,23 @@ cdef class BodyScanner:
             raise DecodeError("truncated", "message ended inside its body")
         return self.res
 
-    cdef int _reset(self, int op_code, bint is_reply, int64_t body_length, int render,
+    cdef int _reset(self, int opcode, bint is_reply, int64_t body_length, int render,
                     Py_ssize_t render_limit) except -1:
-        cdef const Step* prog = _prog_for(op_code)
+        cdef const Step* prog = _prog_for(opcode)
         cdef char* nbuf
         self.res = ScanResult.__new__(ScanResult)
-        self.res.op_code = op_code
+        self.res.opcode = opcode
         self.consumed = 0
         if prog == NULL:
             self.done = True
             self.state = ST_ERROR
             self.error_reason = R_UNKNOWN_OPCODE
-            raise DecodeError("unknown_opcode", f"op code {op_code}")
+            raise DecodeError("unknown_opcode", f"op code {opcode}")
         if body_length < 0:
             raise ValueError("body_length must be >= 0")
         if render < 0 or render > 2:  # RENDER_OFF .. RENDER_VALUES
             raise ValueError("render must be RENDER_OFF, RENDER_REDACTED or RENDER_VALUES")
-        self.op_code = op_code
+        self.opcode = opcode
         self.is_reply = is_reply
         self.body_length = body_length
         self.prog = prog
@@ -730,7 +730,7 @@ cdef class BodyScanner:
     cdef int _fail(self, int reason, int64_t pos) except -1:
         self.state = ST_ERROR
         self.error_reason = reason
-        raise DecodeError(DECODE_REASONS[reason], f"op {self.op_code} at body offset {pos}")
+        raise DecodeError(DECODE_REASONS[reason], f"op {self.opcode} at body offset {pos}")
 
     cdef int _run(self, const unsigned char* p, Py_ssize_t n) except -1:
         cdef Py_ssize_t i = 0
@@ -1129,7 +1129,7 @@ cdef class BodyScanner:
             db, sep, rest = s.partition(".")
             self.res.database = db
             if sep:
-                if rest == "$cmd" and self.op_code == C_OP_QUERY:
+                if rest == "$cmd" and self.opcode == C_OP_QUERY:
                     self.query_is_cmd = True
                 else:
                     self.res.collection = rest
@@ -1266,7 +1266,7 @@ cdef class BodyScanner:
             self._remit("\":", 2)
         if f.flags & FL_FIRST:
             f.flags &= ~FL_FIRST
-            if self.op_code == C_OP_QUERY and self.etype == 0x03 and _key_is(key, kt, b"$query", 6):
+            if self.opcode == C_OP_QUERY and self.etype == 0x03 and _key_is(key, kt, b"$query", 6):
                 c = &C_QUERY_WRAP
             else:
                 self._store_str(F_COMMAND, first, kt if kt <= self.max_string else self.max_string + 1, kt,
@@ -1684,10 +1684,10 @@ cdef class BodyScanner:
         return PyUnicode_DecodeUTF8(self.rbuf, self.rlen, b"replace")
 
 
-def scan_body(int op_code, bint is_reply, body):
+def scan_body(int opcode, bint is_reply, body):
     """Convenience: scan a complete body in one call."""
     cdef BodyScanner s = BodyScanner()
     cdef object mv = memoryview(body)
-    s.reset(op_code, is_reply, mv.nbytes)
+    s.reset(opcode, is_reply, mv.nbytes)
     s.feed(mv)
     return s.result()

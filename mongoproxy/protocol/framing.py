@@ -188,8 +188,8 @@ class Message:
     __slots__ = (
         "request_id",
         "response_to",
-        "op_code",
-        "wire_op_code",
+        "opcode",
+        "wire_opcode",
         "length",
         "first_ns",
         "last_ns",
@@ -198,12 +198,12 @@ class Message:
         "error",
     )
 
-    def __init__(self, length: int, request_id: int, response_to: int, op_code: int, first_ns: int) -> None:
+    def __init__(self, length: int, request_id: int, response_to: int, opcode: int, first_ns: int) -> None:
         self.length = length
         self.request_id = request_id
         self.response_to = response_to
-        self.op_code = op_code  # the original opcode when compressed
-        self.wire_op_code = op_code
+        self.opcode = opcode  # the original opcode when compressed
+        self.wire_opcode = opcode
         self.first_ns = first_ns
         self.last_ns = first_ns
         self.result: Any = None  # ScanResult, None when the body could not be scanned
@@ -215,7 +215,7 @@ class Message:
         return self.result.flags if self.result is not None else 0
 
     def __repr__(self) -> str:
-        op = OPCODE_NAMES.get(self.op_code, str(self.op_code))
+        op = OPCODE_NAMES.get(self.opcode, str(self.opcode))
         return f"<Message {op} id={self.request_id} to={self.response_to} len={self.length}>"
 
 
@@ -301,18 +301,18 @@ class FrameScanner(Framer):
                     except AttributeError:
                         scanner = _per_thread.scanner = BodyScanner()
                 while n - pos >= HEADER_SIZE:
-                    length, request_id, response_to, op_code = _unpack_header(data, pos)
+                    length, request_id, response_to, opcode = _unpack_header(data, pos)
                     if not (
-                        HEADER_SIZE < length <= n - pos and op_code in BODY_OPCODES and length <= self.max_message_bytes
+                        HEADER_SIZE < length <= n - pos and opcode in BODY_OPCODES and length <= self.max_message_bytes
                     ):
                         break
-                    msg = Message(length, request_id, response_to, op_code, now_ns)
+                    msg = Message(length, request_id, response_to, opcode, now_ns)
                     try:
                         msg.result = scanner.scan(
                             data,
                             pos + HEADER_SIZE,
                             pos + length,
-                            op_code,
+                            opcode,
                             self.is_reply,
                             self.render,
                             self.render_limit,
@@ -389,8 +389,8 @@ class FrameScanner(Framer):
         original, size, compressor = COMPRESSED_PREFIX.unpack_from(self._prefix)
         self._prefix.clear()
         msg = self._msg
-        msg.op_code = original
-        msg.wire_op_code = OP_COMPRESSED
+        msg.opcode = original
+        msg.wire_opcode = OP_COMPRESSED
         msg.compressor = compressor
         try:
             if original not in BODY_OPCODES:

@@ -433,8 +433,8 @@ class MirrorSink:
 
         conn_id, op, db, coll, request, primary, primary_ns, primary_reply = item
         data = uncompressed(request)
-        op_code = HEADER.unpack_from(data)[3]
-        spec, _ = command_spec(data, op_code)
+        opcode = HEADER.unpack_from(data)[3]
+        spec, _ = command_spec(data, opcode)
         for k in SESSION_FIELDS & spec.keys():
             del spec[k]
         key = op.lower()
@@ -449,7 +449,7 @@ class MirrorSink:
             ordered = got[1]
             if not got[0]:  # the shadow's cursor ended first: it would return nothing more
                 self.mirrored.labels(op).inc()
-                self._judge(op, db, coll, primary, compare.Outcome(ok=True, returned=0, cursor_id=0), data, op_code)
+                self._judge(op, db, coll, primary, compare.Outcome(ok=True, returned=0, cursor_id=0), data, opcode)
                 if not primary.cursor_id:
                     self.shadow_cursors.pop(ref, None)
                 return
@@ -491,7 +491,7 @@ class MirrorSink:
         if primary_reply is not None and reply is not None:
             a_docs = _reply_documents(primary_reply)
             b_docs = compare.reply_documents(reply) if a_docs is not None else None
-        self._judge(op, db, coll, primary, shadow, data, op_code, a_docs, b_docs, ordered)
+        self._judge(op, db, coll, primary, shadow, data, opcode, a_docs, b_docs, ordered)
 
     def _judge(
         self,
@@ -501,7 +501,7 @@ class MirrorSink:
         primary: compare.Outcome,
         shadow: compare.Outcome,
         data: bytes,
-        op_code: int,
+        opcode: int,
         a_docs: list | None = None,
         b_docs: list | None = None,
         ordered: bool = False,
@@ -510,7 +510,7 @@ class MirrorSink:
         self.compared.labels(op).inc()
         for kind in compare.compare(primary, shadow, a_docs, b_docs, ordered):
             self.divergences.labels(op, label, kind).inc()
-            self._log_divergence(op, db, coll, kind, primary, shadow, data, op_code)
+            self._log_divergence(op, db, coll, kind, primary, shadow, data, opcode)
 
     def _collection(self, coll: str) -> str:
         if coll in self._collections or not coll:
@@ -520,9 +520,7 @@ class MirrorSink:
         self._collections.add(coll)
         return coll
 
-    def _log_divergence(
-        self, op: str, db: str, coll: str, kind: str, a: Any, b: Any, data: bytes, op_code: int
-    ) -> None:
+    def _log_divergence(self, op: str, db: str, coll: str, kind: str, a: Any, b: Any, data: bytes, opcode: int) -> None:
         now = time.monotonic()
         self._log_budget = min(10.0, self._log_budget + (now - self._log_at) * 10 / 60)
         self._log_at = now
@@ -537,7 +535,7 @@ class MirrorSink:
             db,
             coll,
             compare.describe(kind, a, b),
-            _shape(data, op_code),
+            _shape(data, opcode),
         )
 
     def close(self, timeout: float = 5.0) -> None:
@@ -570,11 +568,11 @@ def _reply_documents(reply: bytes) -> list | None:
     from mongoproxy.protocol.compression import uncompressed
 
     data = uncompressed(reply)
-    op_code = HEADER.unpack_from(data)[3]
-    if op_code == OP_REPLY:  # flags, cursorID, startingFrom, numberReturned, then documents
+    opcode = HEADER.unpack_from(data)[3]
+    if opcode == OP_REPLY:  # flags, cursorID, startingFrom, numberReturned, then documents
         doc = RawBSONDocument(_first_doc(data, 36))
     else:
-        doc = RawBSONDocument(message_body(data, op_code)[0])
+        doc = RawBSONDocument(message_body(data, opcode)[0])
     return compare.reply_documents(doc)
 
 
@@ -583,14 +581,14 @@ def _first_doc(data: bytes, pos: int) -> bytes:
     return bytes(data[pos : pos + n])
 
 
-def _shape(data: bytes, op_code: int) -> str:
+def _shape(data: bytes, opcode: int) -> str:
     """The command's redacted shape (every literal a "?")."""
     from mongoproxy import _bson_parser
 
     try:
         scanner = _bson_parser.BodyScanner()
         body = memoryview(data)[16:]
-        scanner.reset(op_code, False, len(body), _bson_parser.RENDER_REDACTED, 300)
+        scanner.reset(opcode, False, len(body), _bson_parser.RENDER_REDACTED, 300)
         scanner.feed(body)
         return scanner.result().query_shape or "?"
     except Exception:  # noqa: BLE001 - the shape is a courtesy of the log line

@@ -29,7 +29,7 @@ async def legacy_server(conn) -> None:
         if m is None:
             return
         rto = m.request_id
-        if m.op_code == wire.OP_QUERY:
+        if m.opcode == wire.OP_QUERY:
             q = m.query
             if q.full_collection_name.endswith(".$cmd"):
                 doc = {"ismaster": True, "maxWireVersion": 4, "minWireVersion": 0, "ok": 1.0}
@@ -39,9 +39,9 @@ async def legacy_server(conn) -> None:
             else:
                 docs = [{"_id": 1}, {"_id": 2}]
                 await conn.send_and_drain(wire.encode_op_reply(docs, response_to=rto, cursor_id=4242))
-        elif m.op_code == wire.OP_GET_MORE:
+        elif m.opcode == wire.OP_GET_MORE:
             await conn.send_and_drain(wire.encode_op_reply([{"_id": 9}], response_to=rto, cursor_id=0))
-        elif m.op_code == wire.OP_COMMAND:
+        elif m.opcode == wire.OP_COMMAND:
             await conn.send_and_drain(wire.encode_op_commandreply({}, {"n": 1, "ok": 1.0}, response_to=rto))
 
 

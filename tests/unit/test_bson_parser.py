@@ -584,7 +584,7 @@ def test_op_msg_request_matches_oracle(doc, seqs, checksum, data):
     r = scan(bp.OP_MSG, False, body)
     assert r.flags == (1 if checksum else 0)
     assert r.checksum == (0x01020304 if checksum else None)
-    assert r.op_code == bp.OP_MSG
+    assert r.opcode == bp.OP_MSG
 
 
 # Write commands as drivers send them: small, so every split point is tried; comments everywhere.

@@ -73,7 +73,7 @@ def command(
         database=db,
         collection=coll,
         request_id=11,
-        request_op_code=2013,
+        request_opcode=2013,
         request_size=150,
         request_first_ns=start,
         request_last_ns=start + 1000,

@@ -71,7 +71,7 @@ def command(
         database=db,
         collection=coll,
         request_id=7,
-        request_op_code=2013,
+        request_opcode=2013,
         request_size=request_size,
         request_first_ns=start_ns,
         request_last_ns=start_ns + 1000,

@@ -43,8 +43,8 @@ def summary(m):
     return (
         m.request_id,
         m.response_to,
-        m.op_code,
-        m.wire_op_code,
+        m.opcode,
+        m.wire_opcode,
         m.length,
         m.error,
         r and (r.command, r.collection, r.database, r.documents, r.flags),
@@ -166,7 +166,7 @@ def test_compressed_messages_are_observed_inside(compressor):
     rec = Recorder().feed_random(data, random.Random(3), 5000)
     assert rec.errors == []
     (m,) = rec.messages
-    assert (m.op_code, m.wire_op_code, m.compressor, m.length) == (
+    assert (m.opcode, m.wire_opcode, m.compressor, m.length) == (
         wire.OP_MSG,
         wire.OP_COMPRESSED,
         tw.COMPRESSOR_IDS[compressor],
