@@ -292,6 +292,10 @@ def _emit(op: Op, st: _FlowState, stream: Stream, creators: collections.OrderedD
             creators.pop(op.cursor_ref or 0, None)
     elif key == "killcursors":
         op.creator = next((creators[c] for c in op.kill_ids if c in creators), None)
+        if op.spec is not None and not op.spec.get("killCursors") and op.creator is not None:
+            # OP_KILL_CURSORS names no namespace: the cursor's opening op does.
+            op.db, op.coll = op.creator.db, op.creator.coll
+            op.spec["killCursors"] = op.creator.coll
         for c in op.kill_ids:
             creators.pop(c, None)
     elif rec is not None and rec.cursor_id:
@@ -421,7 +425,8 @@ def _legacy_op(
     command, db, coll, spec, lsid = got
     op = Op(conn, index, m.first_ns, command, db, coll, request_id, spec=spec, lsid_key=lsid)
     op.conversion = conversion_name(legacy.OP_NAMES.get(opcode, str(opcode)), command, compressor_of(m.data))
-    op.unacknowledged = opcode in (legacy.OP_INSERT, legacy.OP_UPDATE, legacy.OP_DELETE)  # no reply on the wire
+    # No reply on the wire to these.
+    op.unacknowledged = opcode in (legacy.OP_INSERT, legacy.OP_UPDATE, legacy.OP_DELETE, legacy.OP_KILL_CURSORS)
     key = op.key
     if key in HELLO_COMMANDS:
         op.spec = None

@@ -2,7 +2,8 @@
 
 OP_COMMAND becomes its command; OP_INSERT/OP_UPDATE/OP_DELETE become insert/update/delete; OP_QUERY on a
 collection becomes find (with $query/$orderby/$hint unwrapped, numberToReturn as limit or batchSize);
-OP_GET_MORE becomes getMore. Each is named by a conversion string the report counts, with the compressor
+OP_GET_MORE becomes getMore; OP_KILL_CURSORS becomes killCursors (it names no collection: the extractor takes it
+from the op that opened the cursor, and the runner remaps the ids like a killCursors command's). Each is named by a conversion string the report counts, with the compressor
 when the request was inside OP_COMPRESSED.
 """
 
@@ -13,12 +14,13 @@ from typing import Any
 
 from mongoproxy.commandspec import spec_from_document
 
-OP_UPDATE, OP_INSERT, OP_QUERY, OP_GET_MORE, OP_DELETE, OP_COMMAND, OP_COMPRESSED = (
+OP_UPDATE, OP_INSERT, OP_QUERY, OP_GET_MORE, OP_DELETE, OP_KILL_CURSORS, OP_COMMAND, OP_COMPRESSED = (
     2001,
     2002,
     2004,
     2005,
     2006,
+    2007,
     2010,
     2012,
 )
@@ -28,6 +30,7 @@ OP_NAMES = {
     OP_QUERY: "OP_QUERY",
     OP_GET_MORE: "OP_GET_MORE",
     OP_DELETE: "OP_DELETE",
+    OP_KILL_CURSORS: "OP_KILL_CURSORS",
     OP_COMMAND: "OP_COMMAND",
 }
 COMPRESSORS = {0: "noop", 1: "snappy", 2: "zlib", 3: "zstd"}
@@ -129,6 +132,12 @@ def convert(data: bytes, opcode: int) -> tuple[str, str, str, dict, bytes | None
         if n > 0:
             spec["batchSize"] = n
         return "getMore", db, coll, spec, None
+    if opcode == OP_KILL_CURSORS:  # ZERO, numberOfCursorIDs, cursorIDs; no namespace on the wire
+        count = I32.unpack_from(data, 20)[0]
+        if count < 0 or 24 + 8 * count > len(data):
+            raise ValueError(f"{count} cursor ids in a {len(data)}-byte OP_KILL_CURSORS")
+        ids = [Int64(I64.unpack_from(data, 24 + 8 * i)[0]) for i in range(count)]
+        return "killCursors", "", "", {"killCursors": "", "cursors": ids}, None
     if opcode == OP_QUERY:
         ns, pos = _cstring(data, 20)
         skip, n = struct.unpack_from("<ii", data, pos)
