@@ -272,6 +272,15 @@ class MirrorSink:
         self.compared = Counter(
             "mongoproxy_mirror_compared_total", "Shadow replies compared with the primary's", ["op"], registry=registry
         )
+        self.not_compared = Counter(
+            "mongoproxy_mirror_documents_not_compared_total",
+            f"Unsorted mirrored cursors whose documents were not compared (over {compare.MAX_CURSOR_DOCUMENTS} "
+            "documents, or forgotten)",
+            ["op"],
+            registry=registry,
+        )
+        # Documents of open unsorted cursors, compared over the whole cursor; only the shadow thread touches it.
+        self.cursor_documents = compare.CursorDocuments()
         depth = Gauge("mongoproxy_mirror_queue_depth", "Copies waiting for the shadow", registry=registry)
         depth.set_function(self.queue.qsize)
         if writes:
@@ -449,7 +458,10 @@ class MirrorSink:
             ordered = got[1]
             if not got[0]:  # the shadow's cursor ended first: it would return nothing more
                 self.mirrored.labels(op).inc()
-                self._judge(op, db, coll, primary, compare.Outcome(ok=True, returned=0, cursor_id=0), data, opcode)
+                shadow = compare.Outcome(ok=True, returned=0, cursor_id=0)
+                a_docs = _reply_documents(primary_reply) if primary_reply is not None else None
+                b_docs = [] if a_docs is not None else None
+                self._judge(op, db, coll, primary, shadow, data, opcode, a_docs, b_docs, ordered, ref, False)
                 if not primary.cursor_id:
                     self.shadow_cursors.pop(ref, None)
                 return
@@ -491,7 +503,21 @@ class MirrorSink:
         if primary_reply is not None and reply is not None:
             a_docs = _reply_documents(primary_reply)
             b_docs = compare.reply_documents(reply) if a_docs is not None else None
-        self._judge(op, db, coll, primary, shadow, data, opcode, a_docs, b_docs, ordered)
+        first = key != "getmore"
+        self._judge(
+            op,
+            db,
+            coll,
+            primary,
+            shadow,
+            data,
+            opcode,
+            a_docs,
+            b_docs,
+            ordered,
+            primary.cursor_id if first else ref,
+            first,
+        )
 
     def _judge(
         self,
@@ -505,10 +531,15 @@ class MirrorSink:
         a_docs: list | None = None,
         b_docs: list | None = None,
         ordered: bool = False,
+        cursor: int | None = None,
+        first: bool = True,
     ) -> None:
         label = self._collection(coll)
         self.compared.labels(op).inc()
-        for kind in compare.compare(primary, shadow, a_docs, b_docs, ordered):
+        for kind in self.cursor_documents.judge(cursor, first, primary, shadow, a_docs, b_docs, ordered):
+            if kind == compare.NOT_COMPARED:
+                self.not_compared.labels(op).inc()
+                continue
             self.divergences.labels(op, label, kind).inc()
             self._log_divergence(op, db, coll, kind, primary, shadow, data, opcode)
 

@@ -117,6 +117,34 @@ def test_mirror_sees_each_read_and_agrees_with_an_identical_shadow(two_servers):
         assert s[DB].items.count_documents({}) == ITEMS and s[DB].items.find_one({"_id": 1})["qty"] == 1
 
 
+def test_an_unsorted_cursor_is_compared_whole_not_batch_by_batch(two_servers):
+    primary, shadow = two_servers
+    docs = [{"_id": i, "kind": f"k{i % 3}"} for i in range(ITEMS)]
+    with primary.client() as p, shadow.client() as s:
+        p[DB].items.drop()
+        s[DB].items.drop()
+        p[DB].items.insert_many(docs)
+        s[DB].items.insert_many(docs[::-1])  # the same documents, in another natural order: other batches
+    args = ["--mirror", shadow.uri, "--mirror-compare", "documents"]
+    with run_proxy_process(args, upstream=primary.address) as proxy:
+        with proxy.client() as client:
+            got = list(client[DB].items.find({}, batch_size=BATCH))
+            assert [d["_id"] for d in got[:3]] == [0, 1, 2]
+            settle(proxy, ITEMS // BATCH + 1)  # the find, its getMores and the empty last one
+        with shadow.client() as s:
+            assert [d["_id"] for d in s[DB].items.find({}, batch_size=BATCH).limit(3)] == [59, 58, 57]
+        assert proxy.metric("mongoproxy_mirror_compared_total", op="getMore") >= ITEMS // BATCH - 1
+        assert divergence_table(proxy) == []
+        assert not proxy.metric("mongoproxy_mirror_documents_not_compared_total")
+        # A document that differs is still found, once, at the cursor's end.
+        with shadow.client() as s:
+            s[DB].items.update_one({"_id": 30}, {"$set": {"kind": "changed"}})
+        with proxy.client() as client:
+            list(client[DB].items.find({}, batch_size=BATCH))
+            settle(proxy, 2 * (ITEMS // BATCH + 1))
+        assert divergence_table(proxy) == [("getMore", "items", "documents", 1.0)]
+
+
 def test_writes_are_mirrored_only_with_mirror_writes_and_a_warning(two_servers):
     primary, shadow = two_servers
     args = ["--mirror", shadow.uri, "--mirror-writes"]
