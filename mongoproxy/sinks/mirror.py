@@ -363,6 +363,45 @@ class MirrorSink:
         else:
             self._enqueue(item + (None,))
 
+    # ------------------------------------------------------------------ admin API (admin_routes contract)
+
+    def admin_routes(self) -> list:
+        """GET /mirror: divergence counts per op, collection and kind; drops; queue depth."""
+        from aiohttp import web
+
+        return [web.get("/mirror", self.handle_get)]
+
+    def document(self) -> dict:
+        """The /mirror JSON, read from the sink's counters (bounded: ops x MAX_COLLECTIONS x kinds rows)."""
+        divergences = [
+            {"op": labels["op"], "collection": labels["collection"], "kind": labels["kind"], "count": int(v)}
+            for labels, v in _samples(self.divergences)
+        ]
+        divergences.sort(key=lambda r: (-r["count"], r["op"], r["collection"], r["kind"]))
+        return {
+            "shadow": _redact_uri(self.uri),
+            "compare": "documents" if self.documents else "counts",
+            "ratio": self.ratio,
+            "writes": self.writes,
+            "queue": {"depth": self.queue.qsize(), "capacity": self.queue.maxsize},
+            "mirrored": {labels["op"]: int(v) for labels, v in _samples(self.mirrored)},
+            "compared": {labels["op"]: int(v) for labels, v in _samples(self.compared)},
+            "dropped": {labels["reason"]: int(v) for labels, v in _samples(self.dropped)},
+            "shadow_errors": [
+                {"op": labels["op"], "error": labels["error"], "count": int(v)}
+                for labels, v in _samples(self.shadow_errors)
+            ],
+            "documents_not_compared": {labels["op"]: int(v) for labels, v in _samples(self.not_compared)},
+            "divergences_total": sum(r["count"] for r in divergences),
+            "divergences": divergences,
+        }
+
+    async def handle_get(self, request: Any) -> Any:
+        """GET /mirror."""
+        from aiohttp import web
+
+        return web.json_response(self.document())
+
     def _enqueue(self, item: tuple) -> None:
         try:
             self.queue.put_nowait(item)
@@ -574,6 +613,11 @@ class MirrorSink:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
+
+
+def _samples(counter: Any) -> list[tuple[dict, float]]:
+    """(labels, value) of a labelled Counter's _total samples."""
+    return [(s.labels, s.value) for m in counter.collect() for s in m.samples if s.name.endswith("_total")]
 
 
 def _is_request(header: bytes) -> bool:

@@ -5,6 +5,7 @@ The divergence table of the seeded-differently run is kept in test-artifacts/mir
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
 
@@ -185,6 +186,16 @@ def test_mirror_names_the_collection_seeded_differently(two_servers):
         assert any(kind == "documents" for _, _, kind, _ in table)  # the changed qty, same count
         assert any(kind == "document_count" for _, _, kind, _ in table)  # the missing document
         assert "mirror divergence" in proxy.stderr_text() and "k1" not in proxy.stderr_text()
+        # GET /mirror on the admin endpoint gives the same counts as JSON.
+        status, body = proxy.admin_get("/mirror")
+        assert status == 200, body
+        doc = json.loads(body)
+        rows = sorted((r["op"], r["collection"], r["kind"], float(r["count"])) for r in doc["divergences"])
+        assert rows == table and doc["divergences_total"] == sum(n for *_, n in table)
+        assert doc["compare"] == "documents" and doc["shadow"] == shadow.uri
+        assert doc["queue"] == {"depth": 0, "capacity": 1000} and doc["dropped"] == {}
+        assert doc["compared"] == {op: n for op, n in sent.items() if n}
+        assert sum(doc["mirrored"].values()) == sum(sent.values())
 
 
 def test_a_slow_shadow_drops_copies_and_leaves_the_client_alone(secantus):
@@ -209,6 +220,11 @@ def test_a_slow_shadow_drops_copies_and_leaves_the_client_alone(secantus):
             summary = {k: (statistics.median(v) * 1000, max(v) * 1000) for k, v in timings.items()}
             print("client latency ms (median, max):", summary, "dropped:", dropped)
             assert dropped and dropped >= 40 - 2 - 32 - 1  # queue of 2, 32 in flight at the shadow
+            status, body = mirrored.admin_get("/mirror")
+            assert status == 200, body
+            doc = json.loads(body)
+            assert doc["dropped"]["queue_full"] == dropped and doc["queue"]["capacity"] == 2
+            assert 0 <= doc["queue"]["depth"] <= 2
             # Had any find waited for the shadow, it would have taken at least the shadow's delay.
             assert max(timings["mirror on"]) < delay
             assert handler.seen["find"] >= 1
