@@ -500,7 +500,7 @@ class MirrorSink:
                 self.mirrored.labels(op).inc()
                 shadow = compare.Outcome(ok=True, returned=0, cursor_id=0)
                 a_docs = _reply_documents(primary_reply) if primary_reply is not None else None
-                b_docs = [] if a_docs is not None else None
+                b_docs: list | None = [] if a_docs is not None else None
                 self._judge(op, db, coll, primary, shadow, data, opcode, a_docs, b_docs, ordered, ref, False)
                 if not primary.cursor_id:
                     self.shadow_cursors.pop(ref, None)
