@@ -27,6 +27,7 @@ from mongoproxy import compare
 from mongoproxy.config import Option
 from mongoproxy.errors import ConfigError
 from mongoproxy.namespaces import NamespaceFilter, ns_list_parser
+from mongoproxy.protocol.commands import pipeline_writes
 from mongoproxy.protocol.framing import Framer
 from mongoproxy.protocol.opcodes import HEADER, OP_COMPRESSED, OP_MSG, OP_QUERY, OP_REPLY
 
@@ -456,7 +457,7 @@ class MirrorSink:
             from bson import Int64
 
             spec["getMore"] = Int64(got[0])
-        elif key == "aggregate" and _writes(spec):
+        elif key == "aggregate" and pipeline_writes(spec.get("pipeline")):
             if not self.writes:
                 self.dropped.labels("write_aggregate").inc()
                 return
@@ -548,16 +549,6 @@ class MirrorSink:
 def _is_request(header: bytes) -> bool:
     """Keep OP_MSG, OP_QUERY and OP_COMPRESSED requests (their replies' events pick them up)."""
     return HEADER.unpack_from(header)[3] in (OP_MSG, OP_QUERY, OP_COMPRESSED)
-
-
-def _writes(spec: dict) -> bool:
-    for stage in spec.get("pipeline") or ():
-        try:
-            if "$out" in stage or "$merge" in stage:
-                return True
-        except TypeError:
-            continue
-    return False
 
 
 def _reply_documents(reply: bytes) -> list | None:
