@@ -172,13 +172,20 @@ cdef class BodyScanner:
     # rendering
     cdef int render
     cdef Py_ssize_t render_limit
-    cdef char* rbuf
+    cdef char* rbuf        # the region being rendered into: rmem, or the statement region while one renders
+    cdef char* rmem        # the command document's region of render_limit + 8 bytes, then (once one was seen) the statement's
     cdef Py_ssize_t rcap
     cdef Py_ssize_t rlen
     cdef bint rfull
     cdef bint rsecret_all
     cdef int64_t rstr_n
     cdef bint rstr_done
+    # the first statement of a kind-1 `updates`/`deletes` sequence, rendered into the second region
+    cdef Py_ssize_t rstmt_len   # its rendered length, or -1: none rendered yet
+    cdef bint rstmt_full        # it was cut at render_limit
+    cdef bint rstmt_deletes     # it came from `deletes` (else `updates`)
+    cdef Py_ssize_t rsave_len   # the command region's rlen/rfull, kept while the statement renders
+    cdef bint rsave_full
 
     cdef int _reset(self, int opcode, bint is_reply, int64_t body_length, int render,
                     Py_ssize_t render_limit) except -1
@@ -213,5 +220,6 @@ cdef class BodyScanner:
     cdef void _remit_escaped(self, const unsigned char* s, Py_ssize_t k) noexcept
     cdef void _rstr_piece(self, const unsigned char* s, Py_ssize_t k) noexcept
     cdef void _render_fixed(self, int t, const unsigned char* v) noexcept
+    cdef int _rreserve(self, Py_ssize_t cap) except -1
     cdef void _rtruncate(self) noexcept
     cdef object _shape(self)

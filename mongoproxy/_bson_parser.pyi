@@ -97,7 +97,10 @@ class BodyScanner:
 
         render (default RENDER_OFF) fills ScanResult.query_shape with compact JSON of the
         command/reply document (OP_MSG kind 0, OP_QUERY query, OP_REPLY first document,
-        OP_COMMAND commandArgs, OP_COMMANDREPLY commandReply):
+        OP_COMMAND commandArgs, OP_COMMANDREPLY commandReply). An OP_MSG request's first
+        statement of its first kind-1 `updates`/`deletes` sequence is added before the closing
+        brace as `"updates":[{...}]` / `"deletes":[{...}]` (what a one-statement command sent in
+        kind 0 renders), whichever section comes first; inserted `documents` never render:
           RENDER_REDACTED: every literal is "?"; keys and nesting kept; the command's
             collection string, root `$db` and root `collection` strings are shown.
           RENDER_VALUES: strings cut at RENDER_STRING_MAX bytes (+ "…"), binary

@@ -48,12 +48,17 @@ Rules worth knowing:
     boundary; ``compression`` keeps the first 16 string entries.
   * OP_MSG: the first kind-0 section is scanned; further kind-0 sections are
     only validated. Kind-1 documents are counted and skipped by length, except
-    the first of a request's ``updates``/``deletes`` sequence, where only
-    ``q.$comment`` is read. The CRC-32C is exposed, not verified.
+    the first of a request's ``updates``/``deletes`` sequence, where
+    ``q.$comment`` is read (and which renders, see below). The CRC-32C is exposed, not verified.
 
 Rendering (reset(render=RENDER_REDACTED|RENDER_VALUES)) descends the whole
-command document into a bounded buffer (``query_shape``); secrets (``payload``,
-``pwd``, ``speculativeAuthenticate``, all of ``authenticate``) are always "?".
+command document into a bounded buffer (``query_shape``). The first document of
+a request's first kind-1 ``updates``/``deletes`` sequence renders into a second
+region of the same size (allocated on the first such statement) and is spliced
+in at the end as ``"updates":[{...}]`` (the kind-0 form of a one-statement
+command), whatever the section order; other kind-1 documents (inserted
+``documents`` among them) never render. Secrets (``payload``, ``pwd``,
+``speculativeAuthenticate``, all of ``authenticate``) are always "?".
 Past ``render_limit`` bytes or 100 levels it ends with "…" and stops rendering.
 """
 
@@ -175,6 +180,7 @@ cdef enum:
     FL_STRLIST = 4
     FL_RENDER = 8
     FL_ADD = 16
+    FL_STMT = 32   # root frame of a rendered kind-1 write statement: it renders into the statement region
 
 # Layout program steps.
 cdef enum:
@@ -584,6 +590,7 @@ cdef class BodyScanner:
         if self.cap == NULL:
             raise MemoryError()
         self.rbuf = NULL
+        self.rmem = NULL
         self.rcap = 0
         self.stack = self.stack_inline
         self.stack_cap = STACK_INLINE
@@ -596,7 +603,7 @@ cdef class BodyScanner:
 
     def __dealloc__(self):
         PyMem_Free(self.cap)
-        PyMem_Free(self.rbuf)
+        PyMem_Free(self.rmem)
         if self.stack != self.stack_inline:
             PyMem_Free(self.stack)
 
@@ -628,7 +635,6 @@ cdef class BodyScanner:
     cdef int _reset(self, int opcode, bint is_reply, int64_t body_length, int render,
                     Py_ssize_t render_limit) except -1:
         cdef const Step* prog = _prog_for(opcode)
-        cdef char* nbuf
         self.res = ScanResult.__new__(ScanResult)
         self.res.opcode = opcode
         self.consumed = 0
@@ -666,16 +672,13 @@ cdef class BodyScanner:
         self.render = render
         self.rlen = 0
         self.rfull = False
+        self.rstmt_len = -1
+        self.rbuf = self.rmem
         if render:
             if render_limit < 16:
                 raise ValueError("render_limit must be >= 16")
-            if self.rcap < render_limit + 8:
-                nbuf = <char*>PyMem_Realloc(self.rbuf, render_limit + 8)
-                if nbuf == NULL:
-                    raise MemoryError()
-                self.rbuf = nbuf
-                self.rcap = render_limit + 8
             self.render_limit = render_limit
+            self._rreserve(render_limit + 8)
         return 0
 
     def feed(self, data, Py_ssize_t start=0, Py_ssize_t end=-1):
@@ -1159,6 +1162,13 @@ cdef class BodyScanner:
         if length < 5 or start + length > self.root_limit:
             return self._fail(R_BAD_LENGTH, start)
         if self.root_node != NULL or (self.root_flags & FL_RENDER):
+            if self.root_flags & FL_STMT:  # render the statement into its own region (see _shape)
+                self._rreserve(2 * (self.render_limit + 8))  # only scanners that see writes hold it
+                self.rsave_len = self.rlen
+                self.rsave_full = self.rfull
+                self.rbuf = self.rmem + self.render_limit + 8
+                self.rlen = 0
+                self.rfull = False
             self._push(start + length, self.root_node, -1, self.root_flags)
         else:
             self.skip_left = length - 5
@@ -1196,6 +1206,12 @@ cdef class BodyScanner:
             self._set_count(f.count_field, f.count, f.flags & FL_ADD)
         if (f.flags & FL_RENDER) and not self.rfull:
             self._remit("]" if f.flags & FL_ARRAY else "}", 1)
+        if f.flags & FL_STMT:
+            self.rstmt_len = self.rlen
+            self.rstmt_full = self.rfull
+            self.rbuf = self.rmem
+            self.rlen = self.rsave_len
+            self.rfull = self.rsave_full
         self.depth -= 1
         self.state = ST_TYPE if self.depth > 0 else self.after_doc
         return 0
@@ -1230,10 +1246,14 @@ cdef class BodyScanner:
             self._ident_piece(s, k)
             ident = self.keybuf
         self.seq_first_node = NULL
+        self.seq_first_flags = 0
         if not self.is_reply and self.key_total == 7 and (
                 memcmp(ident, b"updates", 7) == 0 or memcmp(ident, b"deletes", 7) == 0):
             self.seq_first_node = WRITE_SEQ_ROOT
-        self.seq_first_flags = 0  # kind-1 documents are never rendered
+            # only the first statement of the first such sequence is rendered; other kind-1 documents never
+            if self.render and self.rstmt_len < 0:
+                self.seq_first_flags = FL_RENDER | FL_STMT
+                self.rstmt_deletes = ident[0] == b"d"[0]
         self.seq_end = self.section_end
         self.seq_left = -1
         self.seq_count = 0
@@ -1551,6 +1571,17 @@ cdef class BodyScanner:
 
     # -- rendering -----------------------------------------------------------
 
+    cdef int _rreserve(self, Py_ssize_t cap) except -1:
+        # called only while rbuf is rmem (not inside a statement)
+        cdef char* nbuf
+        if self.rcap < cap:
+            nbuf = <char*>PyMem_Realloc(self.rmem, cap)
+            if nbuf == NULL:
+                raise MemoryError()
+            self.rmem = self.rbuf = nbuf
+            self.rcap = cap
+        return 0
+
     cdef void _rtruncate(self) noexcept:
         cdef Py_ssize_t i
         cdef unsigned char lead
@@ -1681,7 +1712,30 @@ cdef class BodyScanner:
             self._remit(tmp, k)
 
     cdef object _shape(self):
-        return PyUnicode_DecodeUTF8(self.rbuf, self.rlen, b"replace")
+        # The command document's rendering, with the first kind-1 write statement spliced in before its
+        # closing brace as `"updates":[{...}]` (the form of a one-statement command sent in kind-0), then
+        # cut at render_limit. The splice happens here, once, so the text is the same whichever section
+        # came first and however the body was chunked.
+        cdef bytes out
+        cdef Py_ssize_t cut
+        if (self.rstmt_len <= 0 or self.rfull or self.rsecret_all or self.rlen < 2
+                or self.rbuf[self.rlen - 1] != b"}"[0]):
+            return PyUnicode_DecodeUTF8(self.rbuf, self.rlen, b"replace")
+        out = b"".join((
+            self.rbuf[:self.rlen - 1],
+            b"," if self.rlen > 2 else b"",
+            b'"deletes":[' if self.rstmt_deletes else b'"updates":[',
+            (self.rmem + self.render_limit + 8)[:self.rstmt_len],
+            b"]}",
+        ))
+        if len(out) > self.render_limit:
+            # a cut statement is never shorter than the limit minus one character, and the head is longer
+            # than that, so this cut always falls inside the statement's uncut text
+            cut = self.render_limit
+            while cut > 0 and (out[cut] & 0xC0) == 0x80:
+                cut -= 1
+            out = out[:cut] + b"\xe2\x80\xa6"
+        return PyUnicode_DecodeUTF8(out, len(out), b"replace")
 
 
 def scan_body(int opcode, bint is_reply, body):

@@ -453,6 +453,10 @@ class Proxy:
         # Objects offering admin_routes()/reload(), like sinks (see admin, signals); TLS reloads its certificates.
         self.components: list = [self.tls]
         self.unresolved: set[ProxySpec] = set()  # static upstreams whose name did not resolve yet
+        # Other conditions of readiness (topology.Cluster: a member of every --upstream answers): each returns
+        # None when satisfied, else the reason /readyz gives. update_ready() is the one place that decides.
+        self.ready_checks: list[Callable[[], str | None]] = []
+        self.not_ready_reason = "starting"
         self._dns_task: asyncio.Task | None = None
         self.faults: Any = None  # FaultEngine, set by serve() (or a test) when fault injection is configured
         # One scanner rendering per request serves the command log, tracing, the digest and the live view;
@@ -499,9 +503,7 @@ class Proxy:
                     f"{spec.text}: {exc.strerror}; check --listen-host"
                 ) from None
             self.servers.append((spec, server))
-            for sock in server.sockets:
-                addr = sock.getsockname()
-                self._own_addresses.add((addr[0], addr[1]))
+            self.add_own_listener(server.sockets)
         for spec, server in self.servers:
             target = (
                 "original destination (transparent)"
@@ -512,7 +514,7 @@ class Proxy:
             up = f" (TLS, {self.tls.info_label})" if self.tls.upstream else ""
             log.info("listening on %s%s -> %s%s", hostport(host, server.sockets[0].getsockname()[1]), tls, target, up)
         self.tls.start()
-        self.ready = not self.unresolved
+        self.update_ready()
         if self.unresolved:
             self._dns_task = loop.create_task(self._resolve_until_ready())
 
@@ -526,8 +528,32 @@ class Proxy:
                     self.unresolved.discard(spec)
                     log.info("upstream host %r of --proxy %s resolves now", spec.upstream_host, spec.text)
             delay = min(delay * 2, DNS_RETRY_MAX)
-        if not self.unresolved and not self.draining:
-            self.ready = True
+        self.update_ready()
+
+    def update_ready(self) -> None:
+        """Decide readiness: not draining, every static upstream resolves and every ready check passes."""
+        reason = None
+        if self.draining:
+            reason = "draining"
+        elif self.unresolved:
+            names = ", ".join(sorted(s.upstream_host for s in self.unresolved))
+            reason = f"upstream host(s) {names} do not resolve yet"
+        else:
+            reason = next((r for r in (check() for check in self.ready_checks) if r), None)
+        self.ready = reason is None
+        self.not_ready_reason = reason or ""
+
+    def add_own_listener(self, sockets: Any) -> None:
+        """Remember the bound addresses of a listener, for the transparent loop check (is_own_listener)."""
+        for sock in sockets:
+            addr = sock.getsockname()
+            self._own_addresses.add((addr[0], addr[1]))
+
+    def remove_own_listener(self, sockets: Any) -> None:
+        """Forget a closed listener's addresses (a departed --upstream member)."""
+        for sock in sockets:
+            addr = sock.getsockname()
+            self._own_addresses.discard((addr[0], addr[1]))
 
     def is_own_listener(self, dst: tuple[str, int], sockname: tuple) -> bool:
         """True when a transparent connection's original destination is one of our listeners."""
@@ -558,7 +584,7 @@ class Proxy:
         Returns True when every connection finished before the deadline.
         """
         self.draining = True
-        self.ready = False
+        self.update_ready()
         self.tls.close()
         if self._dns_task is not None:
             self._dns_task.cancel()

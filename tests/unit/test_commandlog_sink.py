@@ -264,6 +264,16 @@ def test_json_lines_validate_and_carry_every_field():
     assert records[7]["decode_error"] == "bad_bson" and records[7]["comment"] == "hi"
 
 
+def test_member_state_is_logged_on_member_listeners_and_null_elsewhere():
+    member = conn()
+    member.member_state = "secondary"  # what topology.MemberSpec.route sets on an --upstream listener
+    plain, on_member = (validate(line) for line in run([command(), command(c=member)], fmt="json"))
+    assert plain["member_state"] is None
+    assert on_member["member_state"] == "secondary"
+    with pytest.raises(jsonschema.ValidationError):
+        VALIDATOR.validate({**on_member, "member_state": "leader"})
+
+
 def test_schema_rejects_what_it_should():
     (line,) = run([command()], fmt="json")
     record = json.loads(line)
