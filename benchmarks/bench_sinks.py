@@ -6,7 +6,9 @@ Feeds N synthetic CommandEvents (a realistic label mix: 4 ops, 10
 collections, 2 apps, 20 connections) through SinkBus.command and reports
 the best of R runs in µs per command, and the extra cost over the bare bus.
 The "prometheus_client .labels()" row is the naive way (five labelled
-histograms, .labels() per event) for comparison.
+histograms, .labels() per event) for comparison. The last row is the yardstick
+for the metrics sink: the Cython scanner's work for one small command (reset +
+feed + result of a driver's find by _id and of its one-document reply).
 """
 
 from __future__ import annotations
@@ -63,12 +65,12 @@ def make_events(n: int) -> list:
             database="shop",
             collection="c%d" % (i % 10),
             request_id=i,
-            request_op_code=2013,
+            request_opcode=2013,
             request_size=100 + (i % 700),
             request_first_ns=t,
             request_last_ns=t + 2000,
             request=scan,
-            reply_op_code=2013,
+            reply_opcode=2013,
             reply_size=200 + (i % 5000),
             reply_first_ns=t + 100_000,
             reply_last_ns=t + 100_000 + (i % 97) * 20_000,
@@ -141,12 +143,36 @@ def measure(factory: Callable[[], list], events: list, repeat: int) -> float:
         for e in events[:2000]:  # warm-up: label caches filled as in a long-running proxy
             bus.command(e)
         command = bus.command
-        t0 = time.perf_counter_ns()
+        t0 = time.thread_time_ns()
         for e in events:
             command(e)
-        elapsed = time.perf_counter_ns() - t0
+        elapsed = time.thread_time_ns() - t0
         bus.close()
         best = min(best, elapsed / len(events))
+    return best
+
+
+def scanner_per_command(n: int, repeat: int) -> float:
+    """Best-of-`repeat` ns the body scanner spends on one small command: its request and its reply."""
+    sys.path.insert(0, __file__.rsplit("/", 1)[0])
+    from benchmarks.tapcost import build_pair
+    from mongoproxy._bson_parser import OP_MSG, BodyScanner
+
+    req, rep = build_pair()
+    scanner = BodyScanner()
+    reset, feed, result = scanner.reset, scanner.feed, scanner.result
+    lq, lp = len(req), len(rep)
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.thread_time_ns()
+        for _ in range(n):
+            reset(OP_MSG, False, lq - 16)
+            feed(req, 16, lq)
+            result()
+            reset(OP_MSG, True, lp - 16)
+            feed(rep, 16, lp)
+            result()
+        best = min(best, (time.thread_time_ns() - t0) / n)
     return best
 
 
@@ -169,6 +195,9 @@ def main(argv: list[str] | None = None) -> int:
             {"configuration": name, "us_per_command": round(ns / 1000, 3), "extra_us": round((ns - base) / 1000, 3)}
         )
         print(f"{name:44} {ns / 1000:11.3f} {(ns - base) / 1000:9.3f}")
+    ns = scanner_per_command(args.events, args.repeat)
+    rows.append({"configuration": "scanner: request + reply", "us_per_command": round(ns / 1000, 3)})
+    print(f"{'yardstick: scanner, small request + reply':44} {ns / 1000:11.3f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(

@@ -44,7 +44,7 @@ BIG_QUEUE = 1 << 20  # no drops while measuring: every span is built and exporte
 
 def _scan(**fields: Any) -> SimpleNamespace:
     base = dict(
-        op_code=2013,
+        opcode=2013,
         comment=None,
         comment_traceparent=None,
         comment_tracestate=None,
@@ -87,12 +87,12 @@ def make_events(n: int, traced: bool, comment: str | None = None) -> list:
             database="shop",
             collection="c%d" % (i % 10),
             request_id=i,
-            request_op_code=2013,
+            request_opcode=2013,
             request_size=100 + (i % 700),
             request_first_ns=t,
             request_last_ns=t + 2000,
             request=req,
-            reply_op_code=2013,
+            reply_opcode=2013,
             reply_size=200 + (i % 5000),
             reply_first_ns=t + 100_000,
             reply_last_ns=t + 150_000,

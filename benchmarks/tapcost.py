@@ -69,11 +69,11 @@ def measure(pairs: int, repeat: int, with_metrics: bool) -> float:
         requests = wire.FrameScanner(False, tracker.on_request, lambda *a: errors.append(a))  # noqa: B023 - called within this iteration
         replies = wire.FrameScanner(True, tracker.on_reply, lambda *a: errors.append(a))  # noqa: B023 - called within this iteration
         feed_req, feed_rep, clock = requests.feed, replies.feed, time.monotonic_ns
-        t0 = time.perf_counter_ns()
+        t0 = time.thread_time_ns()
         for i in range(pairs):
             feed_req(reqs[i], clock())
             feed_rep(reps[i], clock())
-        best = min(best, (time.perf_counter_ns() - t0) / pairs / 1000)
+        best = min(best, (time.thread_time_ns() - t0) / pairs / 1000)
         if errors or tracker.in_flight:
             raise RuntimeError(f"the tap did not match every pair: {errors[:3]}, {tracker.in_flight} in flight")
     return best

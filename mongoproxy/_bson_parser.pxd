@@ -5,6 +5,7 @@ from libc.stdint cimport int64_t
 
 cdef enum:
     STACK_MAX = 112      # frames; spec paths need < 10, rendering stops at RENDER_DEPTH
+    STACK_INLINE = 12    # frames held inline; deeper (rendered) documents grow the stack to STACK_MAX on demand
     RENDER_DEPTH = 100   # deepest rendered document nesting
     KEY_MAX = 64         # longer keys cannot match a spec key; they are only scanned to their NUL
     ACC_MAX = 16         # widest fixed-size value read through the accumulator (decimal128)
@@ -45,7 +46,7 @@ cdef struct Step:
 
 
 cdef class ScanResult:
-    cdef public int op_code
+    cdef public int opcode
     cdef public unsigned int flags
     cdef public object checksum
     cdef public object command
@@ -90,7 +91,7 @@ cdef class BodyScanner:
 
     # message
     cdef int64_t body_length
-    cdef int op_code
+    cdef int opcode
     cdef bint is_reply
     cdef int state
     cdef const Step* prog
@@ -99,8 +100,11 @@ cdef class BodyScanner:
     cdef object legacy_comment
     cdef int error_reason
 
-    # document stack
-    cdef Frame stack[STACK_MAX]
+    # document stack: `stack` points at `stack_inline` until a document nests deeper than STACK_INLINE,
+    # then at a heap block of STACK_MAX frames, given back at the next reset (an idle scanner holds none)
+    cdef Frame* stack
+    cdef Frame stack_inline[STACK_INLINE]
+    cdef int stack_cap
     cdef int depth
 
     # current element
@@ -168,14 +172,23 @@ cdef class BodyScanner:
     # rendering
     cdef int render
     cdef Py_ssize_t render_limit
-    cdef char* rbuf
+    cdef char* rbuf        # the region being rendered into: rmem, or the statement region while one renders
+    cdef char* rmem        # the command document's region of render_limit + 8 bytes, then (once one was seen) the statement's
     cdef Py_ssize_t rcap
     cdef Py_ssize_t rlen
     cdef bint rfull
     cdef bint rsecret_all
     cdef int64_t rstr_n
     cdef bint rstr_done
+    # the first statement of a kind-1 `updates`/`deletes` sequence, rendered into the second region
+    cdef Py_ssize_t rstmt_len   # its rendered length, or -1: none rendered yet
+    cdef bint rstmt_full        # it was cut at render_limit
+    cdef bint rstmt_deletes     # it came from `deletes` (else `updates`)
+    cdef Py_ssize_t rsave_len   # the command region's rlen/rfull, kept while the statement renders
+    cdef bint rsave_full
 
+    cdef int _reset(self, int opcode, bint is_reply, int64_t body_length, int render,
+                    Py_ssize_t render_limit) except -1
     cdef int _feed(self, const unsigned char* p, Py_ssize_t size, Py_ssize_t start, Py_ssize_t end) except -1
     cdef int _run(self, const unsigned char* p, Py_ssize_t n) except -1
     cdef int _fail(self, int reason, int64_t pos) except -1
@@ -207,5 +220,6 @@ cdef class BodyScanner:
     cdef void _remit_escaped(self, const unsigned char* s, Py_ssize_t k) noexcept
     cdef void _rstr_piece(self, const unsigned char* s, Py_ssize_t k) noexcept
     cdef void _render_fixed(self, int t, const unsigned char* v) noexcept
+    cdef int _rreserve(self, Py_ssize_t cap) except -1
     cdef void _rtruncate(self) noexcept
     cdef object _shape(self)

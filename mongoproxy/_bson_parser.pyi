@@ -5,7 +5,7 @@ unknown_opcode, truncated, trailing_bytes, bad_length, missing_terminator,
 string_not_terminated, unknown_type, bad_section_kind, invalid_utf8.
 """
 
-# Op codes the scanner understands (the header is parsed by mongoproxy.wire).
+# Op codes the scanner understands (the header is parsed by mongoproxy.protocol.framing).
 OP_REPLY: int  # 1
 OP_UPDATE: int  # 2001
 OP_INSERT: int  # 2002
@@ -29,7 +29,7 @@ DECODE_REASONS: tuple[str, ...]  # every DecodeError.reason the scanner raises (
 class ScanResult:
     """Fields extracted from one message body. Absent fields are None."""
 
-    op_code: int
+    opcode: int
     flags: int  # OP_MSG flagBits, OP_QUERY flags, OP_REPLY responseFlags, OP_INSERT/UPDATE/DELETE flags; else 0
     checksum: int | None  # OP_MSG CRC-32C when checksumPresent
 
@@ -92,12 +92,15 @@ class BodyScanner:
     consumed: int  # body bytes consumed so far
 
     def __init__(self, max_string: int = ...) -> None: ...
-    def reset(self, op_code: int, is_reply: bool, body_length: int, render: int = ..., render_limit: int = ...) -> None:
+    def reset(self, opcode: int, is_reply: bool, body_length: int, render: int = ..., render_limit: int = ...) -> None:
         """Start a new body of body_length bytes (everything after the 16-byte header).
 
         render (default RENDER_OFF) fills ScanResult.query_shape with compact JSON of the
         command/reply document (OP_MSG kind 0, OP_QUERY query, OP_REPLY first document,
-        OP_COMMAND commandArgs, OP_COMMANDREPLY commandReply):
+        OP_COMMAND commandArgs, OP_COMMANDREPLY commandReply). An OP_MSG request's first
+        statement of its first kind-1 `updates`/`deletes` sequence is added before the closing
+        brace as `"updates":[{...}]` / `"deletes":[{...}]` (what a one-statement command sent in
+        kind 0 renders), whichever section comes first; inserted `documents` never render:
           RENDER_REDACTED: every literal is "?"; keys and nesting kept; the command's
             collection string, root `$db` and root `collection` strings are shown.
           RENDER_VALUES: strings cut at RENDER_STRING_MAX bytes (+ "…"), binary
@@ -112,6 +115,20 @@ class BodyScanner:
         """Consume data[start:end] up to the body's end; return the bytes consumed."""
     def result(self) -> ScanResult:
         """A new ScanResult for the body scanned so far (complete once done)."""
+    def scan(
+        self,
+        data: bytes | bytearray | memoryview,
+        start: int,
+        end: int,
+        opcode: int,
+        is_reply: bool,
+        render: int = ...,
+        render_limit: int = ...,
+    ) -> ScanResult:
+        """One whole body, data[start:end], in one call: reset + feed + result.
 
-def scan_body(op_code: int, is_reply: bool, body: bytes | bytearray | memoryview) -> ScanResult:
+        DecodeError("truncated") when the body ends before its layout does.
+        """
+
+def scan_body(opcode: int, is_reply: bool, body: bytes | bytearray | memoryview) -> ScanResult:
     """Convenience: scan a complete body in one call."""

@@ -1,8 +1,8 @@
 # cython: language_level=3
 """Incremental, selective scanner for one MongoDB message body.
 
-The caller (mongoproxy.wire) parses the 16-byte header, undoes OP_COMPRESSED,
-then calls ``BodyScanner.reset(op_code, is_reply, body_length)`` and
+The caller (mongoproxy.protocol.framing) parses the 16-byte header, undoes OP_COMPRESSED,
+then calls ``BodyScanner.reset(opcode, is_reply, body_length)`` and
 ``feed(chunk)`` until ``done``. The scanner never buffers a message or a
 document: it keeps O(1) state, reads in place when a field lies within one
 chunk and copies only across chunk boundaries into small fixed accumulators.
@@ -48,12 +48,17 @@ Rules worth knowing:
     boundary; ``compression`` keeps the first 16 string entries.
   * OP_MSG: the first kind-0 section is scanned; further kind-0 sections are
     only validated. Kind-1 documents are counted and skipped by length, except
-    the first of a request's ``updates``/``deletes`` sequence, where only
-    ``q.$comment`` is read. The CRC-32C is exposed, not verified.
+    the first of a request's ``updates``/``deletes`` sequence, where
+    ``q.$comment`` is read (and which renders, see below). The CRC-32C is exposed, not verified.
 
 Rendering (reset(render=RENDER_REDACTED|RENDER_VALUES)) descends the whole
-command document into a bounded buffer (``query_shape``); secrets (``payload``,
-``pwd``, ``speculativeAuthenticate``, all of ``authenticate``) are always "?".
+command document into a bounded buffer (``query_shape``). The first document of
+a request's first kind-1 ``updates``/``deletes`` sequence renders into a second
+region of the same size (allocated on the first such statement) and is spliced
+in at the end as ``"updates":[{...}]`` (the kind-0 form of a one-statement
+command), whatever the section order; other kind-1 documents (inserted
+``documents`` among them) never render. Secrets (``payload``, ``pwd``,
+``speculativeAuthenticate``, all of ``authenticate``) are always "?".
 Past ``render_limit`` bytes or 100 levels it ends with "…" and stops rendering.
 """
 
@@ -175,6 +180,7 @@ cdef enum:
     FL_STRLIST = 4
     FL_RENDER = 8
     FL_ADD = 16
+    FL_STMT = 32   # root frame of a rendered kind-1 write statement: it renders into the statement region
 
 # Layout program steps.
 cdef enum:
@@ -449,26 +455,26 @@ cdef Step* P_COMMAND = _build_prog([
 cdef Step* P_COMMANDREPLY = _build_prog([(K_DOC, D_REPLY), (K_SKIPDOC, 0), (K_DOCS, 0), (K_END, 0)])
 
 
-cdef const Step* _prog_for(int op_code) noexcept:
-    if op_code == C_OP_MSG:
+cdef const Step* _prog_for(int opcode) noexcept:
+    if opcode == C_OP_MSG:
         return P_MSG
-    if op_code == C_OP_QUERY:
+    if opcode == C_OP_QUERY:
         return P_QUERY
-    if op_code == C_OP_REPLY:
+    if opcode == C_OP_REPLY:
         return P_REPLY
-    if op_code == C_OP_INSERT:
+    if opcode == C_OP_INSERT:
         return P_INSERT
-    if op_code == C_OP_UPDATE:
+    if opcode == C_OP_UPDATE:
         return P_UPDATE
-    if op_code == C_OP_DELETE:
+    if opcode == C_OP_DELETE:
         return P_DELETE
-    if op_code == C_OP_GET_MORE:
+    if opcode == C_OP_GET_MORE:
         return P_GET_MORE
-    if op_code == C_OP_KILL_CURSORS:
+    if opcode == C_OP_KILL_CURSORS:
         return P_KILL_CURSORS
-    if op_code == C_OP_COMMAND:
+    if opcode == C_OP_COMMAND:
         return P_COMMAND
-    if op_code == C_OP_COMMANDREPLY:
+    if opcode == C_OP_COMMANDREPLY:
         return P_COMMANDREPLY
     return NULL
 
@@ -503,7 +509,7 @@ cdef inline const unsigned char* _take(BodyScanner s, const unsigned char* p, Py
 
 
 _FIELDS = (
-    "op_code", "flags", "checksum", "command", "collection", "database", "namespace", "cursor_id",
+    "opcode", "flags", "checksum", "command", "collection", "database", "namespace", "cursor_id",
     "comment", "comment_traceparent", "comment_tracestate", "app_name", "driver_name",
     "driver_version", "compression", "documents", "query_shape", "ok", "code", "code_name",
     "errmsg", "cursor_ns", "returned", "n", "n_modified", "upserted", "write_errors",
@@ -522,7 +528,7 @@ cdef class ScanResult:
 
     cdef ScanResult _copy(self):
         cdef ScanResult r = ScanResult.__new__(ScanResult)
-        r.op_code = self.op_code
+        r.opcode = self.opcode
         r.flags = self.flags
         r.checksum = self.checksum
         r.command = self.command
@@ -584,7 +590,10 @@ cdef class BodyScanner:
         if self.cap == NULL:
             raise MemoryError()
         self.rbuf = NULL
+        self.rmem = NULL
         self.rcap = 0
+        self.stack = self.stack_inline
+        self.stack_cap = STACK_INLINE
         self.done = True
         self.state = ST_DONE
         self.res = ScanResult.__new__(ScanResult)
@@ -594,26 +603,51 @@ cdef class BodyScanner:
 
     def __dealloc__(self):
         PyMem_Free(self.cap)
-        PyMem_Free(self.rbuf)
+        PyMem_Free(self.rmem)
+        if self.stack != self.stack_inline:
+            PyMem_Free(self.stack)
 
-    def reset(self, int op_code, bint is_reply, int64_t body_length, int render=RENDER_OFF,
+    def reset(self, int opcode, bint is_reply, int64_t body_length, int render=RENDER_OFF,
               Py_ssize_t render_limit=4096):
         """Start a new body of `body_length` bytes (everything after the 16-byte header)."""
-        cdef const Step* prog = _prog_for(op_code)
-        cdef char* nbuf
+        self._reset(opcode, is_reply, body_length, render, render_limit)
+
+    def scan(self, data, Py_ssize_t start, Py_ssize_t end, int opcode, bint is_reply, int render=RENDER_OFF,
+             Py_ssize_t render_limit=4096):
+        """One whole body, data[start:end], in one call: reset + feed + result.
+
+        DecodeError("truncated") when the body ends before its layout does.
+        """
+        cdef Py_buffer view
+        self._reset(opcode, is_reply, end - start, render, render_limit)
+        if PyBytes_CheckExact(data):
+            self._feed(<const unsigned char*>PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data), start, end)
+        else:
+            PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+            try:
+                self._feed(<const unsigned char*>view.buf, view.len, start, end)
+            finally:
+                PyBuffer_Release(&view)
+        if not self.done:
+            raise DecodeError("truncated", "message ended inside its body")
+        return self.res
+
+    cdef int _reset(self, int opcode, bint is_reply, int64_t body_length, int render,
+                    Py_ssize_t render_limit) except -1:
+        cdef const Step* prog = _prog_for(opcode)
         self.res = ScanResult.__new__(ScanResult)
-        self.res.op_code = op_code
+        self.res.opcode = opcode
         self.consumed = 0
         if prog == NULL:
             self.done = True
             self.state = ST_ERROR
             self.error_reason = R_UNKNOWN_OPCODE
-            raise DecodeError("unknown_opcode", f"op code {op_code}")
+            raise DecodeError("unknown_opcode", f"op code {opcode}")
         if body_length < 0:
             raise ValueError("body_length must be >= 0")
         if render < 0 or render > 2:  # RENDER_OFF .. RENDER_VALUES
             raise ValueError("render must be RENDER_OFF, RENDER_REDACTED or RENDER_VALUES")
-        self.op_code = op_code
+        self.opcode = opcode
         self.is_reply = is_reply
         self.body_length = body_length
         self.prog = prog
@@ -621,6 +655,10 @@ cdef class BodyScanner:
         self.state = ST_STEP
         self.done = False
         self.depth = 0
+        if self.stack != self.stack_inline:
+            PyMem_Free(self.stack)
+            self.stack = self.stack_inline
+            self.stack_cap = STACK_INLINE
         self.acc_len = 0
         self.legacy_comment = None
         self.body_seen = False
@@ -634,16 +672,14 @@ cdef class BodyScanner:
         self.render = render
         self.rlen = 0
         self.rfull = False
+        self.rstmt_len = -1
+        self.rbuf = self.rmem
         if render:
             if render_limit < 16:
                 raise ValueError("render_limit must be >= 16")
-            if self.rcap < render_limit + 8:
-                nbuf = <char*>PyMem_Realloc(self.rbuf, render_limit + 8)
-                if nbuf == NULL:
-                    raise MemoryError()
-                self.rbuf = nbuf
-                self.rcap = render_limit + 8
             self.render_limit = render_limit
+            self._rreserve(render_limit + 8)
+        return 0
 
     def feed(self, data, Py_ssize_t start=0, Py_ssize_t end=-1):
         """Consume data[start:end] up to the body's end; return the bytes consumed."""
@@ -697,7 +733,7 @@ cdef class BodyScanner:
     cdef int _fail(self, int reason, int64_t pos) except -1:
         self.state = ST_ERROR
         self.error_reason = reason
-        raise DecodeError(DECODE_REASONS[reason], f"op {self.op_code} at body offset {pos}")
+        raise DecodeError(DECODE_REASONS[reason], f"op {self.opcode} at body offset {pos}")
 
     cdef int _run(self, const unsigned char* p, Py_ssize_t n) except -1:
         cdef Py_ssize_t i = 0
@@ -1096,7 +1132,7 @@ cdef class BodyScanner:
             db, sep, rest = s.partition(".")
             self.res.database = db
             if sep:
-                if rest == "$cmd" and self.op_code == C_OP_QUERY:
+                if rest == "$cmd" and self.opcode == C_OP_QUERY:
                     self.query_is_cmd = True
                 else:
                     self.res.collection = rest
@@ -1126,6 +1162,13 @@ cdef class BodyScanner:
         if length < 5 or start + length > self.root_limit:
             return self._fail(R_BAD_LENGTH, start)
         if self.root_node != NULL or (self.root_flags & FL_RENDER):
+            if self.root_flags & FL_STMT:  # render the statement into its own region (see _shape)
+                self._rreserve(2 * (self.render_limit + 8))  # only scanners that see writes hold it
+                self.rsave_len = self.rlen
+                self.rsave_full = self.rfull
+                self.rbuf = self.rmem + self.render_limit + 8
+                self.rlen = 0
+                self.rfull = False
             self._push(start + length, self.root_node, -1, self.root_flags)
         else:
             self.skip_left = length - 5
@@ -1136,6 +1179,15 @@ cdef class BodyScanner:
         return 0
 
     cdef int _push(self, int64_t end, const SpecNode* node, int count_field, int flags) except -1:
+        cdef Frame* grown
+        if self.depth >= self.stack_cap:
+            # Callers never push past RENDER_DEPTH (< STACK_MAX), so one step of growth is enough.
+            grown = <Frame*>PyMem_Malloc(sizeof(Frame) * STACK_MAX)
+            if grown == NULL:
+                raise MemoryError()
+            memcpy(grown, self.stack, sizeof(Frame) * self.depth)
+            self.stack = grown
+            self.stack_cap = STACK_MAX
         cdef Frame* f = &self.stack[self.depth]
         f.end = end
         f.node = node
@@ -1154,6 +1206,12 @@ cdef class BodyScanner:
             self._set_count(f.count_field, f.count, f.flags & FL_ADD)
         if (f.flags & FL_RENDER) and not self.rfull:
             self._remit("]" if f.flags & FL_ARRAY else "}", 1)
+        if f.flags & FL_STMT:
+            self.rstmt_len = self.rlen
+            self.rstmt_full = self.rfull
+            self.rbuf = self.rmem
+            self.rlen = self.rsave_len
+            self.rfull = self.rsave_full
         self.depth -= 1
         self.state = ST_TYPE if self.depth > 0 else self.after_doc
         return 0
@@ -1188,10 +1246,14 @@ cdef class BodyScanner:
             self._ident_piece(s, k)
             ident = self.keybuf
         self.seq_first_node = NULL
+        self.seq_first_flags = 0
         if not self.is_reply and self.key_total == 7 and (
                 memcmp(ident, b"updates", 7) == 0 or memcmp(ident, b"deletes", 7) == 0):
             self.seq_first_node = WRITE_SEQ_ROOT
-        self.seq_first_flags = 0  # kind-1 documents are never rendered
+            # only the first statement of the first such sequence is rendered; other kind-1 documents never
+            if self.render and self.rstmt_len < 0:
+                self.seq_first_flags = FL_RENDER | FL_STMT
+                self.rstmt_deletes = ident[0] == b"d"[0]
         self.seq_end = self.section_end
         self.seq_left = -1
         self.seq_count = 0
@@ -1224,7 +1286,7 @@ cdef class BodyScanner:
             self._remit("\":", 2)
         if f.flags & FL_FIRST:
             f.flags &= ~FL_FIRST
-            if self.op_code == C_OP_QUERY and self.etype == 0x03 and _key_is(key, kt, b"$query", 6):
+            if self.opcode == C_OP_QUERY and self.etype == 0x03 and _key_is(key, kt, b"$query", 6):
                 c = &C_QUERY_WRAP
             else:
                 self._store_str(F_COMMAND, first, kt if kt <= self.max_string else self.max_string + 1, kt,
@@ -1509,6 +1571,17 @@ cdef class BodyScanner:
 
     # -- rendering -----------------------------------------------------------
 
+    cdef int _rreserve(self, Py_ssize_t cap) except -1:
+        # called only while rbuf is rmem (not inside a statement)
+        cdef char* nbuf
+        if self.rcap < cap:
+            nbuf = <char*>PyMem_Realloc(self.rmem, cap)
+            if nbuf == NULL:
+                raise MemoryError()
+            self.rmem = self.rbuf = nbuf
+            self.rcap = cap
+        return 0
+
     cdef void _rtruncate(self) noexcept:
         cdef Py_ssize_t i
         cdef unsigned char lead
@@ -1639,13 +1712,36 @@ cdef class BodyScanner:
             self._remit(tmp, k)
 
     cdef object _shape(self):
-        return PyUnicode_DecodeUTF8(self.rbuf, self.rlen, b"replace")
+        # The command document's rendering, with the first kind-1 write statement spliced in before its
+        # closing brace as `"updates":[{...}]` (the form of a one-statement command sent in kind-0), then
+        # cut at render_limit. The splice happens here, once, so the text is the same whichever section
+        # came first and however the body was chunked.
+        cdef bytes out
+        cdef Py_ssize_t cut
+        if (self.rstmt_len <= 0 or self.rfull or self.rsecret_all or self.rlen < 2
+                or self.rbuf[self.rlen - 1] != b"}"[0]):
+            return PyUnicode_DecodeUTF8(self.rbuf, self.rlen, b"replace")
+        out = b"".join((
+            self.rbuf[:self.rlen - 1],
+            b"," if self.rlen > 2 else b"",
+            b'"deletes":[' if self.rstmt_deletes else b'"updates":[',
+            (self.rmem + self.render_limit + 8)[:self.rstmt_len],
+            b"]}",
+        ))
+        if len(out) > self.render_limit:
+            # a cut statement is never shorter than the limit minus one character, and the head is longer
+            # than that, so this cut always falls inside the statement's uncut text
+            cut = self.render_limit
+            while cut > 0 and (out[cut] & 0xC0) == 0x80:
+                cut -= 1
+            out = out[:cut] + b"\xe2\x80\xa6"
+        return PyUnicode_DecodeUTF8(out, len(out), b"replace")
 
 
-def scan_body(int op_code, bint is_reply, body):
+def scan_body(int opcode, bint is_reply, body):
     """Convenience: scan a complete body in one call."""
     cdef BodyScanner s = BodyScanner()
     cdef object mv = memoryview(body)
-    s.reset(op_code, is_reply, mv.nbytes)
+    s.reset(opcode, is_reply, mv.nbytes)
     s.feed(mv)
     return s.result()

@@ -254,13 +254,7 @@ class AdminServer:
         proxy = self.proxy
         if proxy.ready and not proxy.draining:
             return web.Response(text="ready\n")
-        unresolved = sorted(s.upstream_host for s in getattr(proxy, "unresolved", ()))
-        if proxy.draining:
-            reason = "draining"
-        elif unresolved:
-            reason = f"upstream host(s) {', '.join(unresolved)} do not resolve yet"
-        else:
-            reason = "starting"
+        reason = "draining" if proxy.draining else getattr(proxy, "not_ready_reason", "") or "starting"
         return web.Response(status=503, text=reason + "\n")
 
     async def metrics(self, request: web.Request) -> web.Response:

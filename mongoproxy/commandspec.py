@@ -45,12 +45,12 @@ def elements(doc: bytes) -> Iterator[tuple[str, int, int, int]]:
         i = stop
 
 
-def message_body(data: bytes, op_code: int) -> tuple[bytes, list[tuple[str, list]]]:
+def message_body(data: bytes, opcode: int) -> tuple[bytes, list[tuple[str, list]]]:
     """(the command document's bytes, OP_MSG document sequences) of an uncompressed OP_MSG or OP_QUERY."""
     from bson.raw_bson import RawBSONDocument
 
     sequences: list[tuple[str, list]] = []
-    if op_code != OP_MSG:
+    if opcode != OP_MSG:
         return query_document(data).raw, sequences
     flags = I32.unpack_from(data, 16)[0] & 0xFFFFFFFF
     end = len(data) - (4 if flags & CHECKSUM_PRESENT else 0)
@@ -113,7 +113,7 @@ def spec_from_document(doc: bytes, sequences: Sequence[tuple[str, list]] = ()) -
     return spec, lsid_key
 
 
-def command_spec(data: bytes, op_code: int) -> tuple[dict[str, Any], bytes | None]:
+def command_spec(data: bytes, opcode: int) -> tuple[dict[str, Any], bytes | None]:
     """(spec, recorded lsid id) of an uncompressed OP_MSG or OP_QUERY-on-$cmd message."""
-    doc, sequences = message_body(data, op_code)
+    doc, sequences = message_body(data, opcode)
     return spec_from_document(doc, sequences)

@@ -2,12 +2,17 @@
 
 A reply is reduced to an Outcome (ok, error code, document counts) and, when documents are compared, to its
 documents normalised: volatile fields ($clusterTime, operationTime, ...) are dropped, and for a query without
-a sort the batch is compared as a multiset (`_id` order and any other order ignored).
+a sort the documents are compared as a multiset (`_id` order and any other order ignored). An unsorted cursor's
+documents are compared over the whole cursor (CursorDocuments: firstBatch and every nextBatch up to its end), since
+two servers may spread the same documents differently over the batches; a cursor holding more than
+MAX_CURSOR_DOCUMENTS, or forgotten past MAX_CURSORS, is counted as not compared.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import threading
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -17,6 +22,10 @@ KIND_CODE = "error_code"  # both failed, with different codes
 KIND_COUNT = "document_count"  # documents returned (or n) differ
 KIND_DOCUMENTS = "documents"  # same count, different (normalised) documents
 KINDS = (KIND_OK, KIND_CODE, KIND_COUNT, KIND_DOCUMENTS)
+# Not a divergence: an unsorted cursor whose documents were too many (or held too long) to compare.
+NOT_COMPARED = "not_compared"
+MAX_CURSOR_DOCUMENTS = 10_000  # documents held per side of one unsorted cursor; past it the cursor is not compared
+MAX_HELD_DOCUMENTS = 200_000  # documents held over all open cursors; past it the oldest cursor is forgotten
 
 # Reply fields that differ between two servers answering the same thing.
 VOLATILE_FIELDS = frozenset(
@@ -195,3 +204,87 @@ def id_difference(a_docs: Iterable[Any] | None, b_docs: Iterable[Any] | None, li
     if extra:
         parts.append("extra _id " + ", ".join(extra))
     return "; ".join(parts)
+
+
+class CursorDocuments:
+    """Both sides' documents of open unsorted cursors, compared as one multiset when a cursor ends (bounded).
+
+    A cursor is keyed by the a side's (primary's, recorded) cursor id as the caller scopes it. Memory: at most
+    max_documents normalised documents per side of a cursor, and max_held in all; past the latter the oldest
+    cursor is forgotten, and a batch of a forgotten (or never seen) cursor ends as NOT_COMPARED. Thread-safe.
+    """
+
+    def __init__(self, max_documents: int = MAX_CURSOR_DOCUMENTS, max_held: int = MAX_HELD_DOCUMENTS) -> None:
+        self.max_documents = max_documents
+        self.max_held = max_held
+        # key -> [a's documents, b's documents], or _OVER / _DIVERGED (nothing held, the cursor's end still awaited).
+        self.open: collections.OrderedDict[Any, Any] = collections.OrderedDict()
+        self.held = 0
+        self._lock = threading.Lock()
+
+    def judge(
+        self,
+        key: Any,
+        first: bool,
+        a: Outcome,
+        b: Outcome,
+        a_docs: Iterable[Any] | None,
+        b_docs: Iterable[Any] | None,
+        ordered: bool,
+    ) -> list[str]:
+        """compare() of one reply, with an unsorted cursor's documents compared once over the whole cursor."""
+        if ordered or a.cursor_id is None or a_docs is None or b_docs is None:
+            return compare(a, b, a_docs, b_docs, ordered)
+        kinds = compare(a, b)
+        ended = not a.cursor_id or a.failed or b.failed or bool(a.exception or b.exception)
+        return kinds + self._add(key, first, a_docs, b_docs, ended, bool(kinds))
+
+    def _add(
+        self, key: Any, first: bool, a_docs: Iterable[Any], b_docs: Iterable[Any], ended: bool, diverged: bool
+    ) -> list[str]:
+        with self._lock:
+            state = self.open.pop(key, None)
+            if first:
+                self._drop(state)
+                state = [[], []]
+            elif state is None:
+                state = _OVER  # forgotten (or its first batch never seen): what is held would be a part of it
+            if diverged and state is not _OVER:
+                self._drop(state)
+                state = _DIVERGED  # counted already: the contents are not compared as well
+            if isinstance(state, list):
+                held_before = len(state[0]) + len(state[1])
+                state[0].extend(normalise(a_docs, True))
+                state[1].extend(normalise(b_docs, True))
+                self.held += len(state[0]) + len(state[1]) - held_before
+                if max(len(state[0]), len(state[1])) > self.max_documents:
+                    self._drop(state)
+                    state = _OVER
+            if not ended:
+                self.open[key] = state
+                while self.held > self.max_held and self.open:
+                    _, old = self.open.popitem(last=False)
+                    self._drop(old)
+                return []
+            self._drop(state)
+        if state is _OVER:
+            return [NOT_COMPARED]
+        if state is _DIVERGED:
+            return []
+        return [] if sorted(state[0]) == sorted(state[1]) else [KIND_DOCUMENTS]
+
+    def _drop(self, state: Any) -> None:
+        if isinstance(state, list):
+            self.held -= len(state[0]) + len(state[1])
+
+    def forget(self, key: Any) -> None:
+        """Drop a cursor that will not be continued (killed)."""
+        with self._lock:
+            self._drop(self.open.pop(key, None))
+
+    def __len__(self) -> int:
+        return len(self.open)
+
+
+_OVER = "over"
+_DIVERGED = "diverged"

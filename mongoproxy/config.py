@@ -236,7 +236,7 @@ CORE_OPTIONS: list[Option] = [
         "max_observed_compressed_bytes",
         ("--max-observed-compressed-bytes",),
         "snappy bodies up to this many compressed bytes are buffered and decompressed whole to be observed; "
-        "larger ones are decoded as they stream, with a bounded window (forwarding never waits)",
+        "larger ones are forwarded but not observed (decode error too_large_to_observe)",
         positive_int("--max-observed-compressed-bytes"),
         1_000_000,
         metavar="N",

@@ -87,12 +87,12 @@ class CommandEvent:
     database: str
     collection: str  # "" when the command has none; getMore: its cursor's collection
     request_id: int
-    request_op_code: int
+    request_opcode: int
     request_size: int
     request_first_ns: int
     request_last_ns: int
     request: Any  # ScanResult
-    reply_op_code: int = 0
+    reply_opcode: int = 0
     reply_size: int = 0
     reply_first_ns: int = 0
     reply_last_ns: int = 0

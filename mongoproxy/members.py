@@ -14,7 +14,8 @@ import bson
 
 from mongoproxy.errors import StartupError
 from mongoproxy.events import hostport
-from mongoproxy.protocol import hello
+from mongoproxy.protocol import builders, hello
+from mongoproxy.protocol.opcodes import HEADER
 
 DEFAULT_PORT_BASE = 27113
 PORT_SEARCH = 200  # ports tried past the last one handed out before the range counts as exhausted
@@ -95,9 +96,7 @@ def split_address(address: str) -> tuple[str, int]:
 
 
 def _encode_hello(request_id: int) -> bytes:
-    body = bson.encode({"hello": 1, "helloOk": True, "$db": "admin"})
-    payload = struct.pack("<I", 0) + b"\x00" + body
-    return struct.pack("<iiii", 16 + len(payload), request_id, 0, hello.OP_MSG) + payload
+    return builders.op_msg(request_id, 0, {"hello": 1, "helloOk": True, "$db": "admin"})
 
 
 async def probe(host: str, port: int, timeout: float, tls_args: dict | None = None) -> dict:
@@ -108,7 +107,7 @@ async def probe(host: str, port: int, timeout: float, tls_args: dict | None = No
         try:
             writer.write(_encode_hello(1))
             header = await reader.readexactly(16)
-            length, _, _, op = struct.unpack("<iiii", header)
+            length, _, _, op = HEADER.unpack(header)
             if op != hello.OP_MSG or not 21 <= length <= MAX_DISCOVERY_REPLY:
                 raise ValueError(f"not an OP_MSG hello reply (opcode {op}, {length} bytes)")
             payload = await reader.readexactly(length - 16)

@@ -12,11 +12,12 @@ import json
 import sys
 from typing import Any
 
-from mongoproxy import digestview, wire
+from mongoproxy import digestview
 from mongoproxy._bson_parser import RENDER_REDACTED
 from mongoproxy.digest import SORTS, Digest
 from mongoproxy.errors import ReplayError
 from mongoproxy.events import Connection, SinkBus
+from mongoproxy.protocol.framing import FrameScanner
 
 # The one place this module touches the replay package: its reader (packets, TCP, framing) and input expansion.
 from mongoproxy.replay.extract import _guess_client, expand_inputs
@@ -80,8 +81,8 @@ def _digest_flow(flow: Any, bus: SinkBus, warnings: list[str]) -> bool:
         warnings.append(f"connection {flow.label()}: packets missing from the capture; counted up to the gap")
     conn = Connection(id=flow.index + 1, client_host=str(flow.client[0]), client_port=int(flow.client[1]))
     tracker = Tracker(conn, bus, max_pending=1_000_000)
-    requests = wire.FrameScanner(False, tracker.on_request, lambda *a: None, render=RENDER_REDACTED)
-    replies = wire.FrameScanner(True, tracker.on_reply, lambda *a: None)
+    requests = FrameScanner(False, tracker.on_request, lambda *a: None, render=RENDER_REDACTED)
+    replies = FrameScanner(True, tracker.on_reply, lambda *a: None)
     # Requests before replies at equal times: a reply never precedes its request on the wire.
     stream = sorted(
         [(m.first_ns, 0, i, m, requests) for i, m in enumerate(client.messages)]

@@ -286,9 +286,9 @@ class Rewriter:
         else:
             mode, top = PSEUDO, ("reply" if is_reply else "request")
         self._secrets = sensitive
-        length, _, _, op_code = _HEADER.unpack_from(msg)
+        length, _, _, opcode = _HEADER.unpack_from(msg)
         end = min(length, len(msg))
-        if op_code == opcodes.OP_MSG:
+        if opcode == opcodes.OP_MSG:
             pos = 20
             flags = _I32.unpack_from(msg, 16)[0] & 0xFFFFFFFF
             if flags & 1:
@@ -308,23 +308,23 @@ class Rewriter:
                 else:
                     msg[pos:end] = bytes(end - pos)
                     break
-        elif op_code == opcodes.OP_QUERY:
+        elif opcode == opcodes.OP_QUERY:
             pos = _cstring_end(msg, 20, end) + 9
             top_q = top
             while pos < end:
                 pos = self._doc_safely(msg, pos, end, mode, top_q)
                 top_q = ""
-        elif op_code == opcodes.OP_REPLY:
+        elif opcode == opcodes.OP_REPLY:
             pos = 36
             while pos < end:
                 pos = self._doc_safely(msg, pos, end, mode, top)
-        elif op_code in (opcodes.OP_INSERT, opcodes.OP_UPDATE, opcodes.OP_DELETE):
+        elif opcode in (opcodes.OP_INSERT, opcodes.OP_UPDATE, opcodes.OP_DELETE):
             pos = _cstring_end(msg, 20, end) + 1
-            if op_code != opcodes.OP_INSERT:
+            if opcode != opcodes.OP_INSERT:
                 pos += 4
             while pos < end:
                 pos = self._doc_safely(msg, pos, end, mode)
-        elif op_code in (opcodes.OP_GET_MORE, opcodes.OP_KILL_CURSORS):
+        elif opcode in (opcodes.OP_GET_MORE, opcodes.OP_KILL_CURSORS):
             pass  # namespaces and cursor ids only
         elif self.pseudonymise or sensitive:
             msg[16:end] = bytes(end - 16)  # an opcode we cannot walk: its body is not recorded
@@ -347,14 +347,14 @@ def first_key(msg: bytes) -> tuple[str, bool] | None:
     """
     if len(msg) < 16:
         return None
-    op_code = _HEADER.unpack_from(msg)[3]
-    if op_code == opcodes.OP_MSG:
+    opcode = _HEADER.unpack_from(msg)[3]
+    if opcode == opcodes.OP_MSG:
         if len(msg) < 26:
             return None
         if msg[20] != 0:
             return "", False
         pos = 26
-    elif op_code == opcodes.OP_QUERY:
+    elif opcode == opcodes.OP_QUERY:
         ns_end = msg.find(b"\0", 20)
         if ns_end < 0:
             return None
@@ -369,6 +369,6 @@ def first_key(msg: bytes) -> tuple[str, bool] | None:
     if k_end < 0:
         return None
     key = msg[pos:k_end].decode("utf-8", "replace")
-    if op_code == opcodes.OP_QUERY and key in ("$query", "query"):
+    if opcode == opcodes.OP_QUERY and key in ("$query", "query"):
         return key, False
     return key, True

@@ -23,13 +23,14 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from mongoproxy import __version__, dstaddr, faults, tlslisten, wire
+from mongoproxy import __version__, dstaddr, faults, tlslisten
 from mongoproxy._bson_parser import RENDER_OFF, RENDER_REDACTED, RENDER_VALUES
 from mongoproxy.config import Config, ProxySpec
 from mongoproxy.errors import StartupError
 from mongoproxy.events import Connection, DecodeErrorEvent, SinkBus, UpstreamConnectError, hostport
 from mongoproxy.faults import gate as fault_gate
 from mongoproxy.limits import DEFAULT_MAX_CONNECTIONS, ConnectionLimiter, RateLimitedLog
+from mongoproxy.protocol.framing import FrameScanner, Message, checksum_function
 from mongoproxy.tls import TlsManager
 from mongoproxy.tracker import Tracker
 
@@ -51,8 +52,8 @@ class ClientSide(asyncio.Protocol):
         self.upstream: UpstreamSide | None = None
         self.conn: Connection | None = None
         self.tracker: Tracker | None = None
-        self.requests: wire.FrameScanner | None = None
-        self.replies: wire.FrameScanner | None = None
+        self.requests: FrameScanner | None = None
+        self.replies: FrameScanner | None = None
         self.client_eof = False
         self.upstream_eof = False
         self.closed = False
@@ -101,7 +102,7 @@ class ClientSide(asyncio.Protocol):
         cfg = proxy.config
         bus = proxy.bus
         self.tracker = Tracker(conn, bus, cfg.max_pending_requests)
-        self.requests = wire.FrameScanner(
+        self.requests = FrameScanner(
             False,
             self.tracker.on_request,
             self._request_error,
@@ -112,7 +113,7 @@ class ClientSide(asyncio.Protocol):
         )
         # A plaintext listener looks at the first chunk once for a TLS ClientHello (passthrough).
         self._feed_requests = self.requests.feed if conn.client_tls else self._first_chunk
-        self.replies = wire.FrameScanner(
+        self.replies = FrameScanner(
             True,
             self._on_reply,
             self._reply_error,
@@ -279,7 +280,7 @@ class ClientSide(asyncio.Protocol):
 
     # ---- observation callbacks ----
 
-    def _on_reply(self, msg: wire.Message) -> None:
+    def _on_reply(self, msg: Message) -> None:
         self.tracker.on_reply(msg)
         if self.proxy.draining:
             self.close_if_idle()
@@ -452,6 +453,10 @@ class Proxy:
         # Objects offering admin_routes()/reload(), like sinks (see admin, signals); TLS reloads its certificates.
         self.components: list = [self.tls]
         self.unresolved: set[ProxySpec] = set()  # static upstreams whose name did not resolve yet
+        # Other conditions of readiness (topology.Cluster: a member of every --upstream answers): each returns
+        # None when satisfied, else the reason /readyz gives. update_ready() is the one place that decides.
+        self.ready_checks: list[Callable[[], str | None]] = []
+        self.not_ready_reason = "starting"
         self._dns_task: asyncio.Task | None = None
         self.faults: Any = None  # FaultEngine, set by serve() (or a test) when fault injection is configured
         # One scanner rendering per request serves the command log, tracing, the digest and the live view;
@@ -498,9 +503,7 @@ class Proxy:
                     f"{spec.text}: {exc.strerror}; check --listen-host"
                 ) from None
             self.servers.append((spec, server))
-            for sock in server.sockets:
-                addr = sock.getsockname()
-                self._own_addresses.add((addr[0], addr[1]))
+            self.add_own_listener(server.sockets)
         for spec, server in self.servers:
             target = (
                 "original destination (transparent)"
@@ -511,7 +514,7 @@ class Proxy:
             up = f" (TLS, {self.tls.info_label})" if self.tls.upstream else ""
             log.info("listening on %s%s -> %s%s", hostport(host, server.sockets[0].getsockname()[1]), tls, target, up)
         self.tls.start()
-        self.ready = not self.unresolved
+        self.update_ready()
         if self.unresolved:
             self._dns_task = loop.create_task(self._resolve_until_ready())
 
@@ -525,8 +528,32 @@ class Proxy:
                     self.unresolved.discard(spec)
                     log.info("upstream host %r of --proxy %s resolves now", spec.upstream_host, spec.text)
             delay = min(delay * 2, DNS_RETRY_MAX)
-        if not self.unresolved and not self.draining:
-            self.ready = True
+        self.update_ready()
+
+    def update_ready(self) -> None:
+        """Decide readiness: not draining, every static upstream resolves and every ready check passes."""
+        reason = None
+        if self.draining:
+            reason = "draining"
+        elif self.unresolved:
+            names = ", ".join(sorted(s.upstream_host for s in self.unresolved))
+            reason = f"upstream host(s) {names} do not resolve yet"
+        else:
+            reason = next((r for r in (check() for check in self.ready_checks) if r), None)
+        self.ready = reason is None
+        self.not_ready_reason = reason or ""
+
+    def add_own_listener(self, sockets: Any) -> None:
+        """Remember the bound addresses of a listener, for the transparent loop check (is_own_listener)."""
+        for sock in sockets:
+            addr = sock.getsockname()
+            self._own_addresses.add((addr[0], addr[1]))
+
+    def remove_own_listener(self, sockets: Any) -> None:
+        """Forget a closed listener's addresses (a departed --upstream member)."""
+        for sock in sockets:
+            addr = sock.getsockname()
+            self._own_addresses.discard((addr[0], addr[1]))
 
     def is_own_listener(self, dst: tuple[str, int], sockname: tuple) -> bool:
         """True when a transparent connection's original destination is one of our listeners."""
@@ -557,7 +584,7 @@ class Proxy:
         Returns True when every connection finished before the deadline.
         """
         self.draining = True
-        self.ready = False
+        self.update_ready()
         self.tls.close()
         if self._dns_task is not None:
             self._dns_task.cancel()
@@ -635,7 +662,7 @@ async def serve(config: Config, on_started: Callable[[Proxy], Any] | None = None
         if callable(watch):
             watch(bus, sinks)
     if config.verify_checksums:
-        wire.checksum_function()  # fail at start-up, not at the first message, when the library is missing
+        checksum_function()  # fail at start-up, not at the first message, when the library is missing
     proxy = Proxy(config, bus, registry)
     registry.register(RuntimeGauges(proxy, loop))
     cluster = topology.create(proxy, registry)  # --upstream: a component before the admin endpoint collects routes

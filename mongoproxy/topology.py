@@ -52,6 +52,19 @@ def parse_upstream_uri(value: str) -> str:
     return text
 
 
+def parse_advertise_host(value: str) -> str:
+    """A host name or IP address (no port) that clients can reach the member listeners by."""
+    text = str(value).strip()
+    if text.startswith("[") and text.endswith("]"):
+        text = text[1:-1]  # [::1] as a URI writes it
+    if not text or any(c in text for c in ",/ ") or (":" in text and text.count(":") < 2):
+        raise ConfigError(
+            f"--advertise-host {value!r} is not a host name or IP address: give one, without a port "
+            "(the member listeners' ports come from --listen-port-base)"
+        )
+    return text
+
+
 OPTIONS = [
     Option(
         "upstream",
@@ -72,6 +85,17 @@ OPTIONS = [
         parse_port,
         None,
         metavar="N",
+        group="cluster",
+    ),
+    Option(
+        "advertise_host",
+        ("--advertise-host",),
+        "the host that rewritten hello replies, /topology and the client connection string name for the member "
+        "listeners (default: the first --listen-host, with 0.0.0.0 as 127.0.0.1 and :: as ::1); set it when "
+        "clients reach the proxy by another name, e.g. a container's service name",
+        parse_advertise_host,
+        None,
+        metavar="HOST",
         group="cluster",
     ),
     Option(
@@ -144,8 +168,7 @@ class Topology:
         self._task: asyncio.Task | None = None
         self.reachable = False
         self.on_change: Any = None  # called after each refresh (readiness)
-        host = proxy.config.listen_host[0]
-        self.advertise_host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+        self.advertise_host = advertised_host(proxy.config)
         self.interval = proxy.config.topology_interval
         self.timeout = proxy.config.connect_timeout or 10.0
 
@@ -362,6 +385,7 @@ class Topology:
         else:
             loop = asyncio.get_running_loop()
             servers = [await loop.create_server(factory, sock=sock, backlog=1024) for sock in socks]
+        self.proxy.add_own_listener(socks)  # a transparent connection to a member listener is a loop too
         for server in servers:
             self.proxy.servers.append((spec, server))
             if member is not None:
@@ -396,6 +420,7 @@ class Topology:
         for m in self._unique():
             if m.removed and m.servers and not any(getattr(c, "member", None) is m for c in self.proxy.connections):
                 for server in m.servers:
+                    self.proxy.remove_own_listener(getattr(server, "sockets", None) or ())
                     server.close()
                 self.proxy.servers[:] = [(s, srv) for s, srv in self.proxy.servers if srv not in m.servers]
                 m.servers = []
@@ -491,6 +516,14 @@ class Cluster:
         self.started = False
         for t in topologies:
             t.on_change = self.update
+        proxy.ready_checks.append(self.not_ready)
+
+    def not_ready(self) -> str | None:
+        """None once discovery ran and a member of every deployment answers hello; else the reason."""
+        if not self.started:
+            return "discovering the --upstream deployment(s)"
+        waiting = [redact(t.uri) for t in self.topologies if not getattr(t, "reachable", False)]
+        return f"no member of {', '.join(waiting)} answers hello yet" if waiting else None
 
     @property
     def reachable(self) -> bool:
@@ -499,7 +532,6 @@ class Cluster:
 
     async def start(self) -> None:
         """Discover every deployment and bind its listeners (after the --proxy listeners); StartupError names the fix."""
-        self.proxy.ready = False  # until a member of every deployment answers (no await since Proxy.start set it)
         for t in self.topologies:
             await t.start()
         self.started = True
@@ -523,10 +555,19 @@ class Cluster:
         """Ready while every deployment has a member that answered its last hello."""
         if self.proxy.draining:
             return
-        now = self.reachable and not getattr(self.proxy, "unresolved", ())  # and every --proxy upstream resolves
-        if now and not self.proxy.ready and self.started:
+        was = self.proxy.ready
+        self.proxy.update_ready()  # the one decision: this check and every --proxy upstream resolving
+        if self.proxy.ready and not was:
             log.info("a member of every --upstream deployment answers hello: ready")
-        self.proxy.ready = now
+
+
+def advertised_host(config: Any) -> str:
+    """The host clients are told for the member listeners: --advertise-host, else from the first --listen-host."""
+    explicit = config.get("advertise_host")
+    if explicit:
+        return explicit
+    host = config.listen_host[0]
+    return {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)  # a wildcard is not an address to connect to
 
 
 def _dumps(doc: Any) -> str:

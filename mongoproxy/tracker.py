@@ -68,12 +68,12 @@ class _Pending:
 def attribute(msg: Message) -> tuple[str, str, str]:
     """(op, database, collection) for a request message."""
     r = msg.result
-    op_code = msg.op_code
+    opcode = msg.opcode
     if r is None:
         return "unknown", "", ""
-    if op_code != _OP_MSG and (op_code in LEGACY_OPS or (op_code == opcodes.OP_QUERY and r.command is None)):
+    if opcode != _OP_MSG and (opcode in LEGACY_OPS or (opcode == opcodes.OP_QUERY and r.command is None)):
         db, _, coll = (r.namespace or "").partition(".")
-        return LEGACY_OPS.get(op_code, "query"), db, coll
+        return LEGACY_OPS.get(opcode, "query"), db, coll
     op = r.command or "unknown"
     coll = r.collection or ""
     if coll and op not in COLLECTION_COMMANDS:
@@ -102,7 +102,7 @@ class Tracker:
         r = msg.result
         if r is not None and is_hello(op):
             self._handshake_request(r)
-        if (msg.op_code == _OP_MSG and r is not None and r.flags & _MORE_TO_COME) or msg.op_code in NO_REPLY_OPS:
+        if (msg.opcode == _OP_MSG and r is not None and r.flags & _MORE_TO_COME) or msg.opcode in NO_REPLY_OPS:
             event = self._event(_Pending(msg, op, database, collection))
             event.more_to_come_request = True
             self.bus.command(event)
@@ -139,13 +139,13 @@ class Tracker:
             event.request_first_ns = event.request_last_ns = p.last_reply_ns
         if r is None:
             more = False
-        elif msg.op_code == _OP_MSG:
+        elif msg.opcode == _OP_MSG:
             more = bool(r.flags & _MORE_TO_COME)
         else:  # a legacy exhaust query: OP_REPLYs keep coming while the cursor is open
             more = (
-                msg.op_code == _OP_REPLY
+                msg.opcode == _OP_REPLY
                 and bool(r.cursor_id)
-                and p.msg.op_code == opcodes.OP_QUERY
+                and p.msg.opcode == opcodes.OP_QUERY
                 and bool(p.msg.flags & QUERY_EXHAUST)
             )
         exhaust = self.exhaust
@@ -179,7 +179,7 @@ class Tracker:
                 p.database,
                 p.collection,
                 req.request_id,
-                req.wire_op_code,
+                req.wire_opcode,
                 req.length,
                 req.first_ns,
                 req.last_ns,
@@ -194,12 +194,12 @@ class Tracker:
             p.database,
             p.collection,
             req.request_id,
-            req.wire_op_code,
+            req.wire_opcode,
             req.length,
             req.first_ns,
             req.last_ns,
             req.result,
-            reply.wire_op_code,
+            reply.wire_opcode,
             reply.length,
             reply.first_ns,
             reply.last_ns,
@@ -222,7 +222,7 @@ class Tracker:
             return event
         if r.ok is not None:
             event.ok = r.ok == 1.0
-        elif reply.op_code == _OP_REPLY:
+        elif reply.opcode == _OP_REPLY:
             event.ok = not (r.flags & QUERY_FAILURE)
         event.code = r.code
         event.code_name = r.code_name or ""

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import struct
 
-from mongoproxy import querylog, wire
+from mongoproxy import querylog
 from mongoproxy._bson_parser import BodyScanner
 from mongoproxy.protocol import compression
+from mongoproxy.protocol.opcodes import MORE_TO_COME, OP_MSG, OP_QUERY
 
 _I32 = struct.Struct("<i")
 _COMPRESSED_PREFIX = struct.Struct("<iiB")  # originalOpcode, uncompressedSize, compressorId
@@ -23,11 +24,11 @@ def compressed_first_doc(message: bytes, limit: int) -> tuple[int, bytes, int, s
     if not 0 < size <= limit:
         return None
     body = inflate(compressor, message[25:], size, limit)
-    if original == wire.OP_MSG and len(body) > 9 and body[4] == 0:
+    if original == OP_MSG and len(body) > 9 and body[4] == 0:
         doc_len = _I32.unpack_from(body, 5)[0]
         if 5 <= doc_len <= len(body) - 5:
-            return original, body[5 : 5 + doc_len], body[0] & wire.MORE_TO_COME, "", body
-    elif original == wire.OP_QUERY:
+            return original, body[5 : 5 + doc_len], body[0] & MORE_TO_COME, "", body
+    elif original == OP_QUERY:
         nul = body.find(b"\x00", 4)
         if nul > 0 and nul + 13 <= len(body):
             doc_len = _I32.unpack_from(body, nul + 9)[0]

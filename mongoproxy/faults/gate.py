@@ -24,18 +24,18 @@ from typing import Any
 
 import bson
 
-from mongoproxy import wire
 from mongoproxy._bson_parser import scan_body
 from mongoproxy.faults import firstsection
 from mongoproxy.faults.engine import client_ip
 from mongoproxy.faults.valve import Valve
 from mongoproxy.protocol import builders
 from mongoproxy.protocol.commands import HELLO_COMMANDS
+from mongoproxy.protocol.framing import Message
+from mongoproxy.protocol.opcodes import HEADER, MORE_TO_COME, OP_COMPRESSED, OP_MSG, OP_QUERY
 from mongoproxy.tracker import COLLECTION_COMMANDS
 
 log = logging.getLogger("mongoproxy.faults")
 
-_HEADER = struct.Struct("<iiii")
 _I32 = struct.Struct("<i")
 MAX_TAGS = 1024
 _OP_MSG_HEAD = 16 + 4 + 1 + 4  # header, flagBits, section kind, section length
@@ -156,8 +156,8 @@ class RequestGate:
                     return
             if not self._head and n - pos >= _OP_MSG_HEAD:
                 # The usual case, an OP_MSG whose section header is in this chunk: aim at its end at once.
-                length, _, _, opcode = _HEADER.unpack_from(data, pos)
-                if opcode == wire.OP_MSG and data[pos + 20] == 0:
+                length, _, _, opcode = HEADER.unpack_from(data, pos)
+                if opcode == OP_MSG and data[pos + 20] == 0:
                     need = 21 + _I32.unpack_from(data, pos + 21)[0]
                     if _OP_MSG_HEAD < need <= length:
                         self._need = need
@@ -185,14 +185,14 @@ class RequestGate:
 
     def _step(self) -> None:
         head = self._head
-        length, request_id, _, opcode = _HEADER.unpack_from(head)
+        length, request_id, _, opcode = HEADER.unpack_from(head)
         if length < 16 or length > self.client.proxy.config.max_message_bytes:
             self._dead = True
             data = bytes(head)
             head.clear()
             self.valve.send(data)
             return
-        if opcode == wire.OP_MSG:
+        if opcode == OP_MSG:
             if len(head) == 16:
                 self._need = min(length, _OP_MSG_HEAD)
                 if self._need > 16:
@@ -204,9 +204,9 @@ class RequestGate:
                     self._need = need
                     return
             elif len(head) > _OP_MSG_HEAD:
-                self._decide(length, request_id, opcode, bytes(head[21:]), head[16] & wire.MORE_TO_COME)
+                self._decide(length, request_id, opcode, bytes(head[21:]), head[16] & MORE_TO_COME)
                 return
-        elif opcode == wire.OP_QUERY:
+        elif opcode == OP_QUERY:
             if len(head) == 16:
                 self._need = min(length, _QUERY_PREFIX_MAX)
                 if self._need > 16:
@@ -224,7 +224,7 @@ class RequestGate:
                         ns = bytes(head[20:nul]).decode("utf-8", "replace")
                         self._decide(length, request_id, opcode, bytes(head[start:need]), 0, ns)
                         return
-        elif opcode == wire.OP_COMPRESSED and length <= COMPRESSED_HOLD_MAX:
+        elif opcode == OP_COMPRESSED and length <= COMPRESSED_HOLD_MAX:
             # The first section is inside the compressed body: this message is held whole (bounded above).
             if len(head) == 16:
                 self._need = length
@@ -267,7 +267,7 @@ class RequestGate:
         body = bson.decode(doc)
         op = next(iter(body), "")
         command = True
-        if opcode == wire.OP_QUERY:
+        if opcode == OP_QUERY:
             db, _, coll = ns.partition(".")
             if coll != "$cmd":
                 op, command = "query", False
@@ -322,7 +322,7 @@ class RequestGate:
         client = self.client
         if action in ("error", "write_error"):
             reply_id = 0x7F000000 | (request_id & 0xFFFFFF)
-            if opcode == wire.OP_QUERY:
+            if opcode == OP_QUERY:
                 reply = builders.query_error_reply(reply_id, request_id, rule.code, rule.errmsg, rule.labels, command)
             elif action == "error":
                 reply = builders.error_reply(reply_id, request_id, rule.code, rule.errmsg, rule.labels)
@@ -381,8 +381,8 @@ class ReplyGate:
     def _deliver(self, reply: bytes) -> None:
         self.valve.send(reply)
         client = self.client
-        length, request_id, response_to, opcode = _HEADER.unpack_from(reply)
-        msg = wire.Message(length, request_id, response_to, opcode, time.monotonic_ns())
+        length, request_id, response_to, opcode = HEADER.unpack_from(reply)
+        msg = Message(length, request_id, response_to, opcode, time.monotonic_ns())
         msg.result = scan_body(opcode, True, memoryview(reply)[16:])
         client.tracker.on_reply(msg)
 
@@ -428,7 +428,7 @@ class ReplyGate:
             pos += take
             if len(self._head) < 16:
                 continue
-            length, _, response_to, _ = _HEADER.unpack_from(self._head)
+            length, _, response_to, _ = HEADER.unpack_from(self._head)
             head = bytes(self._head)
             self._head.clear()
             if length < 16:

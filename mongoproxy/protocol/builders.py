@@ -13,9 +13,8 @@ from collections.abc import Iterable
 
 import bson
 
-from mongoproxy.protocol.opcodes import OP_MSG, OP_REPLY
+from mongoproxy.protocol.opcodes import HEADER, OP_MSG, OP_REPLY
 
-_HEADER = struct.Struct("<iiii")
 _OP_REPLY_PREFIX = struct.Struct("<iqii")  # responseFlags, cursorID, startingFrom, numberReturned
 QUERY_FAILURE = 1 << 1  # OP_REPLY responseFlags: the one document is {$err, code}
 
@@ -105,9 +104,10 @@ def code_name(code: int) -> str:
     return CODE_NAMES.get(code, "")
 
 
-def _op_msg(request_id: int, response_to: int, doc: dict) -> bytes:
+def op_msg(request_id: int, response_to: int, doc: dict) -> bytes:
+    """An OP_MSG with flagBits 0 and one kind-0 section holding `doc`."""
     body = b"\x00\x00\x00\x00\x00" + bson.encode(doc)  # flagBits 0, one kind-0 section
-    return _HEADER.pack(16 + len(body), request_id, response_to, OP_MSG) + body
+    return HEADER.pack(16 + len(body), request_id, response_to, OP_MSG) + body
 
 
 def _error_doc(code: int, errmsg: str, labels: Iterable[str], name: str | None) -> dict:
@@ -127,13 +127,13 @@ def error_reply(
     request_id: int, response_to: int, code: int, errmsg: str, labels: Iterable[str] = (), name: str | None = None
 ) -> bytes:
     """OP_MSG {ok: 0, errmsg, code, codeName[, errorLabels]} answering request `response_to`."""
-    return _op_msg(request_id, response_to, _error_doc(code, errmsg, labels, name))
+    return op_msg(request_id, response_to, _error_doc(code, errmsg, labels, name))
 
 
 def write_error_reply(request_id: int, response_to: int, code: int, errmsg: str, index: int = 0) -> bytes:
     """OP_MSG {ok: 1, n: 0, writeErrors: [{index, code, errmsg}]}, as a server answers a failed write."""
     entry = {"index": int(index), "code": int(code), "errmsg": errmsg}
-    return _op_msg(request_id, response_to, {"n": 0, "writeErrors": [entry], "ok": 1.0})
+    return op_msg(request_id, response_to, {"n": 0, "writeErrors": [entry], "ok": 1.0})
 
 
 def query_error_reply(
@@ -153,4 +153,4 @@ def query_error_reply(
         doc = {"$err": errmsg, "code": int(code)}
         flags = QUERY_FAILURE
     body = _OP_REPLY_PREFIX.pack(flags, 0, 0, 1) + bson.encode(doc)
-    return _HEADER.pack(16 + len(body), request_id, response_to, OP_REPLY) + body
+    return HEADER.pack(16 + len(body), request_id, response_to, OP_REPLY) + body

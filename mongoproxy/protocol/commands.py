@@ -118,3 +118,16 @@ def is_sensitive(name: str) -> bool:
 def is_secret(name: str) -> bool:
     """True when every value of the command is a credential."""
     return name.lower() in SECRET_COMMANDS
+
+
+def pipeline_writes(pipeline: object) -> bool:
+    """True when an aggregate pipeline writes ($out or $merge): such an aggregate is not read-only."""
+    if not isinstance(pipeline, (list, tuple)):
+        return False
+    for stage in pipeline:
+        try:
+            if "$out" in stage or "$merge" in stage:
+                return True
+        except TypeError:  # a stage that is not a document
+            continue
+    return False

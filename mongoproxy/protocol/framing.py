@@ -14,6 +14,7 @@ pcap reader frame with it. Invariants:
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -64,6 +65,10 @@ _HEADER, _BODY, _DEAD = range(3)  # Framer states
 _SCAN, _SKIP, _CPREFIX, _CBODY = range(4)  # FrameScanner body states
 
 _internal_logged: dict[tuple[str, str], float] = {}
+
+# One BodyScanner per thread for the bodies that arrive whole in one chunk: such a scan starts and ends
+# inside one FrameScanner.feed() call, so no connection needs its own scanner until a body spans chunks.
+_per_thread = threading.local()
 
 
 def log_internal_error(exc: BaseException) -> None:
@@ -183,8 +188,8 @@ class Message:
     __slots__ = (
         "request_id",
         "response_to",
-        "op_code",
-        "wire_op_code",
+        "opcode",
+        "wire_opcode",
         "length",
         "first_ns",
         "last_ns",
@@ -193,12 +198,12 @@ class Message:
         "error",
     )
 
-    def __init__(self, length: int, request_id: int, response_to: int, op_code: int, first_ns: int) -> None:
+    def __init__(self, length: int, request_id: int, response_to: int, opcode: int, first_ns: int) -> None:
         self.length = length
         self.request_id = request_id
         self.response_to = response_to
-        self.op_code = op_code  # the original opcode when compressed
-        self.wire_op_code = op_code
+        self.opcode = opcode  # the original opcode when compressed
+        self.wire_opcode = opcode
         self.first_ns = first_ns
         self.last_ns = first_ns
         self.result: Any = None  # ScanResult, None when the body could not be scanned
@@ -210,7 +215,7 @@ class Message:
         return self.result.flags if self.result is not None else 0
 
     def __repr__(self) -> str:
-        op = OPCODE_NAMES.get(self.op_code, str(self.op_code))
+        op = OPCODE_NAMES.get(self.opcode, str(self.opcode))
         return f"<Message {op} id={self.request_id} to={self.response_to} len={self.length}>"
 
 
@@ -252,7 +257,7 @@ class FrameScanner(Framer):
         self.render = 0 if is_reply else render
         self.render_limit = render_limit
         self.max_observed_compressed_bytes = max_observed_compressed_bytes
-        self.scanner = BodyScanner()
+        self._scanner: Any = None  # this direction's own BodyScanner, made when a body first spans chunks
         self.messages = 0
         self._body_state = _SCAN
         self._prefix = bytearray()  # a partial OP_COMPRESSED prefix
@@ -268,28 +273,50 @@ class FrameScanner(Framer):
         self._crc = 0
         self._crc_left = 0
 
+    @property
+    def scanner(self) -> Any:
+        """This direction's own BodyScanner (made on first use): it holds a body's state across chunks."""
+        scanner = self._scanner
+        if scanner is None:
+            scanner = self._scanner = BodyScanner()
+        return scanner
+
+    @scanner.setter
+    def scanner(self, scanner: Any) -> None:
+        self._scanner = scanner
+
     def feed(self, data: Any, now_ns: int) -> None:
         """Observe one forwarded chunk. Never raises."""
         try:
             pos = 0
             if self._state == _HEADER and self._fast and not self._buf:
-                # Fast path: each whole uncompressed message inside the chunk is scanned in one call, with the
-                # outcome the framer and _on_* hooks would reach. The rest of the chunk goes to _frame.
+                # Fast path: each whole uncompressed message inside the chunk is scanned in one C call
+                # (BodyScanner.scan), with the outcome the framer and _on_* hooks would reach. The rest of the
+                # chunk goes to _frame.
                 n = len(data)
-                scanner = self.scanner
+                scanner = self._scanner
+                if scanner is None:
+                    try:
+                        scanner = _per_thread.scanner
+                    except AttributeError:
+                        scanner = _per_thread.scanner = BodyScanner()
                 while n - pos >= HEADER_SIZE:
-                    length, request_id, response_to, op_code = _unpack_header(data, pos)
+                    length, request_id, response_to, opcode = _unpack_header(data, pos)
                     if not (
-                        HEADER_SIZE < length <= n - pos and op_code in BODY_OPCODES and length <= self.max_message_bytes
+                        HEADER_SIZE < length <= n - pos and opcode in BODY_OPCODES and length <= self.max_message_bytes
                     ):
                         break
-                    msg = Message(length, request_id, response_to, op_code, now_ns)
-                    scanner.reset(op_code, self.is_reply, length - HEADER_SIZE, self.render, self.render_limit)
+                    msg = Message(length, request_id, response_to, opcode, now_ns)
                     try:
-                        scanner.feed(data, pos + HEADER_SIZE, pos + length)
-                        if not scanner.done:
-                            raise DecodeError("truncated", "message ended inside its body")
-                        msg.result = scanner.result()
+                        msg.result = scanner.scan(
+                            data,
+                            pos + HEADER_SIZE,
+                            pos + length,
+                            opcode,
+                            self.is_reply,
+                            self.render,
+                            self.render_limit,
+                        )
                     except DecodeError as exc:
                         msg.error = exc.reason
                         self.on_error(exc.reason, exc.detail, False)
@@ -362,8 +389,8 @@ class FrameScanner(Framer):
         original, size, compressor = COMPRESSED_PREFIX.unpack_from(self._prefix)
         self._prefix.clear()
         msg = self._msg
-        msg.op_code = original
-        msg.wire_op_code = OP_COMPRESSED
+        msg.opcode = original
+        msg.wire_opcode = OP_COMPRESSED
         msg.compressor = compressor
         try:
             if original not in BODY_OPCODES:

@@ -159,10 +159,10 @@ def rewrite_reply(message: bytes, swap: Callable[[str], str]) -> tuple[bytes, in
     """(the re-encoded reply, how many fields changed); HelloRewriteError when it cannot be rewritten."""
     if len(message) < 21:
         raise HelloRewriteError("message too short")
-    length, request_id, response_to, op_code = HEADER.unpack_from(message)
+    length, request_id, response_to, opcode = HEADER.unpack_from(message)
     if length != len(message):
         raise HelloRewriteError("messageLength does not match the bytes given")
-    if op_code == OP_MSG:
+    if opcode == OP_MSG:
         flags = struct.unpack_from("<I", message, 16)[0]
         end = length - 4 if flags & CHECKSUM_PRESENT else length
         pos = 20
@@ -187,7 +187,7 @@ def rewrite_reply(message: bytes, swap: Callable[[str], str]) -> tuple[bytes, in
             else:
                 raise HelloRewriteError(f"unknown OP_MSG section kind {kind}")
         body = struct.pack("<I", flags & ~CHECKSUM_PRESENT) + b"".join(parts)
-    elif op_code == OP_REPLY:
+    elif opcode == OP_REPLY:
         if length < 36:
             raise HelloRewriteError("OP_REPLY too short")
         number = struct.unpack_from("<i", message, 32)[0]
@@ -207,5 +207,5 @@ def rewrite_reply(message: bytes, swap: Callable[[str], str]) -> tuple[bytes, in
             raise HelloRewriteError("OP_REPLY has bytes after its documents")
         body = message[16:36] + b"".join(docs)
     else:
-        raise HelloRewriteError(f"opcode {op_code} is not a hello reply form")
-    return HEADER.pack(16 + len(body), request_id, response_to, op_code) + body, changes
+        raise HelloRewriteError(f"opcode {opcode} is not a hello reply form")
+    return HEADER.pack(16 + len(body), request_id, response_to, opcode) + body, changes

@@ -292,6 +292,10 @@ def _emit(op: Op, st: _FlowState, stream: Stream, creators: collections.OrderedD
             creators.pop(op.cursor_ref or 0, None)
     elif key == "killcursors":
         op.creator = next((creators[c] for c in op.kill_ids if c in creators), None)
+        if op.spec is not None and not op.spec.get("killCursors") and op.creator is not None:
+            # OP_KILL_CURSORS names no namespace: the cursor's opening op does.
+            op.db, op.coll = op.creator.db, op.creator.coll
+            op.spec["killCursors"] = op.creator.coll
         for c in op.kill_ids:
             creators.pop(c, None)
     elif rec is not None and rec.cursor_id:
@@ -338,8 +342,8 @@ def _guess_client(flow: Flow) -> tuple | None:
     for ep in (flow.a, flow.b):
         msgs = flow.halves[ep].messages
         if msgs:
-            _, _, response_to, op_code = msgs[0].header
-            scores[ep] = op_code in REQUEST_OPCODES and response_to == 0
+            _, _, response_to, opcode = msgs[0].header
+            scores[ep] = opcode in REQUEST_OPCODES and response_to == 0
     clients = [ep for ep, yes in scores.items() if yes]
     if len(clients) == 1:
         return clients[0]
@@ -359,19 +363,19 @@ def _op_from_message(
         op = Op(conn, index, m.first_ns, "unknown", "", "", request_id, skip=SKIP_UNPARSEABLE)
         warnings.append(f"connection {conn.label}: request {request_id} cannot be decompressed ({exc}); not replayed")
         return op
-    op_code = HEADER.unpack_from(data)[3]
+    opcode = HEADER.unpack_from(data)[3]
     body = memoryview(data)[16:]
     try:
-        r = _bson_parser.scan_body(op_code, False, body)
+        r = _bson_parser.scan_body(opcode, False, body)
     except (DecodeError, ValueError) as exc:
         warnings.append(f"connection {conn.label}: request {request_id} does not parse ({exc}); not replayed")
         return Op(conn, index, m.first_ns, "unknown", "", "", request_id, skip=SKIP_UNPARSEABLE)
     flags = r.flags or 0
-    if r.command is None or op_code not in (OP_MSG, OP_QUERY):
-        return _legacy_op(conn, index, m, data, op_code, r, warnings)
+    if r.command is None or opcode not in (OP_MSG, OP_QUERY):
+        return _legacy_op(conn, index, m, data, opcode, r, warnings)
     command = r.command
     coll = (r.collection or "") if command in COLLECTION_COMMANDS else ""
-    if op_code == OP_QUERY and command in ("$query", "query"):  # a wrapped legacy command
+    if opcode == OP_QUERY and command in ("$query", "query"):  # a wrapped legacy command
         try:
             inner = query_document(data)[command]
             command = next(iter(inner))
@@ -390,13 +394,13 @@ def _op_from_message(
         op.skip = SKIP_SESSIONS
     elif key == "getlasterror":
         op.skip = SKIP_GLE
-    op.unacknowledged = bool(op_code == OP_MSG and flags & MORE_TO_COME)
-    if op_code == OP_QUERY:
+    op.unacknowledged = bool(opcode == OP_MSG and flags & MORE_TO_COME)
+    if opcode == OP_QUERY:
         op.conversion = conversion_name("OP_QUERY $cmd", command, compressor_of(m.data))
     if op.skip or key in HELLO_COMMANDS:
         return op
     try:
-        _prepare(op, data, op_code)
+        _prepare(op, data, opcode)
     except (DecodeError, struct.error, ValueError, IndexError, KeyError, TypeError, bson_errors()) as exc:
         # bson_errors(): a recorded string that is not UTF-8 (InvalidBSON) is an undecodable command, not a crash.
         op.skip = SKIP_UNPARSEABLE
@@ -407,12 +411,12 @@ def _op_from_message(
 
 
 def _legacy_op(
-    conn: RecordedConnection, index: int, m: WireMessage, data: bytes, op_code: int, r: Any, warnings: list[str]
+    conn: RecordedConnection, index: int, m: WireMessage, data: bytes, opcode: int, r: Any, warnings: list[str]
 ) -> Op:
     """A legacy request converted to a command (legacy.convert), or kept as not replayed when it has none."""
     request_id = m.header[1]
     try:
-        got = legacy.convert(data, op_code)
+        got = legacy.convert(data, opcode)
     except (
         DecodeError,
         struct.error,
@@ -423,15 +427,16 @@ def _legacy_op(
         UnicodeDecodeError,
         bson_errors(),
     ) as exc:
-        warnings.append(f"connection {conn.label}: opcode {op_code} (request {request_id}) does not parse ({exc})")
+        warnings.append(f"connection {conn.label}: opcode {opcode} (request {request_id}) does not parse ({exc})")
         got = None
     if got is None:
         db, _, coll = (r.namespace or "").partition(".")
-        return Op(conn, index, m.first_ns, f"opcode {op_code}", db, coll, request_id, skip=SKIP_LEGACY)
+        return Op(conn, index, m.first_ns, f"opcode {opcode}", db, coll, request_id, skip=SKIP_LEGACY)
     command, db, coll, spec, lsid = got
     op = Op(conn, index, m.first_ns, command, db, coll, request_id, spec=spec, lsid_key=lsid)
-    op.conversion = conversion_name(legacy.OP_NAMES.get(op_code, str(op_code)), command, compressor_of(m.data))
-    op.unacknowledged = op_code in (legacy.OP_INSERT, legacy.OP_UPDATE, legacy.OP_DELETE)  # no reply on the wire
+    op.conversion = conversion_name(legacy.OP_NAMES.get(opcode, str(opcode)), command, compressor_of(m.data))
+    # No reply on the wire to these.
+    op.unacknowledged = opcode in (legacy.OP_INSERT, legacy.OP_UPDATE, legacy.OP_DELETE, legacy.OP_KILL_CURSORS)
     key = op.key
     if key in HELLO_COMMANDS:
         op.spec = None
@@ -450,26 +455,26 @@ def _reply_outcome(reply: WireMessage, keep_documents: bool = False) -> tuple[Ou
 
     try:
         data = uncompressed(reply.data)
-        op_code = HEADER.unpack_from(data)[3]
-        outcome = Outcome.from_scan(_bson_parser.scan_body(op_code, True, memoryview(data)[16:]))
+        opcode = HEADER.unpack_from(data)[3]
+        outcome = Outcome.from_scan(_bson_parser.scan_body(opcode, True, memoryview(data)[16:]))
     except (DecodeError, ValueError):
         return None, None
     if not keep_documents:
         return outcome, None
     try:
-        return outcome, reply_documents(data, op_code)
+        return outcome, reply_documents(data, opcode)
     except (DecodeError, struct.error, ValueError, IndexError, bson_errors()):
         return outcome, None
 
 
-def reply_documents(data: bytes, op_code: int) -> list | None:
+def reply_documents(data: bytes, opcode: int) -> list | None:
     """The documents of an uncompressed reply: OP_MSG/OP_COMMANDREPLY cursor batch or values, OP_REPLY's documents."""
     from bson.raw_bson import RawBSONDocument
 
     from mongoproxy import compare
     from mongoproxy.commandspec import message_body
 
-    if op_code == 1:  # OP_REPLY: responseFlags, cursorID, startingFrom, numberReturned, documents
+    if opcode == 1:  # OP_REPLY: responseFlags, cursorID, startingFrom, numberReturned, documents
         docs, pos = [], 36
         while pos < len(data):
             n = struct.unpack_from("<i", data, pos)[0]
@@ -478,10 +483,10 @@ def reply_documents(data: bytes, op_code: int) -> list | None:
         if len(docs) == 1 and ("cursor" in docs[0] or "values" in docs[0]):  # a command's reply
             return compare.reply_documents(docs[0])
         return docs
-    if op_code == 2011:  # OP_COMMANDREPLY: commandReply, metadata, outputDocs
+    if opcode == 2011:  # OP_COMMANDREPLY: commandReply, metadata, outputDocs
         n = struct.unpack_from("<i", data, 16)[0]
         return compare.reply_documents(RawBSONDocument(bytes(data[16 : 16 + n])))
-    return compare.reply_documents(RawBSONDocument(message_body(data, op_code)[0]))
+    return compare.reply_documents(RawBSONDocument(message_body(data, opcode)[0]))
 
 
 def bson_errors() -> type[Exception]:
@@ -491,9 +496,9 @@ def bson_errors() -> type[Exception]:
     return BSONError
 
 
-def _prepare(op: Op, data: bytes, op_code: int) -> None:
+def _prepare(op: Op, data: bytes, opcode: int) -> None:
     """Build op.spec (top-level dict, nested values as RawBSONDocument so their types survive) and the refs."""
-    op.spec, op.lsid_key = command_spec(data, op_code)
+    op.spec, op.lsid_key = command_spec(data, opcode)
     _refs(op)
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 from mongoproxy.errors import ReplayError
-from mongoproxy.protocol.commands import DESTRUCTIVE_COMMANDS, READ_ONLY_COMMANDS
+from mongoproxy.protocol.commands import DESTRUCTIVE_COMMANDS, READ_ONLY_COMMANDS, pipeline_writes
 from mongoproxy.replay.model import SKIP_DESTRUCTIVE, SKIP_FILTERED, Op, Workload
 
 # --read-only keeps READ_ONLY_COMMANDS (aggregate only without $out/$merge); DESTRUCTIVE_COMMANDS are not
@@ -52,17 +52,6 @@ def _ns_match(patterns: tuple, db: str, coll: str) -> bool:
     return False
 
 
-def _is_write_aggregate(op: Op) -> bool:
-    pipeline = (op.spec or {}).get("pipeline") or []
-    for stage in pipeline:
-        try:
-            if "$out" in stage or "$merge" in stage:
-                return True
-        except TypeError:
-            continue
-    return False
-
-
 class StreamFilter:
     """Applies Filters to ops one at a time (marking op.skip), and at the end says when nothing was left."""
 
@@ -93,7 +82,9 @@ class StreamFilter:
         if o.ns and len(self.ns_seen) < 1000:
             self.ns_seen.add(o.ns)
         keep = True
-        if f.read_only and (key not in READ_ONLY_COMMANDS or (key == "aggregate" and _is_write_aggregate(o))):
+        if f.read_only and (
+            key not in READ_ONLY_COMMANDS or (key == "aggregate" and pipeline_writes((o.spec or {}).get("pipeline")))
+        ):
             keep = False
         elif self.include_ops and key not in self.include_ops:
             keep = False

@@ -2,7 +2,8 @@
 
 OP_COMMAND becomes its command; OP_INSERT/OP_UPDATE/OP_DELETE become insert/update/delete; OP_QUERY on a
 collection becomes find (with $query/$orderby/$hint unwrapped, numberToReturn as limit or batchSize);
-OP_GET_MORE becomes getMore. Each is named by a conversion string the report counts, with the compressor
+OP_GET_MORE becomes getMore; OP_KILL_CURSORS becomes killCursors (it names no collection: the extractor takes it
+from the op that opened the cursor, and the runner remaps the ids like a killCursors command's). Each is named by a conversion string the report counts, with the compressor
 when the request was inside OP_COMPRESSED.
 """
 
@@ -13,12 +14,13 @@ from typing import Any
 
 from mongoproxy.commandspec import spec_from_document
 
-OP_UPDATE, OP_INSERT, OP_QUERY, OP_GET_MORE, OP_DELETE, OP_COMMAND, OP_COMPRESSED = (
+OP_UPDATE, OP_INSERT, OP_QUERY, OP_GET_MORE, OP_DELETE, OP_KILL_CURSORS, OP_COMMAND, OP_COMPRESSED = (
     2001,
     2002,
     2004,
     2005,
     2006,
+    2007,
     2010,
     2012,
 )
@@ -28,6 +30,7 @@ OP_NAMES = {
     OP_QUERY: "OP_QUERY",
     OP_GET_MORE: "OP_GET_MORE",
     OP_DELETE: "OP_DELETE",
+    OP_KILL_CURSORS: "OP_KILL_CURSORS",
     OP_COMMAND: "OP_COMMAND",
 }
 COMPRESSORS = {0: "noop", 1: "snappy", 2: "zlib", 3: "zstd"}
@@ -80,11 +83,11 @@ def _raw(doc: bytes) -> Any:
     return RawBSONDocument(doc)
 
 
-def convert(data: bytes, op_code: int) -> tuple[str, str, str, dict, bytes | None] | None:
+def convert(data: bytes, opcode: int) -> tuple[str, str, str, dict, bytes | None] | None:
     """(command, db, collection, spec, lsid id) of an uncompressed legacy request; None when it has no equivalent."""
     from bson import Int64
 
-    if op_code == OP_COMMAND:
+    if opcode == OP_COMMAND:
         db, pos = _cstring(data, 16)
         name, pos = _cstring(data, pos)
         args, pos = _doc(data, pos)
@@ -100,7 +103,7 @@ def convert(data: bytes, op_code: int) -> tuple[str, str, str, dict, bytes | Non
         command = next(iter(spec), "")
         first = spec.get(command)
         return command, db, first if isinstance(first, str) else "", spec, lsid
-    if op_code == OP_INSERT:
+    if opcode == OP_INSERT:
         flags = I32.unpack_from(data, 16)[0]
         ns, pos = _cstring(data, 20)
         docs = []
@@ -109,18 +112,18 @@ def convert(data: bytes, op_code: int) -> tuple[str, str, str, dict, bytes | Non
             docs.append(_raw(d))
         db, _, coll = ns.partition(".")
         return "insert", db, coll, {"insert": coll, "documents": docs, "ordered": not flags & 1}, None
-    if op_code in (OP_UPDATE, OP_DELETE):
+    if opcode in (OP_UPDATE, OP_DELETE):
         ns, pos = _cstring(data, 20)
         flags = I32.unpack_from(data, pos)[0]
         selector, pos = _doc(data, pos + 4)
         db, _, coll = ns.partition(".")
-        if op_code == OP_DELETE:
+        if opcode == OP_DELETE:
             spec = {"delete": coll, "deletes": [{"q": _raw(selector), "limit": 1 if flags & 1 else 0}]}
             return "delete", db, coll, spec, None
         update, pos = _doc(data, pos)
         u = {"q": _raw(selector), "u": _raw(update), "upsert": bool(flags & 1), "multi": bool(flags & 2)}
         return "update", db, coll, {"update": coll, "updates": [u]}, None
-    if op_code == OP_GET_MORE:
+    if opcode == OP_GET_MORE:
         ns, pos = _cstring(data, 20)
         n = I32.unpack_from(data, pos)[0]
         cursor = I64.unpack_from(data, pos + 4)[0]
@@ -129,7 +132,13 @@ def convert(data: bytes, op_code: int) -> tuple[str, str, str, dict, bytes | Non
         if n > 0:
             spec["batchSize"] = n
         return "getMore", db, coll, spec, None
-    if op_code == OP_QUERY:
+    if opcode == OP_KILL_CURSORS:  # ZERO, numberOfCursorIDs, cursorIDs; no namespace on the wire
+        count = I32.unpack_from(data, 20)[0]
+        if count < 0 or 24 + 8 * count > len(data):
+            raise ValueError(f"{count} cursor ids in a {len(data)}-byte OP_KILL_CURSORS")
+        ids = [Int64(I64.unpack_from(data, 24 + 8 * i)[0]) for i in range(count)]
+        return "killCursors", "", "", {"killCursors": "", "cursors": ids}, None
+    if opcode == OP_QUERY:
         ns, pos = _cstring(data, 20)
         skip, n = struct.unpack_from("<ii", data, pos)
         query, pos = _doc(data, pos + 8)

@@ -8,7 +8,7 @@ import random
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from mongoproxy.compare import Outcome
+from mongoproxy.compare import MAX_CURSOR_DOCUMENTS, NOT_COMPARED, Outcome
 from mongoproxy.replay.model import SKIP_CURSOR, SKIP_DESTRUCTIVE, Op, Stream, Workload
 from mongoproxy.replay.target import redact_uri
 
@@ -91,6 +91,7 @@ class Tally:
         self.differences_total = 0
         self.divergences: dict[tuple, dict] = {}
         self.divergences_total = 0
+        self.not_compared = 0  # unsorted cursors whose documents were too many to compare (compare.NOT_COMPARED)
         self.would_replay: list[dict] = []
         self.replayable = 0
         self.replayed_ops = 0
@@ -202,6 +203,9 @@ class Tally:
             self.differences.append(d)
 
     def _divergence(self, op: Op, kind: str, example: str) -> None:
+        if kind == NOT_COMPARED:
+            self.not_compared += 1
+            return
         self.divergences_total += 1
         shape = command_shape(op.spec)
         key = (op.op, op.ns, shape, kind)
@@ -273,6 +277,7 @@ class Tally:
             report["verify"] = self.verify
             report["divergences"] = sorted(self.divergences.values(), key=lambda r: (-r["count"], r["op"], r["ns"]))
             report["divergences_total"] = self.divergences_total
+            report["documents_not_compared"] = self.not_compared
         if replayer is not None:
             duration = (replayer.finished_ns - replayer.started_ns) / 1e9
             n = self.replayed_ops
@@ -473,6 +478,11 @@ def print_divergences(report: dict, console: Any) -> None:
 
     rows = report["divergences"]
     console.print(f"divergences ({report['verify']}): {report['divergences_total']}")
+    if report.get("documents_not_compared"):
+        console.print(
+            f"cursors whose documents were not compared (over {MAX_CURSOR_DOCUMENTS} documents, or forgotten): "
+            f"{report['documents_not_compared']}"
+        )
     if not rows:
         return
     table = Table(title="divergences: recorded vs replayed reply")

@@ -52,6 +52,7 @@ class Replayer:
         self.ns_suffix = ns_suffix
         self.cursors = [CursorMap() for _ in range(self.scale)]
         self.sessions = [SessionMap() for _ in range(self.scale)]
+        self.documents = compare.CursorDocuments()  # unsorted cursors, keyed (copy, recorded cursor id)
         self._slots = threading.Semaphore(max(window, self.scale))
         self._lock = threading.Lock()
         self.stop = threading.Event()
@@ -206,14 +207,23 @@ class Replayer:
             elapsed = int((time.perf_counter() - start) * NS_PER_S)
             outcome = compare.Outcome(exception=type(exc).__name__, errmsg=str(exc))
         cursors.update(op, outcome)
+        if op.key == "killcursors":
+            for c in op.kill_ids:
+                self.documents.forget((copy, c))
         kinds: list[tuple[str, str]] = []
         if self.verify and op.recorded is not None:
             b_docs = None
             if self.verify == "documents" and reply is not None and op.recorded_docs is not None:
                 b_docs = compare.reply_documents(reply)
-            for kind in compare.compare(op.recorded, outcome, op.recorded_docs, b_docs, _ordered(op)):
+            first = op.key != "getmore"
+            key = (copy, op.recorded.cursor_id if first else op.cursor_ref)
+            ordered = _ordered(op)
+            got = self.documents.judge(key, first, op.recorded, outcome, op.recorded_docs, b_docs, ordered)
+            # A documents divergence of an unsorted cursor is over the whole cursor: this reply's _ids would not name it.
+            alone = ordered or (first and not op.recorded.cursor_id)
+            for kind in got:
                 example = compare.describe(kind, op.recorded, outcome)
-                ids = compare.id_difference(op.recorded_docs, b_docs)
+                ids = compare.id_difference(op.recorded_docs, b_docs) if alone or kind != compare.KIND_DOCUMENTS else ""
                 kinds.append((kind, f"{example}; {ids}" if ids else example))
         self._finish(op, copy, outcome, elapsed, lag, kinds=kinds)
 

@@ -335,6 +335,7 @@ class CommandLogSink:
             "server": conn.server,
             "app": conn.app_name,
             "replicaset": conn.replica_set,
+            "member_state": conn.member_state or None,  # set only on --upstream listeners (topology.MemberSpec)
             "client_cert_subject": conn.client_cert_subject or None,
             "db": event.database,
             "collection": event.collection,

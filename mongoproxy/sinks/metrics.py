@@ -23,7 +23,7 @@ from prometheus_client.utils import floatToGoString
 
 from mongoproxy.config import Option, positive_int
 from mongoproxy.errors import ConfigError
-from mongoproxy.events import UPSTREAM_ERROR_REASONS
+from mongoproxy.events import UPSTREAM_ERROR_REASONS, hostport
 from mongoproxy.protocol.commands import is_hello
 from mongoproxy.protocol.framing import DECODE_REASONS
 from mongoproxy.querylog import code_name
@@ -40,6 +40,9 @@ LABEL_SOURCES = {
     "client": "c.client_host",  # the host only: the ephemeral port would make every connection a new series
 }
 VALID_LABELS = tuple(LABEL_SOURCES)
+# What the per-command cache key reads instead, where LABEL_SOURCES would format a "host:port" string per
+# command: the server label takes two key items, joined once per new key in _resolve.
+_KEY_SOURCES = {**LABEL_SOURCES, "server": "c.upstream_host, c.upstream_port"}
 DEFAULT_LABELS = ("op", "db", "collection", "app", "server", "replicaset")
 OTHER = "_other"
 
@@ -254,7 +257,7 @@ class MetricsSink:
         self.latency_buckets = tuple(latency_buckets)
         self._bounds = {"latency": self.latency_buckets, "documents": DOCUMENT_BUCKETS, "size": SIZE_BUCKETS}
         # Compiled once from the fixed LABEL_SOURCES table (never from user text).
-        self._key = eval("lambda e, c: (" + "".join(LABEL_SOURCES[n] + ", " for n in self.labels) + ")", {})
+        self._key = eval("lambda e, c: (" + "".join(_KEY_SOURCES[n] + ", " for n in self.labels) + ")", {})
         self._cache: dict[tuple, _Series] = {}  # raw label tuple -> series (only tuples that did not overflow)
         self._series: dict[tuple, _Series] = {}  # capped label tuple -> series
         self._series_lock = threading.Lock()  # guards inserts into _series against a scrape in another thread
@@ -364,12 +367,13 @@ class MetricsSink:
     # ---- hooks ----
 
     def on_command(self, event: Any) -> None:
-        """Record one command: a key build, a dict hit, and a bisect per histogram."""
+        """Record one command: a key build (no string formatted), a dict hit, and a bisect per histogram."""
+        conn = event.connection
         if self._connect_pending:  # a client sends nothing before its upstream is connected
-            conn = self._connect_pending.pop(event.connection.id, None)
-            if conn is not None and conn.upstream_connect_ns > 0:
-                self._observe_connect(conn)
-        key = self._key(event, event.connection)
+            pending = self._connect_pending.pop(conn.id, None)
+            if pending is not None and pending.upstream_connect_ns > 0:
+                self._observe_connect(pending)
+        key = self._key(event, conn)
         s = self._cache.get(key)
         if s is None:
             s = self._resolve(key)
@@ -393,10 +397,15 @@ class MetricsSink:
         if n is not None:
             s.chg[bisect_left(DOCUMENT_BUCKETS, n)] += 1
             s.chg_sum += n
-        if event.failed:
+        reply = event.reply
+        if reply is not None:
+            # event.failed, inlined: ok:0, a write error or a write-concern error.
+            if event.ok is False or reply.write_errors or reply.write_concern_error_code is not None:
+                self._count_errors(event)
+            if is_hello(event.op):  # the reply carries the negotiated compressor
+                self._count_compression(conn)
+        elif event.ok is False:
             self._count_errors(event)
-        if event.reply is not None and is_hello(event.op):  # the reply carries the negotiated compressor
-            self._count_compression(event.connection)
 
     def _count_compression(self, conn: Any) -> None:
         """Once per connection: the tracker has set conn.compression from this hello reply."""
@@ -408,7 +417,11 @@ class MetricsSink:
 
     def _resolve(self, key: tuple) -> _Series:
         capped, overflowed = [], False
-        for name, value in zip(self.labels, key):
+        items = iter(key)
+        for name in self.labels:
+            value = next(items)
+            if name == "server":
+                value = hostport(value, next(items))
             v, o = self._capper.cap(name, value)
             capped.append(v)
             overflowed |= o

@@ -27,9 +27,10 @@ from mongoproxy import compare
 from mongoproxy.config import Option
 from mongoproxy.errors import ConfigError
 from mongoproxy.namespaces import NamespaceFilter, ns_list_parser
+from mongoproxy.protocol.commands import pipeline_writes
 from mongoproxy.protocol.framing import Framer
+from mongoproxy.protocol.opcodes import HEADER, OP_COMPRESSED, OP_MSG, OP_QUERY, OP_REPLY
 
-HEADER = struct.Struct("<iiii")
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # larger requests (bulk writes) are not mirrored: counted as too_large
 PENDING_PER_CONNECTION = 64  # requests kept per connection awaiting their reply (pipelined, moreToCome)
 MAX_CURSORS = 100_000  # primary -> shadow cursor ids remapped at once; past it the oldest is forgotten
@@ -272,6 +273,15 @@ class MirrorSink:
         self.compared = Counter(
             "mongoproxy_mirror_compared_total", "Shadow replies compared with the primary's", ["op"], registry=registry
         )
+        self.not_compared = Counter(
+            "mongoproxy_mirror_documents_not_compared_total",
+            f"Unsorted mirrored cursors whose documents were not compared (over {compare.MAX_CURSOR_DOCUMENTS} "
+            "documents, or forgotten)",
+            ["op"],
+            registry=registry,
+        )
+        # Documents of open unsorted cursors, compared over the whole cursor; only the shadow thread touches it.
+        self.cursor_documents = compare.CursorDocuments()
         depth = Gauge("mongoproxy_mirror_queue_depth", "Copies waiting for the shadow", registry=registry)
         depth.set_function(self.queue.qsize)
         if writes:
@@ -354,6 +364,45 @@ class MirrorSink:
         else:
             self._enqueue(item + (None,))
 
+    # ------------------------------------------------------------------ admin API (admin_routes contract)
+
+    def admin_routes(self) -> list:
+        """GET /mirror: divergence counts per op, collection and kind; drops; queue depth."""
+        from aiohttp import web
+
+        return [web.get("/mirror", self.handle_get)]
+
+    def document(self) -> dict:
+        """The /mirror JSON, read from the sink's counters (bounded: ops x MAX_COLLECTIONS x kinds rows)."""
+        divergences = [
+            {"op": labels["op"], "collection": labels["collection"], "kind": labels["kind"], "count": int(v)}
+            for labels, v in _samples(self.divergences)
+        ]
+        divergences.sort(key=lambda r: (-r["count"], r["op"], r["collection"], r["kind"]))
+        return {
+            "shadow": _redact_uri(self.uri),
+            "compare": "documents" if self.documents else "counts",
+            "ratio": self.ratio,
+            "writes": self.writes,
+            "queue": {"depth": self.queue.qsize(), "capacity": self.queue.maxsize},
+            "mirrored": {labels["op"]: int(v) for labels, v in _samples(self.mirrored)},
+            "compared": {labels["op"]: int(v) for labels, v in _samples(self.compared)},
+            "dropped": {labels["reason"]: int(v) for labels, v in _samples(self.dropped)},
+            "shadow_errors": [
+                {"op": labels["op"], "error": labels["error"], "count": int(v)}
+                for labels, v in _samples(self.shadow_errors)
+            ],
+            "documents_not_compared": {labels["op"]: int(v) for labels, v in _samples(self.not_compared)},
+            "divergences_total": sum(r["count"] for r in divergences),
+            "divergences": divergences,
+        }
+
+    async def handle_get(self, request: Any) -> Any:
+        """GET /mirror."""
+        from aiohttp import web
+
+        return web.json_response(self.document())
+
     def _enqueue(self, item: tuple) -> None:
         try:
             self.queue.put_nowait(item)
@@ -433,8 +482,8 @@ class MirrorSink:
 
         conn_id, op, db, coll, request, primary, primary_ns, primary_reply = item
         data = uncompressed(request)
-        op_code = HEADER.unpack_from(data)[3]
-        spec, _ = command_spec(data, op_code)
+        opcode = HEADER.unpack_from(data)[3]
+        spec, _ = command_spec(data, opcode)
         for k in SESSION_FIELDS & spec.keys():
             del spec[k]
         key = op.lower()
@@ -449,14 +498,17 @@ class MirrorSink:
             ordered = got[1]
             if not got[0]:  # the shadow's cursor ended first: it would return nothing more
                 self.mirrored.labels(op).inc()
-                self._judge(op, db, coll, primary, compare.Outcome(ok=True, returned=0, cursor_id=0), data, op_code)
+                shadow = compare.Outcome(ok=True, returned=0, cursor_id=0)
+                a_docs = _reply_documents(primary_reply) if primary_reply is not None else None
+                b_docs: list | None = [] if a_docs is not None else None
+                self._judge(op, db, coll, primary, shadow, data, opcode, a_docs, b_docs, ordered, ref, False)
                 if not primary.cursor_id:
                     self.shadow_cursors.pop(ref, None)
                 return
             from bson import Int64
 
             spec["getMore"] = Int64(got[0])
-        elif key == "aggregate" and _writes(spec):
+        elif key == "aggregate" and pipeline_writes(spec.get("pipeline")):
             if not self.writes:
                 self.dropped.labels("write_aggregate").inc()
                 return
@@ -475,7 +527,7 @@ class MirrorSink:
             return
         elapsed = time.perf_counter() - started
         if reply is not None:
-            shadow = compare.Outcome.from_scan(_bson_parser.scan_body(2013, True, b"\0\0\0\0\0" + reply.raw))
+            shadow = compare.Outcome.from_scan(_bson_parser.scan_body(OP_MSG, True, b"\0\0\0\0\0" + reply.raw))
         self.latency.labels("primary", op, label).observe(primary_ns / 1e9)
         self.latency.labels("shadow", op, label).observe(elapsed)
         if primary.cursor_id and key in ("find", "aggregate"):
@@ -491,7 +543,21 @@ class MirrorSink:
         if primary_reply is not None and reply is not None:
             a_docs = _reply_documents(primary_reply)
             b_docs = compare.reply_documents(reply) if a_docs is not None else None
-        self._judge(op, db, coll, primary, shadow, data, op_code, a_docs, b_docs, ordered)
+        first = key != "getmore"
+        self._judge(
+            op,
+            db,
+            coll,
+            primary,
+            shadow,
+            data,
+            opcode,
+            a_docs,
+            b_docs,
+            ordered,
+            primary.cursor_id if first else ref,
+            first,
+        )
 
     def _judge(
         self,
@@ -501,16 +567,21 @@ class MirrorSink:
         primary: compare.Outcome,
         shadow: compare.Outcome,
         data: bytes,
-        op_code: int,
+        opcode: int,
         a_docs: list | None = None,
         b_docs: list | None = None,
         ordered: bool = False,
+        cursor: int | None = None,
+        first: bool = True,
     ) -> None:
         label = self._collection(coll)
         self.compared.labels(op).inc()
-        for kind in compare.compare(primary, shadow, a_docs, b_docs, ordered):
+        for kind in self.cursor_documents.judge(cursor, first, primary, shadow, a_docs, b_docs, ordered):
+            if kind == compare.NOT_COMPARED:
+                self.not_compared.labels(op).inc()
+                continue
             self.divergences.labels(op, label, kind).inc()
-            self._log_divergence(op, db, coll, kind, primary, shadow, data, op_code)
+            self._log_divergence(op, db, coll, kind, primary, shadow, data, opcode)
 
     def _collection(self, coll: str) -> str:
         if coll in self._collections or not coll:
@@ -520,9 +591,7 @@ class MirrorSink:
         self._collections.add(coll)
         return coll
 
-    def _log_divergence(
-        self, op: str, db: str, coll: str, kind: str, a: Any, b: Any, data: bytes, op_code: int
-    ) -> None:
+    def _log_divergence(self, op: str, db: str, coll: str, kind: str, a: Any, b: Any, data: bytes, opcode: int) -> None:
         now = time.monotonic()
         self._log_budget = min(10.0, self._log_budget + (now - self._log_at) * 10 / 60)
         self._log_at = now
@@ -537,7 +606,7 @@ class MirrorSink:
             db,
             coll,
             compare.describe(kind, a, b),
-            _shape(data, op_code),
+            _shape(data, opcode),
         )
 
     def close(self, timeout: float = 5.0) -> None:
@@ -547,19 +616,14 @@ class MirrorSink:
             self._thread.join(timeout)
 
 
+def _samples(counter: Any) -> list[tuple[dict, float]]:
+    """(labels, value) of a labelled Counter's _total samples."""
+    return [(s.labels, s.value) for m in counter.collect() for s in m.samples if s.name.endswith("_total")]
+
+
 def _is_request(header: bytes) -> bool:
     """Keep OP_MSG, OP_QUERY and OP_COMPRESSED requests (their replies' events pick them up)."""
-    return HEADER.unpack_from(header)[3] in (2013, 2004, 2012)
-
-
-def _writes(spec: dict) -> bool:
-    for stage in spec.get("pipeline") or ():
-        try:
-            if "$out" in stage or "$merge" in stage:
-                return True
-        except TypeError:
-            continue
-    return False
+    return HEADER.unpack_from(header)[3] in (OP_MSG, OP_QUERY, OP_COMPRESSED)
 
 
 def _reply_documents(reply: bytes) -> list | None:
@@ -570,11 +634,11 @@ def _reply_documents(reply: bytes) -> list | None:
     from mongoproxy.protocol.compression import uncompressed
 
     data = uncompressed(reply)
-    op_code = HEADER.unpack_from(data)[3]
-    if op_code == 1:  # OP_REPLY: flags, cursorID, startingFrom, numberReturned, then documents
+    opcode = HEADER.unpack_from(data)[3]
+    if opcode == OP_REPLY:  # flags, cursorID, startingFrom, numberReturned, then documents
         doc = RawBSONDocument(_first_doc(data, 36))
     else:
-        doc = RawBSONDocument(message_body(data, op_code)[0])
+        doc = RawBSONDocument(message_body(data, opcode)[0])
     return compare.reply_documents(doc)
 
 
@@ -583,14 +647,14 @@ def _first_doc(data: bytes, pos: int) -> bytes:
     return bytes(data[pos : pos + n])
 
 
-def _shape(data: bytes, op_code: int) -> str:
+def _shape(data: bytes, opcode: int) -> str:
     """The command's redacted shape (every literal a "?")."""
     from mongoproxy import _bson_parser
 
     try:
         scanner = _bson_parser.BodyScanner()
         body = memoryview(data)[16:]
-        scanner.reset(op_code, False, len(body), _bson_parser.RENDER_REDACTED, 300)
+        scanner.reset(opcode, False, len(body), _bson_parser.RENDER_REDACTED, 300)
         scanner.feed(body)
         return scanner.result().query_shape or "?"
     except Exception:  # noqa: BLE001 - the shape is a courtesy of the log line

@@ -451,7 +451,7 @@ class TracingSink:
         links = ()
         found = None
         request_cursor = None
-        cursor_op = op in _CURSOR_OPS or (req is not None and req.op_code in _LEGACY_CURSOR_OP_CODES)
+        cursor_op = op in _CURSOR_OPS or (req is not None and req.opcode in _LEGACY_CURSOR_OP_CODES)
         if cursor_op:
             request_cursor = req.cursor_id if req is not None else None
             if request_cursor:
@@ -523,7 +523,7 @@ class TracingSink:
             del self._cursors[key]
             self.cursors_expired += 1
             return None
-        if event.op in _KILL or event.request.op_code == OP_KILL_CURSORS or event.cursor_id == 0 or event.failed:
+        if event.op in _KILL or event.request.opcode == OP_KILL_CURSORS or event.cursor_id == 0 or event.failed:
             # killCursors, an exhausted cursor, or a getMore error (e.g. CursorNotFound): the cursor is gone.
             del self._cursors[key]
         else:

@@ -58,8 +58,8 @@ def observe(stream_chunks: list[bytes], is_reply: bool, render: int, verify: boo
                 m.length,
                 m.request_id,
                 m.response_to,
-                m.op_code,
-                m.wire_op_code,
+                m.opcode,
+                m.wire_opcode,
                 m.compressor,
                 m.error,
                 None if r is None else tuple(sorted((k, _comparable(v)) for k, v in r.as_dict().items())),
@@ -134,12 +134,12 @@ def check_reference(stream: bytes, events: list, is_reply: bool) -> None:
     messages = [e for e in events if e[0] == "msg"]
     pos, i = 0, 0
     while len(stream) - pos >= HEADER_SIZE and i < len(messages):
-        length, _, _, op_code = _HEADER.unpack_from(stream, pos)
+        length, _, _, opcode = _HEADER.unpack_from(stream, pos)
         if length < HEADER_SIZE or length > MAX_MESSAGE or pos + length > len(stream):
             return
         msg = messages[i]
         assert msg[1] == length, f"message {i}: scanner framed {msg[1]} bytes, the header says {length}"
-        if op_code == OP_MSG:
+        if opcode == OP_MSG:
             ref = reference_op_msg(stream[pos + HEADER_SIZE : pos + length])
             if ref is not None and not ref["flags"] & 1:  # checksums: another test's business (verify on/off)
                 _agree(i, ref, msg, is_reply)

@@ -50,7 +50,7 @@ class Run:
         r = msg.result
         before = len(self.sink.commands)
         self.tracker.on_request(msg)
-        if (msg.op_code == OP_MSG and r is not None and r.flags & MORE_TO_COME) or msg.op_code in NO_REPLY_OPS:
+        if (msg.opcode == OP_MSG and r is not None and r.flags & MORE_TO_COME) or msg.opcode in NO_REPLY_OPS:
             self.no_reply += 1
             assert len(self.sink.commands) == before + 1, "a request that expects no reply yielded no event"
             assert self.sink.commands[-1].more_to_come_request

@@ -118,6 +118,26 @@ def test_known_workload_six_keys_exact_counts_percentiles_and_errors(secantus, d
     assert table.returncode == 0 and "DuplicateKey=10" in table.stdout and f"{db_name}.orders" in table.stdout
 
 
+def test_updates_and_deletes_from_a_driver_are_keyed_by_their_first_statements_filter(secantus, db_name):
+    # pymongo sends update/delete statements in kind-1 `updates`/`deletes` sequences
+    with admin_proxy(secantus.address) as p:
+        with pymongo.MongoClient(p.uri, appname="writer", serverSelectionTimeoutMS=5000) as c:
+            orders = c[db_name].orders
+            for i in range(4):
+                orders.update_one({"a": i}, {"$set": {"x": i}}, upsert=True)
+                orders.update_one({"b": i}, {"$set": {"x": i}})
+                orders.delete_one({"a": i})
+                orders.delete_one({"b": i})
+        doc = wait_digest(p, f"/digest?ns={db_name}.orders", 16)
+    shapes = doc["shapes"]
+    assert sorted((s["op"], s["count"]) for s in shapes) == [("delete", 4)] * 2 + [("update", 4)] * 2
+    assert len({s["shape"] for s in shapes}) == 4
+    examples = sorted(s["example"] for s in shapes)
+    assert any('"deletes":[{"q":{"a":"?"}' in e for e in examples), examples
+    assert any('"updates":[{"q":{"b":"?"},"u":{"$set":{"x":"?"}}' in e for e in examples), examples
+    assert all('"x":1' not in e and '"a":0' not in e for e in examples)  # literals stay out
+
+
 def test_admin_routes_sort_limit_filters_and_reset(secantus, db_name):
     with admin_proxy(secantus.address) as p:
         workload(p.uri, db_name, apps=("app-a",))

@@ -322,7 +322,7 @@ def test_compressed_requests_are_matched(secantus, db_name, compressor):
         assert bson.decode(reply[21:])["codeName"] == "InterruptedAtShutdown"
         pt.wait_until(lambda: faulted(pt, "squeezed"), what="the injected insert")
         (event,) = faulted(pt, "squeezed")
-        assert event.request_op_code == wire.OP_COMPRESSED and event.code == 11600
+        assert event.request_opcode == wire.OP_COMPRESSED and event.code == 11600
 
 
 def test_shape_matches_the_command_logs_hash(secantus, db_name):

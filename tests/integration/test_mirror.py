@@ -5,6 +5,7 @@ The divergence table of the seeded-differently run is kept in test-artifacts/mir
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
 
@@ -117,6 +118,34 @@ def test_mirror_sees_each_read_and_agrees_with_an_identical_shadow(two_servers):
         assert s[DB].items.count_documents({}) == ITEMS and s[DB].items.find_one({"_id": 1})["qty"] == 1
 
 
+def test_an_unsorted_cursor_is_compared_whole_not_batch_by_batch(two_servers):
+    primary, shadow = two_servers
+    docs = [{"_id": i, "kind": f"k{i % 3}"} for i in range(ITEMS)]
+    with primary.client() as p, shadow.client() as s:
+        p[DB].items.drop()
+        s[DB].items.drop()
+        p[DB].items.insert_many(docs)
+        s[DB].items.insert_many(docs[::-1])  # the same documents, in another natural order: other batches
+    args = ["--mirror", shadow.uri, "--mirror-compare", "documents"]
+    with run_proxy_process(args, upstream=primary.address) as proxy:
+        with proxy.client() as client:
+            got = list(client[DB].items.find({}, batch_size=BATCH))
+            assert [d["_id"] for d in got[:3]] == [0, 1, 2]
+            settle(proxy, ITEMS // BATCH + 1)  # the find, its getMores and the empty last one
+        with shadow.client() as s:
+            assert [d["_id"] for d in s[DB].items.find({}, batch_size=BATCH).limit(3)] == [59, 58, 57]
+        assert proxy.metric("mongoproxy_mirror_compared_total", op="getMore") >= ITEMS // BATCH - 1
+        assert divergence_table(proxy) == []
+        assert not proxy.metric("mongoproxy_mirror_documents_not_compared_total")
+        # A document that differs is still found, once, at the cursor's end.
+        with shadow.client() as s:
+            s[DB].items.update_one({"_id": 30}, {"$set": {"kind": "changed"}})
+        with proxy.client() as client:
+            list(client[DB].items.find({}, batch_size=BATCH))
+            settle(proxy, 2 * (ITEMS // BATCH + 1))
+        assert divergence_table(proxy) == [("getMore", "items", "documents", 1.0)]
+
+
 def test_writes_are_mirrored_only_with_mirror_writes_and_a_warning(two_servers):
     primary, shadow = two_servers
     args = ["--mirror", shadow.uri, "--mirror-writes"]
@@ -157,6 +186,16 @@ def test_mirror_names_the_collection_seeded_differently(two_servers):
         assert any(kind == "documents" for _, _, kind, _ in table)  # the changed qty, same count
         assert any(kind == "document_count" for _, _, kind, _ in table)  # the missing document
         assert "mirror divergence" in proxy.stderr_text() and "k1" not in proxy.stderr_text()
+        # GET /mirror on the admin endpoint gives the same counts as JSON.
+        status, body = proxy.admin_get("/mirror")
+        assert status == 200, body
+        doc = json.loads(body)
+        rows = sorted((r["op"], r["collection"], r["kind"], float(r["count"])) for r in doc["divergences"])
+        assert rows == table and doc["divergences_total"] == sum(n for *_, n in table)
+        assert doc["compare"] == "documents" and doc["shadow"] == shadow.uri
+        assert doc["queue"] == {"depth": 0, "capacity": 1000} and doc["dropped"] == {}
+        assert doc["compared"] == {op: n for op, n in sent.items() if n}
+        assert sum(doc["mirrored"].values()) == sum(sent.values())
 
 
 def test_a_slow_shadow_drops_copies_and_leaves_the_client_alone(secantus):
@@ -181,6 +220,11 @@ def test_a_slow_shadow_drops_copies_and_leaves_the_client_alone(secantus):
             summary = {k: (statistics.median(v) * 1000, max(v) * 1000) for k, v in timings.items()}
             print("client latency ms (median, max):", summary, "dropped:", dropped)
             assert dropped and dropped >= 40 - 2 - 32 - 1  # queue of 2, 32 in flight at the shadow
+            status, body = mirrored.admin_get("/mirror")
+            assert status == 200, body
+            doc = json.loads(body)
+            assert doc["dropped"]["queue_full"] == dropped and doc["queue"]["capacity"] == 2
+            assert 0 <= doc["queue"]["depth"] <= 2
             # Had any find waited for the shadow, it would have taken at least the shadow's delay.
             assert max(timings["mirror on"]) < delay
             assert handler.seen["find"] >= 1

@@ -208,12 +208,12 @@ def test_pymongo_compression_is_observed_inside_and_forwarded_byte_for_byte(comp
         (e,) = by_id[rid]
         assert e.op == name and e.collection == (coll or ""), (e.op, e.collection, name, coll)
         want_op = (
-            mwire.OP_COMPRESSED if comp else mwire.OP_MSG if e.request_op_code != mwire.OP_QUERY else mwire.OP_QUERY
+            mwire.OP_COMPRESSED if comp else mwire.OP_MSG if e.request_opcode != mwire.OP_QUERY else mwire.OP_QUERY
         )
-        assert e.request_op_code == want_op
+        assert e.request_opcode == want_op
         assert e.reply is not None and e.ok is True and e.decode_error == ""
         if comp:
-            assert e.reply_op_code == mwire.OP_COMPRESSED
+            assert e.reply_opcode == mwire.OP_COMPRESSED
             checked[name] += 1
     assert {"insert", "find", "update", "delete", "aggregate", "count"} <= set(checked)
     assert [e.request.documents for e in sink.commands if e.op == "insert"] == [1, 38]
@@ -263,7 +263,7 @@ def test_unacknowledged_writes_against_secantus(secantus, db_name):
         ("delete", "items", 1),
     ]
     for e in w0:
-        assert e.request.flags & mwire.MORE_TO_COME and e.request_op_code == mwire.OP_MSG
+        assert e.request.flags & mwire.MORE_TO_COME and e.request_opcode == mwire.OP_MSG
         assert e.reply is None and e.reply_size == 0 and e.duration_ns == 0 and e.ok is None
     assert metric(registry, "mongoproxy_request_size_bytes_count", op="insert", db=db_name) == 2
     assert metric(registry, "mongoproxy_response_latency_seconds_count", op="insert", db=db_name) == 0
@@ -518,7 +518,7 @@ async def legacy_handler(conn) -> None:
         m = await conn.read_message(timeout=10)
         if m is None:
             return
-        if m.op_code == wire.OP_QUERY and m.query.full_collection_name.endswith(".$cmd"):
+        if m.opcode == wire.OP_QUERY and m.query.full_collection_name.endswith(".$cmd"):
             await conn.send_and_drain(
                 wire.encode_op_reply(
                     [{"ismaster": True, "maxWireVersion": 5, "compression": ["zlib"], "ok": 1.0}],
@@ -526,7 +526,7 @@ async def legacy_handler(conn) -> None:
                     request_id=9000 + m.request_id,
                 )
             )
-        elif m.op_code == wire.OP_QUERY:
+        elif m.opcode == wire.OP_QUERY:
             await conn.send_and_drain(
                 wire.encode_op_reply(
                     [{"_id": i} for i in range(3)],
@@ -535,17 +535,17 @@ async def legacy_handler(conn) -> None:
                     request_id=9000 + m.request_id,
                 )
             )
-        elif m.op_code == wire.OP_GET_MORE:
+        elif m.opcode == wire.OP_GET_MORE:
             await conn.send_and_drain(
                 wire.encode_op_reply(
                     [{"_id": 3}, {"_id": 4}], response_to=m.request_id, cursor_id=0, request_id=9000 + m.request_id
                 )
             )
-        elif m.op_code == wire.OP_COMMAND:
+        elif m.opcode == wire.OP_COMMAND:
             await conn.send_and_drain(
                 wire.encode_op_commandreply({}, {"ok": 1.0}, response_to=m.request_id, request_id=9000 + m.request_id)
             )
-        elif m.op_code == wire.OP_MSG:
+        elif m.opcode == wire.OP_MSG:
             await conn.send_and_drain(
                 wire.encode_op_msg({"ok": 1.0}, response_to=m.request_id, request_id=9000 + m.request_id)
             )
@@ -583,7 +583,7 @@ def test_legacy_opcodes_are_counted_under_their_own_names_and_matching_stays_int
             states = tracker_state(proxy)
 
     ev = {e.request_id: e for e in sink.commands}
-    got = [(rid, e.op, e.database, e.collection, e.request_op_code, e.reply_op_code) for rid, e in sorted(ev.items())]
+    got = [(rid, e.op, e.database, e.collection, e.request_opcode, e.reply_opcode) for rid, e in sorted(ev.items())]
     assert got == [
         (1, "isMaster", "admin", "", mwire.OP_QUERY, mwire.OP_REPLY),
         (2, "op_insert", "shop", "items", mwire.OP_INSERT, 0),
@@ -672,7 +672,7 @@ def test_checksum_present_is_skipped_or_verified(verify):
     ev = {e.request_id: e for e in sink.commands}
     assert all(ev[i].request.checksum is not None and ev[i].request.flags & mwire.CHECKSUM_PRESENT for i in range(1, 5))
     assert all(ev[i].request.documents == 1 and ev[i].collection == "c" and ev[i].ok is True for i in range(1, 5))
-    assert ev[5].op == "ping" and ev[5].request_op_code == mwire.OP_COMPRESSED  # the CRC inside is skipped
+    assert ev[5].op == "ping" and ev[5].request_opcode == mwire.OP_COMPRESSED  # the CRC inside is skipped
     errors = sorted((e.direction, e.reason) for e in sink.decode_errors)
     if verify:
         assert errors == [("reply", "checksum_mismatch"), ("request", "checksum_mismatch")]
@@ -686,7 +686,7 @@ def test_checksum_present_is_skipped_or_verified(verify):
 async def legacy_exhaust_handler(conn) -> None:
     """A pre-5.1 server answering an OP_QUERY flagged Exhaust: OP_REPLYs until the cursor id is 0."""
     m = await conn.read_message(timeout=10)
-    assert m.op_code == wire.OP_QUERY and m.query.flags & (1 << 6)
+    assert m.opcode == wire.OP_QUERY and m.query.flags & (1 << 6)
     chain = m.query.query["chain"]
     rto = m.request_id
     for i in range(5):
@@ -727,7 +727,7 @@ def test_legacy_exhaust_query_streams_op_replies(chain):
     assert [(e.exhaust_index, e.documents_returned, e.cursor_id) for e in queries] == [
         (i, 2, 0 if i == 4 else 4242) for i in range(5)
     ]
-    assert all(e.request_id == 1 and e.collection == "oplog" and e.reply_op_code == mwire.OP_REPLY for e in queries)
+    assert all(e.request_id == 1 and e.collection == "oplog" and e.reply_opcode == mwire.OP_REPLY for e in queries)
     assert [e.reply_request_id for e in queries] == [700, 701, 702, 703, 704]
     assert sink.unmatched == [] and metric(registry, "mongoproxy_unmatched_replies_total") == 0
     assert states == [(0, 0)]

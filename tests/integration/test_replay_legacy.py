@@ -2,7 +2,7 @@
 
 Each legacy client speaks one way (plain, or every request compressed with snappy, zlib or zstd): OP_COMMAND
 insert/count/update, commands in OP_QUERY on $cmd, legacy OP_INSERT/OP_UPDATE/OP_DELETE, a find in OP_QUERY on a
-collection and its OP_GET_MORE. The recorded server is scripted (it answers as a 3.x server would, keeping no
+collection and its OP_GET_MORE, and one closed by OP_KILL_CURSORS. The recorded server is scripted (it answers as a 3.x server would, keeping no
 data); what its collections would hold is built with the equivalent modern commands on a reference SecantusDB.
 """
 
@@ -29,7 +29,7 @@ async def legacy_server(conn) -> None:
         if m is None:
             return
         rto = m.request_id
-        if m.op_code == wire.OP_QUERY:
+        if m.opcode == wire.OP_QUERY:
             q = m.query
             if q.full_collection_name.endswith(".$cmd"):
                 doc = {"ismaster": True, "maxWireVersion": 4, "minWireVersion": 0, "ok": 1.0}
@@ -39,9 +39,9 @@ async def legacy_server(conn) -> None:
             else:
                 docs = [{"_id": 1}, {"_id": 2}]
                 await conn.send_and_drain(wire.encode_op_reply(docs, response_to=rto, cursor_id=4242))
-        elif m.op_code == wire.OP_GET_MORE:
+        elif m.opcode == wire.OP_GET_MORE:
             await conn.send_and_drain(wire.encode_op_reply([{"_id": 9}], response_to=rto, cursor_id=0))
-        elif m.op_code == wire.OP_COMMAND:
+        elif m.opcode == wire.OP_COMMAND:
             await conn.send_and_drain(wire.encode_op_commandreply({}, {"n": 1, "ok": 1.0}, response_to=rto))
 
 
@@ -99,6 +99,11 @@ def legacy_session(c: LegacyClient, tag: str) -> None:
         wire.encode_op_query({"$query": {}, "$orderby": {"_id": 1}}, full_collection_name=ns, number_to_return=2), True
     )
     c.send(wire.encode_op_get_more(ns, 4242, number_to_return=2), True)
+    # A second cursor, closed by OP_KILL_CURSORS before its end (no reply on the wire).
+    c.send(
+        wire.encode_op_query({"$query": {}, "$orderby": {"_id": 1}}, full_collection_name=ns, number_to_return=2), True
+    )
+    c.send(wire.encode_op_kill_cursors([4242]), False)
 
 
 def expected_state(client: pymongo.MongoClient, tag: str) -> None:
@@ -158,8 +163,12 @@ def test_legacy_capture_replays_into_a_current_server(tmp_path, scripted_server)
             "OP_DELETE -> delete",
             "OP_QUERY -> find",
             "OP_GET_MORE -> getMore",
+            "OP_KILL_CURSORS -> killCursors",
         ):
-            assert conv.get(prefix + name) == (3 if name == "OP_UPDATE -> update" else 1), (prefix + name, conv)
+            want = {"OP_UPDATE -> update": 3, "OP_QUERY -> find": 2}.get(name, 1)
+            assert conv.get(prefix + name) == want, (prefix + name, conv)
     assert report["skipped"]["getLastError (the converted write is acknowledged itself)"] == 4
     assert "legacy requests converted: " in done.stdout
     assert report["replayed"]["errors"] == 0 and report["new_errors"] == []
+    # Every killCursors reached the target with the target's own cursor id (none skipped for want of a cursor).
+    assert not any("cursor" in reason for reason in report["skipped"]), report["skipped"]

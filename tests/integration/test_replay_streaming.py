@@ -76,11 +76,15 @@ def synthesize(src: str, dst: str, target_bytes: int) -> tuple[int, int]:
 
 def dry_run_peak_rss(path: str) -> tuple[int, str]:
     """Peak RSS (MB) of `mongoproxy replay PATH --dry-run` in a process of its own, and its output."""
+    # VmHWM of the process's own address space, not getrusage's ru_maxrss: Linux carries ru_maxrss across
+    # execve, and a child made with vfork inherits the *parent's* peak there (a long pytest session's hundreds
+    # of MB), which says nothing about replay.
     code = (
-        "import resource, sys\n"
+        "import re, sys\n"
         "from mongoproxy import cli\n"
         "rc = cli.main(sys.argv[1:])\n"
-        "print('peak_rss_kb', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n"
+        "status = open('/proc/self/status').read()\n"
+        "print('peak_rss_kb', re.search(r'VmHWM:\\s+(\\d+) kB', status).group(1), file=sys.stderr)\n"
         "sys.exit(rc)\n"
     )
     env = proxy_env({"PYTHONPATH": str(REPO_ROOT)})

@@ -87,6 +87,34 @@ def test_verify_names_the_missing_document_and_gates_on_max_divergences(read_rec
     assert all(r["shape"] for r in rows) and "k1" not in json.dumps(rows)  # shapes carry no values
 
 
+def test_verify_compares_an_unsorted_cursor_whole_not_batch_by_batch(tmp_path):
+    docs = [{"_id": i, "kind": f"k{i % 3}"} for i in range(60)]
+    rec = tmp_path / "rec"
+    rec.mkdir()
+    with SecantusServer() as primary:
+        with primary.client() as p:
+            p[DB].items.insert_many(docs)
+        with run_proxy_process(["--record", str(rec)], upstream=primary.address) as proxy:
+            with proxy.client() as client:
+                assert len(list(client[DB].items.find({}, batch_size=20))) == 60
+    with SecantusServer() as target:
+        with target.client() as t:
+            t[DB].items.insert_many(docs[::-1])  # the same documents in another natural order: other batches
+        same = replay(rec, "--target", target.uri, "--max-speed", "--verify", "documents", "--report", tmp_path / "a")
+        with target.client() as t:
+            t[DB].items.update_one({"_id": 30}, {"$set": {"kind": "changed"}})
+        changed = replay(
+            rec, "--target", target.uri, "--max-speed", "--verify", "documents", "--report", tmp_path / "b"
+        )
+    assert same.returncode == 0, same.stdout + same.stderr
+    report = json.loads((tmp_path / "a").read_text())
+    assert report["divergences_total"] == 0 and report["documents_not_compared"] == 0
+    assert report["replayed"]["operations"] >= 3  # the find and its getMores
+    assert changed.returncode == 1, changed.stdout + changed.stderr
+    rows = json.loads((tmp_path / "b").read_text())["divergences"]
+    assert [(r["op"], r["kind"], r["count"]) for r in rows] == [("getMore", "documents", 1)], rows
+
+
 def test_scale_runs_copies_with_their_own_cursors(read_recording, tmp_path):
     with SecantusServer() as copy:
         with copy.client() as c:

@@ -119,7 +119,7 @@ def test_scripted_server_on_callers_loop(arun):
         return reply
 
     reply = arun(main())
-    assert reply.op_code == wire.OP_REPLY
+    assert reply.opcode == wire.OP_REPLY
     assert reply.doc["ismaster"] is True and reply.doc["maxWireVersion"] >= 21
     assert reply.doc["compression"] == []
 
@@ -205,7 +205,7 @@ def test_op_msg_roundtrip_with_sequences_and_checksum():
         )
         assert struct.unpack_from("<iiii", raw) == (len(raw), 42, 7, wire.OP_MSG)
         m = wire.decode_message(raw)
-        assert (m.request_id, m.response_to, m.op_code, m.compressor) == (42, 7, wire.OP_MSG, None)
+        assert (m.request_id, m.response_to, m.opcode, m.compressor) == (42, 7, wire.OP_MSG, None)
         assert m.msg.body == bson.decode(bson.encode(body)) and m.command_name == "insert"
         assert m.msg.sequence("documents") == docs
         assert m.msg.exhaust_allowed and not m.more_to_come
@@ -222,14 +222,14 @@ def test_op_query_and_op_reply_roundtrip():
     q = {"isMaster": 1, "client": {"driver": {"name": "x", "version": "1"}}, "compression": ["zstd"]}
     raw = wire.encode_op_query(q, full_collection_name="admin.$cmd", fields={"a": 1}, request_id=9)
     m = wire.decode_message(raw)
-    assert (m.op_code, m.request_id, m.command_name) == (wire.OP_QUERY, 9, "isMaster")
+    assert (m.opcode, m.request_id, m.command_name) == (wire.OP_QUERY, 9, "isMaster")
     assert m.query.query == q and m.query.fields == {"a": 1} and m.query.database == "admin"
     assert m.query.number_to_return == -1
 
     docs = [{"ismaster": True, "ok": 1.0}, {"n": Int64(2)}]
     raw = wire.encode_op_reply(docs, response_to=9, cursor_id=77, starting_from=3)
     r = wire.decode_message(raw)
-    assert (r.op_code, r.response_to) == (wire.OP_REPLY, 9)
+    assert (r.opcode, r.response_to) == (wire.OP_REPLY, 9)
     assert (r.reply.cursor_id, r.reply.starting_from, r.reply.number_returned) == (77, 3, 2)
     assert r.reply.documents == docs and r.doc == docs[0]
 
@@ -246,7 +246,7 @@ def test_legacy_opcodes_roundtrip():
     ]
     for raw, expect in cases:
         m = wire.decode_message(raw)
-        assert m.legacy is not None and m.op_code == struct.unpack_from("<i", raw, 12)[0]
+        assert m.legacy is not None and m.opcode == struct.unpack_from("<i", raw, 12)[0]
         for k, v in expect.items():
             assert m.legacy.fields[k] == v
 

@@ -21,8 +21,8 @@ HERE = Path(__file__).resolve().parent
 RID = 1
 
 
-def _op_msg(body: bytes, op_code: int = tw.OP_MSG, request_id: int = RID, response_to: int = 0) -> bytes:
-    return struct.pack("<iiii", 16 + len(body), request_id, response_to, op_code) + body
+def _op_msg(body: bytes, opcode: int = tw.OP_MSG, request_id: int = RID, response_to: int = 0) -> bytes:
+    return struct.pack("<iiii", 16 + len(body), request_id, response_to, opcode) + body
 
 
 def _kind0(doc: bytes, flags: int = 0) -> bytes:

@@ -108,7 +108,7 @@ class ScriptedConnection:
     ) -> bytes:
         """The reply to `request` as bytes: OP_REPLY for OP_QUERY, else OP_MSG; compressed like the request when 'auto'."""
         rto = request.request_id if response_to is None else response_to
-        if request.op_code == wire.OP_QUERY:
+        if request.opcode == wire.OP_QUERY:
             raw = wire.encode_op_reply([doc], response_to=rto)
         else:
             raw = wire.encode_op_msg(doc, flags=flags, checksum=checksum, response_to=rto)

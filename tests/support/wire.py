@@ -253,17 +253,17 @@ class OpReply:
 class LegacyOp:
     """A removed opcode (OP_INSERT, OP_UPDATE, OP_DELETE, OP_GET_MORE, OP_KILL_CURSORS, OP_COMMAND[REPLY])."""
 
-    op_code: int
+    opcode: int
     fields: dict
 
 
 @dataclass
 class Message:
-    """One framed message; for OP_COMPRESSED, the unwrapped original (op_code/payload) plus `compressor`."""
+    """One framed message; for OP_COMPRESSED, the unwrapped original (opcode/payload) plus `compressor`."""
 
     request_id: int
     response_to: int
-    op_code: int
+    opcode: int
     payload: bytes  # the body after the 16-byte header (decompressed)
     raw: bytes  # the bytes exactly as they travelled
     compressor: str | None = None
@@ -275,7 +275,7 @@ class Message:
     @property
     def op_name(self) -> str:
         """OP_MSG, OP_QUERY, ... (of the unwrapped message)."""
-        return OP_NAMES.get(self.op_code, f"OP_{self.op_code}")
+        return OP_NAMES.get(self.opcode, f"OP_{self.opcode}")
 
     @property
     def doc(self) -> dict | None:
@@ -286,9 +286,9 @@ class Message:
             return self.query.query
         if self.reply is not None:
             return self.reply.documents[0] if self.reply.documents else None
-        if self.legacy is not None and self.op_code == OP_COMMAND:
+        if self.legacy is not None and self.opcode == OP_COMMAND:
             return self.legacy.fields["command_args"]
-        if self.legacy is not None and self.op_code == OP_COMMANDREPLY:
+        if self.legacy is not None and self.opcode == OP_COMMANDREPLY:
             return self.legacy.fields["command_reply"]
         return None
 
@@ -318,10 +318,10 @@ class Message:
 # ---------------------------------------------------------------- encoders
 
 
-def encode_message(op_code: int, payload: bytes, request_id: int | None = None, response_to: int = 0) -> bytes:
+def encode_message(opcode: int, payload: bytes, request_id: int | None = None, response_to: int = 0) -> bytes:
     """Header + payload."""
     rid = next_request_id() if request_id is None else request_id
-    return HEADER.pack(HEADER_SIZE + len(payload), rid, response_to, op_code) + payload
+    return HEADER.pack(HEADER_SIZE + len(payload), rid, response_to, opcode) + payload
 
 
 def op_msg_payload(body: Doc, sequences: Iterable[tuple[str, Sequence[Doc]]] = (), flags: int = 0) -> bytes:
@@ -625,49 +625,49 @@ def decode_op_reply(payload: bytes) -> OpReply:
     return OpReply(flags, cursor_id, starting_from, n, docs)
 
 
-def decode_legacy(op_code: int, payload: bytes) -> LegacyOp:
+def decode_legacy(opcode: int, payload: bytes) -> LegacyOp:
     """Decode one of the removed opcodes into a field dict."""
-    r = _Reader(payload, OP_NAMES.get(op_code, str(op_code)))
+    r = _Reader(payload, OP_NAMES.get(opcode, str(opcode)))
     f: dict[str, Any] = {}
-    if op_code == OP_INSERT:
+    if opcode == OP_INSERT:
         f["flags"] = r.int32()
         f["full_collection_name"] = r.cstring()
         f["documents"] = r.docs_to_end()
-    elif op_code == OP_UPDATE:
+    elif opcode == OP_UPDATE:
         r.int32()
         f["full_collection_name"] = r.cstring()
         f["flags"] = r.int32()
         f["selector"] = r.doc()
         f["update"] = r.doc()
-    elif op_code == OP_DELETE:
+    elif opcode == OP_DELETE:
         r.int32()
         f["full_collection_name"] = r.cstring()
         f["flags"] = r.int32()
         f["selector"] = r.doc()
-    elif op_code == OP_GET_MORE:
+    elif opcode == OP_GET_MORE:
         r.int32()
         f["full_collection_name"] = r.cstring()
         f["number_to_return"] = r.int32()
         f["cursor_id"] = r.int64()
-    elif op_code == OP_KILL_CURSORS:
+    elif opcode == OP_KILL_CURSORS:
         r.int32()
         n = r.int32()
         f["cursor_ids"] = [r.int64() for _ in range(n)]
-    elif op_code == OP_COMMAND:
+    elif opcode == OP_COMMAND:
         f["database"] = r.cstring()
         f["command_name"] = r.cstring()
         f["metadata"] = r.doc()
         f["command_args"] = r.doc()
         f["input_docs"] = r.docs_to_end()
-    elif op_code == OP_COMMANDREPLY:
+    elif opcode == OP_COMMANDREPLY:
         f["metadata"] = r.doc()
         f["command_reply"] = r.doc()
         f["output_docs"] = r.docs_to_end()
     else:
-        raise WireFormatError(f"unknown opcode {op_code}")
+        raise WireFormatError(f"unknown opcode {opcode}")
     if r.remaining():
-        raise WireFormatError(f"{OP_NAMES[op_code]}: {r.remaining()} trailing bytes")
-    return LegacyOp(op_code, f)
+        raise WireFormatError(f"{OP_NAMES[opcode]}: {r.remaining()} trailing bytes")
+    return LegacyOp(opcode, f)
 
 
 def message_length(buf: bytes, max_size: int = DEFAULT_MAX_MESSAGE) -> int | None:

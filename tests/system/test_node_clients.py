@@ -53,7 +53,7 @@ def check_legacy_handshakes(sink, app_name: str) -> None:
     for conn in sink.closed:
         first = next(e for e in sink.commands if e.connection is conn)
         assert first.op.lower() in ("ismaster", "hello") and first.database == "admin"
-        assert (first.request_op_code, first.reply_op_code) == (wire.OP_QUERY, wire.OP_REPLY)
+        assert (first.request_opcode, first.reply_opcode) == (wire.OP_QUERY, wire.OP_REPLY)
         assert first.ok is True and first.decode_error == ""
         assert conn.app_name == app_name and conn.driver_name.startswith("nodejs")
     assert all(e.connection.app_name == app_name for e in sink.commands)

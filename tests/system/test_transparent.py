@@ -77,10 +77,14 @@ for host in sys.argv[1:]:
 print(json.dumps(out))
 """
 
+MEMBER_PORT = 27200  # the --upstream member listener, inside the test's own network namespace
+
 LOOPER = r"""
-import socket, sys
-s = socket.create_connection(("127.0.0.1", 27111), timeout=5)
-s.sendall(b"\x15\x00\x00\x00" + b"\x00" * 17)
+import socket, struct, sys
+import bson
+body = b"\x00\x00\x00\x00\x00" + bson.encode({"hello": 1, "$db": "admin"})  # OP_MSG: flags, section 0
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=5)
+s.sendall(struct.pack("<iiii", 16 + len(body), 1, 0, 2013) + body)
 s.settimeout(5)
 try:
     print("closed" if s.recv(100) == b"" else "answered")
@@ -104,7 +108,11 @@ def test_transparent_mode_ipv4_and_ipv6(netns, tmp_path):
         for host in (SERVER_V4, SERVER_V6)
     ]
     rules = []
-    for tool, dst in (("iptables", SERVER_V4), ("ip6tables", SERVER_V6)):
+    for tool, dst, port in (
+        ("iptables", SERVER_V4, 27017),
+        ("ip6tables", SERVER_V6, 27017),
+        ("iptables", "127.0.0.1", MEMBER_PORT),
+    ):
         rule = [
             "-t",
             "nat",
@@ -115,7 +123,7 @@ def test_transparent_mode_ipv4_and_ipv6(netns, tmp_path):
             "-d",
             dst,
             "--dport",
-            "27017",
+            str(port),
             "-m",
             "owner",
             "!",
@@ -139,6 +147,11 @@ def test_transparent_mode_ipv4_and_ipv6(netns, tmp_path):
                 "run",
                 "--proxy",
                 "27111",
+                # A member listener (MEMBER_PORT) is an own listener too: redirected there, a client is refused.
+                "--upstream",
+                f"mongodb://{SERVER_V4}:27017/?directConnection=true",
+                "--listen-port-base",
+                str(MEMBER_PORT),
                 "--listen-host",
                 "127.0.0.1,::1",
                 "--admin-port",
@@ -156,6 +169,7 @@ def test_transparent_mode_ipv4_and_ipv6(netns, tmp_path):
         wait_port_in_ns(ns, SERVER_V4, 27017)
         wait_port_in_ns(ns, SERVER_V6, 27017)
         wait_port_in_ns(ns, "127.0.0.1", 9898)
+        wait_port_in_ns(ns, "127.0.0.1", MEMBER_PORT)
         # The server is reached through the redirect only once both are up.
         client = subprocess.run(
             in_ns(ns, sys.executable, "-c", CLIENT, SERVER_V4, f"[{SERVER_V6}]"),
@@ -165,8 +179,11 @@ def test_transparent_mode_ipv4_and_ipv6(netns, tmp_path):
         )
         assert client.returncode == 0, client.stderr + proxy_log.read_text()
         assert json.loads(client.stdout) == {SERVER_V4: 1, f"[{SERVER_V6}]": 1}
-        looper = subprocess.run(in_ns(ns, sys.executable, "-c", LOOPER), capture_output=True, text=True, timeout=30)
-        assert looper.stdout.strip() == "closed", looper.stdout + looper.stderr  # refused, not looped
+        for port in (27111, MEMBER_PORT):
+            looper = subprocess.run(
+                in_ns(ns, sys.executable, "-c", LOOPER, str(port)), capture_output=True, text=True, timeout=30
+            )
+            assert looper.stdout.strip() == "closed", looper.stdout + looper.stderr  # refused, not looped
         metrics = subprocess.run(
             in_ns(
                 ns,
@@ -192,5 +209,5 @@ def test_transparent_mode_ipv4_and_ipv6(netns, tmp_path):
     assert servers == sorted([f"{SERVER_V4}:27017", f"[{SERVER_V6}]:27017"]), log_text
     assert all(line.get("app") == "sidecar-app" for line in inserts)
     assert "refusing to connect to myself" in log_text
-    assert 'mongoproxy_upstream_connect_errors_total{reason="loop"} 1.0' in metrics
+    assert 'mongoproxy_upstream_connect_errors_total{reason="loop"} 2.0' in metrics
     print("\n".join(["iptables rules:", *rules, "proxy log (commands):", *[json.dumps(line) for line in inserts]]))

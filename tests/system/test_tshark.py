@@ -242,7 +242,7 @@ def workload(ports: list[int], secantus_db: str) -> None:
         ]
         for r in requests:
             sock.sendall(r)
-            if wire.decode_message(r).op_code not in (
+            if wire.decode_message(r).opcode not in (
                 wire.OP_INSERT,
                 wire.OP_UPDATE,
                 wire.OP_DELETE,
@@ -321,9 +321,9 @@ def test_tshark_and_the_proxy_agree_on_every_message(tmp_path):
                 assert matching, f"no event for request {m}"
                 e = matching[0]
                 seen_requests.add((conn.id, e.request_id))
-                assert m.opcode == e.request_op_code and m.response_to == 0
+                assert m.opcode == e.request_opcode and m.response_to == 0
                 if m.original_opcode is not None:
-                    assert m.original_opcode == e.request.op_code
+                    assert m.original_opcode == e.request.opcode
                     checked["compressed request" if m.decoded else "zstd request (header only)"] += 1
                 if not m.decoded:
                     continue
@@ -348,7 +348,7 @@ def test_tshark_and_the_proxy_agree_on_every_message(tmp_path):
                 assert len(answered) == 1, f"reply {m} is {len(answered)} events"
                 e = answered[0]
                 seen_replies.add((conn.id, e.reply_request_id))
-                assert m.opcode == e.reply_op_code
+                assert m.opcode == e.reply_opcode
                 previous = [
                     x.reply_request_id & 0xFFFFFFFF
                     for x in evs

@@ -584,7 +584,7 @@ def test_op_msg_request_matches_oracle(doc, seqs, checksum, data):
     r = scan(bp.OP_MSG, False, body)
     assert r.flags == (1 if checksum else 0)
     assert r.checksum == (0x01020304 if checksum else None)
-    assert r.op_code == bp.OP_MSG
+    assert r.opcode == bp.OP_MSG
 
 
 # Write commands as drivers send them: small, so every split point is tried; comments everywhere.
@@ -1111,3 +1111,28 @@ def test_empty_op_msg_sections_and_multiple_kind0():
     body = op_msg({"find": "a"}) + b"\x00" + bson.encode({"find": "b", "$db": "z"})
     r = scan(bp.OP_MSG, False, body)
     assert (r.collection, r.database) == ("a", None)
+
+
+def test_scan_is_reset_feed_result_in_one_call():
+    """BodyScanner.scan gives what reset + feed + result give, and truncated when the body stops short."""
+    from mongoproxy.errors import DecodeError
+
+    bodies = [
+        (bp.OP_MSG, False, op_msg({"find": "c", "filter": {"_id": 1}, "$db": "shop"})),
+        (bp.OP_MSG, True, op_msg({"cursor": {"firstBatch": [{"a": 1}], "id": 0, "ns": "shop.c"}, "ok": 1.0})),
+    ]
+    s = bp.BodyScanner()
+    for op, is_reply, body in bodies:
+        data = b"x" * 16 + body + b"tail"
+        got = s.scan(data, 16, 16 + len(body), op, is_reply)
+        want = scan(op, is_reply, body)
+        assert repr(got) == repr(want)
+        assert (got.command, got.collection, got.database, got.returned) == (
+            want.command,
+            want.collection,
+            want.database,
+            want.returned,
+        )
+    body = op_msg({"find": "c", "$db": "shop"})
+    with pytest.raises(DecodeError):
+        s.scan(body[:-1], 0, len(body) - 1, bp.OP_MSG, False)

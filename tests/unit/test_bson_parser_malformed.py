@@ -236,7 +236,7 @@ def test_legacy_layouts():
 def test_unknown_opcode_and_error_state():
     s = bp.BodyScanner()
     with pytest.raises(DecodeError) as info:
-        s.reset(2012, False, 10)  # OP_COMPRESSED belongs to wire.py
+        s.reset(2012, False, 10)  # OP_COMPRESSED belongs to protocol/framing.py
     assert info.value.reason == "unknown_opcode"
     with pytest.raises(DecodeError):
         s.feed(b"\x00" * 10)

@@ -8,7 +8,7 @@ import bson
 import pytest
 from bson import Int64, ObjectId, Regex, Timestamp
 from bson.binary import Binary
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from mongoproxy import _bson_parser as bp
@@ -191,6 +191,14 @@ def test_secrets_never_rendered(doc, mode, data):
     assert MARK not in text
     assert MARK.encode().hex() not in text
     assert json.loads(text)  # still well formed
+    if op == bp.OP_MSG:  # a write statement carrying a secret, in either section order
+        seqs = [("updates", [{"q": {"pwd": MARK, "a": 1}, "u": {"$set": {"payload": {"inner": MARK}}}}])]
+        body = op_msg(doc, seqs=seqs, kind0_at=data.draw(st.integers(0, 1)))
+        cuts = data.draw(st.lists(st.integers(0, len(body)), max_size=8))
+        text = shape(op, False, body, mode, cuts)
+    assert MARK not in text
+    assert MARK.encode().hex() not in text
+    assert json.loads(text)  # still well formed
 
 
 def test_secret_examples():
@@ -299,6 +307,27 @@ def test_depth_is_bounded():
     assert (r.command, r.database) == ("find", "shop")
 
 
+def test_one_scanner_renders_deep_then_shallow_then_deep_in_chunks():
+    """The stack grows past its inline frames mid-chunk and is given back at reset: reuse stays exact."""
+    deep: dict = {"v": 1}
+    for _ in range(40):
+        deep = {"d": deep}
+    bodies = [
+        op_msg({"find": "c", "filter": deep, "$db": "shop"}),
+        op_msg({"find": "d", "filter": {"a": {"b": 1}}, "$db": "web"}),
+        op_msg({"find": "e", "filter": deep, "$db": "shop"}),
+    ]
+    s = bp.BodyScanner()
+    for body in bodies:
+        s.reset(bp.OP_MSG, False, len(body), bp.RENDER_REDACTED)
+        for start in range(0, len(body), 7):
+            s.feed(body, start, min(start + 7, len(body)))
+        r = s.result()
+        alone = scan(bp.OP_MSG, False, body, render=bp.RENDER_REDACTED)
+        assert (r.command, r.collection, r.query_shape) == (alone.command, alone.collection, alone.query_shape)
+    assert r.query_shape.count("{") == 42  # the root, the filter and the 40 documents nested in it
+
+
 def test_legacy_bodies_render_their_command_document():
     text = shape(
         bp.OP_QUERY,
@@ -318,12 +347,75 @@ def test_only_the_first_kind0_document_renders():
     assert shape(bp.OP_MSG, False, body, bp.RENDER_VALUES) == '{"insert":"c","$db":"d"}'
 
 
-def test_write_sequences_do_not_render_in_any_order():
-    seqs = [("deletes", [{"q": {"$comment": "tp", "pwd": "secret"}, "limit": 0}])]
+def test_the_first_write_statement_renders_in_either_section_order():
+    seqs = [("deletes", [{"q": {"$comment": "tp", "pwd": "secret", "a": 1}, "limit": 0}, {"q": {"other": 1}}])]
     for kind0_at in (0, 1):
         body = op_msg({"delete": "c", "$db": "d"}, seqs=seqs, kind0_at=kind0_at)
         r = scan(bp.OP_MSG, False, body, render=bp.RENDER_VALUES)
-        assert (r.query_shape, r.comment) == ('{"delete":"c","$db":"d"}', "tp")
+        assert r.comment == "tp"
+        assert r.query_shape == (
+            '{"delete":"c","$db":"d","deletes":[{"q":{"$comment":"tp","pwd":"?","a":1},"limit":0}]}'
+        )
+    seqs = [("updates", [{"q": {"a": 1}, "u": [{"$set": {"b": 2}}, {"$unset": "c"}], "multi": True}])]
+    for kind0_at in (0, 1):
+        body = op_msg({"update": "c", "ordered": True, "$db": "d"}, seqs=seqs, kind0_at=kind0_at)
+        assert shape(bp.OP_MSG, False, body, bp.RENDER_REDACTED) == (
+            '{"update":"c","ordered":"?","$db":"d","updates":[{"q":{"a":"?"},"u":[{"$set":{"b":"?"}},{"$unset":"?"}],'
+            '"multi":"?"}]}'
+        )
+
+
+def test_only_one_write_statement_renders_and_inserted_documents_never_do():
+    seqs = [("documents", [{"a": 1}]), ("updates", [{"q": {"x": 1}, "u": {}}]), ("updates", [{"q": {"y": 1}}])]
+    body = op_msg({"update": "c", "$db": "d"}, seqs=seqs, kind0_at=3)
+    assert (
+        shape(bp.OP_MSG, False, body, bp.RENDER_VALUES) == '{"update":"c","$db":"d","updates":[{"q":{"x":1},"u":{}}]}'
+    )
+    assert scan(bp.OP_MSG, False, body, render=bp.RENDER_VALUES).documents == 3
+    body = op_msg({"update": "c", "$db": "d"}, seqs=[("updates", [{"q": {"x": 1}}])])
+    assert scan(bp.OP_MSG, True, body, render=bp.RENDER_VALUES).query_shape == '{"update":"c","$db":"d"}'  # a reply
+
+
+write_statements = st.fixed_dictionaries(
+    {"q": st.dictionaries(json_keys, json_values, max_size=4)},
+    optional={
+        "u": st.one_of(
+            st.dictionaries(st.sampled_from(["$set", "$inc", "$unset"]), st.dictionaries(json_keys, json_values)),
+            st.lists(st.dictionaries(st.sampled_from(["$set", "$project"]), json_values, max_size=1), max_size=3),
+        ),
+        "multi": st.booleans(),
+        "limit": st.integers(0, 1),
+    },
+)
+
+
+@PROPERTY
+@given(
+    doc=json_commands(),
+    stmts=st.lists(write_statements, min_size=1, max_size=3),
+    ident=st.sampled_from(["updates", "deletes"]),
+    mode=st.sampled_from([bp.RENDER_REDACTED, bp.RENDER_VALUES]),
+    limit=st.sampled_from([16, 60, 200, 4096]),
+    data=st.data(),
+)
+def test_write_statement_rendering_is_chunking_and_section_order_invariant(doc, stmts, ident, mode, limit, data):
+    assume(ident not in doc)
+    texts = set()
+    for kind0_at in (0, 1):
+        body = op_msg(doc, seqs=[(ident, stmts)], kind0_at=kind0_at)
+        plain = scan(bp.OP_MSG, False, body)
+        whole = scan(bp.OP_MSG, False, body, render=mode, render_limit=limit)
+        assert fields(whole) == fields(plain)
+        cuts = data.draw(st.lists(st.integers(0, len(body)), max_size=8))
+        assert shape(bp.OP_MSG, False, body, mode, cuts, render_limit=limit) == whole.query_shape
+        texts.add(whole.query_shape)
+    (text,) = texts  # the same whichever section comes first
+    assert len(text.encode()) <= limit + 3
+    if limit == 4096:  # uncut: the command document with its first statement, as if sent in kind-0
+        one = shape(bp.OP_MSG, False, op_msg({**doc, ident: stmts[:1]}), mode)
+        assert json.loads(text) == json.loads(one)
+        if mode == bp.RENDER_REDACTED:
+            assert json.loads(text) == redact({**doc, ident: stmts[:1]})
 
 
 def test_render_arguments_are_checked():

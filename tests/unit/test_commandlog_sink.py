@@ -73,7 +73,7 @@ def command(
         database=db,
         collection=coll,
         request_id=11,
-        request_op_code=2013,
+        request_opcode=2013,
         request_size=150,
         request_first_ns=start,
         request_last_ns=start + 1000,
@@ -262,6 +262,16 @@ def test_json_lines_validate_and_carry_every_field():
     assert records[5]["reply_bytes"] is None and records[5]["ok"] is None and records[5]["write_errors"] is None
     assert records[6]["ns"] == "admin" and records[6]["client"] == "[::1]:53412"
     assert records[7]["decode_error"] == "bad_bson" and records[7]["comment"] == "hi"
+
+
+def test_member_state_is_logged_on_member_listeners_and_null_elsewhere():
+    member = conn()
+    member.member_state = "secondary"  # what topology.MemberSpec.route sets on an --upstream listener
+    plain, on_member = (validate(line) for line in run([command(), command(c=member)], fmt="json"))
+    assert plain["member_state"] is None
+    assert on_member["member_state"] == "secondary"
+    with pytest.raises(jsonschema.ValidationError):
+        VALIDATOR.validate({**on_member, "member_state": "leader"})
 
 
 def test_schema_rejects_what_it_should():

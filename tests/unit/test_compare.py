@@ -46,3 +46,45 @@ def test_ordered_commands_and_reply_documents():
     assert compare.reply_documents({"cursor": {"nextBatch": [], "id": 0}}) == []
     assert compare.reply_documents({"values": [1, 2]}) == [1, 2]
     assert compare.reply_documents({"n": 3, "ok": 1}) is None
+
+
+def batch(cid: int, n: int) -> Outcome:
+    return Outcome(ok=True, returned=n, cursor_id=cid)
+
+
+def test_an_unsorted_cursor_is_compared_over_all_its_batches():
+    docs = compare.CursorDocuments()
+    # The same four documents, spread differently over two batches: no divergence until the end, none there.
+    assert (
+        docs.judge(7, True, batch(7, 2), batch(9, 2), [{"_id": 1}, {"_id": 2}], [{"_id": 3}, {"_id": 1}], False) == []
+    )
+    assert len(docs) == 1
+    assert (
+        docs.judge(7, False, batch(0, 2), batch(0, 2), [{"_id": 3}, {"_id": 4}], [{"_id": 4}, {"_id": 2}], False) == []
+    )
+    assert len(docs) == 0 and docs.held == 0
+    # One document differs: named once, at the cursor's end.
+    assert docs.judge(8, True, batch(8, 1), batch(9, 1), [{"_id": 1}], [{"_id": 1}], False) == []
+    last = docs.judge(8, False, batch(0, 1), batch(0, 1), [{"_id": 2}], [{"_id": 5}], False)
+    assert last == [compare.KIND_DOCUMENTS]
+    # Sorted: still per batch.
+    assert docs.judge(9, True, batch(9, 2), batch(9, 2), [{"_id": 1}, {"_id": 2}], [{"_id": 2}, {"_id": 1}], True) == [
+        compare.KIND_DOCUMENTS
+    ]
+    assert len(docs) == 0
+
+
+def test_a_cursor_past_the_cap_or_forgotten_is_not_compared():
+    docs = compare.CursorDocuments(max_documents=3, max_held=8)
+    two = [{"_id": 1}, {"_id": 2}]
+    assert docs.judge(1, True, batch(1, 2), batch(1, 2), two, two, False) == []
+    assert docs.judge(1, False, batch(1, 2), batch(1, 2), two, two, False) == []  # 4 > 3: nothing more held
+    assert docs.held == 0
+    assert docs.judge(1, False, batch(0, 2), batch(0, 2), two, [{"_id": 9}], False) == [compare.NOT_COMPARED]
+    # Past max_held the oldest cursor is forgotten; its end is counted as not compared, not as a divergence.
+    for key in (10, 11, 12):
+        docs.judge(key, True, batch(key, 2), batch(key, 2), two, two, False)
+    assert 10 not in docs.open and docs.held <= 8
+    assert docs.judge(10, False, batch(0, 2), batch(0, 2), two, two, False) == [compare.NOT_COMPARED]
+    # A count divergence is not counted again as documents at the end.
+    assert docs.judge(11, False, batch(0, 2), batch(0, 1), two, two[:1], False) == [compare.KIND_COUNT]

@@ -49,6 +49,40 @@ def test_key_order_and_structure_make_different_shapes():
     assert shape({"find": "orders", "filter": {"a": 1}}) != shape({"find": "items", "filter": {"a": 1}})
 
 
+def write_shape(cmd: dict, ident: str, stmts: list, kind0_first: bool = True) -> str:
+    """The shape of a write sent as drivers send it: statements in an OP_MSG kind-1 document sequence."""
+    payload = ident.encode() + b"\x00" + b"".join(bson.encode(d) for d in stmts)
+    kind0 = b"\x00" + bson.encode(cmd)
+    kind1 = b"\x01" + struct.pack("<i", 4 + len(payload)) + payload
+    body = struct.pack("<I", 0) + (kind0 + kind1 if kind0_first else kind1 + kind0)
+    s = _bson_parser.BodyScanner()
+    s.reset(_bson_parser.OP_MSG, False, len(body), _bson_parser.RENDER_REDACTED)
+    s.feed(body)
+    return querylog.query_of(s.result().query_shape, next(iter(cmd)), False).shape
+
+
+@pytest.mark.parametrize("kind0_first", [True, False])
+def test_writes_in_document_sequences_are_shaped_by_their_first_statement(kind0_first):
+    upd = {"update": "orders", "ordered": True, "$db": "shop", "lsid": {"id": 1}}
+    a1 = write_shape(upd, "updates", [{"q": {"a": 1}, "u": {"$set": {"x": 1}}}], kind0_first)
+    a2 = write_shape(upd, "updates", [{"q": {"a": 2}, "u": {"$set": {"x": "y"}}}, {"q": {"z": 1}}], kind0_first)
+    b1 = write_shape(upd, "updates", [{"q": {"b": 1}, "u": {"$set": {"x": 1}}}], kind0_first)
+    a_inc = write_shape(upd, "updates", [{"q": {"a": 1}, "u": {"$inc": {"x": 1}}}], kind0_first)
+    a_pipe = write_shape(upd, "updates", [{"q": {"a": 1}, "u": [{"$set": {"x": 1}}]}], kind0_first)
+    assert a1 == a2  # only literals (and later statements) differ
+    assert len({a1, b1, a_inc, a_pipe}) == 4  # the filter, the update operator, a pipeline: four shapes
+    # the same as the one-statement command sent in kind-0
+    assert a1 == shape({**upd, "updates": [{"q": {"a": 7}, "u": {"$set": {"x": 0}}}]})
+    dele = {"delete": "orders", "ordered": True, "$db": "shop"}
+    da1 = write_shape(dele, "deletes", [{"q": {"a": 1}, "limit": 0}], kind0_first)
+    da2 = write_shape(dele, "deletes", [{"q": {"a": 2}, "limit": 0}], kind0_first)
+    db1 = write_shape(dele, "deletes", [{"q": {"b": 1}, "limit": 0}], kind0_first)
+    assert da1 == da2 != db1
+    ins = {"insert": "orders", "$db": "shop"}
+    # inserted documents are data: one shape per collection
+    assert write_shape(ins, "documents", [{"a": 1}], kind0_first) == write_shape(ins, "documents", [{"b": 1}])
+
+
 def test_a_redacted_rendering_is_parsed_once_and_shared():
     text = rendered({"find": "cache_probe", "filter": {"k": 1}, "$db": "d"})
     first = querylog.query_of(text, "find", False)

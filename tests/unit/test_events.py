@@ -13,7 +13,7 @@ def make_event(conn):
         database="admin",
         collection="",
         request_id=1,
-        request_op_code=2013,
+        request_opcode=2013,
         request_size=40,
         request_first_ns=1,
         request_last_ns=2,

@@ -71,7 +71,7 @@ def command(
         database=db,
         collection=coll,
         request_id=7,
-        request_op_code=2013,
+        request_opcode=2013,
         request_size=request_size,
         request_first_ns=start_ns,
         request_last_ns=start_ns + 1000,
@@ -111,6 +111,31 @@ def val(reg, name, labels=None):
 
 def test_info_gauge(reg, sink):
     assert val(reg, "mongoproxy_info", {"version": "9.9.9", "mode": "static", "upstream_tls": "off"}) == 1
+
+
+def test_many_commands_land_in_the_buckets_their_values_name(reg, sink):
+    """Thousands of commands, a scrape among them: each bucket and sum holds what the values say."""
+    from bisect import bisect_left
+
+    c = conn()
+    n = 5000
+    lat_ms = [0.1 + (i * 7919 % 5000) / 10 for i in range(n)]  # 0.1 ms .. 500 ms, bucket bounds included
+    sizes = [16 + (i * 104729 % 70000) for i in range(n)]
+    returned = [i % 150 if i % 3 else None for i in range(n)]
+    for i in range(n):
+        sink.on_command(command(c, latency_ms=lat_ms[i], request_size=sizes[i], returned=returned[i]))
+        if i == 2500:
+            assert val(reg, "mongoproxy_response_latency_seconds_count", L) == i + 1
+    bounds = sink.latency_buckets
+    for bound in bounds:
+        expect = sum(1 for ms in lat_ms if bisect_left(bounds, ms / 1000) <= bisect_left(bounds, bound))
+        assert val(reg, "mongoproxy_response_latency_seconds_bucket", dict(L, le=str(bound))) == expect
+    assert val(reg, "mongoproxy_response_latency_seconds_sum", L) == pytest.approx(sum(lat_ms) / 1000)
+    assert val(reg, "mongoproxy_request_size_bytes_sum", L) == sum(sizes)
+    assert val(reg, "mongoproxy_request_size_bytes_bucket", dict(L, le="1024.0")) == sum(1 for x in sizes if x <= 1024)
+    real = [r for r in returned if r is not None]
+    assert val(reg, "mongoproxy_documents_returned_count", L) == len(real)
+    assert val(reg, "mongoproxy_documents_returned_sum", L) == sum(real)
 
 
 def test_histograms_count_and_sum_per_label_set(reg, sink):

@@ -276,3 +276,16 @@ def test_the_framer_stops_at_a_bad_length_or_when_a_hook_stops_it():
     f = _Collect()
     f._frame(good + struct.pack("<iiii", 20, 2, 0, 4242) + b"body", 0)
     assert f.messages == [good] and f.bad == ("opcode", 4242) and f.stopped and f.dead == b"body"
+
+
+def test_an_aggregate_writes_only_with_out_or_merge_and_one_rule_serves_replay_and_the_mirror():
+    from mongoproxy.protocol.commands import pipeline_writes
+    from mongoproxy.replay import filters
+    from mongoproxy.sinks import mirror
+
+    assert pipeline_writes([{"$match": {}}, {"$merge": {"into": "x"}}])
+    assert pipeline_writes([{"$out": "x"}])
+    assert not pipeline_writes([{"$match": {"$out": 1}}])  # a field named $out inside a stage is not a stage
+    assert not pipeline_writes([{"$group": {"_id": 1}}, "not a stage"])
+    assert not pipeline_writes(None) and not pipeline_writes({"$out": "x"})
+    assert filters.pipeline_writes is pipeline_writes and mirror.pipeline_writes is pipeline_writes

@@ -179,6 +179,26 @@ def test_legacy_query_command_is_unwrapped(tmp_path):
     assert dict(op.spec) == {"count": "orders"}
 
 
+def legacy_kill_cursors(request_id: int, ids: list) -> bytes:
+    body = struct.pack("<ii", 0, len(ids)) + b"".join(struct.pack("<q", i) for i in ids)
+    return struct.pack("<iiii", 16 + len(body), request_id, 0, 2007) + body
+
+
+def test_legacy_kill_cursors_becomes_kill_cursors_on_the_cursors_collection(tmp_path):
+    w = workload(
+        tmp_path,
+        [
+            (op_msg(1, 0, {"find": "orders", "filter": {}, "batchSize": 1, "$db": "shop"}), cursor_reply(1, 77, 1)),
+            (legacy_kill_cursors(2, [77]), None),
+        ],
+    )
+    find, kill = w.ops
+    assert (kill.op, kill.ns, kill.skip, kill.unacknowledged) == ("killCursors", "shop.orders", "", True)
+    assert kill.spec == {"killCursors": "orders", "cursors": [Int64(77)]}
+    assert kill.kill_ids == (77,) and kill.creator is find
+    assert w.conversions == {"OP_KILL_CURSORS -> killCursors": 1}
+
+
 def test_read_only_keeps_reads_and_their_cursors(tmp_path):
     w = sample(tmp_path)
     apply_filters(w, Filters(read_only=True))

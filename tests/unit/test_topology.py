@@ -85,3 +85,28 @@ def test_port_allocator_skips_taken_ports_and_reports_exhaustion():
             last.bind("member b")
     finally:
         holder.close()
+
+
+@pytest.mark.parametrize(
+    ("flags", "advertised"),
+    [
+        ({}, "127.0.0.1"),
+        ({"listen_host": "0.0.0.0"}, "127.0.0.1"),
+        ({"listen_host": "::"}, "::1"),
+        ({"listen_host": "::,0.0.0.0"}, "::1"),  # several hosts: the first one decides
+        ({"listen_host": "10.1.2.3,127.0.0.1"}, "10.1.2.3"),
+        ({"listen_host": "0.0.0.0", "advertise_host": "mongoproxy.svc"}, "mongoproxy.svc"),
+        ({"advertise_host": "[fd00::5]"}, "fd00::5"),
+    ],
+)
+def test_advertised_host(flags, advertised):
+    from mongoproxy import topology
+
+    cfg = config_mod.build({"upstream": ["mongodb://db:27017/"], **flags}, env={})
+    assert topology.advertised_host(cfg) == advertised
+
+
+@pytest.mark.parametrize("bad", ["", "db:27017", "a,b", "http://x/"])
+def test_advertise_host_refuses_what_is_not_a_host(bad):
+    with pytest.raises(ConfigError, match="--advertise-host"):
+        config_mod.build({"upstream": ["mongodb://db:27017/"], "advertise_host": bad}, env={})

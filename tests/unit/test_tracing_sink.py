@@ -43,10 +43,10 @@ SCAN_FIELDS = (
 ).split()
 
 
-def scan(op_code: int = 2013, **fields) -> SimpleNamespace:
+def scan(opcode: int = 2013, **fields) -> SimpleNamespace:
     """A ScanResult-shaped value: the given fields, every other one None."""
     values = dict.fromkeys(SCAN_FIELDS)
-    values.update(op_code=op_code, flags=0, documents=0)
+    values.update(opcode=opcode, flags=0, documents=0)
     unknown = set(fields) - set(values)
     assert not unknown, unknown
     values.update(fields)
@@ -77,7 +77,7 @@ def command(
     code_name="",
     returned=None,
     query_shape=None,
-    op_code: int = 2013,
+    opcode: int = 2013,
     reply: dict | None = None,
     no_reply: bool = False,
 ) -> CommandEvent:
@@ -85,7 +85,7 @@ def command(
     _clock[0] += 1_000_000
     t0 = _clock[0]
     req = scan(
-        op_code,
+        opcode,
         command=op,
         collection=collection or None,
         database=database,
@@ -101,7 +101,7 @@ def command(
         database=database,
         collection=collection,
         request_id=1,
-        request_op_code=op_code,
+        request_opcode=opcode,
         request_size=120,
         request_first_ns=t0,
         request_last_ns=t0 + 10_000,
@@ -110,7 +110,7 @@ def command(
     if no_reply:
         ev.more_to_come_request = True
         return ev
-    ev.reply_op_code = 2013
+    ev.reply_opcode = 2013
     ev.reply_size = 800
     ev.reply_first_ns = t0 + 200_000
     ev.reply_last_ns = t0 + 250_000
@@ -472,8 +472,8 @@ def test_cursor_map_entries_expire(make):
 
 def test_legacy_op_get_more_inherits_too(make):
     sink, exp = make()
-    sink.on_command(command("query", comment=TP, cursor_id=77, op_code=2004))
-    sink.on_command(command("op_get_more", request_cursor=77, cursor_id=0, op_code=2005))
+    sink.on_command(command("query", comment=TP, cursor_id=77, opcode=2004))
+    sink.on_command(command("op_get_more", request_cursor=77, cursor_id=0, opcode=2005))
     query, gm = spans_of(sink, exp)
     assert gm.context.trace_id == TRACE and gm.name == "op_get_more users"
 

@@ -39,8 +39,8 @@ class MessagePolicy(CaptureState):
             raise
 
     def _process(self, c: _Conn, is_reply: bool, msg: bytes) -> bytes | None:
-        _, request_id, response_to, op_code = HEADER.unpack_from(msg)
-        plain = compression.uncompressed(msg, self.max_message_bytes) if op_code == OP_COMPRESSED else msg
+        _, request_id, response_to, opcode = HEADER.unpack_from(msg)
+        plain = compression.uncompressed(msg, self.max_message_bytes) if opcode == OP_COMPRESSED else msg
         flags = (
             struct.unpack_from("<I", plain, 16)[0] if len(plain) >= 20 and HEADER.unpack_from(plain)[3] == OP_MSG else 0
         )
@@ -81,9 +81,9 @@ class MessagePolicy(CaptureState):
         from mongoproxy import _bson_parser
         from mongoproxy.tracker import COLLECTION_COMMANDS
 
-        op_code = HEADER.unpack_from(plain)[3]
+        opcode = HEADER.unpack_from(plain)[3]
         try:
-            r = _bson_parser.scan_body(op_code, False, memoryview(plain)[16:])
+            r = _bson_parser.scan_body(opcode, False, memoryview(plain)[16:])
         except (DecodeError, ValueError):
             return "", "", ""
         command = r.command or ""

@@ -1,0 +1,292 @@
+"""`python -m benchmarks --breakdown`: where the proxy's CPU per round trip goes, layer by layer.
+
+Each layer is a process of its own, a uvloop pass-through that adds one piece of
+the tap to the one before it, built from the proxy's own classes:
+
+    bare       write each chunk to the other side, nothing else
+    framing    + byte counting, the clock and both directions' framers (body scanning stubbed out)
+    scanner    + the Cython body scanner (the events go nowhere)
+    tracker    + request/reply matching and CommandEvents on an empty SinkBus
+    +metrics   tracker + the metrics sink (the default)
+    +log       tracker + the command log sink (to a file)
+    +trace     tracker + the tracing sink at ratio 1, exporting to a discard-everything OTLP endpoint
+
+and beside them the whole proxy (`python -m mongoproxy run`, metrics only) and haproxy. The raw-socket
+small round trips of the hot-path scenario run against all of them interleaved, `repeats` times over;
+each repetition gives one CPU figure per layer, so the table shows the median and the spread.
+
+`python -m benchmarks.breakdown --serve LAYER --upstream PORT` runs one layer (it prints "ready PORT").
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import sys
+import time
+from typing import Any
+
+LAYERS = ("bare", "framing", "scanner", "tracker", "+metrics", "+log", "+trace")
+
+
+# ---- one layer: the server ----
+
+
+class _NoScan:
+    """Stands in for the body scanner in the framing layer: the framer's calls, no work."""
+
+    done = True
+
+    class _Result:
+        checksum = None
+        flags = 0
+
+    _result = _Result()
+
+    def reset(self, *args: Any) -> None:
+        pass
+
+    def feed(self, *args: Any) -> None:
+        pass
+
+    def result(self) -> Any:
+        return self._result
+
+    def scan(self, *args: Any) -> Any:
+        return self._result
+
+
+def _make_tap(layer: str, otlp: str, logfile: str) -> Any:
+    """A factory: (on_request_chunk, on_reply_chunk) feeds for one connection, or None for the bare layer."""
+    if layer == "bare":
+        return None
+    from prometheus_client import CollectorRegistry
+
+    from mongoproxy import __version__, config, wire
+    from mongoproxy.events import Connection, SinkBus
+    from mongoproxy.sinks import SinkContext, build_sinks
+    from mongoproxy.tracker import Tracker
+
+    sinks: list = []
+    if layer.startswith("+"):
+        flags: dict[str, Any] = {}
+        if layer == "+log":
+            flags = {"log_commands": True, "log_file": logfile}
+        elif layer == "+trace":
+            flags = {"trace_sample_ratio": "1", "otlp_endpoint": otlp}
+        cfg = config.build(flags, env={})
+        ctx = SinkContext(registry=CollectorRegistry(), version=__version__, mode="static")
+        kind = {"+metrics": "MetricsSink", "+log": "CommandLogSink", "+trace": "TracingSink"}[layer]
+        sinks = [s for s in build_sinks(cfg, ctx) if type(s).__name__ == kind]
+        if len(sinks) != 1:
+            raise SystemExit(f"breakdown: no {kind} among {[type(s).__name__ for s in build_sinks(cfg, ctx)]}")
+    bus = SinkBus(sinks)
+    ids = iter(range(1, 1 << 30))
+
+    def noop(*args: Any) -> None:
+        pass
+
+    def tap() -> tuple[Any, Any, Any]:
+        conn = Connection(id=next(ids), client_host="127.0.0.1", client_port=1, upstream_host="127.0.0.1")
+        if layer in ("framing", "scanner"):
+            on_req = on_rep = noop
+        else:
+            tracker = Tracker(conn, bus, 1000)
+            on_req, on_rep = tracker.on_request, tracker.on_reply
+        requests = wire.FrameScanner(False, on_req, noop)
+        replies = wire.FrameScanner(True, on_rep, noop)
+        if layer == "framing":
+            requests.scanner = replies.scanner = _NoScan()
+        return conn, requests.feed, replies.feed
+
+    return tap
+
+
+async def _serve(layer: str, upstream: int, otlp: str, logfile: str) -> None:
+    loop = asyncio.get_running_loop()
+    make_tap = _make_tap(layer, otlp, logfile)
+    clock = time.monotonic_ns
+
+    class Up(asyncio.Protocol):
+        def __init__(self, client: Any) -> None:
+            self.client = client
+
+        def connection_made(self, transport: Any) -> None:
+            self.transport = transport
+
+        def data_received(self, data: bytes) -> None:
+            c = self.client
+            c.transport.write(data)
+            if c.feed_rep is not None:
+                c.conn.bytes_from_server += len(data)
+                c.feed_rep(data, clock())
+
+        def connection_lost(self, exc: Any) -> None:
+            self.client.transport.close()
+
+    class Client(asyncio.Protocol):
+        feed_req: Any = None
+        feed_rep: Any = None
+        write_up: Any = None
+
+        def connection_made(self, transport: Any) -> None:
+            self.transport = transport
+            self.up: Any = None
+            self.early: list[bytes] = []
+            if make_tap is not None:
+                self.conn, self.feed_req, self.feed_rep = make_tap()
+            transport.pause_reading()
+            loop.create_task(self._connect())
+
+        async def _connect(self) -> None:
+            _, self.up = await loop.create_connection(lambda: Up(self), "127.0.0.1", upstream)
+            self.write_up = self.up.transport.write
+            for chunk in self.early:
+                self.data_received(chunk)
+            self.transport.resume_reading()
+
+        def data_received(self, data: bytes) -> None:
+            if self.write_up is None:  # pause_reading() in connection_made() may be ignored (uvloop)
+                self.early.append(data)
+                self.transport.pause_reading()
+                return
+            self.write_up(data)
+            if self.feed_req is not None:
+                self.conn.bytes_from_client += len(data)
+                self.feed_req(data, clock())
+
+        def connection_lost(self, exc: Any) -> None:
+            if self.up is not None:
+                self.up.transport.close()
+
+    server = await loop.create_server(Client, "127.0.0.1", 0)
+    for sock in server.sockets:
+        import socket
+
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    print(f"ready {server.sockets[0].getsockname()[1]}", flush=True)
+    await asyncio.Event().wait()
+
+
+def serve_main(argv: list[str] | None = None) -> int:
+    """Run one layer until killed."""
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.breakdown")
+    ap.add_argument("--serve", choices=LAYERS, required=True)
+    ap.add_argument("--upstream", type=int, required=True)
+    ap.add_argument("--otlp-endpoint", default="")
+    ap.add_argument("--log-file", default=os.devnull)
+    args = ap.parse_args(argv)
+    import uvloop
+
+    uvloop.run(_serve(args.serve, args.upstream, args.otlp_endpoint, args.log_file))
+    return 0
+
+
+# ---- the run: every layer side by side ----
+
+
+def run(workdir: str, rounds: int, per_round: int, repeats: int, baseline: str | None = None) -> dict:
+    """Start every layer, the whole proxy and haproxy; `repeats` interleaved raw-socket runs; CPU µs per trip.
+
+    `baseline`: another checkout whose whole proxy runs beside this one's, as row "baseline".
+    """
+    from benchmarks import procs, scenarios
+
+    started: list[procs.Proc] = []
+    try:
+        backend = procs.start_backend(200, workdir)
+        started.append(backend)
+        sink = procs.start_otlp_sink(workdir)
+        started.append(sink)
+        targets: dict[str, procs.Proc | None] = {}
+        for layer in LAYERS:
+            env = {"OTEL_BSP_SCHEDULE_DELAY": "500"} if layer == "+trace" else None
+            p = procs.Proc(
+                f"layer {layer}",
+                [
+                    sys.executable,
+                    "-m",
+                    "benchmarks.breakdown",
+                    "--serve",
+                    layer,
+                    "--upstream",
+                    str(backend.port),
+                    "--otlp-endpoint",
+                    f"http://127.0.0.1:{sink.port}",
+                    "--log-file",
+                    os.path.join(workdir, "breakdown-commands.log"),
+                ],
+                0,
+                procs._env(env),
+                os.path.join(workdir, f"layer-{layer.strip('+')}.err"),
+            )
+            started.append(p)
+            p.read_ready(30)
+            targets[layer] = p
+        targets["mongoproxy"] = procs.start_mongoproxy("mongoproxy", backend.port, workdir)
+        started.append(targets["mongoproxy"])
+        if baseline:
+            targets["baseline"] = procs.start_mongoproxy("baseline", backend.port, workdir, root=baseline)
+            started.append(targets["baseline"])
+        targets["haproxy"] = procs.start_haproxy(backend.port, workdir)
+        started.append(targets["haproxy"])
+        ports = {name: t.port for name, t in targets.items() if t is not None}
+        runs: list[dict] = []
+        for i in range(repeats):
+            print(f"[breakdown] repetition {i + 1}/{repeats}: {rounds} rounds x {per_round}", file=sys.stderr)
+            out = scenarios.small_round_trip_raw(targets, ports, rounds, per_round)
+            runs.append({n: r["us_per_request"] for n, r in out["cpu"].items()})
+        observed = scenarios.observed_commands(targets["mongoproxy"])
+    finally:
+        for proc in reversed(started):
+            proc.stop()
+    rows = {}
+    for name in ports:
+        xs = [r[name] for r in runs]
+        rows[name] = {"median_us": statistics.median(xs), "min_us": min(xs), "max_us": max(xs), "runs_us": xs}
+    return {
+        "rows": rows,
+        "repeats": repeats,
+        "requests_per_repeat": rounds * per_round,
+        "mongoproxy_commands_observed": observed,
+        "load_average": os.getloadavg(),
+    }
+
+
+def render(res: dict) -> str:
+    """The table as Markdown: median and spread per layer, the step from the layer above, ÷ haproxy.
+
+    "÷ haproxy" is the median over repetitions of each repetition's own ratio, which the machine's drift
+    between repetitions does not move as much as the absolute figures.
+    """
+    rows = res["rows"]
+    runs = [{n: rows[n]["runs_us"][i] for n in rows} for i in range(res["repeats"])]
+    lines = [
+        f"CPU µs per small round trip: median of {res['repeats']} interleaved repetitions of "
+        f"{res['requests_per_repeat']} raw-socket round trips each (min–max over the repetitions)",
+        "",
+        "| layer | CPU µs / round trip | min–max | step | ÷ haproxy (min–max) |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    prev = None
+    for name, row in rows.items():
+        med = row["median_us"]
+        if name in LAYERS[:4]:
+            step = "" if prev is None else f"{med - prev:+.1f}"
+            prev = med
+        elif name.startswith("+"):
+            step = f"{med - rows['tracker']['median_us']:+.1f} over tracker"
+        else:
+            step = ""
+        ratios = [r[name] / r["haproxy"] for r in runs]
+        lines.append(
+            f"| {name} | {med:.1f} | {row['min_us']:.1f}–{row['max_us']:.1f} | {step} | "
+            f"{statistics.median(ratios):.2f}× ({min(ratios):.2f}–{max(ratios):.2f}) |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(serve_main())
