@@ -173,7 +173,8 @@ cdef class BodyScanner:
     cdef int render
     cdef Py_ssize_t render_limit
     cdef char* rbuf        # the region being rendered into: rmem, or the statement region while one renders
-    cdef char* rmem        # the command document's region of render_limit + 8 bytes, then (once one was seen) the statement's
+    # rmem: the command document's region of render_limit + 8 bytes, then (once one was seen) the statement's
+    cdef char* rmem
     cdef Py_ssize_t rcap
     cdef Py_ssize_t rlen
     cdef bint rfull
