@@ -1,7 +1,7 @@
 """The names the live path used before mongoproxy.protocol existed, re-exported from it unchanged.
 
-Kept so that code written against `mongoproxy.wire` (server.py, parallel branches, the benchmark's
---baseline of an older checkout) keeps working; new code imports mongoproxy.protocol.* directly.
+Kept so that the benchmarks can measure an older checkout side by side (`tapcost.py --root`, the harness's
+--baseline), which import `mongoproxy.wire`; nothing in the package imports it; new code imports mongoproxy.protocol.* directly.
 Nothing is defined here.
 """
 
