@@ -10,10 +10,9 @@ import signal
 import subprocess
 import sys
 
+from tests.support.netns import SERVER_V4, as_proxy_user, in_ns, redirect_rule, sh, wait_port_in_ns
 from tests.support.tlscerts import make_pki
-from tests.system.test_transparent import SERVER_V4, as_proxy_user, in_ns, netns, sh, wait_port_in_ns  # noqa: F401
 
-PROXY_UID = 9999
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # One TLS connection: insert, find, print the results, then stay open and idle until stdin closes.
@@ -51,7 +50,7 @@ def sample(text, name):
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
 
 
-def test_tls_passthrough_in_transparent_mode(netns, tmp_path):  # noqa: F811 - the fixture, imported
+def test_tls_passthrough_in_transparent_mode(netns, tmp_path):
     ns = netns
     pki_dir = tmp_path / "pki"
     pki_dir.mkdir()
@@ -81,27 +80,7 @@ def test_tls_passthrough_in_transparent_mode(netns, tmp_path):  # noqa: F811 - t
         stderr=subprocess.STDOUT,
         cwd=tmp_path,
     )
-    rule = [
-        "-t",
-        "nat",
-        "-A",
-        "OUTPUT",
-        "-p",
-        "tcp",
-        "-d",
-        SERVER_V4,
-        "--dport",
-        "27017",
-        "-m",
-        "owner",
-        "!",
-        "--uid-owner",
-        str(PROXY_UID),
-        "-j",
-        "REDIRECT",
-        "--to-ports",
-        "27111",
-    ]
+    rule = redirect_rule(SERVER_V4, 27017)
     sh(*in_ns(ns, "iptables", *rule))
     proxy_log = tmp_path / "proxy.log"
     proxy = subprocess.Popen(

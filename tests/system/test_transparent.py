@@ -4,66 +4,16 @@ import json
 import os
 import subprocess
 import sys
-import time
 
-import pytest
-
-from tests.support.system import require_netns, require_tool
-
-PROXY_UID = 9999
-SERVER_V4 = "10.213.0.2"  # exists only inside the test's namespace
-SERVER_V6 = "fd42:213::2"
-
-
-def sh(*cmd, check=True, **kw):
-    return subprocess.run(cmd, check=check, capture_output=True, text=True, **kw)
-
-
-@pytest.fixture
-def netns():
-    ip = require_netns()
-    require_tool("iptables")
-    require_tool("ip6tables")
-    require_tool("setpriv")
-    name = f"mpx-t{os.getpid()}"
-    sh(ip, "netns", "add", name)
-    try:
-        sh(ip, "-n", name, "link", "set", "lo", "up")
-        # The "server host" addresses live on the namespace's own loopback: nothing leaves it.
-        sh(ip, "-n", name, "addr", "add", f"{SERVER_V4}/32", "dev", "lo")
-        sh(ip, "-n", name, "addr", "add", f"{SERVER_V6}/128", "dev", "lo")
-        yield name
-    finally:
-        sh(ip, "netns", "delete", name, check=False)
-
-
-def in_ns(ns, *cmd):
-    return ["ip", "netns", "exec", ns, *cmd]
-
-
-def as_proxy_user(*cmd):
-    # The interpreter may live under a root-only home: keep only the right to traverse directories.
-    return [
-        "setpriv",
-        f"--reuid={PROXY_UID}",
-        f"--regid={PROXY_UID}",
-        "--clear-groups",
-        "--inh-caps=+dac_read_search",
-        "--ambient-caps=+dac_read_search",
-        *cmd,
-    ]
-
-
-def wait_port_in_ns(ns, host, port, timeout=30):
-    deadline = time.monotonic() + timeout
-    probe = f"import socket; socket.create_connection(({host!r}, {port}), timeout=0.5).close()"
-    while time.monotonic() < deadline:
-        # Probing as the proxy's uid bypasses the REDIRECT rule, so the probe reaches the real port.
-        if subprocess.run(in_ns(ns, *as_proxy_user(sys.executable, "-c", probe)), capture_output=True).returncode == 0:
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"{host}:{port} did not open in {ns}")
-
+from tests.support.netns import (
+    SERVER_V4,
+    SERVER_V6,
+    as_proxy_user,
+    in_ns,
+    redirect_rule,
+    sh,
+    wait_port_in_ns,
+)
 
 CLIENT = r"""
 import json, sys
@@ -113,27 +63,7 @@ def test_transparent_mode_ipv4_and_ipv6(netns, tmp_path):
         ("ip6tables", SERVER_V6, 27017),
         ("iptables", "127.0.0.1", MEMBER_PORT),
     ):
-        rule = [
-            "-t",
-            "nat",
-            "-A",
-            "OUTPUT",
-            "-p",
-            "tcp",
-            "-d",
-            dst,
-            "--dport",
-            str(port),
-            "-m",
-            "owner",
-            "!",
-            "--uid-owner",
-            str(PROXY_UID),
-            "-j",
-            "REDIRECT",
-            "--to-ports",
-            "27111",
-        ]
+        rule = redirect_rule(dst, port)
         sh(*in_ns(ns, tool, *rule))
         rules.append(f"{tool} {' '.join(rule)}")
     proxy_log = tmp_path / "proxy.log"
