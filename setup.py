@@ -1,7 +1,7 @@
-"""Builds mongoproxy's one C extension; metadata lives in pyproject.toml.
+"""Builds mongoproxy's C extensions; metadata lives in pyproject.toml.
 
 Environment knobs:
-  MONGOPROXY_CYTHON_ANNOTATE=1   write mongoproxy/_bson_parser.html (cython -a)
+  MONGOPROXY_CYTHON_ANNOTATE=1   write mongoproxy/<module>.html (cython -a)
   MONGOPROXY_CYTHON_TRACE=1      compile with line tracing (profilers, coverage)
 """
 
@@ -10,8 +10,8 @@ import os
 from setuptools import Extension, setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-PYX = os.path.join("mongoproxy", "_bson_parser.pyx")
-C_SRC = os.path.join("mongoproxy", "_bson_parser.c")
+# The body scanner; the tracker (cimports the scanner); the tap's per-chunk fast path (cimports both).
+MODULES = ("_bson_parser", "tracker", "_tap")
 
 directives = {
     "language_level": 3,
@@ -28,15 +28,19 @@ try:
 except ImportError:  # building from an sdist that ships the generated C
     cythonize = None
 
-if cythonize is not None and os.path.exists(os.path.join(HERE, PYX)):
+
+def _extension(name: str, source: str) -> Extension:
+    return Extension(f"mongoproxy.{name}", [source], extra_compile_args=["-O2", "-Wall"], define_macros=macros)
+
+
+pyx = [os.path.join("mongoproxy", m + ".pyx") for m in MODULES]
+if cythonize is not None and all(os.path.exists(os.path.join(HERE, p)) for p in pyx):
     ext_modules = cythonize(
-        [Extension("mongoproxy._bson_parser", [PYX], extra_compile_args=["-O2", "-Wall"], define_macros=macros)],
+        [_extension(m, p) for m, p in zip(MODULES, pyx)],
         compiler_directives=directives,
         annotate=os.environ.get("MONGOPROXY_CYTHON_ANNOTATE") == "1",
     )
 else:
-    ext_modules = [
-        Extension("mongoproxy._bson_parser", [C_SRC], extra_compile_args=["-O2", "-Wall"], define_macros=macros)
-    ]
+    ext_modules = [_extension(m, os.path.join("mongoproxy", m + ".c")) for m in MODULES]
 
 setup(ext_modules=ext_modules)

@@ -4,12 +4,12 @@ Each layer is a process of its own, a uvloop pass-through that adds one piece of
 the tap to the one before it, built from the proxy's own classes:
 
     bare       write each chunk to the other side, nothing else
-    framing    + byte counting, the clock and both directions' framers (body scanning stubbed out)
-    scanner    + the Cython body scanner (the events go nowhere)
-    tracker    + request/reply matching and CommandEvents on an empty SinkBus
-    +metrics   tracker + the metrics sink (the default)
-    +log       tracker + the command log sink (to a file)
-    +trace     tracker + the tracing sink at ratio 1, exporting to a discard-everything OTLP endpoint
+    tap        + one mongoproxy._tap.Tap.feed per chunk: byte counting, the clock, framing, the Cython body
+               scanner, request/reply matching and CommandEvents on an empty SinkBus (one C call since the
+               compiled tap; before it, the rows framing, scanner and tracker measured these one by one)
+    +metrics   tap + the metrics sink (the default)
+    +log       tap + the command log sink (to a file)
+    +trace     tap + the tracing sink at ratio 1, exporting to a discard-everything OTLP endpoint
 
 and beside them the whole proxy (`python -m mongoproxy run`, metrics only) and haproxy. The raw-socket
 small round trips of the hot-path scenario run against all of them interleaved, `repeats` times over;
@@ -25,47 +25,24 @@ import asyncio
 import os
 import statistics
 import sys
-import time
 from typing import Any
 
-LAYERS = ("bare", "framing", "scanner", "tracker", "+metrics", "+log", "+trace")
+LAYERS = ("bare", "tap", "+metrics", "+log", "+trace")
 
 
 # ---- one layer: the server ----
 
 
-class _NoScan:
-    """Stands in for the body scanner in the framing layer: the framer's calls, no work."""
-
-    done = True
-
-    class _Result:
-        checksum = None
-        flags = 0
-
-    _result = _Result()
-
-    def reset(self, *args: Any) -> None:
-        pass
-
-    def feed(self, *args: Any) -> None:
-        pass
-
-    def result(self) -> Any:
-        return self._result
-
-    def scan(self, *args: Any) -> Any:
-        return self._result
-
-
 def _make_tap(layer: str, otlp: str, logfile: str) -> Any:
-    """A factory: (on_request_chunk, on_reply_chunk) feeds for one connection, or None for the bare layer."""
+    """A factory: (request feed, reply feed) for one connection, or None for the bare layer."""
     if layer == "bare":
         return None
     from prometheus_client import CollectorRegistry
 
-    from mongoproxy import __version__, config, wire
+    from mongoproxy import __version__, config
+    from mongoproxy._tap import Tap
     from mongoproxy.events import Connection, SinkBus
+    from mongoproxy.protocol.framing import FrameScanner
     from mongoproxy.sinks import SinkContext, build_sinks
     from mongoproxy.tracker import Tracker
 
@@ -88,18 +65,13 @@ def _make_tap(layer: str, otlp: str, logfile: str) -> Any:
     def noop(*args: Any) -> None:
         pass
 
-    def tap() -> tuple[Any, Any, Any]:
+    def tap() -> tuple[Any, Any]:
+        """The request and reply feeds of one connection, built as server.ClientSide builds them."""
         conn = Connection(id=next(ids), client_host="127.0.0.1", client_port=1, upstream_host="127.0.0.1")
-        if layer in ("framing", "scanner"):
-            on_req = on_rep = noop
-        else:
-            tracker = Tracker(conn, bus, 1000)
-            on_req, on_rep = tracker.on_request, tracker.on_reply
-        requests = wire.FrameScanner(False, on_req, noop)
-        replies = wire.FrameScanner(True, on_rep, noop)
-        if layer == "framing":
-            requests.scanner = replies.scanner = _NoScan()
-        return conn, requests.feed, replies.feed
+        tracker = Tracker(conn, bus, 1000)
+        requests = FrameScanner(False, tracker.on_request, noop)
+        replies = FrameScanner(True, tracker.on_reply, noop)
+        return Tap(requests, tracker, conn, False).feed, Tap(replies, tracker, conn, True).feed
 
     return tap
 
@@ -107,7 +79,6 @@ def _make_tap(layer: str, otlp: str, logfile: str) -> Any:
 async def _serve(layer: str, upstream: int, otlp: str, logfile: str) -> None:
     loop = asyncio.get_running_loop()
     make_tap = _make_tap(layer, otlp, logfile)
-    clock = time.monotonic_ns
 
     class Up(asyncio.Protocol):
         def __init__(self, client: Any) -> None:
@@ -120,8 +91,7 @@ async def _serve(layer: str, upstream: int, otlp: str, logfile: str) -> None:
             c = self.client
             c.transport.write(data)
             if c.feed_rep is not None:
-                c.conn.bytes_from_server += len(data)
-                c.feed_rep(data, clock())
+                c.feed_rep(data)
 
         def connection_lost(self, exc: Any) -> None:
             self.client.transport.close()
@@ -136,7 +106,7 @@ async def _serve(layer: str, upstream: int, otlp: str, logfile: str) -> None:
             self.up: Any = None
             self.early: list[bytes] = []
             if make_tap is not None:
-                self.conn, self.feed_req, self.feed_rep = make_tap()
+                self.feed_req, self.feed_rep = make_tap()
             transport.pause_reading()
             loop.create_task(self._connect())
 
@@ -154,8 +124,7 @@ async def _serve(layer: str, upstream: int, otlp: str, logfile: str) -> None:
                 return
             self.write_up(data)
             if self.feed_req is not None:
-                self.conn.bytes_from_client += len(data)
-                self.feed_req(data, clock())
+                self.feed_req(data)
 
         def connection_lost(self, exc: Any) -> None:
             if self.up is not None:
@@ -273,11 +242,11 @@ def render(res: dict) -> str:
     prev = None
     for name, row in rows.items():
         med = row["median_us"]
-        if name in LAYERS[:4]:
+        if name in LAYERS[:2]:
             step = "" if prev is None else f"{med - prev:+.1f}"
             prev = med
         elif name.startswith("+"):
-            step = f"{med - rows['tracker']['median_us']:+.1f} over tracker"
+            step = f"{med - rows['tap']['median_us']:+.1f} over tap"
         else:
             step = ""
         ratios = [r[name] / r["haproxy"] for r in runs]

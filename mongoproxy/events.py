@@ -11,6 +11,9 @@ import time
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+# CommandEvent is built by the compiled tracker, which fills it in C (mongoproxy/tracker.pyx, tracker.pyi).
+from mongoproxy.tracker import CommandEvent as CommandEvent
+
 _MONO_ANCHOR = time.monotonic_ns()
 _WALL_ANCHOR = time.time_ns()
 
@@ -71,66 +74,6 @@ def hostport(host: str, port: int) -> str:
 def duration_ms(ns: int) -> float:
     """Nanoseconds as milliseconds rounded to the microsecond (half up): the command log's and the digest's value."""
     return ((ns + 500) // 1000) / 1000  # exact integer rounding, then the double nearest to k/1000
-
-
-@dataclass(slots=True, eq=False)
-class CommandEvent:
-    """One command: a request and its reply (or none, for moreToCome requests).
-
-    `request` and `reply` are the scanner's ScanResult objects (see
-    mongoproxy._bson_parser.pyi) for the raw extracted fields; the attributes
-    here are the attributed view that sinks should prefer.
-    """
-
-    connection: Connection
-    op: str  # command name ("find", "getMore", "insert"), or legacy op ("query", "op_insert")
-    database: str
-    collection: str  # "" when the command has none; getMore: its cursor's collection
-    request_id: int
-    request_opcode: int
-    request_size: int
-    request_first_ns: int
-    request_last_ns: int
-    request: Any  # ScanResult
-    reply_opcode: int = 0
-    reply_size: int = 0
-    reply_first_ns: int = 0
-    reply_last_ns: int = 0
-    reply: Any = None  # ScanResult, None when no reply is expected or none came
-    reply_request_id: int = 0
-    # Outcome, from the reply.
-    ok: bool | None = None
-    code: int | None = None
-    code_name: str = ""
-    errmsg: str = ""
-    documents_returned: int | None = None
-    documents_changed: int | None = None
-    cursor_id: int | None = None  # open cursor after this reply (0 = exhausted)
-    more_to_come_request: bool = False  # unacknowledged write: no reply will come
-    exhaust: bool = False  # this reply arrived as a moreToCome continuation
-    exhaust_index: int = 0  # 0 for the direct reply, 1.. for streamed replies
-    awaitable: bool = False  # a monitoring hello the server may hold for maxAwaitTimeMS (exhaustAllowed)
-    decode_error: str = ""  # reason token when the request or reply failed to decode
-    # The querylog.Query once a sink asked for it: the shape is computed once per command.
-    query_cache: Any = None
-    fault: str = ""  # the fault rule applied to this command (mongoproxy.faults), "" when none
-
-    @property
-    def duration_ns(self) -> int:
-        """Request first byte to reply last byte; 0 when there is no reply."""
-        if not self.reply_last_ns:
-            return 0
-        return self.reply_last_ns - self.request_first_ns
-
-    @property
-    def failed(self) -> bool:
-        """ok:0, a write error or a write-concern error."""
-        if self.ok is False:
-            return True
-        reply = self.reply
-        if reply is None:
-            return False
-        return bool(reply.write_errors) or reply.write_concern_error_code is not None
 
 
 @dataclass(slots=True, eq=False)

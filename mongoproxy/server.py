@@ -2,10 +2,12 @@
 
 The data path, top to bottom: ClientSide.data_received writes the chunk to
 the upstream transport first, unchanged, then feeds the same chunk to the
-request FrameScanner; UpstreamSide.data_received is its mirror image.
+request Tap (mongoproxy._tap: one C call that counts, frames, scans and
+matches, behind it the request FrameScanner for what it does not take);
+UpstreamSide.data_received is its mirror image.
 Invariants:
 - Forwarding never waits for observation, and nothing observation does can
-  raise into the pump (FrameScanner.feed and SinkBus contain their errors).
+  raise into the pump (Tap.feed, FrameScanner.feed and SinkBus contain their errors).
 - A side's reading is paused while the other side's write buffer is above
   its high-water mark, so a slow reader never makes memory grow.
 - The client is not read from until the upstream is connected.
@@ -25,6 +27,7 @@ from typing import Any
 
 from mongoproxy import __version__, dstaddr, faults, tlslisten
 from mongoproxy._bson_parser import RENDER_OFF, RENDER_REDACTED, RENDER_VALUES
+from mongoproxy._tap import Tap
 from mongoproxy.config import Config, ProxySpec
 from mongoproxy.errors import StartupError
 from mongoproxy.events import Connection, DecodeErrorEvent, SinkBus, UpstreamConnectError, hostport
@@ -54,6 +57,8 @@ class ClientSide(asyncio.Protocol):
         self.tracker: Tracker | None = None
         self.requests: FrameScanner | None = None
         self.replies: FrameScanner | None = None
+        self.request_tap: Tap | None = None  # the fast path in front of each FrameScanner (mongoproxy._tap)
+        self.reply_tap: Tap | None = None
         self.client_eof = False
         self.upstream_eof = False
         self.closed = False
@@ -111,8 +116,6 @@ class ClientSide(asyncio.Protocol):
             verify_checksums=cfg.verify_checksums,
             max_observed_compressed_bytes=cfg.max_observed_compressed_bytes,
         )
-        # A plaintext listener looks at the first chunk once for a TLS ClientHello (passthrough).
-        self._feed_requests = self.requests.feed if conn.client_tls else self._first_chunk
         self.replies = FrameScanner(
             True,
             self._on_reply,
@@ -121,6 +124,12 @@ class ClientSide(asyncio.Protocol):
             verify_checksums=cfg.verify_checksums,
             max_observed_compressed_bytes=cfg.max_observed_compressed_bytes,
         )
+        self.request_tap = Tap(self.requests, self.tracker, conn, False)
+        self.reply_tap = Tap(self.replies, self.tracker, conn, True)
+        if proxy.draining:
+            self.reply_tap.after_reply = self.close_if_idle
+        # A plaintext listener looks at the first chunk once for a TLS ClientHello (passthrough).
+        self._feed_requests = self.request_tap.feed if conn.client_tls else self._first_chunk
         bus.connection_open(conn)
         self._connecting = asyncio.get_running_loop().create_task(self._connect(target))
 
@@ -133,18 +142,15 @@ class ClientSide(asyncio.Protocol):
             self.transport.pause_reading()
             return
         write(data)  # 1. bytes first, unchanged, at once
-        self.conn.bytes_from_client += len(data)
-        now = monotonic_ns()  # 2. observation
-        self._feed_requests(data, now)  # a no-op once observation of this direction stopped
+        self._feed_requests(data)  # 2. observation: counts the bytes, then frames, scans and matches
         if self.wants_data:
-            self.proxy.bus.data(self.conn, True, data, now)
+            self.proxy.bus.data(self.conn, True, data, monotonic_ns())
 
-    def _first_chunk(self, data: bytes, now: int) -> None:
-        self._feed_requests = self.requests.feed
+    def _first_chunk(self, data: bytes) -> None:
+        self._feed_requests = self.request_tap.feed
         if tlslisten.looks_like_tls(data):
-            self._start_passthrough(self.proxy.tls.passthrough_reason())
-        else:
-            self._feed_requests(data, now)
+            self._start_passthrough(self.proxy.tls.passthrough_reason())  # the feeds now only count bytes
+        self._feed_requests(data)
 
     def _start_passthrough(self, reason: str) -> None:
         self.passthrough = True
@@ -154,11 +160,14 @@ class ClientSide(asyncio.Protocol):
         self.upstream._feed_replies = self._passthrough_reply
         self.proxy.tls.passthrough(self.conn, reason)
 
-    # In passthrough the feeds only note which side spoke last: the connection is idle when the server did.
-    def _passthrough_request(self, data: bytes, now: int) -> None:
+    # In passthrough the feeds only count the bytes and note which side spoke last: the connection is idle
+    # when the server did.
+    def _passthrough_request(self, data: bytes) -> None:
+        self.conn.bytes_from_client += len(data)
         self._last_from_client = True
 
-    def _passthrough_reply(self, data: bytes, now: int) -> None:
+    def _passthrough_reply(self, data: bytes) -> None:
+        self.conn.bytes_from_server += len(data)
         self._last_from_client = False
         if self.proxy.draining:
             self.close_if_idle()
@@ -325,6 +334,12 @@ class ClientSide(asyncio.Protocol):
         if not self.closed and self.idle:
             self.close()
 
+    def drain(self) -> None:
+        """The proxy is draining: close now if idle, else after the reply that makes this pair idle."""
+        if self.reply_tap is not None:
+            self.reply_tap.after_reply = self.close_if_idle
+        self.close_if_idle()
+
     def close(self) -> None:
         """Close both sides, flushing what is already buffered; safe to call repeatedly."""
         if self.closed:
@@ -365,8 +380,7 @@ class UpstreamSide(asyncio.Protocol):
         self.transport: Any = None
         # Looked up once (the client side is set up before its upstream connects).
         self._write_client = client.transport.write
-        self._feed_replies: Callable[[Any, int], None] = client.replies.feed
-        self._conn = client.conn
+        self._feed_replies: Callable[[Any], None] = client.reply_tap.feed
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
@@ -375,12 +389,10 @@ class UpstreamSide(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._write_client(data)  # 1. bytes first, unchanged, at once
-        self._conn.bytes_from_server += len(data)
-        now = monotonic_ns()  # 2. observation
-        self._feed_replies(data, now)  # a no-op once observation of this direction stopped
+        self._feed_replies(data)  # 2. observation: counts the bytes, then frames, scans and matches
         client = self.client
         if client.wants_data:
-            client.proxy.bus.data(client.conn, False, data, now)
+            client.proxy.bus.data(client.conn, False, data, monotonic_ns())
 
     def eof_received(self) -> bool:
         client = self.client
@@ -591,7 +603,7 @@ class Proxy:
         for _, server in self.servers:
             server.close()
         for c in list(self.connections):
-            c.close_if_idle()
+            c.drain()
         deadline = time.monotonic() + seconds
         while self.connections and time.monotonic() < deadline:
             await asyncio.sleep(0.05)

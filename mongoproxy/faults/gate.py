@@ -29,10 +29,9 @@ from mongoproxy.faults import firstsection
 from mongoproxy.faults.engine import client_ip
 from mongoproxy.faults.valve import Valve
 from mongoproxy.protocol import builders
-from mongoproxy.protocol.commands import HELLO_COMMANDS
+from mongoproxy.protocol.commands import COLLECTION_COMMANDS, HELLO_COMMANDS
 from mongoproxy.protocol.framing import Message
 from mongoproxy.protocol.opcodes import HEADER, MORE_TO_COME, OP_COMPRESSED, OP_MSG, OP_QUERY
-from mongoproxy.tracker import COLLECTION_COMMANDS
 
 log = logging.getLogger("mongoproxy.faults")
 

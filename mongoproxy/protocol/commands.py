@@ -31,6 +31,17 @@ SECRET_KEYS = frozenset({"payload", "pwd", "speculativeAuthenticate"})
 CREDENTIAL_KEYS = SECRET_KEYS | {"key", "nonce"}
 CREDENTIAL_KEYS_BYTES = frozenset(k.encode() for k in CREDENTIAL_KEYS)
 
+# Commands whose first value, when a string, names a collection (exact names, as the server matches them).
+# Others (usersInfo: "name", getLog: "global", ...) would leak non-collection values into labels.
+COLLECTION_COMMANDS = frozenset(
+    """
+    find insert update delete aggregate count distinct findAndModify findandmodify getMore create drop
+    createIndexes dropIndexes listIndexes collMod killCursors mapReduce validate compact collStats reIndex
+    geoNear geoSearch planCacheClear planCacheClearFilters planCacheListFilters planCacheSetFilter analyze
+    createSearchIndexes dropSearchIndex updateSearchIndex listSearchIndexes cleanupOrphaned
+    """.split()
+)
+
 # Commands that only read: what `mongoproxy replay --read-only` sends (aggregate only without $out/$merge);
 # killCursors writes nothing and frees what they opened.
 READ_ONLY_COMMANDS = frozenset({"find", "aggregate", "count", "distinct", "getmore", "killcursors"})

@@ -2,8 +2,9 @@
 
 Framer splits one direction of a connection into messages as the bytes are fed, holding at most a
 partial header (16 bytes): subclasses get the header bytes, the parsed header, each body slice and the
-end of each message. The live tap (FrameScanner below), the recorder (sinks/capture/) and replay's
-pcap reader frame with it. Invariants:
+end of each message. The live tap (FrameScanner below, behind mongoproxy._tap, which observes the whole
+messages of a chunk in C and hands the framer the rest), the recorder (sinks/capture/) and replay's pcap
+reader frame with it. Invariants:
 - A bad header length stops framing of the direction for good (the stream is not MongoDB or is out of
   sync); what follows goes to _on_dead.
 - FrameScanner.feed() never raises: problems become DecodeError reports; a bad body only skips that
@@ -14,7 +15,6 @@ pcap reader frame with it. Invariants:
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -65,10 +65,6 @@ _HEADER, _BODY, _DEAD = range(3)  # Framer states
 _SCAN, _SKIP, _CPREFIX, _CBODY = range(4)  # FrameScanner body states
 
 _internal_logged: dict[tuple[str, str], float] = {}
-
-# One BodyScanner per thread for the bodies that arrive whole in one chunk: such a scan starts and ends
-# inside one FrameScanner.feed() call, so no connection needs its own scanner until a body spans chunks.
-_per_thread = threading.local()
 
 
 def log_internal_error(exc: BaseException) -> None:
@@ -269,7 +265,7 @@ class FrameScanner(Framer):
         self._scan_error: DecodeError | None = None
         # CRC-32C over an uncompressed OP_MSG: header and body up to its last 4 bytes.
         self._crc_extend = checksum_function() if verify_checksums else None
-        self._fast = self._crc_extend is None  # feed()'s fast path does not checksum
+        self._fast = self._crc_extend is None  # mongoproxy._tap's fast path does not checksum
         self._crc = 0
         self._crc_left = 0
 
@@ -285,46 +281,14 @@ class FrameScanner(Framer):
     def scanner(self, scanner: Any) -> None:
         self._scanner = scanner
 
-    def feed(self, data: Any, now_ns: int) -> None:
-        """Observe one forwarded chunk. Never raises."""
+    @property
+    def at_boundary(self) -> bool:
+        """True between messages with nothing held, when no checksum is verified: mongoproxy._tap may take over."""
+        return self._state == _HEADER and self._fast and not self._buf
+
+    def feed(self, data: Any, now_ns: int, pos: int = 0) -> None:
+        """Observe one forwarded chunk from data[pos:]. Never raises."""
         try:
-            pos = 0
-            if self._state == _HEADER and self._fast and not self._buf:
-                # Fast path: each whole uncompressed message inside the chunk is scanned in one C call
-                # (BodyScanner.scan), with the outcome the framer and _on_* hooks would reach. The rest of the
-                # chunk goes to _frame.
-                n = len(data)
-                scanner = self._scanner
-                if scanner is None:
-                    try:
-                        scanner = _per_thread.scanner
-                    except AttributeError:
-                        scanner = _per_thread.scanner = BodyScanner()
-                while n - pos >= HEADER_SIZE:
-                    length, request_id, response_to, opcode = _unpack_header(data, pos)
-                    if not (
-                        HEADER_SIZE < length <= n - pos and opcode in BODY_OPCODES and length <= self.max_message_bytes
-                    ):
-                        break
-                    msg = Message(length, request_id, response_to, opcode, now_ns)
-                    try:
-                        msg.result = scanner.scan(
-                            data,
-                            pos + HEADER_SIZE,
-                            pos + length,
-                            opcode,
-                            self.is_reply,
-                            self.render,
-                            self.render_limit,
-                        )
-                    except DecodeError as exc:
-                        msg.error = exc.reason
-                        self.on_error(exc.reason, exc.detail, False)
-                    pos += length
-                    self.messages += 1
-                    self.on_message(msg)
-                if pos == n:
-                    return
             self._frame(data, now_ns, pos)
         except Exception as exc:  # noqa: BLE001 - a scanner or tracker bug must not reach the data path
             self._state = _DEAD

@@ -354,7 +354,7 @@ def _op_from_message(
     conn: RecordedConnection, index: int, m: WireMessage, warnings: list[str], keep_documents: bool = False
 ) -> Op | None:
     from mongoproxy import _bson_parser
-    from mongoproxy.tracker import COLLECTION_COMMANDS
+    from mongoproxy.protocol.commands import COLLECTION_COMMANDS
 
     length, request_id, response_to, wire_op = m.header
     try:

@@ -29,7 +29,7 @@ import pytest
 from pymongo import MongoClient, WriteConcern
 
 from mongoproxy import wire as mwire
-from mongoproxy.tracker import COLLECTION_COMMANDS
+from mongoproxy.protocol.commands import COLLECTION_COMMANDS
 from tests.integration.test_protocol_coverage import legacy_handler
 from tests.support import wire
 from tests.support.inprocess import ProxyThread

@@ -1,6 +1,7 @@
 """Tracker: request/reply matching, moreToCome both ways, exhaust conventions, legacy pairs, the pending cap."""
 
 from mongoproxy import wire
+from mongoproxy._tap import Tap
 from mongoproxy.events import Connection, SinkBus
 from mongoproxy.tracker import Tracker
 from tests.support import wire as tw
@@ -8,7 +9,7 @@ from tests.support.collecting import CollectingSink
 
 
 class Pair:
-    """A Tracker fed through real FrameScanners in both directions."""
+    """A Tracker fed as the proxy feeds it: through a Tap (and its FrameScanner) in each direction."""
 
     def __init__(self, max_pending=1000):
         self.sink = CollectingSink()
@@ -19,15 +20,17 @@ class Pair:
         err = lambda r, d, f: self.sink.decode_errors.append(r)  # noqa: E731
         self.requests = wire.FrameScanner(False, self.tracker.on_request, err)
         self.replies = wire.FrameScanner(True, self.tracker.on_reply, err)
+        self.request_tap = Tap(self.requests, self.tracker, self.conn, False)
+        self.reply_tap = Tap(self.replies, self.tracker, self.conn, True)
         self.t = 0
 
     def send(self, data):
         self.t += 10
-        self.requests.feed(data, self.t)
+        self.request_tap.feed_at(data, self.t)
 
     def answer(self, data):
         self.t += 10
-        self.replies.feed(data, self.t)
+        self.reply_tap.feed_at(data, self.t)
 
 
 def test_pipelined_replies_out_of_order():

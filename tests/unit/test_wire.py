@@ -268,14 +268,3 @@ def test_highly_compressed_body_is_inflated_slice_by_slice(compressor):
     assert (m.result.command, m.result.collection, m.result.documents) == ("insert", "zeros", 4)
     assert sum(spy.slices) == len(inner) - 16
     assert max(spy.slices) <= 256 * 1024, max(spy.slices)
-
-
-def test_whole_messages_need_no_scanner_of_their_own_and_split_ones_get_one():
-    """An idle connection's FrameScanner holds no BodyScanner until a body spans chunks; results do not change."""
-    data = mixed_stream()
-    whole = Recorder().feed_chunks(data, [len(data)])
-    assert whole.scanner._scanner is None
-    split = Recorder().feed_random(data, random.Random(7), max_chunk=40)
-    assert split.scanner._scanner is not None
-    assert [summary(m) for m in whole.messages] == [summary(m) for m in split.messages]
-    assert whole.errors == split.errors

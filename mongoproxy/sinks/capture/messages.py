@@ -79,7 +79,7 @@ class MessagePolicy(CaptureState):
 
     def _attribute(self, plain: bytes) -> tuple[str, str, str]:
         from mongoproxy import _bson_parser
-        from mongoproxy.tracker import COLLECTION_COMMANDS
+        from mongoproxy.protocol.commands import COLLECTION_COMMANDS
 
         opcode = HEADER.unpack_from(plain)[3]
         try:
