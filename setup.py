@@ -10,8 +10,9 @@ import os
 from setuptools import Extension, setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-# The body scanner; the tracker (cimports the scanner); the tap's per-chunk fast path (cimports both).
-MODULES = ("_bson_parser", "tracker", "_tap")
+# The body scanner; the tracker (cimports the scanner); the tap's per-chunk fast path (cimports both);
+# the metrics sink's histograms (cimports the tracker's CommandEvent).
+MODULES = ("_bson_parser", "tracker", "_tap", "sinks._series")
 
 directives = {
     "language_level": 3,
@@ -33,7 +34,7 @@ def _extension(name: str, source: str) -> Extension:
     return Extension(f"mongoproxy.{name}", [source], extra_compile_args=["-O2", "-Wall"], define_macros=macros)
 
 
-pyx = [os.path.join("mongoproxy", m + ".pyx") for m in MODULES]
+pyx = [os.path.join("mongoproxy", *m.split(".")) + ".pyx" for m in MODULES]
 if cythonize is not None and all(os.path.exists(os.path.join(HERE, p)) for p in pyx):
     ext_modules = cythonize(
         [_extension(m, p) for m, p in zip(MODULES, pyx)],
@@ -41,6 +42,6 @@ if cythonize is not None and all(os.path.exists(os.path.join(HERE, p)) for p in 
         annotate=os.environ.get("MONGOPROXY_CYTHON_ANNOTATE") == "1",
     )
 else:
-    ext_modules = [_extension(m, os.path.join("mongoproxy", m + ".c")) for m in MODULES]
+    ext_modules = [_extension(m, p[: -len(".pyx")] + ".c") for m, p in zip(MODULES, pyx)]
 
 setup(ext_modules=ext_modules)

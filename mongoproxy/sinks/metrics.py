@@ -1,8 +1,8 @@
 """Prometheus metrics: per-command histograms and the proxy's core counters (the /metrics content).
 
-Hot path: a command costs one label-tuple build, one dict lookup and a few
-list increments. The per-command histograms are plain Python lists owned by
-the event loop (single writer) and turned into Prometheus families only at
+Hot path: a command costs one label-tuple build, one dict lookup and one C
+call (sinks/_series.pyx: the five histograms of the label set, C arrays owned
+by the event loop, single writer), turned into Prometheus families only at
 scrape time, so no lock and no `.labels()` call is paid per command. Byte
 totals are read from the Connection objects at scrape time too.
 
@@ -24,9 +24,9 @@ from prometheus_client.utils import floatToGoString
 from mongoproxy.config import Option, positive_int
 from mongoproxy.errors import ConfigError
 from mongoproxy.events import UPSTREAM_ERROR_REASONS, hostport
-from mongoproxy.protocol.commands import is_hello
 from mongoproxy.protocol.framing import DECODE_REASONS
 from mongoproxy.querylog import code_name
+from mongoproxy.sinks._series import Layout, Series
 
 # Label name -> expression over the event `e` and its connection `c`; the key builder is compiled from these.
 LABEL_SOURCES = {
@@ -154,50 +154,18 @@ OPTIONS: list[Option] = [
 ]
 
 
-class _Series:
-    """The five per-command histograms of one label set: bucket counts (non-cumulative) and sums."""
-
-    __slots__ = ("lat", "lat_sum", "ret", "ret_sum", "chg", "chg_sum", "req", "req_sum", "rsp", "rsp_sum")
-
-    def __init__(self, n_lat: int) -> None:
-        self.lat = [0] * (n_lat + 1)  # last slot is +Inf
-        self.lat_sum = 0.0
-        self.ret = [0] * (len(DOCUMENT_BUCKETS) + 1)
-        self.ret_sum = 0
-        self.chg = [0] * (len(DOCUMENT_BUCKETS) + 1)
-        self.chg_sum = 0
-        self.req = [0] * (len(SIZE_BUCKETS) + 1)
-        self.req_sum = 0
-        self.rsp = [0] * (len(SIZE_BUCKETS) + 1)
-        self.rsp_sum = 0
-
-
-# (metric name, help, _Series counts attribute, sum attribute, bucket-bounds key)
+# (metric name, help, bucket-bounds key), in the order of the compiled Series' histograms (sinks/_series.pyx).
 _HISTOGRAMS = (
-    (
-        "mongoproxy_response_latency_seconds",
-        "Time from a request's first byte to its reply's last byte.",
-        "lat",
-        "lat_sum",
-        "latency",
-    ),
-    (
-        "mongoproxy_documents_returned",
-        "Documents in a reply's cursor firstBatch/nextBatch.",
-        "ret",
-        "ret_sum",
-        "documents",
-    ),
+    ("mongoproxy_response_latency_seconds", "Time from a request's first byte to its reply's last byte.", "latency"),
+    ("mongoproxy_documents_returned", "Documents in a reply's cursor firstBatch/nextBatch.", "documents"),
     (
         "mongoproxy_documents_changed",
         "Documents written: n for insert/delete, nModified plus upserts for update, "
         "lastErrorObject.n for findAndModify.",
-        "chg",
-        "chg_sum",
         "documents",
     ),
-    ("mongoproxy_request_size_bytes", "Size of a request message, header included.", "req", "req_sum", "size"),
-    ("mongoproxy_response_size_bytes", "Size of a reply message, header included.", "rsp", "rsp_sum", "size"),
+    ("mongoproxy_request_size_bytes", "Size of a request message, header included.", "size"),
+    ("mongoproxy_response_size_bytes", "Size of a reply message, header included.", "size"),
 )
 
 
@@ -258,8 +226,9 @@ class MetricsSink:
         self._bounds = {"latency": self.latency_buckets, "documents": DOCUMENT_BUCKETS, "size": SIZE_BUCKETS}
         # Compiled once from the fixed LABEL_SOURCES table (never from user text).
         self._key = eval("lambda e, c: (" + "".join(_KEY_SOURCES[n] + ", " for n in self.labels) + ")", {})
-        self._cache: dict[tuple, _Series] = {}  # raw label tuple -> series (only tuples that did not overflow)
-        self._series: dict[tuple, _Series] = {}  # capped label tuple -> series
+        self._layout = Layout(self.latency_buckets, DOCUMENT_BUCKETS, SIZE_BUCKETS)
+        self._cache: dict[tuple, Series] = {}  # raw label tuple -> series (only tuples that did not overflow)
+        self._series: dict[tuple, Series] = {}  # capped label tuple -> series
         self._series_lock = threading.Lock()  # guards inserts into _series against a scrape in another thread
         self._live: dict[int, Any] = {}  # connection id -> Connection, for the active gauge and byte totals
         self._connect_pending: dict[int, Any] = {}  # opened before their upstream connect finished
@@ -367,7 +336,7 @@ class MetricsSink:
     # ---- hooks ----
 
     def on_command(self, event: Any) -> None:
-        """Record one command: a key build (no string formatted), a dict hit, and a bisect per histogram."""
+        """Record one command: a key build (no string formatted), a dict hit, and one C call for the histograms."""
         conn = event.connection
         if self._connect_pending:  # a client sends nothing before its upstream is connected
             pending = self._connect_pending.pop(conn.id, None)
@@ -377,35 +346,10 @@ class MetricsSink:
         s = self._cache.get(key)
         if s is None:
             s = self._resolve(key)
-        if event.reply_last_ns and not event.more_to_come_request and not event.awaitable:
-            v = (event.reply_last_ns - event.request_first_ns) * 1e-9
-            s.lat[bisect_left(self.latency_buckets, v)] += 1
-            s.lat_sum += v
-        if not event.exhaust_index:  # a streamed reply shares its request with the first reply
-            n = event.request_size
-            s.req[bisect_left(SIZE_BUCKETS, n)] += 1
-            s.req_sum += n
-        n = event.reply_size
-        if n:
-            s.rsp[bisect_left(SIZE_BUCKETS, n)] += 1
-            s.rsp_sum += n
-        n = event.documents_returned
-        if n is not None:
-            s.ret[bisect_left(DOCUMENT_BUCKETS, n)] += 1
-            s.ret_sum += n
-        n = event.documents_changed
-        if n is not None:
-            s.chg[bisect_left(DOCUMENT_BUCKETS, n)] += 1
-            s.chg_sum += n
-        reply = event.reply
-        if reply is not None:
-            # event.failed, inlined: ok:0, a write error or a write-concern error.
-            if event.ok is False or reply.write_errors or reply.write_concern_error_code is not None:
-                self._count_errors(event)
-            if is_hello(event.op):  # the reply carries the negotiated compressor
-                self._count_compression(conn)
-        elif event.ok is False:
+        if s.observe(event):  # the command failed: ok:0, a write error or a write-concern error
             self._count_errors(event)
+        if event.hello and event.reply is not None:  # the reply carries the negotiated compressor
+            self._count_compression(conn)
 
     def _count_compression(self, conn: Any) -> None:
         """Once per connection: the tracker has set conn.compression from this hello reply."""
@@ -415,7 +359,7 @@ class MetricsSink:
         name = conn.compression or "none"
         self._compression.labels(name if name in COMPRESSORS or name == "none" else "other").inc()
 
-    def _resolve(self, key: tuple) -> _Series:
+    def _resolve(self, key: tuple) -> Series:
         capped, overflowed = [], False
         items = iter(key)
         for name in self.labels:
@@ -434,7 +378,7 @@ class MetricsSink:
             ckey = (OTHER,) * len(self.labels)
             s = self._series.get(ckey)
         if s is None:
-            s = _Series(len(self.latency_buckets))
+            s = Series(self._layout)
             with self._series_lock:
                 self._series[ckey] = s
         if not overflowed:  # overflowing tuples take this path each time, so each is counted
@@ -541,13 +485,13 @@ class MetricsSink:
     def _collect(self) -> Iterable[Any]:
         with self._series_lock:
             series = list(self._series.items())
-        for name, doc, counts_attr, sum_attr, bounds_key in _HISTOGRAMS:
+        for h, (name, doc, bounds_key) in enumerate(_HISTOGRAMS):
             bounds = self._bounds[bounds_key]
             fam = HistogramMetricFamily(name, doc, labels=list(self.labels))
             for key, s in series:
-                counts = list(getattr(s, counts_attr))
+                counts, total = s.snapshot(h)
                 if any(counts):
-                    fam.add_metric(list(key), _cumulative(counts, bounds), getattr(s, sum_attr))
+                    fam.add_metric(list(key), _cumulative(counts, bounds), total)
             yield fam
         yield self._connect_time.family()
 

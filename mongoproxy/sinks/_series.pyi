@@ -1,0 +1,19 @@
+"""Types for the metrics sink's compiled per-command histograms (mongoproxy/sinks/_series.pyx)."""
+
+from collections.abc import Iterable
+
+from mongoproxy.tracker import CommandEvent
+
+class Layout:
+    """The bucket bounds every Series of one sink shares: latency (seconds), documents, sizes (bytes)."""
+
+    def __init__(self, latency: Iterable[float], documents: Iterable[float], sizes: Iterable[float]) -> None: ...
+
+class Series:
+    """The five per-command histograms of one label set."""
+
+    def __init__(self, layout: Layout) -> None: ...
+    def observe(self, e: CommandEvent) -> bool:
+        """Record one command; True when it failed (ok:0, a write error or a write-concern error)."""
+    def snapshot(self, h: int) -> tuple[list[int], float | int]:
+        """(non-cumulative bucket counts with +Inf last, sum) of histogram h (metrics._HISTOGRAMS order)."""

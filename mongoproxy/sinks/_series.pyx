@@ -1,0 +1,122 @@
+# cython: language_level=3
+"""The metrics sink's per-command histograms of one label set, updated in C (compiled).
+
+A Series holds five histograms (latency, documents returned, documents changed, request size, reply size)
+as non-cumulative bucket counts and sums in C arrays. `observe(event)` reads the CommandEvent's C fields
+and bumps them with no Python object made; the scrape turns them into Prometheus families (`snapshot`).
+Invariants:
+- Only the event loop writes (observe); a scrape in another thread reads with snapshot(). Both hold the
+  GIL for their whole call, so a snapshot never sees half an observation.
+- Bucket i counts values v with bounds[i-1] < v <= bounds[i] (Prometheus `le`); the last is +Inf.
+"""
+
+from cpython.mem cimport PyMem_Free, PyMem_Malloc
+from libc.stdint cimport int64_t
+from mongoproxy.tracker cimport CommandEvent
+
+# Histogram indexes, in the order of metrics._HISTOGRAMS.
+cdef enum:
+    H_LATENCY = 0
+    H_RETURNED = 1
+    H_CHANGED = 2
+    H_REQUEST = 3
+    H_REPLY = 4
+    H_COUNT = 5
+
+
+cdef class Layout:
+    """The bucket bounds every Series of one sink shares: latency (seconds), documents, sizes (bytes)."""
+
+    cdef double* bounds[H_COUNT]
+    cdef int nbounds[H_COUNT]
+    cdef int offset[H_COUNT]  # where each histogram's counts start in a Series' one counts block
+    cdef int total            # counts per Series (each histogram's bounds + 1 for +Inf)
+
+    def __cinit__(self, latency, documents, sizes):
+        cdef int h, i
+        cdef int at = 0
+        per = {H_LATENCY: latency, H_RETURNED: documents, H_CHANGED: documents, H_REQUEST: sizes, H_REPLY: sizes}
+        for h in range(H_COUNT):
+            self.bounds[h] = NULL
+        for h in range(H_COUNT):
+            values = [float(v) for v in per[h]]
+            self.bounds[h] = <double*>PyMem_Malloc(sizeof(double) * (len(values) + 1))
+            if self.bounds[h] == NULL:
+                raise MemoryError()
+            for i in range(len(values)):
+                self.bounds[h][i] = values[i]
+            self.nbounds[h] = len(values)
+            self.offset[h] = at
+            at += len(values) + 1
+        self.total = at
+
+    def __dealloc__(self):
+        cdef int h
+        for h in range(H_COUNT):
+            PyMem_Free(self.bounds[h])
+
+
+cdef inline int _bucket(const double* bounds, int n, double v) noexcept:
+    # bisect_left: the first bound >= v, or n (+Inf).
+    cdef int i = 0
+    while i < n and bounds[i] < v:
+        i += 1
+    return i
+
+
+cdef class Series:
+    """The five per-command histograms of one label set."""
+
+    cdef Layout layout
+    cdef int64_t* counts
+    cdef double sums[H_COUNT]
+
+    def __cinit__(self, Layout layout not None):
+        cdef int i
+        self.layout = layout
+        self.counts = <int64_t*>PyMem_Malloc(sizeof(int64_t) * layout.total)
+        if self.counts == NULL:
+            raise MemoryError()
+        for i in range(layout.total):
+            self.counts[i] = 0
+        for i in range(H_COUNT):
+            self.sums[i] = 0.0
+
+    def __dealloc__(self):
+        PyMem_Free(self.counts)
+
+    cdef inline void _add(self, int h, double v) noexcept:
+        cdef Layout L = self.layout
+        self.counts[L.offset[h] + _bucket(L.bounds[h], L.nbounds[h], v)] += 1
+        self.sums[h] += v
+
+    def observe(self, CommandEvent e not None):
+        """Record one command; True when it failed (ok:0, a write error or a write-concern error)."""
+        if e.reply_last_ns and not e.more_to_come_request and not e.awaitable:
+            self._add(H_LATENCY, (e.reply_last_ns - e.request_first_ns) * 1e-9)
+        if not e.exhaust_index:  # a streamed reply shares its request with the first reply
+            self._add(H_REQUEST, <double>e.request_size)
+        if e.reply_size:
+            self._add(H_REPLY, <double>e.reply_size)
+        if e.documents_returned is not None:
+            self._add(H_RETURNED, <double>e.documents_returned)
+        if e.documents_changed is not None:
+            self._add(H_CHANGED, <double>e.documents_changed)
+        if e.ok is False:
+            return True
+        reply = e.reply
+        if reply is None:
+            return False
+        return bool(reply.write_errors) or reply.write_concern_error_code is not None
+
+    def snapshot(self, int h):
+        """(non-cumulative bucket counts with +Inf last, sum) of histogram h (metrics._HISTOGRAMS order)."""
+        cdef Layout L = self.layout
+        cdef int i
+        if not 0 <= h < H_COUNT:
+            raise IndexError(h)
+        counts = [self.counts[L.offset[h] + i] for i in range(L.nbounds[h] + 1)]
+        total = self.sums[h]
+        if h != H_LATENCY:
+            total = int(total)  # counts of documents and bytes: an integer sum, as Prometheus shows it
+        return counts, total
