@@ -65,17 +65,19 @@ def run_once(variant: str, reqs: list[bytes], reps: list[bytes]) -> float:
     render = 0 if variant == "off" else 1
     bus = SinkBus(sinks)
     conn = Connection(id=1, client_host="127.0.0.1", client_port=40000, upstream_host="127.0.0.1", upstream_port=27017)
+    from mongoproxy._tap import Tap
     from mongoproxy.tracker import Tracker
 
     tracker = Tracker(conn, bus, 1000)
     errors: list = []
     requests = wire.FrameScanner(False, tracker.on_request, lambda *a: errors.append(a), render=render)
     replies = wire.FrameScanner(True, tracker.on_reply, lambda *a: errors.append(a))
-    feed_req, feed_rep, clock = requests.feed, replies.feed, time.monotonic_ns
+    # As server.py builds them: a compiled Tap in front of each FrameScanner.
+    feed_req, feed_rep = Tap(requests, tracker, conn, False).feed, Tap(replies, tracker, conn, True).feed
     t0 = time.thread_time_ns()
     for i in range(len(reqs)):
-        feed_req(reqs[i], clock())
-        feed_rep(reps[i], clock())
+        feed_req(reqs[i])
+        feed_rep(reps[i])
     us = (time.thread_time_ns() - t0) / len(reqs) / 1000
     if errors or tracker.in_flight:
         raise RuntimeError(f"the tap did not match every pair: {errors[:3]}")

@@ -65,7 +65,8 @@ Past ``render_limit`` bytes or 100 levels it ends with "…" and stops rendering
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_GET_SIZE
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
-from cpython.unicode cimport PyUnicode_DecodeUTF8
+from cpython.list cimport PyList_GET_ITEM
+from cpython.unicode cimport PyUnicode_AsUTF8AndSize, PyUnicode_DecodeUTF8
 from libc.math cimport isfinite
 from libc.stdint cimport int32_t, int64_t, uint32_t, uint64_t
 from libc.stdio cimport snprintf
@@ -163,6 +164,42 @@ cdef enum:
     F_LAST_ERROR_N
     F_MAX_WIRE
     F_DOCUMENTS
+
+# Names that recur message after message (command, database, collection, code names, the handshake's
+# identifiers) are decoded once and the same str object is handed out again: no allocation per message, and
+# the str's hash, cached on the object, is not recomputed by the dicts that sinks key on them. A direct-mapped
+# table of STR_SLOTS entries, one process-wide (the GIL guards it); a colliding name replaces the slot's.
+# Only whole strings of at most STR_CACHE_MAX bytes are cached; user data (comments, errmsg) never is.
+cdef enum:
+    STR_SLOTS = 512
+    STR_CACHE_MAX = 64
+cdef list _names = [None] * STR_SLOTS
+# 1 for the fields whose values are names (low cardinality), indexed by F_* field id.
+cdef unsigned long long NAME_FIELDS = (
+    (1ULL << F_COMMAND) | (1ULL << F_COLLECTION) | (1ULL << F_DATABASE) | (1ULL << F_APP_NAME)
+    | (1ULL << F_DRIVER_NAME) | (1ULL << F_DRIVER_VERSION) | (1ULL << F_STRITEM) | (1ULL << F_CODE_NAME)
+    | (1ULL << F_CURSOR_NS) | (1ULL << F_WE_CODE_NAME) | (1ULL << F_WCE_CODE_NAME) | (1ULL << F_SET_NAME)
+    | (1ULL << F_ME)
+)
+
+
+cdef object _name(const unsigned char* s, Py_ssize_t n):
+    """The str of the UTF-8 name s[:n] (n <= STR_CACHE_MAX), from the table when it is there; raises on bad UTF-8."""
+    cdef uint32_t h = 2166136261u  # FNV-1a
+    cdef Py_ssize_t i, m
+    cdef const char* u
+    for i in range(n):
+        h = (h ^ s[i]) * 16777619u
+    cdef Py_ssize_t slot = h & (STR_SLOTS - 1)
+    cdef object cand = <object>PyList_GET_ITEM(_names, slot)
+    if cand is not None:
+        u = PyUnicode_AsUTF8AndSize(cand, &m)
+        if m == n and memcmp(u, s, n) == 0:
+            return cand
+    val = PyUnicode_DecodeUTF8(<char*>s, n, NULL)
+    _names[slot] = val
+    return val
+
 
 # SpecChild.flags
 cdef enum:
@@ -1470,7 +1507,14 @@ cdef class BodyScanner:
 
     cdef int _store_str(self, int field, const unsigned char* s, Py_ssize_t have, int64_t total,
                         bint first_wins) except -1:
-        cdef object val = self._decode_cut(s, have, total)
+        cdef object val
+        if total <= STR_CACHE_MAX and have >= total and (NAME_FIELDS >> field) & 1:
+            try:
+                val = _name(s, total)
+            except UnicodeDecodeError:
+                self._fail(R_INVALID_UTF8, self.consumed)
+        else:
+            val = self._decode_cut(s, have, total)
         cdef ScanResult r = self.res
         if field == F_STRITEM:
             r.compression.append(val)

@@ -1136,3 +1136,35 @@ def test_scan_is_reset_feed_result_in_one_call():
     body = op_msg({"find": "c", "$db": "shop"})
     with pytest.raises(DecodeError):
         s.scan(body[:-1], 0, len(body) - 1, bp.OP_MSG, False)
+
+
+def _scan_find(name: str, db: str = "app") -> bp.ScanResult:
+    body = b"\x00\x00\x00\x00\x00" + bson.encode({"find": name, "$db": db})
+    return bp.BodyScanner().scan(body, 0, len(body), bp.OP_MSG, False)
+
+
+def test_recurring_names_are_one_str_object_and_every_name_stays_exact():
+    """The name table hands out the same str for the same bytes; collisions and long names are still exact."""
+    first, again = _scan_find("orders"), _scan_find("orders")
+    assert again.collection == "orders" and again.collection is first.collection
+    assert again.command is first.command and again.database is first.database
+    # 2,000 distinct names through a 512-slot table: collisions replace slots, values never mix up.
+    names = [f"c{i}é" for i in range(2000)]
+    assert [_scan_find(n).collection for n in names] == names
+    assert [_scan_find(n).collection for n in reversed(names)] == names[::-1]
+    long_name = "x" * 65  # past the cached length: decoded each time, still exact
+    a, b = _scan_find(long_name), _scan_find(long_name)
+    assert a.collection == b.collection == long_name and a.collection is not b.collection
+
+
+def test_a_name_that_is_not_utf8_is_still_a_decode_error_with_the_name_table():
+    from mongoproxy.errors import DecodeError
+
+    ok = _scan_find("users")
+    body = bytearray(b"\x00\x00\x00\x00\x00" + bson.encode({"find": "users", "$db": "app"}))
+    i = body.index(b"users")
+    body[i : i + 2] = b"\xff\xfe"  # same length, invalid UTF-8
+    with pytest.raises(DecodeError) as info:
+        bp.BodyScanner().scan(bytes(body), 0, len(body), bp.OP_MSG, False)
+    assert info.value.reason == "invalid_utf8"
+    assert _scan_find("users").collection is ok.collection  # the table was not disturbed
