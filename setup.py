@@ -11,8 +11,8 @@ from setuptools import Extension, setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # The body scanner; the tracker (cimports the scanner); the tap's per-chunk fast path (cimports both);
-# the metrics sink's histograms (cimports the tracker's CommandEvent).
-MODULES = ("_bson_parser", "tracker", "_tap", "sinks._series")
+# the metrics sink's histograms and the digest's counting (both cimport the tracker's CommandEvent).
+MODULES = ("_bson_parser", "tracker", "_tap", "sinks._series", "_digest")
 
 directives = {
     "language_level": 3,

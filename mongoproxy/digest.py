@@ -24,6 +24,7 @@ from ddsketch.ddsketch import BaseDDSketch
 from ddsketch.mapping import LogarithmicMapping
 from ddsketch.store import DenseStore
 
+from mongoproxy._digest import Counting, EntryBase
 from mongoproxy.namespaces import NamespaceFilter
 
 SCHEMA_VERSION = 1
@@ -162,32 +163,16 @@ def parse_iso(text: str) -> int:
     return int(dt.timestamp()) * 1_000_000_000 + dt.microsecond * 1000
 
 
-class Entry:
-    """One key's aggregates."""
+class Entry(EntryBase):
+    """One key's aggregates: the fields are C fields of EntryBase (mongoproxy/_digest.pyx), counted there."""
 
-    __slots__ = (
-        "count",
-        "errors",
-        "sketch",
-        "min_ms",
-        "max_ms",
-        "total_ms",
-        "docs_returned",
-        "docs_changed",
-        "request_bytes",
-        "reply_bytes",
-        "first_ns",
-        "last_ns",
-        "example",
-        "pending",
-        "cached",
-    )
+    __slots__ = ()
 
     def __init__(self, example: str, at_ns: int) -> None:
-        self.pending: dict[int, int] = {}  # sketch bin key -> latencies not yet in the sketch
-        self.cached: list[float | None] | None = None  # QUANTILES of the sketch, until it changes
+        self.pending = {}  # sketch bin key -> latencies not yet in the sketch
+        self.cached = None  # QUANTILES of the sketch, until it changes
         self.count = 0
-        self.errors: dict[str, int] = {}
+        self.errors = {}
         self.sketch = new_sketch()
         self.min_ms = float("inf")
         self.max_ms = 0.0
@@ -232,6 +217,9 @@ class Entry:
 # An Entry, its sketch (two stores, their lists) and the key tuple with its strings, measured once.
 _ENTRY_BASE = 1024
 
+# The data path's counting: one C call per command (Digest.add and the digest sink's hook use it).
+COUNT = Counting(Entry, _KEYS, bin_key)
+
 
 class Digest:
     """The bounded table; `to_wall` turns the timestamps given to add() into Unix ns."""
@@ -258,38 +246,8 @@ class Digest:
         request_bytes: int,
         reply_bytes: int,
     ) -> None:
-        """Count one command under `key` (the data path calls this: keep it short)."""
-        entries = self.entries
-        e = entries.get(key)
-        if e is None:
-            e = entries[key] = Entry(example, at_ns)
-            if len(entries) > self.max_shapes:
-                entries.popitem(last=False)
-                self.evictions += 1
-        else:
-            entries.move_to_end(key)
-            e.last_ns = at_ns
-        e.count += 1
-        if duration_ms is not None:
-            # Buffered by bin (bounded by the sketch's bin count) and folded into the sketch when read.
-            k = _KEYS.get(duration_ms)
-            if k is None:
-                k = bin_key(duration_ms)
-            p = e.pending
-            p[k] = p.get(k, 0) + 1
-            e.total_ms += duration_ms
-            if duration_ms < e.min_ms:
-                e.min_ms = duration_ms
-            if duration_ms > e.max_ms:
-                e.max_ms = duration_ms
-        if error is not None:
-            e.errors[error] = e.errors.get(error, 0) + 1
-        if docs_returned:
-            e.docs_returned += docs_returned
-        if docs_changed:
-            e.docs_changed += docs_changed
-        e.request_bytes += request_bytes
-        e.reply_bytes += reply_bytes
+        """Count one command under `key` (compiled: mongoproxy/_digest.pyx)."""
+        COUNT(self, key, example, at_ns, duration_ms, error, docs_returned, docs_changed, request_bytes, reply_bytes)
 
     def reset(self) -> None:
         """Forget every key (evictions are a process-lifetime counter and stay)."""

@@ -11,7 +11,6 @@ Invariants:
 """
 
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
-from libc.stdint cimport int64_t
 from mongoproxy.tracker cimport CommandEvent
 
 # Histogram indexes, in the order of metrics._HISTOGRAMS.
@@ -26,11 +25,6 @@ cdef enum:
 
 cdef class Layout:
     """The bucket bounds every Series of one sink shares: latency (seconds), documents, sizes (bytes)."""
-
-    cdef double* bounds[H_COUNT]
-    cdef int nbounds[H_COUNT]
-    cdef int offset[H_COUNT]  # where each histogram's counts start in a Series' one counts block
-    cdef int total            # counts per Series (each histogram's bounds + 1 for +Inf)
 
     def __cinit__(self, latency, documents, sizes):
         cdef int h, i
@@ -66,10 +60,6 @@ cdef inline int _bucket(const double* bounds, int n, double v) noexcept:
 
 cdef class Series:
     """The five per-command histograms of one label set."""
-
-    cdef Layout layout
-    cdef int64_t* counts
-    cdef double sums[H_COUNT]
 
     def __cinit__(self, Layout layout not None):
         cdef int i

@@ -16,6 +16,7 @@ from typing import Any
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from mongoproxy import digest as digest_mod
+from mongoproxy._digest import DigestHook
 from mongoproxy.config import Option, positive_int
 from mongoproxy.digest import error_name
 from mongoproxy.events import wall_ns
@@ -64,31 +65,9 @@ class DigestSink:
         # its redacted text, so asking with the same flag lets both use one computation.
         self.show_values = show_values
         self.live: Any = None  # the live view's sink, offered every command (see sinks/live.py)
-
-    def on_command(self, event: Any) -> None:
-        """Count one command (and offer it to the live view when a browser follows it)."""
-        if event.awaitable:
-            return
-        live = self.live
-        if live is not None and live.subscribers:
-            live.offer(event)
-        q = event_query(event, self.show_values)
-        last = event.reply_last_ns
-        first = event.request_first_ns
-        r = event.reply
-        self.digest.add(
-            (q.shape if q is not None else "", event.database, event.collection, event.op, event.connection.app_name),
-            q.redacted if q is not None else "",
-            first,
-            ((last - first + 500) // 1000) / 1000 if last else None,  # events.duration_ms, inline: the data path
-            error_name(event)
-            if event.ok is False or (r is not None and (r.write_errors or r.write_concern_error_code is not None))
-            else None,
-            event.documents_returned,
-            event.documents_changed,
-            event.request_size,
-            event.reply_size if last else 0,
-        )
+        # on_command(event): one C call (mongoproxy/_digest.pyx) that counts every command but drivers'
+        # monitoring long polls under its shape key, and offers it to the live view when a browser follows it.
+        self.on_command = DigestHook(self, digest_mod.COUNT, event_query, error_name)
 
     # ---- admin API ----
 

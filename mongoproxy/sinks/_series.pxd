@@ -1,0 +1,18 @@
+# C-level declarations of the metrics sink's compiled histograms (mongoproxy.sinks._series).
+
+from libc.stdint cimport int64_t
+
+
+cdef class Layout:
+    cdef double* bounds[5]    # per histogram (H_* order): its bucket bounds
+    cdef int nbounds[5]
+    cdef int offset[5]        # where each histogram's counts start in a Series' one counts block
+    cdef int total            # counts per Series (each histogram's bounds + 1 for +Inf)
+
+
+cdef class Series:
+    cdef Layout layout
+    cdef int64_t* counts
+    cdef double sums[5]
+
+    cdef inline void _add(self, int h, double v) noexcept
