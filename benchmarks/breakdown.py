@@ -7,7 +7,8 @@ the tap to the one before it, built from the proxy's own classes:
     tap        + one mongoproxy._tap.Tap.feed per chunk: byte counting, the clock, framing, the Cython body
                scanner, request/reply matching and CommandEvents on an empty SinkBus (one C call since the
                compiled tap; before it, the rows framing, scanner and tracker measured these one by one)
-    +metrics   tap + the metrics sink (the default)
+    +metrics   tap + the metrics sink (on by default)
+    +digest    tap + the query digest sink (on by default), with the scanner rendering each request's shape
     +log       tap + the command log sink (to a file)
     +trace     tap + the tracing sink at ratio 1, exporting to a discard-everything OTLP endpoint
 
@@ -27,7 +28,7 @@ import statistics
 import sys
 from typing import Any
 
-LAYERS = ("bare", "tap", "+metrics", "+log", "+trace")
+LAYERS = ("bare", "tap", "+metrics", "+digest", "+log", "+trace")
 
 
 # ---- one layer: the server ----
@@ -55,12 +56,15 @@ def _make_tap(layer: str, otlp: str, logfile: str) -> Any:
             flags = {"trace_sample_ratio": "1", "otlp_endpoint": otlp}
         cfg = config.build(flags, env={})
         ctx = SinkContext(registry=CollectorRegistry(), version=__version__, mode="static")
-        kind = {"+metrics": "MetricsSink", "+log": "CommandLogSink", "+trace": "TracingSink"}[layer]
+        kind = {"+metrics": "MetricsSink", "+digest": "DigestSink", "+log": "CommandLogSink", "+trace": "TracingSink"}[
+            layer
+        ]
         sinks = [s for s in build_sinks(cfg, ctx) if type(s).__name__ == kind]
         if len(sinks) != 1:
             raise SystemExit(f"breakdown: no {kind} among {[type(s).__name__ for s in build_sinks(cfg, ctx)]}")
     bus = SinkBus(sinks)
     ids = iter(range(1, 1 << 30))
+    render = 1 if layer == "+digest" else 0  # RENDER_REDACTED: what the proxy does while the digest is on
 
     def noop(*args: Any) -> None:
         pass
@@ -69,7 +73,7 @@ def _make_tap(layer: str, otlp: str, logfile: str) -> Any:
         """The request and reply feeds of one connection, built as server.ClientSide builds them."""
         conn = Connection(id=next(ids), client_host="127.0.0.1", client_port=1, upstream_host="127.0.0.1")
         tracker = Tracker(conn, bus, 1000)
-        requests = FrameScanner(False, tracker.on_request, noop)
+        requests = FrameScanner(False, tracker.on_request, noop, render=render)
         replies = FrameScanner(True, tracker.on_reply, noop)
         return Tap(requests, tracker, conn, False).feed, Tap(replies, tracker, conn, True).feed
 
