@@ -16,6 +16,7 @@ Replies are matched to requests by responseTo. Invariants:
 - One call to bus.command() per completed command: the only Python-level call the fast path makes.
 """
 
+cimport cython
 from libc.stdint cimport int64_t
 from mongoproxy._bson_parser cimport ScanResult
 
@@ -96,6 +97,9 @@ cdef int _attribute(Pending p, object result, int opcode) except -1:
     return 0
 
 
+# Not tracked by the garbage collector (one fewer container per command to scan): an event refers to its
+# Connection, ScanResults, strings, numbers and its Query, none of which refers back to an event.
+@cython.no_gc
 cdef class CommandEvent:
     """One command: a request and its reply (or none, for moreToCome requests).
 
@@ -193,6 +197,7 @@ cdef class CommandEvent:
         )
 
 
+@cython.no_gc  # holds a ScanResult, strings and numbers: no reference cycles
 cdef class Pending:
     """A request waiting for its reply, or an exhaust stream waiting for its next one."""
 

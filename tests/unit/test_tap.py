@@ -233,3 +233,16 @@ def test_after_reply_runs_after_each_reply_the_fast_path_matched():
     obs.feed(True, conversation()[0][1] + conversation()[2][1], 1)
     obs.feed(False, conversation()[1][1] + conversation()[3][1], 2)
     assert seen == [1, 2]  # the event is out before the callback (the drain's idle check sees it matched)
+
+
+def test_per_command_objects_are_not_tracked_by_the_garbage_collector():
+    """Events, pending requests and scan results hold no cycles: the collector need not scan one per command."""
+    import gc
+
+    obs = Observed(True)
+    obs.feed(True, conversation()[0][1] + conversation()[2][1], 1)
+    pending = obs.tracker.pending[2]  # the hello, waiting for its reply
+    obs.feed(False, conversation()[1][1], 2)
+    (event,) = obs.sink.commands
+    assert not gc.is_tracked(event) and not gc.is_tracked(event.request) and not gc.is_tracked(event.reply)
+    assert not gc.is_tracked(pending)
