@@ -1,6 +1,7 @@
 # C-level declarations of the metrics sink's compiled histograms (mongoproxy.sinks._series).
 
 from libc.stdint cimport int64_t
+from mongoproxy.tracker cimport CommandEvent
 
 
 cdef class Layout:
@@ -16,3 +17,14 @@ cdef class Series:
     cdef double sums[5]
 
     cdef inline void _add(self, int h, double v) noexcept
+    cdef bint _observe(self, CommandEvent e) except -1
+
+
+cdef class MetricsHook:
+    cdef object sink
+    cdef dict cache           # raw label key -> Series
+    cdef int nsrc             # labels
+    cdef int nitems           # key items (the server label takes two)
+    cdef int src[16]          # label source ids (S_*), in the sink's label order
+
+    cdef tuple _key(self, CommandEvent e, object c)

@@ -11,6 +11,8 @@ Invariants:
 """
 
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
+from cpython.ref cimport Py_INCREF
+from cpython.tuple cimport PyTuple_New, PyTuple_SET_ITEM
 from mongoproxy.tracker cimport CommandEvent
 
 # Histogram indexes, in the order of metrics._HISTOGRAMS.
@@ -82,6 +84,9 @@ cdef class Series:
 
     def observe(self, CommandEvent e not None):
         """Record one command; True when it failed (ok:0, a write error or a write-concern error)."""
+        return self._observe(e)
+
+    cdef bint _observe(self, CommandEvent e) except -1:
         if e.reply_last_ns and not e.more_to_come_request and not e.awaitable:
             self._add(H_LATENCY, (e.reply_last_ns - e.request_first_ns) * 1e-9)
         if not e.exhaust_index:  # a streamed reply shares its request with the first reply
@@ -110,3 +115,86 @@ cdef class Series:
         if h != H_LATENCY:
             total = int(total)  # counts of documents and bytes: an integer sum, as Prometheus shows it
         return counts, total
+
+
+# Label sources, in the order of metrics.LABEL_SOURCES (the one list of label names and what each reads).
+LABELS = ("op", "db", "collection", "app", "server", "replicaset", "member_state", "client")
+cdef enum:
+    S_OP = 0
+    S_DB
+    S_COLLECTION
+    S_APP
+    S_SERVER  # two key items: the upstream host and port (joined into "host:port" once per new key)
+    S_REPLICASET
+    S_MEMBER_STATE
+    S_CLIENT
+    S_MAX = 16
+
+
+cdef class MetricsHook:
+    """The metrics sink's on_command: the raw label key built in C, one dict hit, one observe().
+
+    The key is the tuple of the label values in the sink's label order, the server label as two items (host,
+    port); sinks.metrics.MetricsSink._resolve caps it and makes the series on first sight.
+    """
+
+    def __init__(self, sink, labels, dict cache not None):
+        self.sink = sink  # sinks.metrics.MetricsSink: its rare paths (new keys, errors, compression) stay there
+        self.cache = cache  # raw label key -> Series, filled by sink._resolve
+        names = tuple(labels)
+        if len(names) > S_MAX:
+            raise ValueError(f"at most {S_MAX} labels")
+        self.nsrc = len(names)
+        self.nitems = 0
+        for i, name in enumerate(names):
+            if name not in LABELS:
+                raise ValueError(f"unknown metric label {name!r}")
+            self.src[i] = LABELS.index(name)
+            self.nitems += 2 if self.src[i] == S_SERVER else 1
+
+    cdef tuple _key(self, CommandEvent e, object c):
+        cdef tuple key = PyTuple_New(self.nitems)
+        cdef int i
+        cdef Py_ssize_t at = 0
+        cdef object v
+        for i in range(self.nsrc):
+            k = self.src[i]
+            if k == S_OP:
+                v = e.op
+            elif k == S_DB:
+                v = e.database
+            elif k == S_COLLECTION:
+                v = e.collection
+            elif k == S_APP:
+                v = c.app_name
+            elif k == S_SERVER:
+                v = c.upstream_host
+                Py_INCREF(v)
+                PyTuple_SET_ITEM(key, at, v)
+                at += 1
+                v = c.upstream_port
+            elif k == S_REPLICASET:
+                v = c.replica_set
+            elif k == S_MEMBER_STATE:
+                v = c.member_state
+            else:
+                v = c.client_host
+            Py_INCREF(v)
+            PyTuple_SET_ITEM(key, at, v)
+            at += 1
+        return key
+
+    def __call__(self, CommandEvent event not None):
+        """Record one command in its label set's histograms; count its failure and the handshake's compressor."""
+        sink = self.sink
+        conn = event.connection
+        if sink._connect_pending:  # a client sends nothing before its upstream is connected
+            sink.connect_observed(conn)
+        key = self._key(event, conn)
+        s = self.cache.get(key)
+        if s is None:
+            s = sink._resolve(key)
+        if (<Series>s)._observe(event):  # ok:0, a write error or a write-concern error
+            sink._count_errors(event)
+        if event.hello and event.reply is not None:  # the reply carries the negotiated compressor
+            sink._count_compression(conn)

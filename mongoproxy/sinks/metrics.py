@@ -1,9 +1,9 @@
 """Prometheus metrics: per-command histograms and the proxy's core counters (the /metrics content).
 
-Hot path: a command costs one label-tuple build, one dict lookup and one C
-call (sinks/_series.pyx: the five histograms of the label set, C arrays owned
-by the event loop, single writer), turned into Prometheus families only at
-scrape time, so no lock and no `.labels()` call is paid per command. Byte
+Hot path: a command costs one C call (sinks/_series.pyx, MetricsHook): the
+label-tuple build, one dict lookup and the five histograms of the label set,
+C arrays owned by the event loop (single writer), turned into Prometheus
+families only at scrape time, so no lock and no `.labels()` call is paid per command. Byte
 totals are read from the Connection objects at scrape time too.
 
 See docs/metrics.md for every metric, its labels and the attribution rules.
@@ -26,9 +26,9 @@ from mongoproxy.errors import ConfigError
 from mongoproxy.events import UPSTREAM_ERROR_REASONS, hostport
 from mongoproxy.protocol.framing import DECODE_REASONS
 from mongoproxy.querylog import code_name
-from mongoproxy.sinks._series import Layout, Series
+from mongoproxy.sinks._series import Layout, MetricsHook, Series
 
-# Label name -> expression over the event `e` and its connection `c`; the key builder is compiled from these.
+# Label name -> what it reads from the event `e` and its connection `c` (sinks/_series.pyx reads the same, in C).
 LABEL_SOURCES = {
     "op": "e.op",
     "db": "e.database",
@@ -40,9 +40,8 @@ LABEL_SOURCES = {
     "client": "c.client_host",  # the host only: the ephemeral port would make every connection a new series
 }
 VALID_LABELS = tuple(LABEL_SOURCES)
-# What the per-command cache key reads instead, where LABEL_SOURCES would format a "host:port" string per
-# command: the server label takes two key items, joined once per new key in _resolve.
-_KEY_SOURCES = {**LABEL_SOURCES, "server": "c.upstream_host, c.upstream_port"}
+# The per-command key (sinks/_series.pyx, MetricsHook) reads the same sources, except that the server label takes
+# two key items (host, port), joined into "host:port" once per new key in _resolve.
 DEFAULT_LABELS = ("op", "db", "collection", "app", "server", "replicaset")
 OTHER = "_other"
 
@@ -224,10 +223,11 @@ class MetricsSink:
             parse_metric_labels(",".join(self.labels))  # raises the one-line ConfigError
         self.latency_buckets = tuple(latency_buckets)
         self._bounds = {"latency": self.latency_buckets, "documents": DOCUMENT_BUCKETS, "size": SIZE_BUCKETS}
-        # Compiled once from the fixed LABEL_SOURCES table (never from user text).
-        self._key = eval("lambda e, c: (" + "".join(_KEY_SOURCES[n] + ", " for n in self.labels) + ")", {})
         self._layout = Layout(self.latency_buckets, DOCUMENT_BUCKETS, SIZE_BUCKETS)
         self._cache: dict[tuple, Series] = {}  # raw label tuple -> series (only tuples that did not overflow)
+        # on_command(event): one C call (sinks/_series.pyx) builds the raw label key, finds the series and records
+        # the command; a new key, a failure or the handshake's compressor come back to the methods below.
+        self.on_command = MetricsHook(self, self.labels, self._cache)
         self._series: dict[tuple, Series] = {}  # capped label tuple -> series
         self._series_lock = threading.Lock()  # guards inserts into _series against a scrape in another thread
         self._live: dict[int, Any] = {}  # connection id -> Connection, for the active gauge and byte totals
@@ -335,21 +335,11 @@ class MetricsSink:
 
     # ---- hooks ----
 
-    def on_command(self, event: Any) -> None:
-        """Record one command: a key build (no string formatted), a dict hit, and one C call for the histograms."""
-        conn = event.connection
-        if self._connect_pending:  # a client sends nothing before its upstream is connected
-            pending = self._connect_pending.pop(conn.id, None)
-            if pending is not None and pending.upstream_connect_ns > 0:
-                self._observe_connect(pending)
-        key = self._key(event, conn)
-        s = self._cache.get(key)
-        if s is None:
-            s = self._resolve(key)
-        if s.observe(event):  # the command failed: ok:0, a write error or a write-concern error
-            self._count_errors(event)
-        if event.hello and event.reply is not None:  # the reply carries the negotiated compressor
-            self._count_compression(conn)
+    def connect_observed(self, conn: Any) -> None:
+        """A connection's first command: observe its upstream connect time if it was still pending at open."""
+        pending = self._connect_pending.pop(conn.id, None)
+        if pending is not None and pending.upstream_connect_ns > 0:
+            self._observe_connect(pending)
 
     def _count_compression(self, conn: Any) -> None:
         """Once per connection: the tracker has set conn.compression from this hello reply."""

@@ -564,3 +564,12 @@ def test_max_series_option():
     assert config_mod.build({"max_series": "50"}, env={}).max_series == 50
     with pytest.raises(ConfigError):
         config_mod.build({"max_series": "0"}, env={})
+
+
+def test_the_compiled_key_reads_every_label_the_sink_offers_in_order():
+    """sinks/_series.pyx builds the per-command key; its label list is metrics.LABEL_SOURCES's, in order."""
+    from mongoproxy.sinks import _series
+
+    assert _series.LABELS == tuple(metrics.LABEL_SOURCES)
+    with pytest.raises(ValueError):
+        _series.MetricsHook(None, ("op", "nope"), {})
