@@ -31,7 +31,7 @@ cdef class Counting:
 
 
 cdef class DigestHook:
-    cdef object sink
+    cdef readonly object sink  # the sink this hook belongs to (SinkBus names it when the hook raises)
     cdef Counting counting
     cdef object event_query
     cdef object error_name

@@ -163,13 +163,20 @@ class SinkBus:
         self.wants_data = bool(self._on_data)  # the data path skips the call entirely when False
 
     def _failed(self, method: Any, exc: BaseException) -> None:
-        sink = method.__self__
+        # A hook is a bound method, or a compiled hook object that names its sink (`sink`, e.g. MetricsHook).
+        sink = getattr(method, "__self__", None)
+        if sink is None:
+            sink = getattr(method, "sink", method)
         name = getattr(sink, "name", type(sink).__name__)
         count = self.errors.get(name, 0)
         self.errors[name] = count + 1
         if count == 0:
             self._log.error(
-                "sink %s failed in %s (further errors are only counted): %r", name, method.__name__, exc, exc_info=exc
+                "sink %s failed in %s (further errors are only counted): %r",
+                name,
+                getattr(method, "__name__", type(method).__name__),
+                exc,
+                exc_info=exc,
             )
 
     def command(self, event: CommandEvent) -> None:

@@ -21,7 +21,7 @@ cdef class Series:
 
 
 cdef class MetricsHook:
-    cdef object sink
+    cdef readonly object sink  # the sink this hook belongs to (SinkBus names it when the hook raises)
     cdef dict cache           # raw label key -> Series
     cdef int nsrc             # labels
     cdef int nitems           # key items (the server label takes two)

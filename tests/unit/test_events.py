@@ -68,3 +68,24 @@ def test_hooks_only_reach_sinks_that_define_them():
 def test_wall_clock_conversion_is_monotonic_offset():
     assert wall_ns(2_000) - wall_ns(1_000) == 1_000
     assert make_event(Connection(id=1, client_host="h", client_port=1)).duration_ns == 0
+
+
+def test_a_compiled_hook_that_raises_is_contained_and_named_by_its_sink(caplog):
+    """The metrics and digest sinks' on_command are compiled hook objects, not bound methods: still contained."""
+    from prometheus_client import CollectorRegistry
+
+    from mongoproxy.sinks.digest import DigestSink
+    from mongoproxy.sinks.metrics import MetricsSink
+
+    metrics, digest, good = MetricsSink(CollectorRegistry()), DigestSink(), CollectingSink()
+    metrics._resolve = None  # a new label key now raises TypeError inside the compiled hook
+    digest.digest = None  # counting now raises AttributeError inside the compiled hook
+    bus = SinkBus([metrics, digest, good])
+    conn = Connection(id=1, client_host="127.0.0.1", client_port=1)
+    with caplog.at_level(logging.ERROR, logger="mongoproxy.sinks"):
+        bus.command(make_event(conn))
+        bus.command(make_event(conn))
+    assert len(good.commands) == 2  # the sinks after the failing ones still got every event
+    assert bus.errors == {"metrics": 2, "digest": 2, "collect": 0}
+    assert caplog.text.count("sink metrics failed in MetricsHook") == 1
+    assert caplog.text.count("sink digest failed in DigestHook") == 1
