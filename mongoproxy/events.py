@@ -8,11 +8,13 @@ keep them but must not mutate them.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 # CommandEvent is built by the compiled tracker, which fills it in C (mongoproxy/tracker.pyx, tracker.pyi).
 from mongoproxy.tracker import CommandEvent as CommandEvent
+from mongoproxy.tracker import Fanout
 
 _MONO_ANCHOR = time.monotonic_ns()
 _WALL_ANCHOR = time.time_ns()
@@ -161,6 +163,9 @@ class SinkBus:
         for hook in HOOKS:
             setattr(self, "_" + hook, [getattr(s, hook) for s in self.sinks if callable(getattr(s, hook, None))])
         self.wants_data = bool(self._on_data)  # the data path skips the call entirely when False
+        # command(event): every sink's on_command, a failing one contained like _fan's; compiled (tracker.pyx),
+        # since the data path calls it once per command.
+        self.command: Callable[[CommandEvent], None] = Fanout(self._on_command, self._failed)
 
     def _failed(self, method: Any, exc: BaseException) -> None:
         # A hook is a bound method, or a compiled hook object that names its sink (`sink`, e.g. MetricsHook).
@@ -178,13 +183,6 @@ class SinkBus:
                 exc,
                 exc_info=exc,
             )
-
-    def command(self, event: CommandEvent) -> None:
-        for m in self._on_command:
-            try:
-                m(event)
-            except Exception as exc:  # noqa: BLE001 - a sink bug must never reach the data path
-                self._failed(m, exc)
 
     def _fan(self, methods: list, *args: Any) -> None:
         for m in methods:

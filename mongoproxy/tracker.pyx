@@ -197,6 +197,26 @@ cdef class CommandEvent:
         )
 
 
+@cython.final
+cdef class Fanout:
+    """SinkBus.command, compiled: calls each sink's on_command with the event; one that raises goes to `failed`."""
+
+    cdef list hooks
+    cdef object failed
+
+    def __init__(self, list hooks not None, failed):
+        self.hooks = hooks  # the bus's list of on_command hooks (bound methods or compiled hook objects)
+        self.failed = failed  # SinkBus._failed(hook, exc): logs once per sink, counts; never raises
+
+    def __call__(self, event):
+        """Deliver one CommandEvent to every sink; a sink's exception never reaches the caller."""
+        for m in self.hooks:
+            try:
+                m(event)
+            except Exception as exc:  # a sink bug must never reach the data path
+                self.failed(m, exc)
+
+
 @cython.no_gc  # holds a ScanResult, strings and numbers: no reference cycles
 cdef class Pending:
     """A request waiting for its reply, or an exhaust stream waiting for its next one."""

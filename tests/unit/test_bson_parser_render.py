@@ -83,7 +83,7 @@ def cut_strings(v):
 
 
 def redact(doc: dict) -> dict:
-    """The RENDER_REDACTED oracle: every literal is "?" except the namespace strings."""
+    """The RENDER_REDACTED oracle: every literal is "?" except the namespace strings, cut as every rendered string."""
 
     def hide(v):
         if isinstance(v, dict):
@@ -95,7 +95,7 @@ def redact(doc: dict) -> dict:
     out = {}
     for i, (k, v) in enumerate(doc.items()):
         shown = type(v) is str and (i == 0 or k in ("$db", "collection"))
-        out[k] = v if shown else hide(v)
+        out[k] = rcut(v) if shown else hide(v)
     return out
 
 
