@@ -662,8 +662,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--breakdown",
         action="store_true",
-        help="instead of the scenarios: CPU per round trip layer by layer (bare uvloop, framing, scanner, "
-        "tracker, each sink), the whole proxy and haproxy, interleaved and repeated (benchmarks/breakdown.py)",
+        help="instead of the scenarios: CPU per round trip layer by layer (bare uvloop, the compiled tap, each "
+        "sink), the whole proxy and haproxy, interleaved and repeated (benchmarks/breakdown.py)",
     )
     ap.add_argument("--repeat", type=int, default=3, help="--breakdown: interleaved repetitions (default 3)")
     args = ap.parse_args(argv)
