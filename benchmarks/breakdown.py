@@ -206,19 +206,29 @@ def run(workdir: str, rounds: int, per_round: int, repeats: int, baseline: str |
         targets["haproxy"] = procs.start_haproxy(backend.port, workdir)
         started.append(targets["haproxy"])
         ports = {name: t.port for name, t in targets.items() if t is not None}
+        ports["direct"] = backend.port  # for the latency each layer adds (no CPU figure: not a proxy)
         runs: list[dict] = []
+        latency: list[dict] = []
         for i in range(repeats):
             print(f"[breakdown] repetition {i + 1}/{repeats}: {rounds} rounds x {per_round}", file=sys.stderr)
             out = scenarios.small_round_trip_raw(targets, ports, rounds, per_round)
             runs.append({n: r["us_per_request"] for n, r in out["cpu"].items()})
+            latency.append({n: (r["added_p50_us"], r["added_p99_us"]) for n, r in out["latency"].items()})
         observed = scenarios.observed_commands(targets["mongoproxy"])
     finally:
         for proc in reversed(started):
             proc.stop()
     rows = {}
-    for name in ports:
+    for name in targets:
         xs = [r[name] for r in runs]
-        rows[name] = {"median_us": statistics.median(xs), "min_us": min(xs), "max_us": max(xs), "runs_us": xs}
+        rows[name] = {
+            "median_us": statistics.median(xs),
+            "min_us": min(xs),
+            "max_us": max(xs),
+            "runs_us": xs,
+            "added_p50_us": [lat[name][0] for lat in latency],
+            "added_p99_us": [lat[name][1] for lat in latency],
+        }
     return {
         "rows": rows,
         "repeats": repeats,
@@ -258,6 +268,27 @@ def render(res: dict) -> str:
             f"| {name} | {med:.1f} | {row['min_us']:.1f}–{row['max_us']:.1f} | {step} | "
             f"{statistics.median(ratios):.2f}× ({min(ratios):.2f}–{max(ratios):.2f}) |"
         )
+    if all("added_p50_us" in row for row in rows.values()):
+        lines += [
+            "",
+            "Latency each process adds to the round trip (over the direct connection), median over repetitions of "
+            "the added p50 and p99, and its ratio to haproxy's in the same repetition:",
+            "",
+            "| layer | added p50 µs | added p99 µs | p50 ÷ haproxy's (min–max) | p99 ÷ haproxy's (min–max) |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        hap = rows["haproxy"]
+        for name, row in rows.items():
+            cells = []
+            for key in ("added_p50_us", "added_p99_us"):
+                ratios = [x / h for x, h in zip(row[key], hap[key]) if h > 0]
+                cells.append(
+                    f"{statistics.median(ratios):.2f}× ({min(ratios):.2f}–{max(ratios):.2f})" if ratios else ""
+                )
+            lines.append(
+                f"| {name} | {statistics.median(row['added_p50_us']):.1f} | "
+                f"{statistics.median(row['added_p99_us']):.1f} | {cells[0]} | {cells[1]} |"
+            )
     return "\n".join(lines) + "\n"
 
 
