@@ -1,12 +1,15 @@
-"""Fuzz the frame scanner with the body scanner: an arbitrary byte stream, split at arbitrary points.
+"""Fuzz the tap: an arbitrary byte stream, split at arbitrary points, through the frame scanner with the body
+scanner, and whole through the compiled Tap (its fast path for whole messages, the frame scanner for the rest).
 
 Input layout: byte 0 = options (bit 0: reply direction, bits 1-2: query-shape rendering 0..2,
 bit 3: verify checksums), byte 1 = chunk size (0: random chunk sizes), byte 2 = seed of the random
 chunking, then the stream. Invariants checked on every input:
 - feed() never raises and never reports `internal_error` (a scanner bug); every reason is documented.
 - Fatal errors are framing errors, and nothing is reported after one.
-- The outcome (every message's header, scan result and error, every error) does not depend on how the
-  stream was split: one chunk (the fast path) and the chosen split agree exactly.
+- The outcome does not depend on how the stream was split nor on the path: the stream whole through the Tap
+  and split through the FrameScanner alone give the same tracker outcome (every event with its request and
+  reply scan results, every pending request, unmatched replies, every decode error). A reply stream is
+  answered: a request is fed first for each responseTo an independent framing finds.
 - Where a message is a well-formed OP_MSG that pymongo's bson.decode accepts, the scanner reports no
   error and agrees with bson on the command name, $db, ok, and the kind-1 document count.
 """
@@ -19,7 +22,17 @@ import struct
 
 import bson
 
-from tests.fuzz.targets import DECODE_REASONS, HEADER_SIZE, FrameScanner
+from tests.fuzz.targets import (
+    DECODE_REASONS,
+    HEADER_SIZE,
+    CollectingSink,
+    Connection,
+    FrameScanner,
+    SinkBus,
+    Tap,
+    Tracker,
+)
+from tests.support import wire as tw
 
 FATAL_REASONS = frozenset(("bad_message_length", "message_too_large"))
 MAX_MESSAGE = 1 << 20  # small, so that "message_too_large" is reachable
@@ -46,12 +59,43 @@ def chunks(stream: bytes, size: int, seed: int) -> list[bytes]:
     return out
 
 
-def observe(stream_chunks: list[bytes], is_reply: bool, render: int, verify: bool) -> tuple[list, bool, bool]:
-    """(events in order, mid_message at the end, stopped at the end) for one way of feeding the stream."""
+def _result(r: object) -> object:
+    return None if r is None else tuple(sorted((k, _comparable(v)) for k, v in r.as_dict().items()))
+
+
+# CommandEvent fields compared between the two paths (not the times: they follow the chunking).
+EVENT_FIELDS = (
+    "op database collection request_id request_opcode request_size reply_opcode reply_size reply_request_id ok "
+    "code code_name errmsg documents_returned documents_changed cursor_id more_to_come_request exhaust "
+    "exhaust_index awaitable decode_error hello"
+).split()
+
+
+def primers(stream: bytes) -> list[bytes]:
+    """A request for each responseTo of the messages an independent framing finds (a reply stream is answered)."""
+    out, pos = [], 0
+    while len(stream) - pos >= HEADER_SIZE and len(out) < 256:
+        length, _, response_to, _ = _HEADER.unpack_from(stream, pos)
+        if length < HEADER_SIZE or length > MAX_MESSAGE:
+            break
+        out.append(tw.encode_op_msg({"find": "c", "$db": "d"}, request_id=response_to))
+        pos += length
+    return out
+
+
+def observe(
+    stream_chunks: list[bytes], is_reply: bool, render: int, verify: bool, answers: list[bytes], via_tap: bool
+) -> tuple[list, tuple, bool, bool]:
+    """(messages and errors in order, the tracker's outcome, mid_message, stopped) for one way of feeding.
+
+    Messages are seen only on the FrameScanner path (the Tap hands whole ones to the tracker in C).
+    """
     events: list = []
+    sink = CollectingSink()
+    conn = Connection(id=1, client_host="127.0.0.1", client_port=1)
+    tracker = Tracker(conn, SinkBus([sink]), 1 << 20)
 
     def on_message(m) -> None:
-        r = m.result
         events.append(
             (
                 "msg",
@@ -62,19 +106,37 @@ def observe(stream_chunks: list[bytes], is_reply: bool, render: int, verify: boo
                 m.wire_opcode,
                 m.compressor,
                 m.error,
-                None if r is None else tuple(sorted((k, _comparable(v)) for k, v in r.as_dict().items())),
+                _result(m.result),
             )
         )
+        (tracker.on_reply if is_reply else tracker.on_request)(m)
 
     def on_error(reason: str, detail: str, fatal: bool) -> None:
         if reason == "internal_error":
             raise AssertionError(f"internal_error from the scanner: {detail}")
         events.append(("err", reason, fatal))
 
+    asked = FrameScanner(False, tracker.on_request, on_error)
+    for a in answers:
+        asked.feed(a, 0)
     fs = FrameScanner(is_reply, on_message, on_error, MAX_MESSAGE, render, verify_checksums=verify)
+    feed = Tap(fs, tracker, conn, is_reply).feed_at if via_tap else fs.feed
     for i, c in enumerate(stream_chunks):
-        fs.feed(c, i)
-    return events, fs.mid_message, fs.stopped
+        feed(c, i)
+    outcome = (
+        [
+            tuple(_comparable(getattr(e, f)) for f in EVENT_FIELDS) + (_result(e.request), _result(e.reply))
+            for e in sink.commands
+        ],
+        sorted(
+            (k, p.op, p.database, p.collection, p.error, p.opcode, p.wire_opcode, p.length, _result(p.request))
+            for k, p in tracker.pending.items()
+        ),
+        [rt for _, rt in sink.unmatched],
+        sink.dropped,
+        [e for e in events if e[0] == "err"],
+    )
+    return events, outcome, fs.mid_message, fs.stopped
 
 
 def reference_op_msg(body: bytes) -> dict | None:
@@ -173,12 +235,15 @@ def test_one_input(data: bytes) -> None:
     opts, size, seed = data[0], data[1], data[2]
     is_reply, render, verify = bool(opts & 1), min((opts >> 1) & 3, 2), bool(opts & 8)
     stream = data[3:]
-    whole, mid_a, stop_a = observe([stream], is_reply, render, verify)
-    split, mid_b, stop_b = observe(chunks(stream, size, seed), is_reply, render, verify)
-    assert whole == split, "the outcome depends on the chunking:\n" + _diff(whole, split)
+    answers = primers(stream) if is_reply else []
+    _, whole, mid_a, stop_a = observe([stream], is_reply, render, verify, answers, via_tap=True)
+    events, split, mid_b, stop_b = observe(chunks(stream, size, seed), is_reply, render, verify, answers, False)
+    assert whole == split, "the outcome depends on the chunking or the path:\n" + _diff(whole, split)
     assert (mid_a, stop_a) == (mid_b, stop_b)
     fatal_seen = False
-    for e in whole:
+    for e in events:
+        if e[0] == "msg":
+            continue
         assert not fatal_seen, f"{e} reported after a fatal error"
         if e[0] == "err":
             assert e[1] in DECODE_REASONS, f"undocumented reason {e[1]!r}"
@@ -186,11 +251,17 @@ def test_one_input(data: bytes) -> None:
             fatal_seen = e[2]
     assert stop_a == fatal_seen
     if not verify:
-        check_reference(stream, whole, is_reply)
+        check_reference(stream, events, is_reply)
 
 
-def _diff(a: list, b: list) -> str:
-    for i, (x, y) in enumerate(zip(a, b)):
-        if x != y:
-            return f"event {i}: whole {x}\n          split {y}"
-    return f"{len(a)} events whole, {len(b)} split"
+def _diff(a: tuple, b: tuple) -> str:
+    for part, (xs, ys) in zip(("events", "pending", "unmatched", "dropped", "errors"), zip(a, b)):
+        if xs == ys:
+            continue
+        if isinstance(xs, list):
+            for i, (x, y) in enumerate(zip(xs, ys)):
+                if x != y:
+                    return f"{part} {i}: whole via the Tap {x}\n          split {y}"
+            return f"{part}: {len(xs)} whole via the Tap, {len(ys)} split"
+        return f"{part}: whole via the Tap {xs}, split {ys}"
+    return "equal"

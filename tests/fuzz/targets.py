@@ -1,6 +1,6 @@
 """Every import of the code under fuzzing, in one place: re-point here when modules move.
 
-The framer is in mongoproxy/protocol/ (issue 17); replay is the package mongoproxy/replay/, whose `load`
+The framer is in mongoproxy/protocol/ (issue 17), the tap's compiled fast path in mongoproxy/_tap.pyx (issue 15); replay is the package mongoproxy/replay/, whose `load`
 reads capture files and `load_bytes` one file's content from memory (the same reading code); the hello
 rewriter, which mongoproxy/hellogate.py calls, is mongoproxy/protocol/hello.py.
 The harnesses only use the names below; tests/fuzz/registry.py names the modules to instrument.
@@ -8,6 +8,7 @@ The harnesses only use the names below; tests/fuzz/registry.py names the modules
 
 from __future__ import annotations
 
+from mongoproxy._tap import Tap
 from mongoproxy.errors import DecodeError, ReplayError
 from mongoproxy.events import Connection, SinkBus
 from mongoproxy.protocol.framing import DECODE_REASONS, FRAMING_REASONS, FrameScanner, Message
@@ -32,6 +33,7 @@ __all__ = [
     "Message",
     "ReplayError",
     "SinkBus",
+    "Tap",
     "Tracker",
     "make_hello_swap",
     "replay_load",
