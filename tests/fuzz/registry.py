@@ -1,7 +1,10 @@
 """The harnesses by name: module and what it fuzzes. Strings only, so importing this instruments nothing."""
 
 HARNESSES = {
-    "scanner": ("tests.fuzz.harness_scanner", "frame scanner + body scanner, arbitrary streams and splits"),
+    "scanner": (
+        "tests.fuzz.harness_scanner",
+        "the tap: arbitrary streams whole through the compiled Tap and split through the frame scanner",
+    ),
     "tracker": ("tests.fuzz.harness_tracker", "request/reply matching, pending and exhaust tables"),
     "replay": ("tests.fuzz.harness_replay", "replay's pcap/pcapng reader, TCP reassembly, extraction"),
     "hello": ("tests.fuzz.harness_hello", "the hello rewriter: arbitrary bytes and valid hello replies"),
