@@ -21,6 +21,8 @@ filters, rewrite (cursor ids, lsids), target (pinned pymongo clients), runner (s
 """
 
 from mongoproxy.replay.cli import add_parser, main
-from mongoproxy.replay.extract import load  # capture files to a Workload: what other code (fuzzing, tools) reads
 
-__all__ = ["add_parser", "load", "main"]
+# Capture files (or one file's bytes) to a Workload: what other code (fuzzing, tools) reads.
+from mongoproxy.replay.extract import load, load_bytes
+
+__all__ = ["add_parser", "load", "load_bytes", "main"]

@@ -8,6 +8,7 @@ and getMore/killCursors are linked to the op whose reply opened their cursor.
 from __future__ import annotations
 
 import collections
+import io
 import os
 import struct
 from collections.abc import Iterable, Iterator
@@ -35,9 +36,11 @@ from mongoproxy.replay.model import (
 )
 from mongoproxy.replay.reader import (
     Flow,
+    Opener,
     Reassembler,
     WireMessage,
     iter_packets,
+    open_capture,
     require_dpkt,
     uncompressed,
 )
@@ -70,9 +73,9 @@ def expand_inputs(paths: Iterable[str]) -> list[str]:
     return out
 
 
-def _first_ts(path: str) -> int:
+def _first_ts(path: str, opener: Opener) -> int:
     warnings: list[str] = []
-    for pkt in iter_packets(path, warnings):
+    for pkt in iter_packets(path, warnings, opener):
         return pkt.ts_ns
     return 0
 
@@ -106,18 +109,23 @@ def iter_ops(paths: Iterable[str], stream: Stream | None = None, keep_documents:
     Memory is bounded by what is in flight in the capture (open connections, requests awaiting replies, open
     cursors), not by the file size. ReplayError for bad input, at the point where it is found.
     """
-    files = expand_inputs(paths)
+    yield from _iter_ops(expand_inputs(paths), open_capture, stream, keep_documents)
+
+
+def _iter_ops(files: list[str], opener: Opener, stream: Stream | None, keep_documents: bool) -> Iterator[Any]:
+    """iter_ops on files given by name and opened with `opener` (files on disk, or a capture in memory)."""
     require_dpkt()
     if stream is None:
         stream = Stream(files)
     stream.files = files
-    files.sort(key=_first_ts)  # connections may continue from one file into the next
+    if len(files) > 1:  # connections may continue from one file into the next
+        files.sort(key=lambda path: _first_ts(path, opener))
     re = Reassembler(keep_flows=False)
     states: dict[Flow, _FlowState] = {}
     creators: collections.OrderedDict[int, Op] = collections.OrderedDict()
     warnings = stream.warnings
     for path in files:
-        for pkt in iter_packets(path, warnings):
+        for pkt in iter_packets(path, warnings, opener):
             try:
                 flow = re.add(pkt, path)
             except ReplayError as exc:
@@ -308,9 +316,20 @@ def _emit(op: Op, st: _FlowState, stream: Stream, creators: collections.OrderedD
 def load(paths: Iterable[str], keep_documents: bool = False) -> Workload:
     """Read, reassemble and parse capture files into a Workload held in memory; ReplayError for bad input."""
     stream = Stream([])
+    return _collect(iter_ops(paths, stream, keep_documents), stream)
+
+
+def load_bytes(data: bytes, name: str = "capture", keep_documents: bool = False) -> Workload:
+    """load() of one capture file's content already in memory (named `name` in messages): the same reading code."""
+    stream = Stream([])
+    return _collect(_iter_ops([name], lambda _: io.BytesIO(data), stream, keep_documents), stream)
+
+
+def _collect(items: Iterator[Any], stream: Stream) -> Workload:
+    """The Workload of what iter_ops yields (stream is the one it fills)."""
     connections: dict[int, RecordedConnection] = {}
     ops: list[Op] = []
-    for x in iter_ops(paths, stream, keep_documents):
+    for x in items:
         if isinstance(x, Op):
             ops.append(x)
             if x.conn.index not in connections:

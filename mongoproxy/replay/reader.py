@@ -7,10 +7,11 @@ mongoproxy.protocol's Framer (`_Half`), decompression its bounded decompressor (
 from __future__ import annotations
 
 import dataclasses
+import functools
 import heapq
 import struct
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, BinaryIO
 
 from mongoproxy.errors import ConfigError, ReplayError
 from mongoproxy.events import hostport
@@ -22,6 +23,8 @@ REPLAY_EXTRA = "pip install 'mongoproxy[replay]'"
 
 I32 = struct.Struct("<i")
 NS_PER_S = 1_000_000_000
+# Opens a capture by name: open_capture for files, or one returning a BytesIO for a capture in memory.
+Opener = Callable[[str], BinaryIO]
 
 
 def uncompressed(data: bytes) -> bytes:
@@ -47,12 +50,21 @@ class Packet:
     offset: int
 
 
-def iter_packets(path: str, warnings: list[str]) -> Iterator[Packet]:
-    """Every packet of a pcap or pcapng file; ReplayError naming the file and offset when it is corrupt."""
+def open_capture(path: str) -> BinaryIO:
+    """The capture file open for reading; ReplayError (one line) when it cannot be."""
     try:
-        f = open(path, "rb")
+        return open(path, "rb")
     except OSError as exc:
         raise ReplayError(f"{path}: cannot read the file ({exc.strerror})") from None
+
+
+def iter_packets(path: str, warnings: list[str], opener: Opener = open_capture) -> Iterator[Packet]:
+    """Every packet of a pcap or pcapng file; ReplayError naming the file and offset when it is corrupt.
+
+    `opener` gives the file's content: the file itself, or a BytesIO for a capture held in memory
+    (extract.load_bytes), so that both are read by this same code.
+    """
+    f = opener(path)
     with f:
         head = f.read(4)
         f.seek(0)
@@ -255,7 +267,9 @@ def decode_tcp(linktype: int, data: bytes) -> tuple | None:
     return src, tcp.sport, dst, tcp.dport, tcp.seq, tcp.ack, tcp.flags, payload
 
 
+@functools.lru_cache(maxsize=4096)
 def _ip_text(packed: bytes) -> str:
+    # Cached: every packet names two addresses, and a capture holds few distinct ones (bounded all the same).
     import ipaddress
 
     addr = ipaddress.ip_address(packed)

@@ -3,8 +3,10 @@
 Input layout: byte 0 even = the rest is a capture file, as is (pcap, pcapng or garbage);
 byte 0 odd = bytes 1-2 give L, the next L bytes are what the client sent and the rest what the server
 sent, wrapped into a valid pcapng TCP conversation cut into segments of (byte 0 >> 1) * 16 + 1 bytes,
-so that arbitrary wire bytes reach reassembly and extraction. Invariants:
-- load() returns a Workload or raises ReplayError (one line for the user); nothing else escapes.
+so that arbitrary wire bytes reach reassembly and extraction. The file is read from memory by load_bytes(),
+which is load() with a BytesIO for the file (the same reader and extraction code, no file per input).
+Invariants:
+- load_bytes() returns a Workload or raises ReplayError (one line for the user); nothing else escapes.
 - A Workload is consistent: its operations are sorted by time, each belongs to one of its connections,
   and it counts at least as many packets as flows and at least as many flows as MongoDB flows.
 """
@@ -12,15 +14,10 @@ so that arbitrary wire bytes reach reassembly and extraction. Invariants:
 from __future__ import annotations
 
 import io
-import os
 import random
-import tempfile
 
 from mongoproxy.pcapng import PcapngWriter, TcpFlow
-from tests.fuzz.targets import ReplayError, replay_load
-
-_DIR = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
-_PATH = os.path.join(tempfile.mkdtemp(prefix="mongoproxy-fuzz-replay-", dir=_DIR), "input.pcapng")
+from tests.fuzz.targets import ReplayError, replay_load_bytes
 
 
 def conversation(client: bytes, server: bytes, segment: int, seed: int = 1) -> bytes:
@@ -59,10 +56,8 @@ def file_bytes(data: bytes) -> bytes:
 
 def test_one_input(data: bytes) -> None:
     """One fuzz input: see the module docstring."""
-    with open(_PATH, "wb") as f:
-        f.write(file_bytes(data))
     try:
-        w = replay_load([_PATH])
+        w = replay_load_bytes(file_bytes(data), "input.pcapng")
     except ReplayError as exc:
         text = str(exc)
         assert text and "\n" not in text.strip(), f"ReplayError is not one line: {text!r}"

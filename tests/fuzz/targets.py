@@ -1,7 +1,8 @@
 """Every import of the code under fuzzing, in one place: re-point here when modules move.
 
 The framer is in mongoproxy/protocol/ (issue 17); replay is the package mongoproxy/replay/, whose `load`
-reads capture files; the hello rewriter, which mongoproxy/hellogate.py calls, is mongoproxy/protocol/hello.py.
+reads capture files and `load_bytes` one file's content from memory (the same reading code); the hello
+rewriter, which mongoproxy/hellogate.py calls, is mongoproxy/protocol/hello.py.
 The harnesses only use the names below; tests/fuzz/registry.py names the modules to instrument.
 """
 
@@ -15,6 +16,7 @@ from mongoproxy.protocol.hello import make_swap as make_hello_swap
 from mongoproxy.protocol.hello import rewrite_reply as rewrite_hello
 from mongoproxy.protocol.opcodes import HEADER_SIZE
 from mongoproxy.replay import load as replay_load
+from mongoproxy.replay import load_bytes as replay_load_bytes
 from mongoproxy.tracker import Tracker
 from tests.support.collecting import CollectingSink
 
@@ -33,5 +35,6 @@ __all__ = [
     "Tracker",
     "make_hello_swap",
     "replay_load",
+    "replay_load_bytes",
     "rewrite_hello",
 ]

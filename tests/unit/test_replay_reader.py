@@ -11,7 +11,7 @@ import dpkt
 import pytest
 
 from mongoproxy.errors import ReplayError
-from mongoproxy.replay.extract import load
+from mongoproxy.replay.extract import load, load_bytes
 from mongoproxy.replay.reader import iter_packets
 
 T0 = 1_700_000_000 * 10**9
@@ -265,3 +265,34 @@ def test_sections_may_be_concatenated(tmp_path):
     (tmp_path / "both.pcapng").write_bytes(a + b)
     w = load([str(tmp_path / "both.pcapng")])
     assert len(w.connections) == 2
+
+
+def _summary(w) -> tuple:
+    ops = [(o.conn.label, o.op, o.ns, o.request_id, o.skip, o.ts_ns, o.recorded_ns, o.spec) for o in w.ops]
+    return ops, w.warnings, w.packets, w.flows, w.mongo_flows, w.files
+
+
+def test_load_bytes_reads_a_capture_in_memory_as_load_reads_the_file(tmp_path):
+    # load_bytes is what the replay fuzz harness runs: it must be load() itself, only without the file.
+    session = Capture()
+    simple_session(session)
+    gap = Capture(client=("10.0.0.4", 40002)).handshake()
+    gap.send(True, op_msg(1, 0, {"find": "a", "$db": "x"}))
+    gap.next[True] += 100
+    gap.send(True, op_msg(3, 0, {"find": "c", "$db": "x"}))
+    paths = [
+        write_pcap_exact(tmp_path / "a.pcap", session.frames),
+        write_pcapng(tmp_path / "b.pcapng", session.frames + gap.frames),
+    ]
+    cut = tmp_path / "cut.pcapng"
+    cut.write_bytes(open(paths[1], "rb").read()[:-10])
+    for path in [*paths, str(cut)]:
+        data = open(path, "rb").read()
+        assert _summary(load_bytes(data, path)) == _summary(load([path]))
+    assert any("gap" in x for x in load([paths[1]]).warnings)  # the comparison above covered a warning
+    (tmp_path / "text.pcap").write_text("hello, not a capture")
+    with pytest.raises(ReplayError) as on_disk:
+        load([str(tmp_path / "text.pcap")])
+    with pytest.raises(ReplayError) as in_memory:
+        load_bytes(b"hello, not a capture", str(tmp_path / "text.pcap"))
+    assert str(in_memory.value) == str(on_disk.value)
