@@ -189,6 +189,11 @@ class ClientSide(asyncio.Protocol):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self.close()
+        # Nothing feeds this pair any more (close() closed both transports). Drop the links that make it a
+        # reference cycle (scanners hold bound methods of self, self <-> upstream, the gates) so that reference
+        # counting frees it now: left to the cyclic gc, a burst of closed connections held memory until a full pass.
+        self.upstream = self.tracker = self.requests = self.replies = self.fault_gate = None
+        self._feed_requests = self._write_upstream = None
 
     def pause_writing(self) -> None:  # the client reads replies slower than the server sends them
         if self.upstream is not None:
@@ -658,7 +663,7 @@ async def serve(config: Config, on_started: Callable[[Proxy], Any] | None = None
     """Run until SIGTERM/SIGINT, then drain; the exit code. on_started(proxy) runs once listening."""
     from prometheus_client import CollectorRegistry, disable_created_metrics
 
-    from mongoproxy import admin, limits, shutdown, signals, topology
+    from mongoproxy import admin, limits, reclaim, shutdown, signals, topology
     from mongoproxy.runtime_gauges import RuntimeGauges
     from mongoproxy.sinks import SinkContext, build_sinks
 
@@ -689,6 +694,7 @@ async def serve(config: Config, on_started: Callable[[Proxy], Any] | None = None
         if cluster is not None:
             await cluster.start()  # discovery and a listener per member
         limits.install(proxy, registry, loop)
+        reclaim.install(proxy, registry, loop)
         proxy.faults.attach(proxy)
     except BaseException:
         if admin_server is not None:

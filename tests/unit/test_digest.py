@@ -257,3 +257,22 @@ def test_one_pass_quantiles_equal_ddsketch_quantiles():
             s.add_ms(rng.choice([0.0, round(rng.lognormvariate(0, 2), 3)]))
         assert quantiles(s, qs) == [s.get_quantile_value(q) for q in qs]
     assert quantiles(new_sketch(), qs) == [None] * len(qs)
+
+
+def test_the_bin_key_memo_stays_small_under_ever_new_latencies():
+    """Every distinct latency (ms, µs resolution) is memoised: the memo must stay bounded in bytes, not only entries."""
+    import tracemalloc
+
+    from mongoproxy import digest as digest_mod
+
+    digest_mod._KEYS.clear()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(200_000):
+            assert digest_mod.bin_key((i * 7919 % 5_000_000 + 1) / 1000) != digest_mod.ZERO_KEY
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+        digest_mod._KEYS.clear()
+    assert grown < 1_000_000, f"the bin-key memo holds {grown / 1e6:.1f} MB"
