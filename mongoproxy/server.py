@@ -193,6 +193,7 @@ class ClientSide(asyncio.Protocol):
         # reference cycle (scanners hold bound methods of self, self <-> upstream, the gates) so that reference
         # counting frees it now: left to the cyclic gc, a burst of closed connections held memory until a full pass.
         self.upstream = self.tracker = self.requests = self.replies = self.fault_gate = None
+        self.request_tap = self.reply_tap = None  # each holds its FrameScanner, which holds bound methods of self
         self._feed_requests = self._write_upstream = None
 
     def pause_writing(self) -> None:  # the client reads replies slower than the server sends them
