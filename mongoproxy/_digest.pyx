@@ -96,8 +96,6 @@ cdef class DigestHook:
         q = self.event_query(event, sink.show_values)
         last = event.reply_last_ns
         first = event.request_first_ns
-        r = event.reply
-        failed = event.ok is False or (r is not None and (r.write_errors or r.write_concern_error_code is not None))
         self.counting.count(
             sink.digest,
             (q.shape if q is not None else "", event.database, event.collection, event.op,
@@ -105,7 +103,7 @@ cdef class DigestHook:
             q.redacted if q is not None else "",
             first,
             ((last - first + 500) // 1000) / 1000.0 if last else None,  # events.duration_ms
-            self.error_name(event) if failed else None,
+            self.error_name(event) if event.is_failed() else None,
             event.documents_returned,
             event.documents_changed,
             event.request_size,

@@ -36,6 +36,8 @@ cdef class CommandEvent:
     cdef public object fault
     cdef public bint hello
 
+    cdef bint is_failed(self) except -1  # ok:0, a write error or a write-concern error (the `failed` property)
+
 
 cdef class Pending:
     cdef public object request

@@ -183,6 +183,10 @@ cdef class CommandEvent:
     @property
     def failed(self):
         """ok:0, a write error or a write-concern error."""
+        return self.is_failed()
+
+    cdef bint is_failed(self) except -1:
+        # `failed`, for the compiled sinks (sinks/_series.pyx, _digest.pyx).
         if self.ok is False:
             return True
         reply = self.reply

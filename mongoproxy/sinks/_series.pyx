@@ -97,12 +97,7 @@ cdef class Series:
             self._add(H_RETURNED, <double>e.documents_returned)
         if e.documents_changed is not None:
             self._add(H_CHANGED, <double>e.documents_changed)
-        if e.ok is False:
-            return True
-        reply = e.reply
-        if reply is None:
-            return False
-        return bool(reply.write_errors) or reply.write_concern_error_code is not None
+        return e.is_failed()
 
     def snapshot(self, int h):
         """(non-cumulative bucket counts with +Inf last, sum) of histogram h (metrics._HISTOGRAMS order)."""
