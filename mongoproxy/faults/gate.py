@@ -124,19 +124,8 @@ class RequestGate:
 
     def feed(self, data: Any) -> None:
         """Stands in for upstream.transport.write on a gated connection."""
-        client = self.client
-        if self._dead or client.requests.stopped or getattr(client, "passthrough", False):
-            if self._head:  # not MongoDB after all (a TLS stream passed through, say): what is held goes first
-                self.valve.send(bytes(self._head))
-                self._head.clear()
-            self._dead = True
-            self.valve.send(data)
+        if _passed_through(self, self.client.requests, data):
             return
-        if not self._synced:
-            if self.client.requests.mid_message:
-                self.valve.send(data)
-                return
-            self._synced = True
         pos, n = 0, len(data)
         while pos < n:
             if self._remaining:
@@ -387,18 +376,8 @@ class ReplyGate:
 
     def feed(self, data: Any) -> None:
         """Stands in for client.transport.write on a gated connection."""
-        if self._dead or self.client.replies.stopped or getattr(self.client, "passthrough", False):
-            if self._head:
-                self.valve.send(bytes(self._head))
-                self._head.clear()
-            self._dead = True
-            self.valve.send(data)
+        if _passed_through(self, self.client.replies, data):
             return
-        if not self._synced:
-            if self.client.replies.mid_message:
-                self.valve.send(data)
-                return
-            self._synced = True
         n = len(data)
         if not (self.delays or self.throttles or self._pending or self._head):
             # Nothing to apply to any reply: follow the framing by lengths and write the chunk whole.
@@ -452,3 +431,25 @@ class ReplyGate:
         pending, self._pending = self._pending, []
         for reply in pending:
             self._deliver(reply)
+
+
+def _passed_through(gate: Any, framer: Any, data: Any) -> bool:
+    """The gates' common prologue: True when `data` was forwarded as is (the gate does not look at it).
+
+    That is when the direction is not MongoDB framing (observation stopped, or a TLS stream passed through:
+    what the gate held goes first, and the gate stays open for good), or while a gate installed mid-message
+    waits for the next message boundary.
+    """
+    if gate._dead or framer.stopped or getattr(gate.client, "passthrough", False):
+        if gate._head:
+            gate.valve.send(bytes(gate._head))
+            gate._head.clear()
+        gate._dead = True
+        gate.valve.send(data)
+        return True
+    if not gate._synced:
+        if framer.mid_message:
+            gate.valve.send(data)
+            return True
+        gate._synced = True
+    return False
