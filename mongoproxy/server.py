@@ -295,10 +295,11 @@ class ClientSide(asyncio.Protocol):
 
     # ---- observation callbacks ----
 
-    def _on_reply(self, msg: Message) -> None:
+    def _on_reply(self, msg: Message) -> None:  # the FrameScanner's replies; the Tap's call after_reply itself
         self.tracker.on_reply(msg)
-        if self.proxy.draining:
-            self.close_if_idle()
+        after = self.reply_tap.after_reply  # set while draining (drain(), connection_made)
+        if after is not None:
+            after()
 
     def _request_error(self, reason: str, detail: str, fatal: bool) -> None:
         self._decode_error("request", reason, detail, fatal)
