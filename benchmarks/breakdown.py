@@ -80,9 +80,32 @@ def _make_tap(layer: str, otlp: str, logfile: str) -> Any:
     return tap
 
 
-async def _serve(layer: str, upstream: int, otlp: str, logfile: str) -> None:
+def _copies(make_tap: Any, k: int) -> Any:
+    """A factory that feeds each chunk to k independent taps of one layer (benchmarks.coldpass)."""
+
+    def tap() -> tuple[Any, Any]:
+        pairs = [make_tap() for _ in range(k)]
+        requests = tuple(p[0] for p in pairs)
+        replies = tuple(p[1] for p in pairs)
+
+        def feed_requests(data: bytes) -> None:
+            for feed in requests:
+                feed(data)
+
+        def feed_replies(data: bytes) -> None:
+            for feed in replies:
+                feed(data)
+
+        return feed_requests, feed_replies
+
+    return tap
+
+
+async def _serve(layer: str, upstream: int, otlp: str, logfile: str, copies: int = 1) -> None:
     loop = asyncio.get_running_loop()
     make_tap = _make_tap(layer, otlp, logfile)
+    if make_tap is not None and copies != 1:
+        make_tap = _copies(make_tap, copies)
 
     class Up(asyncio.Protocol):
         def __init__(self, client: Any) -> None:
@@ -150,10 +173,11 @@ def serve_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--upstream", type=int, required=True)
     ap.add_argument("--otlp-endpoint", default="")
     ap.add_argument("--log-file", default=os.devnull)
+    ap.add_argument("--copies", type=int, default=1, help="independent taps per connection, each fed every chunk")
     args = ap.parse_args(argv)
     import uvloop
 
-    uvloop.run(_serve(args.serve, args.upstream, args.otlp_endpoint, args.log_file))
+    uvloop.run(_serve(args.serve, args.upstream, args.otlp_endpoint, args.log_file, args.copies))
     return 0
 
 

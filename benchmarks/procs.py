@@ -48,6 +48,13 @@ def cpu_ns(pid: int) -> int:
     return (int(fields[11]) + int(fields[12])) * 1_000_000_000 // CLK_TCK  # fields 14 and 15 of stat(5)
 
 
+def user_ns(pid: int) -> int:
+    """utime of process `pid` (all its threads), in ns: the CPU it spent outside the kernel."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        fields = f.read().rsplit(b")", 1)[1].split()
+    return int(fields[11]) * 1_000_000_000 // CLK_TCK
+
+
 def status_kb(pid: int, key: str) -> int:
     """A kB field of /proc/PID/status (VmRSS, VmHWM, ...)."""
     with open(f"/proc/{pid}/status") as f:

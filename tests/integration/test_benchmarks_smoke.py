@@ -56,3 +56,19 @@ def test_quick_run_writes_json(tmp_path):
     assert all(isinstance(g["met"], bool) for g in res["goals"] if g["id"] != "T4")
     if plotting:
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_coldpass_quick_run_measures_every_row_and_both_passes():
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.coldpass", "--quick"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:] + proc.stdout[-4000:]
+    from benchmarks.coldpass import ROWS
+
+    rows = [line.split(" | ")[0].lstrip("| ") for line in proc.stdout.splitlines() if line.startswith("| ")]
+    assert [label for label, _, _ in ROWS] == rows[1 : 1 + len(ROWS)]
+    assert rows[len(ROWS) + 2 :] == ["tap", "+metrics", "+digest"]
