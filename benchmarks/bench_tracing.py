@@ -231,14 +231,14 @@ def configurations(endpoint: str | None) -> list[tuple[str, bool, str | None, Ca
     if endpoint:
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
-        from mongoproxy.sinks import tracing as tracing_mod
+        from mongoproxy.sinks import otlp
 
         rows.append(
             (
                 "traced, OTLP/HTTP to a receiver (as shipped)",
                 True,
                 None,
-                tracing(lambda: tracing_mod._otlp_exporter(tracing_mod.HTTP_PROTOBUF, endpoint)),
+                tracing(lambda: otlp.otlp_exporter(otlp.HTTP_PROTOBUF, endpoint)),
             )
         )
         rows.append(

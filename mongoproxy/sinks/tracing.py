@@ -10,11 +10,11 @@ Which commands are traced:
 
 Spans are built on the event loop straight into SDK ReadableSpan objects
 (no Tracer, no context machinery: a few µs) and handed to the SDK's
-BatchSpanProcessor, whose thread encodes and exports them. The OTLP/HTTP
-exporter is the SDK's with a direct protobuf writer in place of the SDK's
-encoder (about 5x less CPU per span). The queue is bounded; spans that do not
-fit, or whose export fails, are counted in `dropped` and reported in a
-warning at most once a minute.
+BatchSpanProcessor, whose thread encodes and exports them (mongoproxy.sinks.otlp:
+the endpoint, the exporter and the queue; the OTLP/HTTP exporter writes protobuf
+directly with mongoproxy.sinks.otlp_encode, about 5x less CPU per span than the
+SDK's encoder). The queue is bounded; spans that do not fit, or whose export
+fails, are counted in `dropped` and reported in a warning at most once a minute.
 
 The OpenTelemetry SDK is an optional dependency (`mongoproxy[tracing]`); this
 module imports it only when a sink is created.
@@ -26,14 +26,12 @@ import logging
 import math
 import os
 import random
-import struct
 import sys
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
-from urllib.parse import urlsplit
 
 from mongoproxy import tracecontext
 from mongoproxy.config import Option, parse_bool
@@ -42,14 +40,21 @@ from mongoproxy.events import CommandEvent, wall_ns
 from mongoproxy.protocol.commands import is_sensitive
 from mongoproxy.protocol.opcodes import OP_GET_MORE, OP_KILL_CURSORS
 from mongoproxy.querylog import CODE_NAMES, event_query
-
-TRACING_EXTRA = "pip install 'mongoproxy[tracing]'"
-GRPC_EXTRA = "pip install 'mongoproxy[grpc]'"
-HTTP_PROTOBUF = "http/protobuf"
-GRPC = "grpc"
-DEFAULT_HTTP_ENDPOINT = "http://localhost:4318"
-DEFAULT_GRPC_ENDPOINT = "http://localhost:4317"
-TRACES_PATH = "/v1/traces"
+from mongoproxy.sinks.otlp import (
+    DEFAULT_GRPC_ENDPOINT,
+    DEFAULT_HTTP_ENDPOINT,
+    EXPORT_LOG,
+    GRPC_EXTRA,
+    HTTP_PROTOBUF,
+    TRACES_PATH,
+    TRACING_EXTRA,
+    Export,
+    otlp_exporter,
+    parse_endpoint,
+    parse_protocol,
+    resolve_endpoint,
+    resolve_protocol,
+)
 
 CURSOR_MAP_SIZE = 10_000  # open cursors remembered; the least recently used is forgotten first
 CURSOR_TTL_SECONDS = 600.0  # the server's default idle cursor timeout (cursorTimeoutMillis)
@@ -60,46 +65,7 @@ _CURSOR_OPS = frozenset({"getMore", "killCursors"})
 _LEGACY_CURSOR_OP_CODES = (OP_GET_MORE, OP_KILL_CURSORS)
 _KILL = frozenset({"killCursors"})
 
-# Loggers of the export path whose per-batch messages we fold into one warning a minute.
-_EXPORT_LOGGERS = (
-    "opentelemetry.exporter.otlp.proto.http.trace_exporter",
-    "opentelemetry.exporter.otlp.proto.http",
-    "opentelemetry.exporter.otlp.proto.grpc.exporter",
-    "opentelemetry.exporter.otlp.proto.grpc.trace_exporter",
-    "opentelemetry.exporter.otlp.common.http",
-    "opentelemetry.sdk._shared_internal",
-)
-
-
 # ---- options ----
-
-
-def parse_endpoint(value: str) -> str:
-    """An http(s) URL with a host; ConfigError naming the fix otherwise."""
-    text = str(value).strip()
-    hint = "give e.g. http://otel-collector:4318 (http/protobuf) or http://otel-collector:4317 (grpc)"
-    try:
-        parts = urlsplit(text)
-        port_ok = parts.port is None or parts.port > 0
-    except ValueError:
-        raise ConfigError(f"OTLP endpoint {text!r} has an invalid port: {hint}") from None
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(f"OTLP endpoint {text!r} is not an http:// or https:// URL: {hint}")
-    if not port_ok:
-        raise ConfigError(f"OTLP endpoint {text!r} has an invalid port: {hint}")
-    return text
-
-
-def parse_protocol(value: str) -> str:
-    """http/protobuf (also "http") or grpc."""
-    v = str(value).strip().lower()
-    if v in ("http/protobuf", "http"):
-        return HTTP_PROTOBUF
-    if v == "grpc":
-        return GRPC
-    if v == "http/json":
-        raise ConfigError("OTLP protocol http/json is not supported: use http/protobuf or grpc")
-    raise ConfigError(f"OTLP protocol {value!r} is not valid: use http/protobuf or grpc")
 
 
 def parse_ratio(value: str) -> float:
@@ -184,48 +150,6 @@ OPTIONS: list[Option] = [
 ]
 
 
-# ---- endpoint and environment resolution (pure) ----
-
-
-def resolve_endpoint(flag_value: str | None, protocol: str, environ: Mapping[str, str]) -> tuple[str | None, str]:
-    """(URL to export to or None when nothing is configured, where it came from).
-
-    Precedence: --otlp-endpoint, OTEL_EXPORTER_OTLP_TRACES_ENDPOINT (used as is),
-    OTEL_EXPORTER_OTLP_ENDPOINT (a base URL: /v1/traces is appended for http).
-    For http/protobuf a flag URL without a path gets /v1/traces.
-    """
-    if flag_value:
-        url = flag_value
-        if protocol == HTTP_PROTOBUF and urlsplit(url).path in ("", "/"):
-            url = url.rstrip("/") + TRACES_PATH
-        return url, "--otlp-endpoint"
-    for name, is_base in (("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", False), ("OTEL_EXPORTER_OTLP_ENDPOINT", True)):
-        raw = environ.get(name, "").strip()
-        if raw:
-            try:
-                url = parse_endpoint(raw)
-            except ConfigError as exc:
-                raise ConfigError(f"{name}: {exc}") from None
-            if is_base and protocol == HTTP_PROTOBUF:
-                url = url.rstrip("/") + TRACES_PATH
-            return url, name
-    return None, ""
-
-
-def resolve_protocol(flag_value: str | None, environ: Mapping[str, str]) -> str:
-    """--otlp-protocol, else OTEL_EXPORTER_OTLP_TRACES_PROTOCOL / OTEL_EXPORTER_OTLP_PROTOCOL, else http/protobuf."""
-    if flag_value:
-        return flag_value
-    for name in ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"):
-        raw = environ.get(name, "").strip()
-        if raw:
-            try:
-                return parse_protocol(raw)
-            except ConfigError as exc:
-                raise ConfigError(f"{name}: {exc}") from None
-    return HTTP_PROTOBUF
-
-
 def resolve_service_name(flag_value: str | None, environ: Mapping[str, str]) -> str | None:
     """--service-name, else OTEL_SERVICE_NAME, else None (then OTEL_RESOURCE_ATTRIBUTES or "mongoproxy")."""
     if flag_value:
@@ -234,123 +158,6 @@ def resolve_service_name(flag_value: str | None, environ: Mapping[str, str]) -> 
 
 
 # ---- the sink ----
-
-
-class _Export:
-    """One exporter behind one BatchSpanProcessor, with the counts the sink needs.
-
-    The SDK processor drops silently-but-for-a-log when its queue is full, so
-    the sink keeps its own count of what is queued (`emitted` on the loop,
-    `taken` in the export thread) and never offers a span that would not fit.
-    """
-
-    def __init__(
-        self,
-        sink: TracingSink,
-        label: str,
-        exporter: Any,
-        max_queue_size: int,
-        schedule_delay_millis: float | None,
-        max_export_batch_size: int | None,
-    ) -> None:
-        from opentelemetry.sdk.trace.export import BatchSpanProcessor
-
-        self.sink = sink
-        self.label = label
-        self.exporter = exporter
-        self.max_queue_size = max_queue_size
-        self.emitted = 0  # written on the event loop only
-        self.taken = 0  # written in the export thread only
-        self.exported = 0  # export thread
-        self.failed = 0  # export thread
-        self.full = 0  # event loop
-        self.lost_at_close = 0
-        # The SDK refuses a batch larger than the queue; a small queue means small batches.
-        batch = min(max_export_batch_size or 512, max_queue_size)
-        try:
-            self.processor = BatchSpanProcessor(
-                self,  # type: ignore[arg-type]  # duck-typed: export(), shutdown() and force_flush() are all it calls
-                max_queue_size=max_queue_size,
-                schedule_delay_millis=schedule_delay_millis or 5000,
-                max_export_batch_size=batch,
-            )
-        except ValueError as exc:
-            raise ConfigError(f"span batch settings are invalid: {exc} (check OTEL_BSP_* variables)") from None
-
-    # SpanExporter interface, called by the processor's thread.
-    def export(self, spans: Any) -> Any:
-        from opentelemetry.sdk.trace.export import SpanExportResult
-
-        n = len(spans)
-        self.taken += n
-        try:
-            result = self.exporter.export(spans)
-        except Exception as exc:  # noqa: BLE001 - an exporter bug costs spans, never the proxy
-            result = SpanExportResult.FAILURE
-            _EXPORT_LOG.note(f"{type(exc).__name__}: {exc}")
-        if result is SpanExportResult.SUCCESS:
-            self.exported += n
-            self.sink._export_ok(self)
-        else:
-            self.failed += n
-            self.sink._export_failed(self)
-        return result
-
-    def shutdown(self) -> None:
-        self.exporter.shutdown()
-
-    def force_flush(self, timeout_millis: int = 30000) -> bool:
-        return self.exporter.force_flush(timeout_millis)
-
-    def offer(self, span: Any) -> None:
-        """Queue a span for export, or count it dropped when the queue is full (event loop)."""
-        if self.emitted - self.taken >= self.max_queue_size:
-            self.full += 1
-            self.sink._queue_full(self)
-            return
-        self.emitted += 1
-        self.processor.on_end(span)
-
-    @property
-    def dropped(self) -> int:
-        return self.full + self.failed + self.lost_at_close
-
-
-class _ExportLogCapture(logging.Filter):
-    """Swallows the SDK exporter's per-batch warnings, keeping the last one as the reason for our own warning."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.messages: list[str] = []  # the last two distinct messages: a cause is often followed by "giving up"
-        self.installed = False
-
-    @property
-    def last(self) -> str:
-        """The reason to report: the last one or two distinct messages of the export path."""
-        return " / ".join(self.messages)
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno >= logging.WARNING:
-            try:
-                message = record.getMessage()
-            except Exception:  # noqa: BLE001
-                message = str(record.msg)
-            self.note(message)
-            return False
-        return True
-
-    def note(self, message: str) -> None:
-        if not self.messages or self.messages[-1] != message:
-            self.messages = (self.messages + [message])[-2:]
-
-    def install(self) -> None:
-        if not self.installed:
-            for name in _EXPORT_LOGGERS:
-                logging.getLogger(name).addFilter(self)
-            self.installed = True
-
-
-_EXPORT_LOG = _ExportLogCapture()
 
 
 class TracingSink:
@@ -416,9 +223,9 @@ class TracingSink:
         self._last_warn = -math.inf
         self._failing = False
         self._closed = False
-        _EXPORT_LOG.install()
+        EXPORT_LOG.install()
         self._exports = [
-            _Export(self, label, exp, max_queue_size, schedule_delay_millis, max_export_batch_size)
+            Export(self, label, exp, max_queue_size, schedule_delay_millis, max_export_batch_size)
             for label, exp in exporters
         ]
 
@@ -637,20 +444,20 @@ class TracingSink:
 
     # ---- export health, reported at most once a minute ----
 
-    def _queue_full(self, export: _Export) -> None:
+    def queue_full(self, export: Export) -> None:
         self._warn(export, "the export queue is full (the collector is slow or unreachable)")
 
-    def _export_failed(self, export: _Export) -> None:
-        self._warn(export, _EXPORT_LOG.last or "export failed")
+    def export_failed(self, export: Export) -> None:
+        self._warn(export, EXPORT_LOG.last or "export failed")
 
-    def _export_ok(self, export: _Export) -> None:
-        if _EXPORT_LOG.messages:
-            _EXPORT_LOG.messages = []  # a later failure reports its own cause, not an old one
+    def export_ok(self, export: Export) -> None:
+        if EXPORT_LOG.messages:
+            EXPORT_LOG.messages = []  # a later failure reports its own cause, not an old one
         if self._failing:
             self._failing = False
             self._log.info("exporting spans to %s works again", self._where(export))
 
-    def _warn(self, export: _Export, reason: str) -> None:
+    def _warn(self, export: Export, reason: str) -> None:
         now = time.monotonic()
         if now - self._last_warn < WARN_INTERVAL_SECONDS:
             return
@@ -666,7 +473,7 @@ class TracingSink:
             self.dropped,
         )
 
-    def _where(self, export: _Export) -> str:
+    def _where(self, export: Export) -> str:
         return self.destination if export.label == "otlp" and self.destination else export.label
 
     # ---- shutdown ----
@@ -729,258 +536,6 @@ def _failure(event: CommandEvent) -> tuple[int | None, str]:
     return None, ""
 
 
-# ---- a direct OTLP protobuf writer ----
-#
-# The SDK's encoder builds a protobuf object per span, attribute and value
-# (about 50 µs a span here); writing the wire format directly costs a fraction
-# of that. The output decodes to the same ExportTraceServiceRequest as the
-# SDK's encode_spans (tests/unit/test_tracing_sink.py checks it against the SDK).
-
-_V1 = [bytes((i,)) for i in range(128)]
-_pack_q = struct.Struct("<Q").pack
-_pack_i = struct.Struct("<I").pack
-_pack_d = struct.Struct("<d").pack
-_FLAGS_HAS_IS_REMOTE = 0x100
-_FLAGS_IS_REMOTE = 0x200
-
-
-def _varint(n: int) -> bytes:
-    if n < 0x80:
-        return _V1[n]
-    out = bytearray()
-    while n >= 0x80:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
-def _ld(tag: bytes, payload: bytes) -> bytes:
-    """A length-delimited field."""
-    n = len(payload)
-    return tag + (_V1[n] if n < 0x80 else _varint(n)) + payload
-
-
-def _any_value(v: Any) -> bytes:
-    """An AnyValue message body, typed as the SDK's _encode_value types it."""
-    if v is None:
-        return b""
-    if v is True:
-        return b"\x10\x01"
-    if v is False:
-        return b"\x10\x00"
-    t = type(v)
-    if t is str:
-        return _ld(b"\x0a", v.encode())
-    if t is int:
-        return b"\x18" + _varint(v & 0xFFFFFFFFFFFFFFFF)
-    if t is float:
-        return b"\x21" + _pack_d(v)
-    if isinstance(v, bytes):
-        return _ld(b"\x3a", v)
-    if isinstance(v, str):
-        return _ld(b"\x0a", str(v).encode())
-    if isinstance(v, int):
-        return b"\x18" + _varint(int(v) & 0xFFFFFFFFFFFFFFFF)
-    if isinstance(v, float):
-        return b"\x21" + _pack_d(float(v))
-    if isinstance(v, Mapping):
-        return _ld(b"\x32", b"".join(_ld(b"\x0a", _key_value(str(k), x)) for k, x in v.items()))
-    if isinstance(v, (list, tuple)) or (hasattr(v, "__len__") and hasattr(v, "__getitem__")):
-        return _ld(b"\x2a", b"".join(_ld(b"\x0a", _any_value(x)) for x in v))
-    raise TypeError(f"cannot encode {type(v).__name__} attribute value")
-
-
-def _key_value(key: str, value: Any) -> bytes:
-    """A KeyValue message body."""
-    return _ld(b"\x0a", key.encode()) + _ld(b"\x12", _any_value(value))
-
-
-_CACHE_MAX = 4096
-# Per field tag: (str-valued, int-valued) caches of whole encoded attribute fields, keyed by (key, value).
-# Attribute values repeat span after span (namespace, addresses, ports, common sizes); bounded by clearing.
-_FIELD_CACHES: dict[bytes, tuple[dict, dict]] = {}
-
-
-def _attributes(tag: bytes, attributes: Any) -> bytes:
-    """Repeated KeyValue fields under `tag`."""
-    if not attributes:
-        return b""
-    caches = _FIELD_CACHES.get(tag)
-    if caches is None:
-        caches = _FIELD_CACHES[tag] = ({}, {})
-    by_str, by_int = caches
-    out = []
-    for k, v in attributes.items():
-        t = type(v)
-        if t is str:
-            cache = by_str
-        elif t is int:
-            cache = by_int
-        else:
-            out.append(_ld(tag, _key_value(k, v)))
-            continue
-        ck = (k, v)
-        field = cache.get(ck)
-        if field is None:
-            if len(cache) >= _CACHE_MAX:
-                cache.clear()
-            field = cache[ck] = _ld(tag, _key_value(k, v))
-        out.append(field)
-    return b"".join(out)
-
-
-def _trace_state(state: Any) -> bytes:
-    if not state:
-        return b""
-    text = ",".join([f"{k}={v}" for k, v in state.items()])
-    return _ld(b"\x1a", text.encode()) if text else b""
-
-
-def _encode_span(span: Any) -> bytes:
-    """One Span message body."""
-    ctx = span.context
-    parent = span.parent
-    flags = _FLAGS_HAS_IS_REMOTE
-    parts = [
-        b"\x0a\x10",
-        ctx.trace_id.to_bytes(16, "big"),
-        b"\x12\x08",
-        ctx.span_id.to_bytes(8, "big"),
-        _trace_state(ctx.trace_state),
-    ]
-    if parent:
-        parts.append(b"\x22\x08" + parent.span_id.to_bytes(8, "big"))
-        if parent.is_remote:
-            flags |= _FLAGS_IS_REMOTE
-    name = span.name
-    if name:
-        parts.append(_ld(b"\x2a", name.encode()))
-    parts.append(b"\x30" + _V1[span.kind._value_ + 1])
-    if span.start_time:
-        parts.append(b"\x39" + _pack_q(span.start_time))
-    if span.end_time:
-        parts.append(b"\x41" + _pack_q(span.end_time))
-    # The sink's spans hold a plain dict and tuples, which never drop anything: skip the SDK's
-    # per-property isinstance checks for them (about a µs a span).
-    attributes = getattr(span, "_attributes", None)
-    if type(attributes) is not dict:
-        attributes = span.attributes
-        if span.dropped_attributes:
-            parts.append(b"\x50" + _varint(span.dropped_attributes))
-    parts.append(_attributes(b"\x4a", attributes))
-    events = getattr(span, "_events", None)
-    if type(events) is not tuple:
-        events = span.events
-        if span.dropped_events:
-            parts.append(b"\x60" + _varint(span.dropped_events))
-    for event in events:
-        body = (
-            (b"\x09" + _pack_q(event.timestamp) if event.timestamp else b"")
-            + (_ld(b"\x12", event.name.encode()) if event.name else b"")
-            + _attributes(b"\x1a", event.attributes)
-        )
-        if event.dropped_attributes:
-            body += b"\x20" + _varint(event.dropped_attributes)
-        parts.append(_ld(b"\x5a", body))
-    links = getattr(span, "_links", None)
-    if type(links) is not tuple:
-        links = span.links
-        if span.dropped_links:
-            parts.append(b"\x70" + _varint(span.dropped_links))
-    for link in links:
-        lc = link.context
-        link_flags = _FLAGS_HAS_IS_REMOTE | (_FLAGS_IS_REMOTE if lc.is_remote else 0)
-        body = (
-            b"\x0a\x10"
-            + lc.trace_id.to_bytes(16, "big")
-            + b"\x12\x08"
-            + lc.span_id.to_bytes(8, "big")
-            + _attributes(b"\x22", link.attributes)
-        )
-        if link.dropped_attributes:
-            body += b"\x28" + _varint(link.dropped_attributes)
-        parts.append(_ld(b"\x6a", body + b"\x35" + _pack_i(link_flags)))
-    status = span.status
-    if status is not None:
-        body = b""
-        if status.description:
-            body = _ld(b"\x12", status.description.encode())
-        code = status.status_code._value_
-        if code:
-            body += b"\x18" + _V1[code]
-        parts.append(_ld(b"\x7a", body))
-    parts.append(b"\x85\x01" + _pack_i(flags))
-    return b"".join(parts)
-
-
-def encode_spans(spans: Any) -> bytes:
-    """A serialized ExportTraceServiceRequest for ReadableSpans, grouped by resource and scope (by identity)."""
-    groups: dict[int, tuple[Any, dict[int, tuple[Any, list]]]] = {}
-    for span in spans:
-        resource = span.resource
-        scope = span.instrumentation_scope
-        entry = groups.get(id(resource))
-        if entry is None:
-            entry = groups[id(resource)] = (resource, {})
-        scoped = entry[1].get(id(scope))
-        if scoped is None:
-            scoped = entry[1][id(scope)] = (scope, [])
-        scoped[1].append(_ld(b"\x12", _encode_span(span)))
-    out = []
-    for resource, scopes in groups.values():
-        rs = [_ld(b"\x0a", _attributes(b"\x0a", resource.attributes))]
-        for scope, encoded in scopes.values():
-            if scope is None:
-                scope_body = b""
-            else:
-                scope_body = (
-                    (_ld(b"\x0a", scope.name.encode()) if scope.name else b"")
-                    + (_ld(b"\x12", scope.version.encode()) if scope.version else b"")
-                    + _attributes(b"\x1a", scope.attributes)
-                )
-            body = _ld(b"\x0a", scope_body) + b"".join(encoded)
-            if scope is not None and scope.schema_url:
-                body += _ld(b"\x1a", scope.schema_url.encode())
-            rs.append(_ld(b"\x12", body))
-        if resource.schema_url:
-            rs.append(_ld(b"\x1a", resource.schema_url.encode()))
-        out.append(_ld(b"\x0a", b"".join(rs)))
-    return b"".join(out)
-
-
-def _fast_otlp_exporter(endpoint: str) -> Any:
-    """The SDK's OTLP/HTTP exporter with encode_spans above in place of the SDK's encoder.
-
-    Sending (retries, compression, headers, TLS, timeouts) stays the SDK's. If
-    this SDK version lays its exporter out differently, or encoding fails, the
-    SDK's own export runs instead.
-    """
-    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-    from opentelemetry.sdk.trace.export import SpanExportResult
-
-    class FastOTLPSpanExporter(OTLPSpanExporter):
-        """OTLP/HTTP exporter serialising with mongoproxy's direct protobuf writer."""
-
-        @property
-        def fast_path(self) -> bool:
-            """True when spans are sent through the SDK's HTTP client after our own encoding."""
-            client = getattr(self, "_client", None)
-            return callable(getattr(client, "export", None)) and hasattr(self, "_shutdown")
-
-        def export(self, spans: Any) -> Any:
-            if not self.fast_path or self._shutdown:
-                return super().export(spans)
-            try:
-                data = encode_spans(spans)
-            except Exception:  # noqa: BLE001 - an unexpected value: let the SDK encode this batch
-                return super().export(spans)
-            result = self._client.export(data)
-            return SpanExportResult.SUCCESS if getattr(result, "success", False) else SpanExportResult.FAILURE
-
-    return FastOTLPSpanExporter(endpoint=endpoint)
-
-
 # ---- creation ----
 
 
@@ -1016,7 +571,7 @@ def create(config: Any, ctx: Any) -> TracingSink | None:
         if endpoint is None:
             endpoint = DEFAULT_HTTP_ENDPOINT + TRACES_PATH if protocol == HTTP_PROTOBUF else DEFAULT_GRPC_ENDPOINT
             endpoint_source = "the OTLP default"
-        exporters.append(("otlp", _otlp_exporter(protocol, endpoint)))
+        exporters.append(("otlp", otlp_exporter(protocol, endpoint)))
         destination = endpoint
     if console:
         exporters.append(
@@ -1059,24 +614,6 @@ def create(config: Any, ctx: Any) -> TracingSink | None:
         ratio,
     )
     return sink
-
-
-def _otlp_exporter(protocol: str, endpoint: str) -> Any:
-    if protocol == GRPC:
-        try:
-            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcSpanExporter
-        except ImportError:
-            raise ConfigError(
-                f"OTLP over grpc needs the grpc exporter, which is not installed: {GRPC_EXTRA} "
-                f"(or use --otlp-protocol http/protobuf)"
-            ) from None
-        return GrpcSpanExporter(endpoint=endpoint, insecure=urlsplit(endpoint).scheme == "http")
-    try:
-        return _fast_otlp_exporter(endpoint)
-    except ImportError as exc:
-        raise ConfigError(
-            f"OTLP export needs the OTLP/HTTP exporter, which is not installed ({exc.name} is missing): {TRACING_EXTRA}"
-        ) from None
 
 
 def _env_int(environ: Mapping[str, str], name: str, default: int) -> int:

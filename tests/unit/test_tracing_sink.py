@@ -25,6 +25,8 @@ from mongoproxy.errors import ConfigError  # noqa: E402
 from mongoproxy.events import CommandEvent, Connection, wall_ns  # noqa: E402
 from mongoproxy.sinks import (
     SinkContext,  # noqa: E402
+    otlp,  # noqa: E402
+    otlp_encode,  # noqa: E402
     tracing,  # noqa: E402
 )
 from mongoproxy.sinks.tracing import TracingSink  # noqa: E402
@@ -709,7 +711,7 @@ def test_bad_protocol():
 
 
 def test_endpoint_resolution():
-    r = tracing.resolve_endpoint
+    r = otlp.resolve_endpoint
     assert r("http://c:4318", "http/protobuf", {}) == ("http://c:4318/v1/traces", "--otlp-endpoint")
     assert r("http://c:4318/", "http/protobuf", {}) == ("http://c:4318/v1/traces", "--otlp-endpoint")
     assert r("https://c/otlp/v1/traces", "http/protobuf", {})[0] == "https://c/otlp/v1/traces"
@@ -724,17 +726,17 @@ def test_endpoint_resolution():
 
 
 def test_protocol_resolution():
-    assert tracing.resolve_protocol(None, {}) == "http/protobuf"
-    assert tracing.resolve_protocol(None, {"OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"}) == "grpc"
+    assert otlp.resolve_protocol(None, {}) == "http/protobuf"
+    assert otlp.resolve_protocol(None, {"OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"}) == "grpc"
     assert (
-        tracing.resolve_protocol(
+        otlp.resolve_protocol(
             None, {"OTEL_EXPORTER_OTLP_PROTOCOL": "grpc", "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/protobuf"}
         )
         == "http/protobuf"
     )
-    assert tracing.resolve_protocol("http/protobuf", {"OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"}) == "http/protobuf"
+    assert otlp.resolve_protocol("http/protobuf", {"OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"}) == "http/protobuf"
     with pytest.raises(ConfigError, match="^OTEL_EXPORTER_OTLP_PROTOCOL: "):
-        tracing.resolve_protocol(None, {"OTEL_EXPORTER_OTLP_PROTOCOL": "carrier-pigeon"})
+        otlp.resolve_protocol(None, {"OTEL_EXPORTER_OTLP_PROTOCOL": "carrier-pigeon"})
 
 
 def test_create_is_off_when_tracing_cannot_produce_spans(created):
@@ -867,7 +869,7 @@ def decoded(data: bytes) -> ExportTraceServiceRequest:
 
 
 def assert_same_as_sdk(spans):
-    ours = decoded(tracing.encode_spans(spans))
+    ours = decoded(otlp_encode.encode_spans(spans))
     theirs = decoded(sdk_encode_spans(spans).SerializeToString())
     assert ours == theirs, f"ours:\n{ours}\nSDK:\n{theirs}"
 
@@ -988,7 +990,7 @@ def test_encoder_matches_the_sdk_on_any_span(spans):
 
 
 def test_shipped_otlp_exporter_uses_the_fast_encoder():
-    exporter = tracing._otlp_exporter(tracing.HTTP_PROTOBUF, "http://127.0.0.1:9/v1/traces")
+    exporter = otlp.otlp_exporter(otlp.HTTP_PROTOBUF, "http://127.0.0.1:9/v1/traces")
     try:
         assert exporter.fast_path, "this SDK version's exporter layout changed: spans fall back to the SDK encoder"
     finally:
