@@ -181,6 +181,16 @@ def parse_proxy_spec(value: str) -> ProxySpec:
 
 # ---- the core's options ----
 
+# --log-level, for every command that logs: the proxy's own in CORE_OPTIONS, the webhook's in its group.
+LOG_LEVEL = Option(
+    "log_level",
+    ("--log-level",),
+    "debug, info, warning or error",
+    lambda v: _choice(v, "--log-level", ("debug", "info", "warning", "error")),
+    "info",
+    metavar="LEVEL",
+)
+
 CORE_OPTIONS: list[Option] = [
     Option(
         "proxy",
@@ -266,14 +276,7 @@ CORE_OPTIONS: list[Option] = [
         False,
         switch=True,
     ),
-    Option(
-        "log_level",
-        ("--log-level",),
-        "debug, info, warning or error",
-        lambda v: _choice(v, "--log-level", ("debug", "info", "warning", "error")),
-        "info",
-        metavar="LEVEL",
-    ),
+    LOG_LEVEL,
 ]
 
 

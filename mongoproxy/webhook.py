@@ -22,7 +22,7 @@ from dataclasses import replace
 from typing import Any
 
 from mongoproxy import admission, inject
-from mongoproxy.config import Option, _choice, build, load_file, non_negative_float, parse_host, parse_port
+from mongoproxy.config import LOG_LEVEL, Option, build, load_file, non_negative_float, parse_host, parse_port
 from mongoproxy.errors import ConfigError, StartupError
 from mongoproxy.events import hostport
 
@@ -99,15 +99,7 @@ OPTIONS = [
         metavar="SECONDS",
         group="webhook",
     ),
-    Option(
-        "log_level",
-        ("--log-level",),
-        "debug, info, warning or error",
-        lambda v: _choice(v, "--log-level", ("debug", "info", "warning", "error")),
-        "info",
-        metavar="LEVEL",
-        group="webhook",
-    ),
+    replace(LOG_LEVEL, group="webhook"),
 ]
 WEBHOOK_KEYS = {o.dest for o in OPTIONS}
 
