@@ -112,6 +112,18 @@ def _trace_state(state: Any) -> bytes:
     return _ld(b"\x1a", text.encode()) if text else b""
 
 
+def _held(span: Any, name: str, kind: type, dropped_tag: bytes, parts: list[bytes]) -> Any:
+    """The span's `name` (attributes, events, links) as it holds it when that is a plain `kind` (nothing was
+    dropped: no copy through the SDK's property); else the property, and its dropped count goes to `parts`."""
+    held = getattr(span, "_" + name, None)
+    if type(held) is kind:
+        return held
+    dropped = getattr(span, "dropped_" + name)
+    if dropped:
+        parts.append(dropped_tag + _varint(dropped))
+    return getattr(span, name)
+
+
 def _encode_span(span: Any) -> bytes:
     """One Span message body."""
     ctx = span.context
@@ -138,18 +150,8 @@ def _encode_span(span: Any) -> bytes:
         parts.append(b"\x41" + _pack_q(span.end_time))
     # The sink's spans hold a plain dict and tuples, which never drop anything: skip the SDK's
     # per-property isinstance checks for them (about a µs a span).
-    attributes = getattr(span, "_attributes", None)
-    if type(attributes) is not dict:
-        attributes = span.attributes
-        if span.dropped_attributes:
-            parts.append(b"\x50" + _varint(span.dropped_attributes))
-    parts.append(_attributes(b"\x4a", attributes))
-    events = getattr(span, "_events", None)
-    if type(events) is not tuple:
-        events = span.events
-        if span.dropped_events:
-            parts.append(b"\x60" + _varint(span.dropped_events))
-    for event in events:
+    parts.append(_attributes(b"\x4a", _held(span, "attributes", dict, b"\x50", parts)))
+    for event in _held(span, "events", tuple, b"\x60", parts):
         body = (
             (b"\x09" + _pack_q(event.timestamp) if event.timestamp else b"")
             + (_ld(b"\x12", event.name.encode()) if event.name else b"")
@@ -158,12 +160,7 @@ def _encode_span(span: Any) -> bytes:
         if event.dropped_attributes:
             body += b"\x20" + _varint(event.dropped_attributes)
         parts.append(_ld(b"\x5a", body))
-    links = getattr(span, "_links", None)
-    if type(links) is not tuple:
-        links = span.links
-        if span.dropped_links:
-            parts.append(b"\x70" + _varint(span.dropped_links))
-    for link in links:
+    for link in _held(span, "links", tuple, b"\x70", parts):
         lc = link.context
         link_flags = _FLAGS_HAS_IS_REMOTE | (_FLAGS_IS_REMOTE if lc.is_remote else 0)
         body = (
