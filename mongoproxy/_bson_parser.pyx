@@ -525,6 +525,35 @@ cdef inline bint _secret_key(const unsigned char* key, int64_t klen) noexcept:
             or _key_is(key, klen, b"speculativeAuthenticate", 23))
 
 
+cdef inline Py_ssize_t _skim(Frame* f, const unsigned char* p, Py_ssize_t n, Py_ssize_t i,
+                             int64_t base) noexcept:
+    """Where the states would be after skipping, element by element, the documents and arrays of frame f
+    that lie whole in the chunk from i: f must have no spec node and neither render nor capture (a reply's
+    batch). It stops at the first element that is not a document or an array, lies partly outside the chunk,
+    or is malformed (the key or the value past the frame's end, a bad length, a missing terminator) and
+    leaves that element to the states, which judge it exactly as before; f.count counts what it skips."""
+    cdef Py_ssize_t lim = <Py_ssize_t>(f.end - 1 - base)  # the frame's terminator, relative to p
+    cdef Py_ssize_t stop = n if n < lim else lim
+    cdef Py_ssize_t j
+    cdef int32_t length
+    cdef const unsigned char* q
+    while i < stop:
+        if p[i] != 0x03 and p[i] != 0x04:
+            break
+        q = <const unsigned char*>memchr(p + i + 1, 0, stop - i - 1)
+        if q == NULL:
+            break
+        j = q - p + 1
+        if j + 4 > stop:
+            break
+        length = <int32_t>_u32(p + j)
+        if length < 5 or length > stop - j or p[j + length - 1] != 0:
+            break
+        f.count += 1
+        i = j + length
+    return i
+
+
 cdef inline const unsigned char* _take(BodyScanner s, const unsigned char* p, Py_ssize_t n,
                                        Py_ssize_t* pi, int k) noexcept:
     """k fixed bytes: in place when the chunk holds them all, else via the accumulator; NULL = need more."""
@@ -788,6 +817,10 @@ cdef class BodyScanner:
                 if i >= n:
                     break
                 f = &self.stack[self.depth - 1]
+                if f.node == NULL and not (f.flags & (FL_FIRST | FL_STRLIST | FL_RENDER)):
+                    i = _skim(f, p, n, i, base)
+                    if i >= n:
+                        break
                 b = p[i]
                 i += 1
                 if base + i == f.end:

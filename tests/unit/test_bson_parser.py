@@ -1168,3 +1168,66 @@ def test_a_name_that_is_not_utf8_is_still_a_decode_error_with_the_name_table():
         bp.BodyScanner().scan(bytes(body), 0, len(body), bp.OP_MSG, False)
     assert info.value.reason == "invalid_utf8"
     assert _scan_find("users").collection is ok.collection  # the table was not disturbed
+
+
+def _doc(elements: bytes) -> bytes:
+    return i32(4 + len(elements) + 1) + elements + b"\x00"
+
+
+def _elem(t: int, key: str, value: bytes) -> bytes:
+    return bytes([t]) + cstr(key) + value
+
+
+def _batch_reply(batch: bytes) -> bytes:
+    """An OP_MSG cursor reply whose firstBatch array holds the raw elements `batch` (lengths around it exact)."""
+    cursor = _doc(
+        _elem(0x04, "firstBatch", _doc(batch)) + _elem(0x12, "id", i64(0)) + _elem(0x02, "ns", i32(7) + b"shop.c\x00")
+    )
+    return op_msg(_doc(_elem(0x03, "cursor", cursor) + _elem(0x01, "ok", struct.pack("<d", 1.0))))
+
+
+def _outcome(body: bytes, cuts=()):
+    from mongoproxy.errors import DecodeError
+
+    s = bp.BodyScanner()
+    s.reset(bp.OP_MSG, True, len(body))
+    prev = 0
+    try:
+        for c in sorted({c for c in cuts if 0 < c < len(body)}) + [len(body)]:
+            s.feed(body[prev:c])
+            prev = c
+    except DecodeError as exc:
+        return ("error", exc.reason, exc.detail)
+    return ("ok", fields(s.result())) if s.done else ("short",)
+
+
+def test_batches_skimmed_whole_and_scanned_piece_by_piece_agree_on_every_outcome():
+    """A reply's batch is skipped document by document when each lies whole in the chunk (the skim), else by the
+    states: well formed or not, every chunking gives the same count or the same error at the same place."""
+    docs = [bson.encode({"_id": i, "pad": "x" * (i % 7)}) for i in range(6)]
+    good = [_elem(0x03, str(i), d) for i, d in enumerate(docs)]
+    no_term = docs[2][:-1] + b"\x01"  # the document's last byte is not its terminator
+    cases = {
+        "documents": good,
+        "mixed types": [
+            *good[:2],
+            _elem(0x10, "2", i32(7)),
+            _elem(0x04, "3", _doc(_elem(0x03, "0", docs[0]))),
+            *good[4:],
+        ],
+        "empty documents": [_elem(0x03, str(i), _doc(b"")) for i in range(4)],
+        "missing terminator": [*good[:2], _elem(0x03, "2", no_term), *good[3:]],
+        "length below 5": [*good[:3], _elem(0x03, "3", i32(4) + b"\x00" * 8), *good[4:]],
+        "length past the batch": [*good[:3], _elem(0x03, "3", i32(4000) + docs[3][4:])],
+        "length past the batch, last": [*good[:5], _elem(0x03, "5", i32(len(docs[5]) + 1) + docs[5][4:])],
+    }
+    for name, elements in cases.items():
+        body = _batch_reply(b"".join(elements))
+        whole = _outcome(body)
+        if name in ("documents", "mixed types", "empty documents"):
+            assert whole[0] == "ok" and whole[1]["returned"] == len(elements), (name, whole)
+        else:
+            assert whole[0] == "error", (name, whole)
+        assert _outcome(body, range(len(body))) == whole, name  # byte by byte: the states alone
+        for c in range(1, len(body)):
+            assert _outcome(body, [c]) == whole, (name, c)
