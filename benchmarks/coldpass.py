@@ -78,8 +78,8 @@ def run(workdir: str, repeats: int, round_trips: int, pinned: bool = False) -> d
         runs: dict[str, list[float]] = {label: [] for label in targets}
         for i in range(repeats):
             print(f"[coldpass] repetition {i + 1}/{repeats}: {round_trips} round trips per row", file=sys.stderr)
-            for label, p in targets.items():
-                client = clients[label]
+            for label in scenarios.turns(list(targets), i):
+                p, client = targets[label], clients[label]
                 before = procs.user_ns(p.pid)
                 for _ in range(round_trips):
                     client.roundtrip(request)

@@ -97,6 +97,12 @@ class RawClient:
         self.sock.close()
 
 
+def turns(names: Sequence[str], r: int) -> list[str]:
+    """The variants' order in round r: each leads in turn, so that none always runs right after the same one."""
+    k = r % len(names)
+    return [*names[k:], *names[:k]]
+
+
 def _pct(samples: Sequence[float], q: float) -> float:
     s = sorted(samples)
     return s[min(len(s) - 1, int(q * len(s)))]
@@ -158,10 +164,9 @@ def small_round_trip_raw(
                 c.roundtrip(req)
         cpu0 = {name: p.cpu_ns() for name, p in targets.items() if p is not None}
         clock = time.perf_counter_ns
-        for _ in range(rounds):
-            for name, c in clients.items():
-                out = samples[name]
-                append, rt = out.append, c.roundtrip
+        for r in range(rounds):
+            for name in turns(list(clients), r):
+                append, rt = samples[name].append, clients[name].roundtrip
                 for _ in range(per_round):
                     t0 = clock()
                     rt(req)
@@ -215,9 +220,9 @@ def small_round_trip_pymongo(ports: dict[str, int], rounds: int, per_round: int,
             for _ in range(warmup):
                 coll.find_one({"_id": 1})
         clock = time.perf_counter_ns
-        for _ in range(rounds):
-            for name, coll in colls.items():
-                append, find_one = samples[name].append, coll.find_one
+        for r in range(rounds):
+            for name in turns(list(colls), r):
+                append, find_one = samples[name].append, colls[name].find_one
                 for _ in range(per_round):
                     t0 = clock()
                     find_one({"_id": 1})
@@ -252,8 +257,9 @@ def large_replies(
                 nbytes = c.roundtrip(req)  # warm-up; the server caches the reply
             clock = time.perf_counter_ns
             cpu = {name: 0 for name in ports}
-            for _ in range(rounds):
-                for name, c in clients.items():
+            for r in range(rounds):
+                for name in turns(list(clients), r):
+                    c = clients[name]
                     proc = targets.get(name)
                     c0 = proc.cpu_ns() if proc is not None else 0
                     for _ in range(per_round):
@@ -427,8 +433,9 @@ def tap_cost(roots: dict[str, str], pairs: int, rounds: int = 2) -> dict:
 
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tapcost.py")
     best: dict[str, dict] = {}
-    for _ in range(rounds):
-        for name, root in roots.items():
+    for r in range(rounds):
+        for name in turns(list(roots), r):
+            root = roots[name]
             out = subprocess.run(
                 [sys.executable, script, "--root", root, "--pairs", str(pairs), "--repeat", "3"],
                 capture_output=True,
@@ -520,7 +527,7 @@ def driver_tasks(ports: dict[str, int], rounds: int, n_commands: int, n_docs: in
         for task, fn, setup, teardown, ops in tasks:
             times: dict[str, list[float]] = {name: [] for name in clients}
             for r in range(rounds):
-                for name in names[r % len(names) :] + names[: r % len(names)]:  # each variant leads in turn
+                for name in turns(names, r):
                     c = clients[name]
                     if setup is not None:
                         setup(c, name)

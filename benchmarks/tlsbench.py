@@ -61,8 +61,9 @@ def handshakes(
     req = scenarios.small_find()
     elapsed = {name: 0.0 for name in ports}
     cpu = {name: 0 for name in ports}
-    for _ in range(rounds):
-        for name, port in ports.items():
+    for r in range(rounds):
+        for name in scenarios.turns(list(ports), r):
+            port = ports[name]
             proc = targets.get(name)
             c0 = proc.cpu_ns() if proc is not None else 0
             t0 = time.perf_counter()
