@@ -268,7 +268,14 @@ def test_tshark_and_the_proxy_agree_on_every_message(tmp_path):
             ports = proxy.proxy.ports
             capture = Capture(str(tmp_path / "capture.pcap"), ports + upstreams)
             workload(ports, f"tshark_{os.getpid()}")
-            proxy.wait_until(lambda: len(proxy.sink.closed) == len(proxy.sink.opened), what="all connections closed")
+            # The proxy may accept the workload's silent connection after the client has closed it: wait for it too.
+            proxy.wait_until(
+                lambda: (
+                    len(proxy.sink.closed) == len(proxy.sink.opened)
+                    and any(c.bytes_from_client == 0 for c in proxy.sink.closed)
+                ),
+                what="all connections closed, the one closed before a byte included",
+            )
             capture.stop()
             events = list(proxy.sink.commands)
             conns = list(proxy.sink.closed)
