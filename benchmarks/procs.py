@@ -41,18 +41,21 @@ def raise_nofile(want: int) -> int:
     return target
 
 
-def cpu_ns(pid: int) -> int:
-    """utime + stime of process `pid` (all its threads), in ns, from /proc/PID/stat."""
+def _times_ticks(pid: int) -> tuple[int, int]:
+    """(utime, stime) of process `pid` (all its threads) in clock ticks: fields 14 and 15 of stat(5)."""
     with open(f"/proc/{pid}/stat", "rb") as f:
         fields = f.read().rsplit(b")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) * 1_000_000_000 // CLK_TCK  # fields 14 and 15 of stat(5)
+    return int(fields[11]), int(fields[12])
+
+
+def cpu_ns(pid: int) -> int:
+    """utime + stime of process `pid` (all its threads), in ns, from /proc/PID/stat."""
+    return sum(_times_ticks(pid)) * 1_000_000_000 // CLK_TCK
 
 
 def user_ns(pid: int) -> int:
     """utime of process `pid` (all its threads), in ns: the CPU it spent outside the kernel."""
-    with open(f"/proc/{pid}/stat", "rb") as f:
-        fields = f.read().rsplit(b")", 1)[1].split()
-    return int(fields[11]) * 1_000_000_000 // CLK_TCK
+    return _times_ticks(pid)[0] * 1_000_000_000 // CLK_TCK
 
 
 def status_kb(pid: int, key: str) -> int:
